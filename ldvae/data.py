@@ -1,0 +1,331 @@
+"""The AnnData contract: what ``setup_anndata`` checks and records, and how the
+counts reach the compute device.
+
+``setup_anndata`` writes one plain dict, ``adata.uns["ldvae_setup"]``:
+
+- ``layer``: the layer holding raw counts (absent: ``adata.X``);
+- ``batch_key``, ``labels_key``: obs columns (absent: a single batch / label);
+- ``batch_categories``, ``label_categories``: the categories, in code order;
+- ``categorical_covariate_keys`` and, per key, ``categorical_covariate_categories``;
+- ``continuous_covariate_keys``.
+
+Nothing else is written into the AnnData. ``CountData`` holds the counts as CSR
+tensors on the compute device and gathers minibatches there by index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from .module import CountBatch
+
+SETUP_KEY = "ldvae_setup"
+
+
+class SetupError(ValueError):
+    """Bad input to setup_anndata, the model or a query; the message says how to fix it."""
+
+
+# --- validation ---------------------------------------------------------------------
+
+
+def check_not_view(adata, what: str = "setup_anndata") -> None:
+    if adata.is_view:
+        raise SetupError(
+            f"{what} got a view of an AnnData; writing to a view never reaches its parent. "
+            "Make it a real object first: adata = adata.copy()."
+        )
+
+
+def get_counts(adata, layer: str | None):
+    """The raw count matrix (adata.X or a layer), as stored."""
+    if layer is None:
+        if adata.X is None:
+            raise SetupError("adata.X is empty. Pass the layer holding raw counts, e.g. layer='counts'.")
+        return adata.X
+    if layer not in adata.layers:
+        have = ", ".join(repr(k) for k in adata.layers.keys()) or "none"
+        raise SetupError(
+            f"layer={layer!r} is not in adata.layers (have: {have}). "
+            "Store raw counts there first, e.g. adata.layers['counts'] = adata.X.copy()."
+        )
+    return adata.layers[layer]
+
+
+def _where(adata, idx_cell: int, idx_gene: int) -> str:
+    return f"cell {adata.obs_names[idx_cell]!r}, gene {adata.var_names[idx_gene]!r}"
+
+
+def _first_bad(mat, bad_mask_fn):
+    """(cell, gene, value) of the first entry, in cell order, where bad_mask_fn is True; or None.
+    Scans every stored value."""
+    if sp.issparse(mat):
+        coo_like = sp.csr_matrix(mat)  # no copy when already CSR
+        data = coo_like.data
+        bad = bad_mask_fn(data)
+        if not bad.any():
+            return None
+        k = int(np.flatnonzero(bad)[0])
+        cell = int(np.searchsorted(coo_like.indptr, k, side="right") - 1)
+        return cell, int(coo_like.indices[k]), float(data[k])
+    arr = np.asarray(mat)
+    bad = bad_mask_fn(arr)
+    if not bad.any():
+        return None
+    cell, gene = (int(i) for i in np.argwhere(bad)[0])
+    return cell, gene, float(arr[cell, gene])
+
+
+def validate_counts(adata, mat, layer: str | None) -> None:
+    """Raise SetupError naming the first non-finite, negative or non-integer value."""
+    where_from = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    fix = "Pass the raw counts layer, e.g. layer='counts'."
+    dtype = mat.dtype
+    if not (np.issubdtype(dtype, np.number) or dtype == bool):
+        raise SetupError(f"{where_from} has dtype {dtype}; LDVAE needs numeric raw counts. {fix}")
+    if np.issubdtype(dtype, np.floating):
+        first = _first_bad(mat, lambda a: ~np.isfinite(a))
+        if first is not None:
+            c, g, v = first
+            raise SetupError(
+                f"LDVAE models raw counts, but {where_from} has a non-finite value "
+                f"(first: {v} at {_where(adata, c, g)}). Remove or fix those entries; {fix}"
+            )
+    first = _first_bad(mat, lambda a: a < 0)
+    if first is not None:
+        c, g, v = first
+        raise SetupError(
+            f"LDVAE models raw counts, but {where_from} has negative values "
+            f"(first: {v:g} at {_where(adata, c, g)}). {fix}"
+        )
+    if np.issubdtype(dtype, np.floating):
+        first = _first_bad(mat, lambda a: a != np.floor(a))
+        if first is not None:
+            c, g, v = first
+            raise SetupError(
+                f"LDVAE models raw counts, but {where_from} has non-integer values "
+                f"(first: {v:.3g} at {_where(adata, c, g)}). {fix}"
+            )
+
+
+def _obs_column(adata, key: str, arg: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        raise SetupError(
+            f"{arg}={key!r} is not a column of adata.obs (columns: "
+            f"{', '.join(map(repr, adata.obs.columns[:10])) or 'none'})."
+        )
+    return adata.obs[key]
+
+
+def _categories(col: pd.Series, key: str, arg: str) -> list[str]:
+    if col.isna().any():
+        n = int(col.isna().sum())
+        raise SetupError(f"{arg}={key!r}: {n} cells have a missing value in adata.obs[{key!r}]. Fill or drop them.")
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return [str(c) for c in col.cat.categories]
+    return sorted({str(v) for v in col})
+
+
+def _codes(col: pd.Series, categories: list[str], key: str) -> np.ndarray:
+    index = {c: i for i, c in enumerate(categories)}
+    values = col.astype(str).to_numpy()
+    unknown = [v for v in pd.unique(values) if v not in index]
+    if unknown:
+        raise SetupError(
+            f"adata.obs[{key!r}] has categories the model was not set up with "
+            f"(first: {unknown[0]!r}; known: {categories[:10]})."
+        )
+    return np.fromiter((index[v] for v in values), dtype=np.int64, count=len(values))
+
+
+def setup_anndata(
+    adata,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    categorical_covariate_keys: list[str] | None = None,
+    continuous_covariate_keys: list[str] | None = None,
+) -> None:
+    """Check the counts and covariates and record the choices in ``adata.uns["ldvae_setup"]``.
+
+    The input is not modified otherwise; on any error nothing is written.
+    """
+    check_not_view(adata)
+    mat = get_counts(adata, layer)
+    validate_counts(adata, mat, layer)
+    totals = np.asarray(mat.sum(axis=1)).ravel()
+    n_empty = int((totals <= 0).sum())
+    if n_empty:
+        raise SetupError(
+            f"{n_empty} of {adata.n_obs} cells have zero total counts; LDVAE cannot model an empty "
+            "library. Filter them first: sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    setup: dict = {}
+    if layer is not None:
+        setup["layer"] = layer
+    for key, arg, cat_name in ((batch_key, "batch_key", "batch"), (labels_key, "labels_key", "label")):
+        if key is not None:
+            col = _obs_column(adata, key, arg)
+            setup[arg] = key
+            setup[f"{cat_name}_categories"] = _categories(col, key, arg)
+    if categorical_covariate_keys:
+        setup["categorical_covariate_keys"] = list(categorical_covariate_keys)
+        setup["categorical_covariate_categories"] = {
+            k: _categories(_obs_column(adata, k, "categorical_covariate_keys"), k, "categorical_covariate_keys")
+            for k in categorical_covariate_keys
+        }
+    if continuous_covariate_keys:
+        for k in continuous_covariate_keys:
+            col = _obs_column(adata, k, "continuous_covariate_keys")
+            vals = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
+            if not np.isfinite(vals).all():
+                raise SetupError(
+                    f"continuous_covariate_keys: adata.obs[{k!r}] must be finite numbers "
+                    f"({int((~np.isfinite(vals)).sum())} cells are not)."
+                )
+        setup["continuous_covariate_keys"] = list(continuous_covariate_keys)
+    adata.uns[SETUP_KEY] = setup
+
+
+def get_setup(adata) -> dict:
+    if SETUP_KEY not in adata.uns:
+        raise SetupError(
+            "adata has not been set up for ldvae. Run ldvae.LinearSCVI.setup_anndata(adata, layer='counts') first."
+        )
+    return plain(adata.uns[SETUP_KEY])
+
+
+def plain(obj):
+    """A value read from ``uns`` as plain Python (arrays of strings come back from h5ad as
+    NumPy arrays): dicts, lists, str, int, float."""
+    if isinstance(obj, dict) or hasattr(obj, "items"):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray, pd.Index)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# --- tensors on the device ------------------------------------------------------------
+
+
+@dataclass
+class Covariates:
+    """Per-cell codes and values, NumPy, in the model's category order."""
+
+    batch: np.ndarray  # (n_cells,) int64
+    label: np.ndarray  # (n_cells,) int64
+    cat_covs: np.ndarray | None  # (n_cells, n_cat) int64
+    cont_covs: np.ndarray | None  # (n_cells, n_cont) float32
+
+
+def read_covariates(adata, setup: dict) -> Covariates:
+    n = adata.n_obs
+    batch = (
+        _codes(_obs_column(adata, setup["batch_key"], "batch_key"), list(setup["batch_categories"]), setup["batch_key"])
+        if "batch_key" in setup
+        else np.zeros(n, dtype=np.int64)
+    )
+    label = (
+        _codes(_obs_column(adata, setup["labels_key"], "labels_key"), list(setup["label_categories"]), setup["labels_key"])
+        if "labels_key" in setup
+        else np.zeros(n, dtype=np.int64)
+    )
+    cat = None
+    if setup.get("categorical_covariate_keys"):
+        cats = setup["categorical_covariate_categories"]
+        cat = np.stack(
+            [_codes(_obs_column(adata, k, "categorical_covariate_keys"), list(cats[k]), k)
+             for k in setup["categorical_covariate_keys"]],
+            axis=1,
+        )
+    cont = None
+    if setup.get("continuous_covariate_keys"):
+        cont = np.stack(
+            [pd.to_numeric(adata.obs[k]).to_numpy(dtype=np.float32) for k in setup["continuous_covariate_keys"]],
+            axis=1,
+        )
+    return Covariates(batch, label, cat, cont)
+
+
+def to_csr(mat) -> sp.csr_matrix:
+    """Any stored matrix as float32 CSR with sorted indices (a copy; the input is untouched)."""
+    csr = sp.csr_matrix(mat, dtype=np.float32, copy=True)
+    csr.sum_duplicates()
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    return csr
+
+
+class CountData:
+    """Counts as CSR tensors on one device, with per-cell covariates; gathers minibatches."""
+
+    def __init__(self, csr: sp.csr_matrix, cov: Covariates, device: torch.device | str = "cpu"):
+        device = torch.device(device)
+        self.device = device
+        self.n_cells, self.n_genes = csr.shape
+        self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=device)
+        self.indices = torch.as_tensor(csr.indices.astype(np.int64), device=device)
+        self.values = torch.as_tensor(csr.data.astype(np.float32), device=device)
+        self.row_nnz = self.indptr[1:] - self.indptr[:-1]
+        totals = np.asarray(csr.sum(axis=1), dtype=np.float64).ravel()
+        self.log_total = torch.as_tensor(np.log(np.maximum(totals, 1e-12)).astype(np.float32), device=device)
+        lg = sp.csr_matrix((_lgamma1(csr.data), csr.indices, csr.indptr), shape=csr.shape)
+        self.lgamma_x1 = torch.as_tensor(np.asarray(lg.sum(axis=1), dtype=np.float32).ravel(), device=device)
+        self.batch = torch.as_tensor(cov.batch, device=device)
+        self.label = torch.as_tensor(cov.label, device=device)
+        self.cat_covs = None if cov.cat_covs is None else torch.as_tensor(cov.cat_covs, device=device)
+        self.cont_covs = None if cov.cont_covs is None else torch.as_tensor(cov.cont_covs, device=device)
+
+    def gather(self, rows: Tensor) -> CountBatch:
+        """The minibatch of cells ``rows`` (int64 on this device), built by index gather."""
+        b, g = rows.shape[0], self.n_genes
+        starts = self.indptr[rows]
+        lens = self.row_nnz[rows]
+        total = int(lens.sum())
+        row = torch.repeat_interleave(torch.arange(b, device=self.device), lens, output_size=total)
+        first = torch.cumsum(lens, 0) - lens  # position of each row's first nonzero in the batch
+        pos = torch.arange(total, device=self.device) - first[row] + starts[row]
+        col = self.indices[pos]
+        val = self.values[pos]
+        flat = row * g + col
+        x = torch.zeros(b * g, device=self.device).index_put_((flat,), val).view(b, g)
+        return CountBatch(
+            x=x,
+            row=row,
+            col=col,
+            flat=flat,
+            val=val,
+            batch=self.batch[rows],
+            label=self.label[rows],
+            cat_covs=None if self.cat_covs is None else self.cat_covs[rows],
+            cont_covs=None if self.cont_covs is None else self.cont_covs[rows],
+            log_total=self.log_total[rows],
+            lgamma_x1=self.lgamma_x1[rows],
+        )
+
+
+def _lgamma1(values: np.ndarray) -> np.ndarray:
+    from scipy.special import gammaln
+
+    return gammaln(values.astype(np.float64) + 1.0)
+
+
+def library_prior(csr: sp.csr_matrix, batch: np.ndarray, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch mean and variance of log total counts (the learned library's prior)."""
+    log_tot = np.log(np.asarray(csr.sum(axis=1), dtype=np.float64).ravel())
+    means = np.zeros(n_batch)
+    vars_ = np.ones(n_batch)
+    for s in range(n_batch):
+        v = log_tot[batch == s]
+        if v.size:
+            means[s] = v.mean()
+            vars_[s] = max(v.var(), 1e-4) if v.size > 1 else 1.0
+    return means.astype(np.float32), vars_.astype(np.float32)

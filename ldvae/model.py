@@ -1,0 +1,601 @@
+"""``LinearSCVI``: the user-facing model. It owns the AnnData contract (genes,
+categories and setup recorded at construction) and delegates the math to
+``LDVAEModule`` and the fitting to ``train.fit``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .data import (
+    CountData,
+    SetupError,
+    check_not_view,
+    get_counts,
+    get_setup,
+    library_prior,
+    plain,
+    read_covariates,
+    setup_anndata,
+    to_csr,
+    validate_counts,
+)
+from .module import LDVAEModule, ModuleConfig
+from .train import TrainConfig, TrainState, fit, load_checkpoint, split_indices
+
+logger = logging.getLogger(__name__)
+
+MODEL_JSON = "ldvae_model.json"
+MODEL_WEIGHTS = "model_state.pt"
+ADATA_FILE = "adata.h5ad"
+FORMAT_VERSION = 1
+
+
+class NotTrainedError(RuntimeError):
+    """A query was made on a model that has not been trained."""
+
+
+class Settings:
+    """Package-wide defaults, as ``scvi.settings``: ``ldvae.settings.seed = 0``."""
+
+    seed: int = 0
+
+
+settings = Settings()
+
+_CHOICES = {
+    "dispersion": ("gene", "gene-batch", "gene-label", "gene-cell"),
+    "gene_likelihood": ("nb", "zinb", "poisson"),
+    "latent_distribution": ("normal", "ln"),
+}
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def resolve_device(accelerator: str = "auto", device: int | str | None = None) -> torch.device:
+    """'auto' -> the first CUDA GPU when there is one, else CPU; 'gpu'/'cuda' or 'cpu' force it."""
+    acc = accelerator.lower()
+    if acc not in ("auto", "cpu", "gpu", "cuda"):
+        raise ValueError(f"accelerator must be 'auto', 'cpu', 'gpu' or 'cuda', got {accelerator!r}.")
+    if acc == "cpu":
+        return torch.device("cpu")
+    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"accelerator={accelerator!r} but no CUDA GPU is available; use accelerator='cpu'.")
+    if torch.cuda.is_available():
+        index = device if isinstance(device, int) else 0
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+class LinearSCVI:
+    """Linearly decoded VAE (Svensson et al. 2020) with the API of scvi-tools' ``LinearSCVI``.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`setup_anndata`.
+    n_hidden
+        Hidden units of the encoders.
+    n_latent
+        Number of latent factors K.
+    n_layers
+        Hidden layers of the z encoder.
+    dropout_rate
+        Dropout in the encoders.
+    dispersion
+        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
+    gene_likelihood
+        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+    use_observed_lib_size
+        Use log total counts as the library instead of learning it.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal: the decoder sees softmax(z)).
+    use_batch_norm
+        Batch normalization in the decoder (the loadings fold its scale in).
+    bias
+        A per-gene bias in the decoder's linear map.
+    """
+
+    def __init__(
+        self,
+        adata,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+        gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb",
+        use_observed_lib_size: bool = False,
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        use_batch_norm: bool = True,
+        bias: bool = False,
+        **model_kwargs,
+    ):
+        if model_kwargs:
+            raise TypeError(f"LinearSCVI got unexpected keyword arguments: {sorted(model_kwargs)}.")
+        for name in ("n_hidden", "n_latent", "n_layers"):
+            _check_positive_int(name, locals()[name])
+        if not 0.0 <= float(dropout_rate) < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
+        for name, allowed in _CHOICES.items():
+            if locals()[name] not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {locals()[name]!r}.")
+        self.init_params_ = dict(
+            n_hidden=int(n_hidden),
+            n_latent=int(n_latent),
+            n_layers=int(n_layers),
+            dropout_rate=float(dropout_rate),
+            dispersion=dispersion,
+            gene_likelihood=gene_likelihood,
+            use_observed_lib_size=bool(use_observed_lib_size),
+            latent_distribution=latent_distribution,
+            use_batch_norm=bool(use_batch_norm),
+            bias=bool(bias),
+        )
+        self.adata = adata
+        self.setup_ = get_setup(adata)
+        if dispersion == "gene-label" and "labels_key" not in self.setup_:
+            raise ValueError("dispersion='gene-label' needs labels: run setup_anndata(..., labels_key=...).")
+        self.var_names_ = pd.Index(adata.var_names.astype(str))
+        self._data_cache: tuple[int, CountData] | None = None
+        csr, cov = self._read(adata)
+        means, variances = library_prior(csr, cov.batch, self.n_batch)
+        torch.manual_seed(settings.seed)
+        self.module = LDVAEModule(self._module_config(), torch.as_tensor(means), torch.as_tensor(variances))
+        self.module.eval()
+        self.device = torch.device("cpu")
+        self.train_state_: TrainState | None = None
+        self.is_trained_ = False
+
+    # --- the AnnData contract ---------------------------------------------------------------
+    @staticmethod
+    def setup_anndata(
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+    ) -> None:
+        """Check raw counts and covariates; record the choices in ``adata.uns["ldvae_setup"]``.
+
+        See :func:`ldvae.data.setup_anndata` for the fields written.
+        """
+        setup_anndata(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            categorical_covariate_keys=list(categorical_covariate_keys) if categorical_covariate_keys else None,
+            continuous_covariate_keys=list(continuous_covariate_keys) if continuous_covariate_keys else None,
+        )
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.setup_.get("batch_categories", ["0"]))
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.setup_.get("label_categories", ["0"]))
+
+    def _module_config(self) -> ModuleConfig:
+        s = self.setup_
+        cats = s.get("categorical_covariate_categories", {})
+        return ModuleConfig(
+            n_genes=len(self.var_names_),
+            n_batch=self.n_batch,
+            n_labels=self.n_labels,
+            n_cats_per_cov=tuple(len(cats[k]) for k in s.get("categorical_covariate_keys", [])),
+            n_continuous_cov=len(s.get("continuous_covariate_keys", [])),
+            **self.init_params_,
+        )
+
+    def _check_genes(self, adata) -> None:
+        names = pd.Index(adata.var_names.astype(str))
+        if len(names) != len(self.var_names_) or not names.equals(self.var_names_):
+            n = min(len(names), len(self.var_names_))
+            diff = np.flatnonzero(names[:n] != self.var_names_[:n])
+            where = (
+                f"first mismatch at position {diff[0]}: model has {self.var_names_[diff[0]]!r}, "
+                f"adata has {names[diff[0]]!r}"
+                if diff.size
+                else f"model has {len(self.var_names_)} genes, adata has {len(names)}"
+            )
+            raise SetupError(
+                f"adata's genes differ from the model's ({where}). Subset adata to the model's genes: "
+                "adata[:, model.var_names_]."
+            )
+
+    def _read(self, adata):
+        """Validated CSR counts and covariates of ``adata`` under the model's setup."""
+        self._check_genes(adata)
+        layer = self.setup_.get("layer")
+        mat = get_counts(adata, layer)
+        validate_counts(adata, mat, layer)
+        csr = to_csr(mat)
+        empty = int((np.diff(csr.indptr) == 0).sum())
+        if empty:
+            raise SetupError(
+                f"{empty} of {adata.n_obs} cells have zero total counts. Filter them first: "
+                "sc.pp.filter_cells(adata, min_counts=1)."
+            )
+        return csr, read_covariates(adata, self.setup_)
+
+    def _data(self, adata=None) -> CountData:
+        """Counts of ``adata`` (default: the training data) on the model's device."""
+        if adata is None or adata is self.adata:
+            key = id(self.adata)
+            if self._data_cache is None or self._data_cache[0] != key or self._data_cache[1].device != self.device:
+                csr, cov = self._read(self.adata)
+                self._data_cache = (key, CountData(csr, cov, self.device))
+            return self._data_cache[1]
+        csr, cov = self._read(adata)
+        return CountData(csr, cov, self.device)
+
+    def _check_trained(self) -> None:
+        if not self.is_trained_:
+            raise NotTrainedError(
+                "This LinearSCVI model is not trained yet. Call model.train() before querying it."
+            )
+
+    # --- training ------------------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        batch_size: int = 128,
+        early_stopping: bool = False,
+        check_val_every_n_epoch: int | None = None,
+        plan_kwargs: dict | None = None,
+        *,
+        lr: float | None = None,
+        progress_bar: bool = True,
+        seed: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_epochs: int = 10,
+        resume_from: str | os.PathLike | None = None,
+        early_stopping_patience: int = 45,
+        **trainer_kwargs,
+    ) -> None:
+        """Fit the model; calling it again continues training and appends to the history.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs to run; default ``min(400, round(20000 / n_cells * 400))`` as scvi-tools.
+        accelerator, devices
+            ``"auto"`` uses a CUDA GPU when present; ``devices`` may name a GPU index.
+        train_size, validation_size
+            Fractions of cells for training and validation (scvi-tools' split, seeded).
+        batch_size
+            Cells per minibatch.
+        early_stopping
+            Stop when ``elbo_validation`` has not improved for ``early_stopping_patience`` epochs.
+        check_val_every_n_epoch
+            Validation frequency; default: the last epoch only (every epoch with early stopping).
+        plan_kwargs
+            ``lr``, ``weight_decay``, ``eps``, ``n_epochs_kl_warmup``, ``n_steps_kl_warmup``.
+        lr
+            Shortcut for ``plan_kwargs={"lr": ...}``.
+        progress_bar
+            Show a progress bar (``enable_progress_bar=False`` is accepted too).
+        seed
+            Random seed of splitting and training; default ``ldvae.settings.seed``.
+        checkpoint_dir, checkpoint_every_n_epochs
+            Write a checkpoint every N epochs (and at the end) into this directory.
+        resume_from
+            A checkpoint file or directory to continue from (same data and model settings).
+        """
+        progress_bar = bool(trainer_kwargs.pop("enable_progress_bar", progress_bar))
+        if trainer_kwargs:
+            raise TypeError(f"train got unexpected keyword arguments: {sorted(trainer_kwargs)}.")
+        plan = dict(plan_kwargs or {})
+        unknown = set(plan) - {"lr", "weight_decay", "eps", "n_epochs_kl_warmup", "n_steps_kl_warmup", "optimizer"}
+        if unknown:
+            raise TypeError(f"plan_kwargs has unknown keys: {sorted(unknown)}.")
+        if plan.pop("optimizer", "Adam") != "Adam":
+            raise ValueError("Only optimizer='Adam' is supported.")
+        if lr is not None:
+            plan["lr"] = lr
+        _check_positive_int("batch_size", batch_size)
+        n = self.adata.n_obs
+        if max_epochs is None:
+            max_epochs = int(min(400, round(20000 / n * 400)))
+        _check_positive_int("max_epochs", max_epochs)
+        seed = settings.seed if seed is None else int(seed)
+        self.device = resolve_device(accelerator, devices if isinstance(devices, int) else None)
+        train_idx, val_idx = split_indices(n, train_size, validation_size, seed)
+        if len(train_idx) < 2:
+            raise SetupError(
+                f"LDVAE needs at least 2 training cells (batch normalization); adata has {n} cells and "
+                f"train_size={train_size} leaves {len(train_idx)}."
+            )
+        if len(train_idx) < batch_size:
+            logger.warning(
+                "batch_size=%d is larger than the %d training cells; each epoch is one minibatch of %d cells.",
+                batch_size, len(train_idx), len(train_idx),
+            )
+        config = TrainConfig(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            check_val_every_n_epoch=check_val_every_n_epoch,
+            progress_bar=progress_bar,
+            seed=seed,
+            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+            checkpoint_every_n_epochs=checkpoint_every_n_epochs,
+            **plan,
+        )
+        state = self.train_state_
+        if resume_from is not None:
+            payload = load_checkpoint(resume_from)
+            self.module.load_state_dict(payload["module_state"])
+            state = TrainState(**payload["train_state"])
+            state.interrupted = False
+            config.max_epochs = max(max_epochs - state.epoch, 0)
+            logger.info("Resuming from epoch %d (%d steps) of %s.", state.epoch, state.step, resume_from)
+        self.module.to(self.device)
+        data = self._data()
+        self.train_state_ = fit(self.module, data, train_idx, val_idx, config, state)
+        self.train_indices_, self.validation_indices_ = train_idx, val_idx
+        self.is_trained_ = self.train_state_.step > 0
+
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """Per-epoch metrics, scvi-tools' keys, each a DataFrame indexed by epoch."""
+        if self.train_state_ is None:
+            return {}
+        out = {}
+        for key, rows in self.train_state_.history.items():
+            arr = np.asarray(rows, dtype=float).reshape(-1, 2)
+            out[key] = pd.DataFrame({key: arr[:, 1]}, index=pd.Index(arr[:, 0].astype(int), name="epoch"))
+        return out
+
+    # --- queries -------------------------------------------------------------------------------
+    def _query_batch_size(self, batch_size: int | None) -> int:
+        if batch_size is not None:
+            _check_positive_int("batch_size", batch_size)
+            return int(batch_size)
+        # Large batches under no_grad: about 8M dense entries per batch.
+        return int(np.clip(8_000_000 // max(len(self.var_names_), 1), 128, 16384))
+
+    def _rows(self, data: CountData, indices) -> torch.Tensor:
+        if indices is None:
+            return torch.arange(data.n_cells, device=self.device)
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < -data.n_cells or idx.max() >= data.n_cells):
+            raise IndexError(f"indices out of range for {data.n_cells} cells.")
+        return torch.as_tensor(idx % max(data.n_cells, 1), device=self.device)
+
+    @torch.no_grad()
+    def get_latent_representation(
+        self,
+        adata=None,
+        indices=None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+    ):
+        """Latent factors per cell, (n_cells, n_latent).
+
+        ``give_mean``: the posterior mean (for ``latent_distribution="ln"``, the Monte Carlo
+        mean of softmax(z) over ``mc_samples``); otherwise one sample. ``return_dist``:
+        return ``(mean, variance)`` of q(z|x) instead.
+        """
+        self._check_trained()
+        self.module.eval()
+        data = self._data(adata)
+        means, variances, out = [], [], []
+        ln = self.init_params_["latent_distribution"] == "ln"
+        for rows in torch.split(self._rows(data, indices), self._query_batch_size(batch_size)):
+            inf = self.module.inference(data.gather(rows), use_mean=True)
+            if return_dist:
+                means.append(inf.qz_m.cpu())
+                variances.append(inf.qz_v.cpu())
+                continue
+            if give_mean and not ln:
+                z = inf.qz_m
+            elif give_mean:
+                samples = inf.qz_m + inf.qz_v.sqrt() * torch.randn((mc_samples, *inf.qz_m.shape), device=self.device)
+                z = torch.softmax(samples, dim=-1).mean(0)
+            else:
+                z = inf.qz_m + inf.qz_v.sqrt() * torch.randn_like(inf.qz_m)
+                z = torch.softmax(z, dim=-1) if ln else z
+            out.append(z.cpu())
+        if return_dist:
+            return torch.cat(means).numpy(), torch.cat(variances).numpy()
+        return torch.cat(out).numpy()
+
+    def _decoder_scale(self) -> torch.Tensor:
+        """Per-gene factor that batch normalization (eval mode) multiplies the linear map by."""
+        bn = self.module.factor_bn
+        if bn is None:
+            return torch.ones(len(self.var_names_))
+        return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().cpu()
+
+    def get_loadings(self) -> pd.DataFrame:
+        """Loadings W: genes x ``Z_0 … Z_{K-1}``, batch-norm scale gamma/sqrt(var + eps) folded in.
+
+        Decoding z + e_k minus decoding z, in unnormalized log-rate space, equals column k.
+        Covariate columns are in :meth:`get_covariate_coefficients`.
+        """
+        K = self.init_params_["n_latent"]
+        w = self.module.factor_regressor.weight.detach().cpu()[:, :K] * self._decoder_scale()[:, None]
+        return pd.DataFrame(w.numpy(), index=self.var_names_.copy(), columns=[f"Z_{i}" for i in range(K)])
+
+    def get_gene_intercepts(self) -> pd.Series:
+        """Per-gene intercept of the unnormalized log rate (batch-norm shift and bias), at z = 0."""
+        bn = self.module.factor_bn
+        lin = self.module.factor_regressor
+        bias = lin.bias.detach().cpu() if lin.bias is not None else torch.zeros(len(self.var_names_))
+        if bn is None:
+            value = bias
+        else:
+            scale = self._decoder_scale()
+            value = (bias - bn.running_mean.detach().cpu()) * scale + bn.bias.detach().cpu()
+        return pd.Series(value.numpy(), index=self.var_names_.copy(), name="intercept")
+
+    def covariate_column_names(self) -> list[str]:
+        s = self.setup_
+        names = []
+        if self.n_batch > 1:
+            names += [f"{s['batch_key']}:{c}" for c in s["batch_categories"]]
+        for k in s.get("categorical_covariate_keys", []):
+            cats = s["categorical_covariate_categories"][k]
+            if len(cats) > 1:
+                names += [f"{k}:{c}" for c in cats]
+        names += list(s.get("continuous_covariate_keys", []))
+        return names
+
+    def get_covariate_coefficients(self) -> pd.DataFrame:
+        """Decoder coefficients of batch and covariates (genes x columns such as ``batch:A``),
+        on the same scale as the loadings: the log-rate effect of that category (or of one
+        unit of a continuous covariate)."""
+        K = self.init_params_["n_latent"]
+        w = self.module.factor_regressor.weight.detach().cpu()[:, K:] * self._decoder_scale()[:, None]
+        return pd.DataFrame(w.numpy(), index=self.var_names_.copy(), columns=self.covariate_column_names())
+
+    # --- results into AnnData ---------------------------------------------------------------
+    def write_results(self, adata=None, *, key_added: str = "ldvae", obs_columns: bool = False, copy: bool = False):
+        """Write latent means, loadings and parameters into ``adata`` (scanpy style).
+
+        See :func:`ldvae.results.write_results` for the fields written.
+        """
+        from .results import write_results
+
+        return write_results(self, adata, key_added=key_added, obs_columns=obs_columns, copy=copy)
+
+    # --- save / load -----------------------------------------------------------------------------
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+    ) -> None:
+        """Save to ``dir_path``: ``ldvae_model.json`` (settings, genes, categories, history,
+        versions), ``model_state.pt`` (weights) and, with ``save_anndata``, ``adata.h5ad``."""
+        from .io import atomic_torch_save, atomic_write_h5ad, atomic_write_json
+
+        d = Path(dir_path)
+        p = prefix or ""
+        if d.exists() and any(d.iterdir()) and not overwrite:
+            raise FileExistsError(f"{d} already exists and is not empty. Pass overwrite=True to replace it.")
+        d.mkdir(parents=True, exist_ok=True)
+        st = self.train_state_
+        meta = {
+            "format": "ldvae-model",
+            "format_version": FORMAT_VERSION,
+            "ldvae_version": __version__,
+            "torch_version": torch.__version__,
+            "init_params": self.init_params_,
+            "setup": plain(self.setup_),
+            "var_names": list(self.var_names_),
+            "n_cells": int(self.adata.n_obs),
+            "is_trained": bool(self.is_trained_),
+            "train_state": None
+            if st is None
+            else {"epoch": st.epoch, "step": st.step, "warmup_steps": st.warmup_steps, "history": st.history},
+        }
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        atomic_torch_save(state, d / f"{p}{MODEL_WEIGHTS}")
+        if save_anndata:
+            atomic_write_h5ad(self.adata, d / f"{p}{ADATA_FILE}")
+        atomic_write_json(d / f"{p}{MODEL_JSON}", meta)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata=None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+    ) -> "LinearSCVI":
+        """Load a model saved with :meth:`save`. ``adata`` must have the model's genes (in order)
+        and only known categories; without ``adata`` the saved ``adata.h5ad`` is used."""
+        d = Path(dir_path)
+        p = prefix or ""
+        meta = _read_model_json(d / f"{p}{MODEL_JSON}")
+        if adata is None:
+            path = d / f"{p}{ADATA_FILE}"
+            if not path.exists():
+                raise ValueError(f"No adata given and {path} does not exist (save with save_anndata=True).")
+            import anndata
+
+            adata = anndata.read_h5ad(path)
+        saved_setup = meta["setup"]
+        if "ldvae_setup" not in adata.uns:
+            check_not_view(adata, "LinearSCVI.load")
+            adata.uns["ldvae_setup"] = saved_setup
+        model = cls.__new__(cls)
+        model.init_params_ = meta["init_params"]
+        model.adata = adata
+        model.setup_ = saved_setup
+        model.var_names_ = pd.Index(meta["var_names"])
+        model._data_cache = None
+        model._check_genes(adata)
+        read_covariates(adata, saved_setup)  # unknown categories fail here, naming the first
+        n_batch = model.n_batch
+        model.module = LDVAEModule(model._module_config(), torch.zeros(n_batch), torch.ones(n_batch))
+        weights = d / f"{p}{MODEL_WEIGHTS}"
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.module.load_state_dict(state)
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise ValueError(f"{weights} is not a readable ldvae weights file ({type(err).__name__}: {err}).") from err
+        model.module.eval()
+        model.device = resolve_device(accelerator, device if isinstance(device, int) else None)
+        model.module.to(model.device)
+        ts = meta.get("train_state")
+        model.train_state_ = None if ts is None else TrainState(**ts)
+        model.is_trained_ = bool(meta.get("is_trained"))
+        return model
+
+    def __repr__(self) -> str:
+        p = self.init_params_
+        status = "trained" if self.is_trained_ else "not trained"
+        return (
+            f"LinearSCVI(n_latent={p['n_latent']}, n_hidden={p['n_hidden']}, gene_likelihood={p['gene_likelihood']!r}, "
+            f"dispersion={p['dispersion']!r}) on {len(self.var_names_)} genes, {self.n_batch} batch(es); {status}"
+        )
+
+
+def _read_model_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; is {path.parent} a directory written by model.save()?")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a valid ldvae model file (corrupted or truncated JSON: {err}).") from err
+    if not isinstance(meta, dict) or meta.get("format") != "ldvae-model":
+        raise ValueError(f"{path} is not an ldvae model file.")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written in model format version {version!r}; this ldvae ({__version__}) reads "
+            f"up to version {FORMAT_VERSION}. Upgrade ldvae to load it."
+        )
+    return meta

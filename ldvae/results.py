@@ -1,0 +1,89 @@
+"""The one place that writes model results into an AnnData, scanpy style."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from .data import SetupError, plain
+
+logger = logging.getLogger(__name__)
+
+
+def result_keys(key_added: str = "ldvae") -> dict[str, str]:
+    """Where results go: ``obsm["X_<key>"]``, ``varm["<key>_loadings"]``, ``uns["<key>"]``;
+    obs columns ``Z_i`` for the default key, ``<key>_Z_i`` otherwise."""
+    return {
+        "obsm": f"X_{key_added}",
+        "varm": f"{key_added}_loadings",
+        "uns": key_added,
+        "obs_prefix": "Z_" if key_added == "ldvae" else f"{key_added}_Z_",
+    }
+
+
+def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: bool = False, copy: bool = False):
+    """Write a trained model's results into ``adata`` (default: the training AnnData).
+
+    ``adata`` may hold more genes than the model (e.g. before HVG subsetting); cells are
+    encoded from the model's genes and unmodelled genes get NaN loadings.
+
+    Writes
+    ------
+    obsm["X_<key>"]
+        Latent means, float32, (n_obs, n_latent).
+    varm["<key>_loadings"]
+        Loadings, float32, (n_vars, n_latent); NaN rows for genes the model does not have.
+    uns["<key>"]
+        ``params`` (model settings), ``loadings_columns``, ``genes_modelled``,
+        ``final_elbo_validation`` / ``final_elbo_train`` when known.
+    obs["Z_0"] … obs["Z_{K-1}"]
+        Only with ``obs_columns=True`` (the tutorial's columns).
+
+    Returns
+    -------
+    The AnnData written to when ``copy=True``, else None.
+    """
+    model._check_trained()
+    adata = model.adata if adata is None else adata
+    if copy:
+        adata = adata.copy()
+    elif adata.is_view:
+        raise SetupError(
+            "write_results got a view of an AnnData; writing to a view never reaches its parent. "
+            "Pass the parent, or adata.copy(), or use copy=True."
+        )
+    genes = model.var_names_
+    var_names = pd.Index(adata.var_names.astype(str))
+    missing = genes.difference(var_names)
+    if len(missing):
+        raise SetupError(
+            f"adata lacks {len(missing)} of the model's genes (first: {missing[0]!r}); cannot encode its cells."
+        )
+    sub = adata if var_names.equals(genes) else adata[:, genes]
+    z = model.get_latent_representation(sub).astype(np.float32)
+    loadings = model.get_loadings()
+    full = np.full((adata.n_vars, loadings.shape[1]), np.nan, dtype=np.float32)
+    pos = var_names.get_indexer(genes)
+    full[pos] = loadings.to_numpy(dtype=np.float32)
+    keys = result_keys(key_added)
+    adata.obsm[keys["obsm"]] = z
+    adata.varm[keys["varm"]] = full
+    info = {
+        "params": plain(model.init_params_),
+        "loadings_columns": list(loadings.columns),
+        "genes_modelled": int(len(genes)),
+    }
+    hist = model.history
+    for name in ("elbo_train", "elbo_validation"):
+        if name in hist and len(hist[name]):
+            info[f"final_{name}"] = float(hist[name].iloc[-1, 0])
+    adata.uns[keys["uns"]] = info
+    added = [f"obsm[{keys['obsm']!r}]", f"varm[{keys['varm']!r}]", f"uns[{keys['uns']!r}]"]
+    if obs_columns:
+        for i in range(z.shape[1]):
+            adata.obs[f"{keys['obs_prefix']}{i}"] = z[:, i]
+        added.append(f"obs[{keys['obs_prefix']}0 … {keys['obs_prefix']}{z.shape[1] - 1}]")
+    logger.info("added %s", ", ".join(added))
+    return adata if copy else None

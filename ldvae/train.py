@@ -1,0 +1,359 @@
+"""The training loop: one function, read top to bottom.
+
+seed -> per epoch: shuffle, a training pass (minibatches gathered on the device),
+optionally a ``no_grad`` validation pass -> history -> early stopping / checkpoint.
+
+Randomness is re-seeded at every epoch from (seed, epoch), so continuing a fit, or
+resuming it from a checkpoint written at an epoch boundary, replays exactly the
+same random numbers as an uninterrupted fit (on CPU, bit for bit).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import CountData
+from .module import LDVAEModule
+
+logger = logging.getLogger(__name__)
+
+HISTORY_KEYS = (
+    "train_loss",
+    "elbo_train",
+    "reconstruction_loss_train",
+    "kl_local_train",
+    "kl_weight",
+    "validation_loss",
+    "elbo_validation",
+    "reconstruction_loss_validation",
+    "kl_local_validation",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or its gradient became NaN/inf; the model keeps its last good parameters."""
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01
+    n_epochs_kl_warmup: int | None = 400
+    n_steps_kl_warmup: int | None = None
+    check_val_every_n_epoch: int | None = None
+    early_stopping: bool = False
+    early_stopping_patience: int = 45
+    early_stopping_min_delta: float = 0.0
+    progress_bar: bool = True
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every_n_epochs: int = 10
+
+
+@dataclass
+class TrainState:
+    """Everything a fit carries from one ``train`` call (or checkpoint) to the next."""
+
+    optimizer_state: dict | None = None
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps
+    warmup_steps: int = 0  # KL weight reaches 1 after this many steps (0: no warm-up)
+    history: dict[str, list[list[float]]] = field(default_factory=dict)  # key -> [[epoch, value], ...]
+    best_val: float = math.inf
+    epochs_since_best: int = 0
+    interrupted: bool = False
+
+    def record(self, key: str, epoch: int, value: float) -> None:
+        self.history.setdefault(key, []).append([epoch, float(value)])
+
+
+def split_indices(n: int, train_size: float, validation_size: float | None, seed: int):
+    """scvi-tools' split: the first ``n_val`` cells of a seeded permutation validate, the
+    next ``n_train`` train. With the same seed both packages validate on the same cells."""
+    if not 0.0 < train_size <= 1.0:
+        raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+    n_train = math.ceil(train_size * n)
+    if validation_size is None:
+        n_val = n - n_train
+    else:
+        if not 0.0 <= validation_size < 1.0 or train_size + validation_size > 1.0:
+            raise ValueError(
+                f"validation_size must be in [0, 1) with train_size + validation_size <= 1, "
+                f"got train_size={train_size}, validation_size={validation_size}."
+            )
+        n_val = math.floor(validation_size * n)
+    perm = np.random.RandomState(seed).permutation(n)
+    return perm[n_val : n_val + n_train], perm[:n_val]
+
+
+def minibatches(perm: Tensor, batch_size: int) -> list[Tensor]:
+    """Split a permutation into batches; a last batch of one cell joins the previous one
+    (batch normalization needs two cells)."""
+    parts = list(torch.split(perm, batch_size))
+    if len(parts) > 1 and parts[-1].shape[0] == 1:
+        parts[-2] = torch.cat([parts[-2], parts.pop()])
+    return parts
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63 - 1)
+
+
+class _DeferredInterrupt:
+    """While active, Ctrl-C sets a flag that the loop honours at the next step boundary,
+    so an interrupt never lands inside an optimizer step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _grad_norm(params: list[Tensor]) -> Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.stack([g.norm() for g in grads]).norm()
+
+
+@torch.no_grad()
+def evaluate(module: LDVAEModule, data: CountData, idx: Tensor, batch_size: int, kl_weight: float) -> dict[str, float]:
+    """Validation metrics over cells ``idx`` in eval mode (running batch-norm statistics,
+    no dropout, one sample of z per cell), per cell as in scvi-tools."""
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(4, device=data.device, dtype=torch.float64)
+    for rows in torch.split(idx, max(batch_size, 1024)):
+        out = module.loss(data.gather(rows), kl_weight)
+        rec, kl = out.reconstruction.sum(), (out.kl_z + out.kl_l).sum()
+        weighted = (out.reconstruction + kl_weight * out.kl_z + out.kl_l).sum()
+        sums += torch.stack([rec, kl, rec + kl, weighted]).double()
+    module.train(was_training)
+    rec, kl, elbo, loss = (sums / max(len(idx), 1)).tolist()
+    return {
+        "reconstruction_loss_validation": rec,
+        "kl_local_validation": kl,
+        "elbo_validation": elbo,
+        "validation_loss": loss,
+    }
+
+
+def fit(
+    module: LDVAEModule,
+    data: CountData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: TrainConfig,
+    state: TrainState | None = None,
+) -> TrainState:
+    """Train ``module`` for ``config.max_epochs`` more epochs, continuing ``state``.
+
+    Returns the updated state (also on interrupt). Raises NonFiniteLossError with the
+    last good parameters left in ``module``.
+    """
+    from tqdm.auto import tqdm
+
+    state = state or TrainState()
+    device = data.device
+    train_rows = torch.as_tensor(train_idx, dtype=torch.int64, device=device)
+    val_rows = torch.as_tensor(val_idx, dtype=torch.int64, device=device)
+    n_train = len(train_rows)
+    steps_per_epoch = len(minibatches(torch.arange(n_train), config.batch_size))
+    if state.step == 0 and state.warmup_steps == 0:
+        state.warmup_steps = _warmup_steps(config, steps_per_epoch)
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    if state.optimizer_state is not None:
+        optimizer.load_state_dict(state.optimizer_state)
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"], group["eps"] = config.lr, config.weight_decay, config.eps
+    buffers = [b for b in module.buffers() if b.dtype.is_floating_point]
+    last_good_buffers = [b.clone() for b in buffers]
+
+    first_epoch = state.epoch
+    last_epoch = first_epoch + config.max_epochs
+    val_every = config.check_val_every_n_epoch or (1 if config.early_stopping else None)
+    module.train()
+    bar = tqdm(
+        total=config.max_epochs,
+        desc="Training",
+        unit="epoch",
+        disable=not config.progress_bar,
+        dynamic_ncols=True,
+    )
+    guard = _DeferredInterrupt()
+    try:
+        with guard:
+            for epoch in range(first_epoch, last_epoch):
+                seed = _epoch_seed(config.seed, epoch)
+                torch.manual_seed(seed)
+                gen = torch.Generator(device="cpu").manual_seed(seed)
+                perm = train_rows[torch.randperm(n_train, generator=gen).to(device)]
+                sums = torch.zeros(4, device=device, dtype=torch.float64)
+                kl_weight = 1.0
+                for i, rows in enumerate(minibatches(perm, config.batch_size)):
+                    if guard.requested:
+                        raise KeyboardInterrupt
+                    kl_weight = _kl_weight(state.step, state.warmup_steps)
+                    for saved, b in zip(last_good_buffers, buffers):
+                        saved.copy_(b)
+                    out = module.loss(data.gather(rows), kl_weight)
+                    optimizer.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    if not bool(torch.isfinite(out.loss + _grad_norm(params))):
+                        for saved, b in zip(last_good_buffers, buffers):
+                            b.copy_(saved)
+                        raise NonFiniteLossError(_nonfinite_message(module, out.loss, epoch, i, config))
+                    optimizer.step()
+                    state.step += 1
+                    with torch.no_grad():
+                        rec, kl = out.reconstruction.sum(), (out.kl_z + out.kl_l).sum()
+                        sums += torch.stack([rec, kl, rec + kl, out.loss.detach() * len(rows)]).double()
+                state.epoch = epoch + 1
+                rec, kl, elbo, loss = (sums / n_train).tolist()
+                for key, value in (
+                    ("reconstruction_loss_train", rec),
+                    ("kl_local_train", kl),
+                    ("elbo_train", elbo),
+                    ("train_loss", loss),
+                    ("kl_weight", kl_weight),
+                ):
+                    state.record(key, epoch, value)
+                postfix = {"elbo_train": f"{elbo:.1f}"}
+                is_last = epoch + 1 == last_epoch
+                if len(val_rows) and ((val_every and (epoch + 1) % val_every == 0) or is_last):
+                    metrics = evaluate(module, data, val_rows, config.batch_size, kl_weight)
+                    for key, value in metrics.items():
+                        state.record(key, epoch, value)
+                    postfix["elbo_val"] = f"{metrics['elbo_validation']:.1f}"
+                    if config.early_stopping and _should_stop(state, metrics["elbo_validation"], config):
+                        logger.info(
+                            "Early stopping at epoch %d: elbo_validation did not improve by %g for %d epochs.",
+                            epoch + 1, config.early_stopping_min_delta, config.early_stopping_patience,
+                        )
+                        bar.set_postfix(postfix)
+                        bar.update(1)
+                        break
+                bar.set_postfix(postfix)
+                bar.update(1)
+                if config.checkpoint_dir and (state.epoch % config.checkpoint_every_n_epochs == 0 or is_last):
+                    state.optimizer_state = optimizer.state_dict()
+                    save_checkpoint(Path(config.checkpoint_dir), module, state, config)
+    except KeyboardInterrupt:
+        state.interrupted = True
+        logger.warning(
+            "Training interrupted after %d completed steps (epoch %d); the model keeps the parameters "
+            "of the last completed step and the history so far.", state.step, state.epoch,
+        )
+    finally:
+        bar.close()
+        state.optimizer_state = optimizer.state_dict()
+        module.eval()
+    return state
+
+
+def _warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    if config.n_steps_kl_warmup is not None:
+        return max(int(config.n_steps_kl_warmup), 0)
+    if not config.n_epochs_kl_warmup:
+        return 0
+    epochs = config.n_epochs_kl_warmup
+    if epochs > config.max_epochs // 2:
+        # Never leave the KL weight below 1 for the whole fit: finish warm-up by mid-training.
+        shortened = max(config.max_epochs // 2, 1)
+        logger.info(
+            "KL warm-up shortened from n_epochs_kl_warmup=%d to %d epochs so the KL weight reaches 1 "
+            "within max_epochs=%d.", epochs, shortened, config.max_epochs,
+        )
+        epochs = shortened
+    return epochs * steps_per_epoch
+
+
+def _kl_weight(step: int, warmup_steps: int) -> float:
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+def _should_stop(state: TrainState, value: float, config: TrainConfig) -> bool:
+    if value < state.best_val - config.early_stopping_min_delta:
+        state.best_val = value
+        state.epochs_since_best = 0
+        return False
+    state.epochs_since_best += config.check_val_every_n_epoch or 1
+    return state.epochs_since_best >= config.early_stopping_patience
+
+
+def _nonfinite_message(module: LDVAEModule, loss: Tensor, epoch: int, step: int, config: TrainConfig) -> str:
+    what = "loss" if not torch.isfinite(loss) else "gradient"
+    hints = [f"lower the learning rate (lr={config.lr:g})"]
+    if not module.config.use_observed_lib_size:
+        hints.insert(0, "use_observed_lib_size=True (a learned library size is the usual cause on data "
+                        "with extreme library sizes)")
+    return (
+        f"The training {what} became non-finite at epoch {epoch + 1}, step {step + 1} of that epoch. "
+        f"The model keeps the parameters of the last good step. Try: {'; or '.join(hints)}; and check the "
+        "input for extreme counts."
+    )
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(directory: Path, module: LDVAEModule, state: TrainState, config: TrainConfig) -> Path:
+    """Write model, optimizer, history and counters atomically to ``directory/checkpoint.pt``."""
+    from .io import atomic_torch_save
+
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": "ldvae-checkpoint",
+        "format_version": 1,
+        "module_state": module.state_dict(),
+        "train_state": {k: v for k, v in asdict(state).items()},
+        "train_config": asdict(config),
+    }
+    path = directory / CHECKPOINT_NAME
+    atomic_torch_save(payload, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by ``save_checkpoint`` (weights only, no pickled objects)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated or corrupted file
+        raise ValueError(f"{path} is not a readable ldvae checkpoint ({type(err).__name__}: {err}).") from err
+    if not isinstance(payload, dict) or payload.get("format") != "ldvae-checkpoint":
+        raise ValueError(f"{path} is not an ldvae checkpoint.")
+    return payload
