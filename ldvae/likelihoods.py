@@ -26,9 +26,10 @@ from torch import Tensor
 
 def _at_nonzeros(t: Tensor, flat: Tensor, col: Tensor) -> Tensor:
     """Values of a per-entry (n_cells, n_genes) or per-gene (n_genes,) tensor at the nonzeros."""
+    # index_select: its CPU backward (index_add_) is deterministic, unlike advanced indexing's.
     if t.dim() == 1:
-        return t[col]
-    return t.reshape(-1)[flat]
+        return torch.index_select(t, 0, col)
+    return torch.index_select(t.reshape(-1), 0, flat)
 
 
 def _sum_rows(values: Tensor, row: Tensor, n_cells: int) -> Tensor:
@@ -53,7 +54,7 @@ def nb_log_prob(
     theta = log_theta.exp()
     d = log_mu - log_theta  # (n_cells, n_genes)
     dense = -(theta * F.softplus(d)).sum(-1)  # term A, (n_cells,)
-    d_nz = d.reshape(-1)[flat]
+    d_nz = _at_nonzeros(d, flat, col)
     log_theta_nz = _at_nonzeros(log_theta, flat, col)
     theta_nz = log_theta_nz.exp()
     nz = val * F.logsigmoid(d_nz) + torch.lgamma(val + theta_nz) - torch.lgamma(theta_nz)
@@ -83,21 +84,21 @@ def zinb_log_prob(
     dense = zero_case.sum(-1)
     log_theta_nz = _at_nonzeros(log_theta, flat, col)
     theta_nz = log_theta_nz.exp()
-    nb0_nz = log_nb0.reshape(-1)[flat]
+    nb0_nz = _at_nonzeros(log_nb0, flat, col)
     nz_case = (
-        -F.softplus(zi_logits.reshape(-1)[flat])
+        -F.softplus(_at_nonzeros(zi_logits, flat, col))
         + nb0_nz
-        + val * F.logsigmoid(d.reshape(-1)[flat])
+        + val * F.logsigmoid(_at_nonzeros(d, flat, col))
         + torch.lgamma(val + theta_nz)
         - torch.lgamma(theta_nz)
     )
-    return dense + _sum_rows(nz_case - zero_case.reshape(-1)[flat], row, log_mu.shape[0])
+    return dense + _sum_rows(nz_case - _at_nonzeros(zero_case, flat, col), row, log_mu.shape[0])
 
 
 def poisson_log_prob(log_mu: Tensor, row: Tensor, flat: Tensor, val: Tensor) -> Tensor:
     """Per-cell Poisson log-likelihood, less sum_g lgamma(x + 1)."""
     dense = -log_mu.exp().sum(-1)
-    return dense + _sum_rows(val * log_mu.reshape(-1)[flat], row, log_mu.shape[0])
+    return dense + _sum_rows(val * _at_nonzeros(log_mu, flat, flat), row, log_mu.shape[0])
 
 
 def dense_log_prob(

@@ -30,7 +30,7 @@ from .data import (
     validate_counts,
 )
 from .module import LDVAEModule, ModuleConfig
-from .train import TrainConfig, TrainState, fit, load_checkpoint, split_indices
+from .train import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint, split_indices
 
 logger = logging.getLogger(__name__)
 
@@ -351,8 +351,8 @@ class LinearSCVI:
             config.max_epochs = max(max_epochs - state.epoch, 0)
             logger.info("Resuming from epoch %d (%d steps) of %s.", state.epoch, state.step, resume_from)
         self.module.to(self.device)
-        data = self._data()
-        self.train_state_ = fit(self.module, data, train_idx, val_idx, config, state)
+        source = InMemorySource(self._data(), train_idx, val_idx, batch_size)
+        self.train_state_ = fit(self.module, source, config, state)
         self.train_indices_, self.validation_indices_ = train_idx, val_idx
         self.is_trained_ = self.train_state_.step > 0
 

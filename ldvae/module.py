@@ -233,9 +233,9 @@ class LDVAEModule(nn.Module):
             if c.dispersion == "gene":
                 log_theta = self.px_r  # (G,)
             elif c.dispersion == "gene-batch":
-                log_theta = self.px_r.t()[batch]  # (n_cells, G)
+                log_theta = torch.index_select(self.px_r.t(), 0, batch)  # (n_cells, G)
             elif c.dispersion == "gene-label":
-                log_theta = self.px_r.t()[label]
+                log_theta = torch.index_select(self.px_r.t(), 0, label)
             else:
                 log_theta = self.px_r_regressor(zc)
         return Generative(log_rho, log_mu, log_theta, zi_logits)

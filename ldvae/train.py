@@ -17,13 +17,14 @@ import signal
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .data import CountData
-from .module import LDVAEModule
+from .module import CountBatch, LDVAEModule
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,31 @@ def minibatches(perm: Tensor, batch_size: int) -> list[Tensor]:
     return parts
 
 
+class InMemorySource:
+    """Minibatches of an in-memory ``CountData``: a seeded shuffle of the training cells per
+    epoch, gathered on the device. Out-of-core and distributed sources offer the same four
+    members (``n_train``, ``n_val``, ``steps_per_epoch``, ``train_batches``, ``val_batches``)."""
+
+    def __init__(self, data: CountData, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int):
+        self.data = data
+        self.device = data.device
+        self.batch_size = batch_size
+        self.train_rows = torch.as_tensor(np.asarray(train_idx), dtype=torch.int64, device=data.device)
+        self.val_rows = torch.as_tensor(np.asarray(val_idx), dtype=torch.int64, device=data.device)
+        self.n_train = len(self.train_rows)
+        self.n_val = len(self.val_rows)
+        self.steps_per_epoch = len(minibatches(torch.arange(self.n_train), batch_size))
+
+    def train_batches(self, generator: torch.Generator) -> Iterator[CountBatch]:
+        perm = self.train_rows[torch.randperm(self.n_train, generator=generator).to(self.device)]
+        for rows in minibatches(perm, self.batch_size):
+            yield self.data.gather(rows)
+
+    def val_batches(self) -> Iterator[CountBatch]:
+        for rows in torch.split(self.val_rows, max(self.batch_size, 1024)):
+            yield self.data.gather(rows)
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63 - 1)
 
@@ -142,19 +168,19 @@ def _grad_norm(params: list[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(module: LDVAEModule, data: CountData, idx: Tensor, batch_size: int, kl_weight: float) -> dict[str, float]:
-    """Validation metrics over cells ``idx`` in eval mode (running batch-norm statistics,
-    no dropout, one sample of z per cell), per cell as in scvi-tools."""
+def evaluate(module: LDVAEModule, source, kl_weight: float) -> dict[str, float]:
+    """Validation metrics over the source's validation cells in eval mode (running
+    batch-norm statistics, no dropout, one sample of z per cell), per cell as in scvi-tools."""
     was_training = module.training
     module.eval()
-    sums = torch.zeros(4, device=data.device, dtype=torch.float64)
-    for rows in torch.split(idx, max(batch_size, 1024)):
-        out = module.loss(data.gather(rows), kl_weight)
+    sums = torch.zeros(4, device=source.device, dtype=torch.float64)
+    for batch in source.val_batches():
+        out = module.loss(batch, kl_weight)
         rec, kl = out.reconstruction.sum(), (out.kl_z + out.kl_l).sum()
         weighted = (out.reconstruction + kl_weight * out.kl_z + out.kl_l).sum()
         sums += torch.stack([rec, kl, rec + kl, weighted]).double()
     module.train(was_training)
-    rec, kl, elbo, loss = (sums / max(len(idx), 1)).tolist()
+    rec, kl, elbo, loss = (sums / max(source.n_val, 1)).tolist()
     return {
         "reconstruction_loss_validation": rec,
         "kl_local_validation": kl,
@@ -163,15 +189,9 @@ def evaluate(module: LDVAEModule, data: CountData, idx: Tensor, batch_size: int,
     }
 
 
-def fit(
-    module: LDVAEModule,
-    data: CountData,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    config: TrainConfig,
-    state: TrainState | None = None,
-) -> TrainState:
-    """Train ``module`` for ``config.max_epochs`` more epochs, continuing ``state``.
+def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | None = None) -> TrainState:
+    """Train ``module`` for ``config.max_epochs`` more epochs on ``source`` (e.g.
+    ``InMemorySource``), continuing ``state``.
 
     Returns the updated state (also on interrupt). Raises NonFiniteLossError with the
     last good parameters left in ``module``.
@@ -179,13 +199,9 @@ def fit(
     from tqdm.auto import tqdm
 
     state = state or TrainState()
-    device = data.device
-    train_rows = torch.as_tensor(train_idx, dtype=torch.int64, device=device)
-    val_rows = torch.as_tensor(val_idx, dtype=torch.int64, device=device)
-    n_train = len(train_rows)
-    steps_per_epoch = len(minibatches(torch.arange(n_train), config.batch_size))
+    device = source.device
     if state.step == 0 and state.warmup_steps == 0:
-        state.warmup_steps = _warmup_steps(config, steps_per_epoch)
+        state.warmup_steps = _warmup_steps(config, source.steps_per_epoch)
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
@@ -214,16 +230,15 @@ def fit(
                 seed = _epoch_seed(config.seed, epoch)
                 torch.manual_seed(seed)
                 gen = torch.Generator(device="cpu").manual_seed(seed)
-                perm = train_rows[torch.randperm(n_train, generator=gen).to(device)]
                 sums = torch.zeros(4, device=device, dtype=torch.float64)
                 kl_weight = 1.0
-                for i, rows in enumerate(minibatches(perm, config.batch_size)):
+                for i, batch in enumerate(source.train_batches(gen)):
                     if guard.requested:
                         raise KeyboardInterrupt
                     kl_weight = _kl_weight(state.step, state.warmup_steps)
                     for saved, b in zip(last_good_buffers, buffers):
                         saved.copy_(b)
-                    out = module.loss(data.gather(rows), kl_weight)
+                    out = module.loss(batch, kl_weight)
                     optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
                     if not bool(torch.isfinite(out.loss + _grad_norm(params))):
@@ -234,9 +249,9 @@ def fit(
                     state.step += 1
                     with torch.no_grad():
                         rec, kl = out.reconstruction.sum(), (out.kl_z + out.kl_l).sum()
-                        sums += torch.stack([rec, kl, rec + kl, out.loss.detach() * len(rows)]).double()
+                        sums += torch.stack([rec, kl, rec + kl, out.loss.detach() * batch.n_cells]).double()
                 state.epoch = epoch + 1
-                rec, kl, elbo, loss = (sums / n_train).tolist()
+                rec, kl, elbo, loss = (sums / source.n_train).tolist()
                 for key, value in (
                     ("reconstruction_loss_train", rec),
                     ("kl_local_train", kl),
@@ -247,8 +262,8 @@ def fit(
                     state.record(key, epoch, value)
                 postfix = {"elbo_train": f"{elbo:.1f}"}
                 is_last = epoch + 1 == last_epoch
-                if len(val_rows) and ((val_every and (epoch + 1) % val_every == 0) or is_last):
-                    metrics = evaluate(module, data, val_rows, config.batch_size, kl_weight)
+                if source.n_val and ((val_every and (epoch + 1) % val_every == 0) or is_last):
+                    metrics = evaluate(module, source, kl_weight)
                     for key, value in metrics.items():
                         state.record(key, epoch, value)
                     postfix["elbo_val"] = f"{metrics['elbo_validation']:.1f}"
