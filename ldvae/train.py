@@ -105,7 +105,8 @@ def minibatches(perm: Tensor, batch_size: int) -> list[Tensor]:
     (batch normalization needs two cells)."""
     parts = list(torch.split(perm, batch_size))
     if len(parts) > 1 and parts[-1].shape[0] == 1:
-        parts[-2] = torch.cat([parts[-2], parts.pop()])
+        last = parts.pop()
+        parts[-1] = torch.cat([parts[-1], last])
     return parts
 
 

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import ldvae
+
+
+@pytest.fixture
+def small_adata():
+    """400 cells x 40 genes simulated from the LDVAE model, 2 batches, counts in layers['counts']."""
+    return ldvae.simulate(400, 40, 3, n_batches=2, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.INFO, logger="ldvae")
+    yield
+
+
+def fit_small(adata, epochs: int = 3, **model_kwargs):
+    """A quickly trained model on ``adata`` (set up on the counts layer if not yet)."""
+    if "ldvae_setup" not in adata.uns:
+        ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    model = ldvae.LinearSCVI(adata, **model_kwargs)
+    model.train(max_epochs=epochs, progress_bar=False)
+    return model
