@@ -11,8 +11,25 @@ from .results import result_keys, write_results  # noqa: E402
 from .simulate import simulate  # noqa: E402
 from .train import NonFiniteLossError  # noqa: E402
 
+# The workflow pulls in scanpy; import it on first use so ``import ldvae`` stays light.
+_LAZY = {"run_workflow": ("workflow", "run_workflow"), "read_counts": ("readers", "read_counts"),
+         "read_demo": ("readers", "read_demo")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'ldvae' has no attribute {name!r}")
+
+
 __all__ = [
     "LinearSCVI",
+    "read_counts",
+    "read_demo",
+    "run_workflow",
     "NonFiniteLossError",
     "NotTrainedError",
     "SetupError",

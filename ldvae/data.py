@@ -26,6 +26,7 @@ from torch import Tensor
 from .module import CountBatch
 
 SETUP_KEY = "ldvae_setup"
+MAX_COUNT = 1e9  # per cell and gene; far above any sequencing count, far below float32 overflow
 
 
 class SetupError(ValueError):
@@ -83,7 +84,8 @@ def _first_bad(mat, bad_mask_fn):
 
 
 def validate_counts(adata, mat, layer: str | None) -> None:
-    """Raise SetupError naming the first non-finite, negative or non-integer value."""
+    """Raise SetupError naming the first non-finite, negative, non-integer or too large
+    (> ``MAX_COUNT``) value."""
     where_from = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     fix = "Pass the raw counts layer, e.g. layer='counts'."
     dtype = mat.dtype
@@ -112,6 +114,14 @@ def validate_counts(adata, mat, layer: str | None) -> None:
                 f"LDVAE models raw counts, but {where_from} has non-integer values "
                 f"(first: {v:.3g} at {_where(adata, c, g)}). {fix}"
             )
+    first = _first_bad(mat, lambda a: a > MAX_COUNT)
+    if first is not None:
+        c, g, v = first
+        raise SetupError(
+            f"LDVAE models raw counts, but {where_from} has values too large to be counts "
+            f"(first: {v:.3g} at {_where(adata, c, g)}; the limit is {MAX_COUNT:.0e}, beyond which "
+            f"float32 training overflows). {fix}"
+        )
 
 
 def _obs_column(adata, key: str, arg: str) -> pd.Series:
@@ -157,10 +167,20 @@ def setup_anndata(
     The input is not modified otherwise; on any error nothing is written.
     """
     check_not_view(adata)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise SetupError(
+            f"adata has no {'cells' if adata.n_obs == 0 else 'genes'} (shape {adata.n_obs} x {adata.n_vars}); "
+            "LDVAE needs at least 2 cells and 1 gene. Check the filtering that produced it."
+        )
     mat = get_counts(adata, layer)
-    validate_counts(adata, mat, layer)
-    totals = np.asarray(mat.sum(axis=1)).ravel()
-    n_empty = int((totals <= 0).sum())
+    from .stream import is_on_disk, scan_counts
+
+    if is_on_disk(mat):  # backed AnnData: every stored value checked in one streaming pass
+        n_empty = scan_counts(adata, layer).n_empty
+    else:
+        validate_counts(adata, mat, layer)
+        totals = np.asarray(mat.sum(axis=1)).ravel()
+        n_empty = int((totals <= 0).sum())
     if n_empty:
         raise SetupError(
             f"{n_empty} of {adata.n_obs} cells have zero total counts; LDVAE cannot model an empty "
@@ -272,13 +292,13 @@ class CountData:
         self.device = device
         self.n_cells, self.n_genes = csr.shape
         self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=device)
-        self.indices = torch.as_tensor(csr.indices.astype(np.int64), device=device)
-        self.values = torch.as_tensor(csr.data.astype(np.float32), device=device)
+        # Gene indices as int32 (half the memory of int64; gather widens a minibatch's only).
+        self.indices = torch.as_tensor(np.asarray(csr.indices, dtype=np.int32), device=device)
+        self.values = torch.as_tensor(np.asarray(csr.data, dtype=np.float32), device=device)
         self.row_nnz = self.indptr[1:] - self.indptr[:-1]
         totals = np.asarray(csr.sum(axis=1), dtype=np.float64).ravel()
         self.log_total = torch.as_tensor(np.log(np.maximum(totals, 1e-12)).astype(np.float32), device=device)
-        lg = sp.csr_matrix((_lgamma1(csr.data), csr.indices, csr.indptr), shape=csr.shape)
-        self.lgamma_x1 = torch.as_tensor(np.asarray(lg.sum(axis=1), dtype=np.float32).ravel(), device=device)
+        self.lgamma_x1 = torch.as_tensor(_row_sums_lgamma1(csr), device=device)
         self.batch = torch.as_tensor(cov.batch, device=device)
         self.label = torch.as_tensor(cov.label, device=device)
         self.cat_covs = None if cov.cat_covs is None else torch.as_tensor(cov.cat_covs, device=device)
@@ -293,7 +313,7 @@ class CountData:
         row = torch.repeat_interleave(torch.arange(b, device=self.device), lens, output_size=total)
         first = torch.cumsum(lens, 0) - lens  # position of each row's first nonzero in the batch
         pos = torch.arange(total, device=self.device) - first[row] + starts[row]
-        col = self.indices[pos]
+        col = self.indices[pos].long()
         val = self.values[pos]
         flat = row * g + col
         x = torch.zeros(b * g, device=self.device).index_put_((flat,), val).view(b, g)
@@ -316,6 +336,22 @@ def _lgamma1(values: np.ndarray) -> np.ndarray:
     from scipy.special import gammaln
 
     return gammaln(values.astype(np.float64) + 1.0)
+
+
+def _row_sums_lgamma1(csr: sp.csr_matrix, chunk_nnz: int = 1 << 22) -> np.ndarray:
+    """sum_g lgamma(x_ng + 1) per cell, float32 (n_cells,), in float64 over chunks of rows
+    so that the temporary memory stays bounded (a few chunk_nnz values)."""
+    out = np.empty(csr.shape[0], dtype=np.float64)
+    indptr = csr.indptr.astype(np.int64)
+    start = 0
+    while start < csr.shape[0]:
+        stop = max(int(np.searchsorted(indptr, indptr[start] + chunk_nnz, side="right")) - 1, start + 1)
+        stop = min(stop, csr.shape[0])
+        a, b = indptr[start], indptr[stop]
+        cumulative = np.concatenate([[0.0], np.cumsum(_lgamma1(csr.data[a:b]))])
+        out[start:stop] = cumulative[indptr[start + 1 : stop + 1] - a] - cumulative[indptr[start:stop] - a]
+        start = stop
+    return out.astype(np.float32)
 
 
 def library_prior(csr: sp.csr_matrix, batch: np.ndarray, n_batch: int) -> tuple[np.ndarray, np.ndarray]:

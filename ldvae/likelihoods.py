@@ -36,6 +36,19 @@ def _sum_rows(values: Tensor, row: Tensor, n_cells: int) -> Tensor:
     return values.new_zeros(n_cells).index_add_(0, row, values)
 
 
+def _lgamma_ratio_at_nonzeros(log_theta: Tensor, val: Tensor, flat: Tensor, col: Tensor) -> Tensor:
+    """lgamma(x + theta) - lgamma(theta) at the nonzeros (term C), (nnz,).
+
+    For a per-gene theta, lgamma(theta) is evaluated once per gene and gathered,
+    instead of once per nonzero."""
+    if log_theta.dim() == 1:
+        theta = log_theta.exp()  # (G,)
+        theta_nz = torch.index_select(theta, 0, col)
+        return torch.lgamma(val + theta_nz) - torch.index_select(torch.lgamma(theta), 0, col)
+    theta_nz = _at_nonzeros(log_theta, flat, col).exp()
+    return torch.lgamma(val + theta_nz) - torch.lgamma(theta_nz)
+
+
 def nb_log_prob(
     log_mu: Tensor, log_theta: Tensor, row: Tensor, col: Tensor, flat: Tensor, val: Tensor
 ) -> Tensor:
@@ -53,11 +66,11 @@ def nb_log_prob(
     """
     theta = log_theta.exp()
     d = log_mu - log_theta  # (n_cells, n_genes)
-    dense = -(theta * F.softplus(d)).sum(-1)  # term A, (n_cells,)
-    d_nz = _at_nonzeros(d, flat, col)
-    log_theta_nz = _at_nonzeros(log_theta, flat, col)
-    theta_nz = log_theta_nz.exp()
-    nz = val * F.logsigmoid(d_nz) + torch.lgamma(val + theta_nz) - torch.lgamma(theta_nz)
+    softplus_d = F.softplus(d)
+    # term A, (n_cells,); a matrix-vector product when theta is per gene
+    dense = -(softplus_d @ theta) if theta.dim() == 1 else -(theta * softplus_d).sum(-1)
+    lgamma_ratio = _lgamma_ratio_at_nonzeros(log_theta, val, flat, col)
+    nz = val * F.logsigmoid(_at_nonzeros(d, flat, col)) + lgamma_ratio  # terms B and C
     return dense + _sum_rows(nz, row, log_mu.shape[0])
 
 
@@ -82,15 +95,12 @@ def zinb_log_prob(
     log_nb0 = -theta * F.softplus(d)  # log NB(0), (n_cells, n_genes)
     zero_case = torch.logaddexp(zi_logits, log_nb0) - F.softplus(zi_logits)
     dense = zero_case.sum(-1)
-    log_theta_nz = _at_nonzeros(log_theta, flat, col)
-    theta_nz = log_theta_nz.exp()
-    nb0_nz = _at_nonzeros(log_nb0, flat, col)
+    lgamma_ratio = _lgamma_ratio_at_nonzeros(log_theta, val, flat, col)
     nz_case = (
         -F.softplus(_at_nonzeros(zi_logits, flat, col))
-        + nb0_nz
+        + _at_nonzeros(log_nb0, flat, col)
         + val * F.logsigmoid(_at_nonzeros(d, flat, col))
-        + torch.lgamma(val + theta_nz)
-        - torch.lgamma(theta_nz)
+        + lgamma_ratio
     )
     return dense + _sum_rows(nz_case - _at_nonzeros(zero_case, flat, col), row, log_mu.shape[0])
 

@@ -4,6 +4,7 @@ categories and setup recorded at construction) and delegates the math to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from .data import (
     validate_counts,
 )
 from .module import LDVAEModule, ModuleConfig
+from .stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk
 from .train import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint, split_indices
 
 logger = logging.getLogger(__name__)
@@ -150,8 +152,11 @@ class LinearSCVI:
             raise ValueError("dispersion='gene-label' needs labels: run setup_anndata(..., labels_key=...).")
         self.var_names_ = pd.Index(adata.var_names.astype(str))
         self._data_cache: tuple[int, CountData] | None = None
-        csr, cov = self._read(adata)
-        means, variances = library_prior(csr, cov.batch, self.n_batch)
+        if counts_on_disk(adata, self.setup_):  # backed AnnData: one streaming pass (ldvae.stream)
+            means, variances = library_prior_on_disk(adata, self.setup_, self.n_batch)
+        else:
+            csr, cov = self._read(adata)
+            means, variances = library_prior(csr, cov.batch, self.n_batch)
         torch.manual_seed(settings.seed)
         self.module = LDVAEModule(self._module_config(), torch.as_tensor(means), torch.as_tensor(variances))
         self.module.eval()
@@ -223,6 +228,8 @@ class LinearSCVI:
         self._check_genes(adata)
         layer = self.setup_.get("layer")
         mat = get_counts(adata, layer)
+        if is_on_disk(mat):  # a query without a streaming path loads the counts
+            mat = mat.to_memory()
         validate_counts(adata, mat, layer)
         csr = to_csr(mat)
         empty = int((np.diff(csr.indptr) == 0).sum())
@@ -299,7 +306,10 @@ class LinearSCVI:
         checkpoint_dir, checkpoint_every_n_epochs
             Write a checkpoint every N epochs (and at the end) into this directory.
         resume_from
-            A checkpoint file or directory to continue from (same data and model settings).
+            A checkpoint file or directory to continue from (same data and model settings);
+            ``max_epochs`` counts the checkpoint's epochs, and ``seed`` defaults to the
+            checkpoint's. With the same settings the result equals an uninterrupted fit
+            (on CPU, exactly).
         """
         progress_bar = bool(trainer_kwargs.pop("enable_progress_bar", progress_bar))
         if trainer_kwargs:
@@ -317,6 +327,10 @@ class LinearSCVI:
         if max_epochs is None:
             max_epochs = int(min(400, round(20000 / n * 400)))
         _check_positive_int("max_epochs", max_epochs)
+        _check_positive_int("checkpoint_every_n_epochs", checkpoint_every_n_epochs)
+        payload = None if resume_from is None else load_checkpoint(resume_from)
+        if seed is None and payload is not None:
+            seed = payload["train_config"].get("seed")  # the same split and random stream as before
         seed = settings.seed if seed is None else int(seed)
         self.device = resolve_device(accelerator, devices if isinstance(devices, int) else None)
         train_idx, val_idx = split_indices(n, train_size, validation_size, seed)
@@ -342,19 +356,33 @@ class LinearSCVI:
             checkpoint_every_n_epochs=checkpoint_every_n_epochs,
             **plan,
         )
-        state = self.train_state_
-        if resume_from is not None:
-            payload = load_checkpoint(resume_from)
-            self.module.load_state_dict(payload["module_state"])
+        state = self.train_state_ or TrainState()
+        if payload is not None:
+            try:
+                self.module.load_state_dict(payload["module_state"])
+            except RuntimeError as err:
+                raise ValueError(
+                    f"The checkpoint {resume_from} was written by a model with other settings or genes "
+                    f"({err}). Resume with the LinearSCVI settings and data it was trained with."
+                ) from err
             state = TrainState(**payload["train_state"])
             state.interrupted = False
             config.max_epochs = max(max_epochs - state.epoch, 0)
             logger.info("Resuming from epoch %d (%d steps) of %s.", state.epoch, state.step, resume_from)
         self.module.to(self.device)
-        source = InMemorySource(self._data(), train_idx, val_idx, batch_size)
-        self.train_state_ = fit(self.module, source, config, state)
-        self.train_indices_, self.validation_indices_ = train_idx, val_idx
-        self.is_trained_ = self.train_state_.step > 0
+        if counts_on_disk(self.adata, self.setup_):  # backed AnnData: stream chunks (ldvae.stream)
+            source = StreamingSource.from_adata(self.adata, self.setup_, train_idx, val_idx, batch_size,
+                                                device=self.device)
+        else:
+            source = InMemorySource(self._data(), train_idx, val_idx, batch_size)
+        try:
+            fit(self.module, source, config, state)
+        finally:
+            # Also on NonFiniteLossError: the module holds the last good parameters, and the
+            # history so far stays readable.
+            self.train_state_ = state
+            self.train_indices_, self.validation_indices_ = train_idx, val_idx
+            self.is_trained_ = state.step > 0
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:
@@ -403,6 +431,11 @@ class LinearSCVI:
         return ``(mean, variance)`` of q(z|x) instead.
         """
         self._check_trained()
+        if counts_on_disk(self.adata if adata is None else adata, self.setup_):
+            from .stream import get_latent_representation  # streamed; it can also write to disk
+
+            return get_latent_representation(self, adata, indices, give_mean, mc_samples, batch_size,
+                                             return_dist=return_dist)
         self.module.eval()
         data = self._data(adata)
         means, variances, out = [], [], []
@@ -475,6 +508,211 @@ class LinearSCVI:
         w = self.module.factor_regressor.weight.detach().cpu()[:, K:] * self._decoder_scale()[:, None]
         return pd.DataFrame(w.numpy(), index=self.var_names_.copy(), columns=self.covariate_column_names())
 
+    # --- posterior queries (ldvae/posterior.py, ldvae/de.py) ---
+    # Each query streams over cells in minibatches, accepts ``indices`` (positions or a boolean
+    # mask) and runs under ``ldvae.settings.seed``, so repeating a call repeats its draws.
+    def get_normalized_expression(
+        self,
+        adata=None,
+        indices=None,
+        transform_batch=None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Normalized expression rho (sums to 1 over genes) times ``library_size``.
+
+        Parameters
+        ----------
+        adata, indices
+            Cells to query (default: all cells of the training AnnData).
+        transform_batch
+            Decode every cell as if it came from this batch category (or average over a list
+            of categories); None decodes each cell in its observed batch.
+        gene_list
+            Return only these genes (in the model's gene order).
+        library_size
+            Scale of rho; ``"latent"`` returns the likelihood mean mu = l * rho with the
+            cell's posterior library size.
+        n_samples
+            Draws of (z, l) from the posterior per cell.
+        n_samples_overall
+            Draw one sample from each of this many cells chosen at random (with replacement)
+            among ``indices``; rows are those cells.
+        batch_size
+            Cells per minibatch (default: about 8M dense entries per minibatch).
+        return_mean
+            Average over the ``n_samples`` draws.
+        return_numpy
+            NumPy instead of a DataFrame (cells x genes). With ``n_samples > 1`` and
+            ``return_mean=False`` the result is always an array (n_samples, n_cells, n_genes).
+        """
+        from .posterior import get_normalized_expression
+
+        return get_normalized_expression(
+            self, adata, indices, transform_batch, gene_list, library_size, n_samples, n_samples_overall,
+            batch_size, return_mean, return_numpy,
+        )
+
+    def differential_expression(
+        self,
+        adata=None,
+        groupby: str | None = None,
+        group1=None,
+        group2=None,
+        idx1=None,
+        idx2=None,
+        mode: Literal["vanilla", "change"] = "vanilla",
+        delta: float | None = 0.25,
+        batch_size: int | None = None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1=None,
+        batchid2=None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        filter_outlier_cells: bool = False,
+        **kwargs,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression between two groups of cells (see :mod:`ldvae.de`).
+
+        Parameters
+        ----------
+        adata
+            AnnData holding the cells and ``groupby`` (default: the training AnnData).
+        groupby, group1, group2
+            An ``adata.obs`` column and its groups: ``group1`` one group or a list (default:
+            every group, one at a time); ``group2`` None compares with all other cells.
+        idx1, idx2
+            Instead of groups: boolean masks, cell positions or ``adata.obs.query`` strings.
+        mode
+            ``"vanilla"`` (Bayes factor of rho_1 > rho_2) or ``"change"`` (posterior
+            probability that |log2 fold change| >= ``delta``, with FDR calls).
+        delta
+            LFC threshold of ``"change"`` mode; None estimates it from the LFC distribution.
+        batch_size
+            Cells per minibatch.
+        all_stats
+            Add per-group ``raw_mean``, ``non_zeros_proportion``, ``raw_normalized_mean``.
+        batch_correction, batchid1, batchid2
+            Decode each draw in every batch (or in ``batchid1``/``batchid2``) and pair draws
+            decoded in the same batch.
+        fdr_target
+            Posterior expected FDR of the ``is_de_fdr_<fdr_target>`` calls (``"change"`` mode).
+        silent
+            No log line per comparison.
+        filter_outlier_cells
+            Drop latent-space outliers of each group (elliptic envelope) first.
+        **kwargs
+            ``n_samples_overall`` (5000 draws per group), ``use_permutation``,
+            ``m_permutation``, ``pseudocounts``, ``threshold_counts``, ``test_mode``,
+            ``cred_interval_lvls``, as in scvi-tools.
+
+        Returns
+        -------
+        One row per gene and comparison, sorted by ``proba_de`` (change) or ``bayes_factor``
+        (vanilla), with ``comparison``, ``group1`` and ``group2`` columns for group queries.
+        """
+        from .de import differential_expression
+
+        return differential_expression(
+            self, adata, groupby, group1, group2, idx1, idx2, mode, delta, batch_size, all_stats,
+            batch_correction, batchid1, batchid2, fdr_target, silent, filter_outlier_cells, **kwargs,
+        )
+
+    def get_elbo(self, adata=None, indices=None, batch_size: int | None = None, *, return_mean: bool = True):
+        """The evidence lower bound per cell, E_q[log p(x | z, l)] - KL(q || prior), averaged
+        over cells (one posterior draw per cell). Not negated: higher is better."""
+        from .posterior import get_elbo
+
+        return get_elbo(self, adata, indices, batch_size, return_mean)
+
+    def get_reconstruction_error(
+        self, adata=None, indices=None, batch_size: int | None = None, *, return_mean: bool = True
+    ) -> dict:
+        """``{"reconstruction_loss": value}``: log p(x | z, l) at one posterior draw, averaged over
+        cells (per cell with ``return_mean=False``). As scvi-tools 1.0/1.1 and its docstring say,
+        not negated: higher is better, so it is minus the training history's reconstruction loss."""
+        from .posterior import get_reconstruction_error
+
+        return get_reconstruction_error(self, adata, indices, batch_size, return_mean)
+
+    def get_marginal_ll(
+        self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size: int | None = None, *,
+        return_mean: bool = True,
+    ):
+        """Importance-sampled log p(x): log of the mean over ``n_mc_samples`` draws from q of
+        p(x, z, l) / q(z, l | x), averaged over cells. A tighter bound than the ELBO that rises
+        towards log p(x) as ``n_mc_samples`` grows. Higher is better."""
+        from .posterior import get_marginal_ll
+
+        return get_marginal_ll(self, adata, indices, n_mc_samples, batch_size, return_mean)
+
+    def posterior_predictive_sample(
+        self, adata=None, indices=None, n_samples: int = 1, gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ):
+        """Counts drawn from p(x | z, l) with (z, l) drawn from the posterior, as a sparse matrix.
+
+        Returns a ``scipy.sparse.csr_matrix`` (n_cells, n_genes) for ``n_samples=1``, else a
+        3-D ``scipy.sparse.coo_array`` (n_cells, n_genes, n_samples) (scvi-tools returns a
+        ``sparse.GCXS`` of the same shape).
+        """
+        from .posterior import posterior_predictive_sample
+
+        return posterior_predictive_sample(self, adata, indices, n_samples, gene_list, batch_size)
+
+    def get_likelihood_parameters(
+        self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False, batch_size: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Parameters of p(x | z, l) at posterior draws: ``"mean"`` (mu), ``"dispersions"``
+        (theta; NB and ZINB) and ``"dropout"`` (pi, ZINB), each (n_cells, n_genes), or
+        (n_samples, n_cells, n_genes) for ``n_samples > 1`` unless ``give_mean``."""
+        from .posterior import get_likelihood_parameters
+
+        return get_likelihood_parameters(self, adata, indices, n_samples, give_mean, batch_size)
+
+    def get_latent_library_size(
+        self, adata=None, indices=None, give_mean: bool = True, batch_size: int | None = None
+    ) -> np.ndarray:
+        """Library size l per cell, (n_cells, 1): the posterior mean exp(m + v/2) of q(l | x), or
+        with ``give_mean=False`` one draw (the observed total count when the library is observed)."""
+        from .posterior import get_latent_library_size
+
+        return get_latent_library_size(self, adata, indices, give_mean, batch_size)
+
+    def get_feature_correlation_matrix(
+        self,
+        adata=None,
+        indices=None,
+        n_samples: int = 10,
+        batch_size: int = 64,
+        rna_size_factor: int = 1000,
+        transform_batch=None,
+        correlation_type: Literal["spearman", "pearson"] = "spearman",
+    ) -> pd.DataFrame:
+        """Gene x gene correlation of denoised expression: the Gamma part of the NB at library
+        ``rna_size_factor`` (the rate itself for Poisson), over cells and ``n_samples`` draws;
+        averaged over the batches of ``transform_batch``. Dense (n_cells * n_samples, n_genes)
+        draws are held while it computes."""
+        from .posterior import get_feature_correlation_matrix
+
+        return get_feature_correlation_matrix(
+            self, adata, indices, n_samples, batch_size, rna_size_factor, transform_batch, correlation_type
+        )
+
+    def get_factor_deviance(self, adata=None, indices=None, *, batch_size: int | None = None) -> pd.DataFrame:
+        """Deviance explained per factor on the count scale, factors ordered by it, with the
+        sign that makes each factor's largest loading positive. See
+        :func:`ldvae.interpret.factor_deviance`; the loadings are not changed."""
+        from .interpret import factor_deviance
+
+        return factor_deviance(self, adata, indices, batch_size=batch_size)
+
     # --- results into AnnData ---------------------------------------------------------------
     def write_results(self, adata=None, *, key_added: str = "ldvae", obs_columns: bool = False, copy: bool = False):
         """Write latent means, loadings and parameters into ``adata`` (scanpy style).
@@ -494,7 +732,8 @@ class LinearSCVI:
         save_anndata: bool = False,
     ) -> None:
         """Save to ``dir_path``: ``ldvae_model.json`` (settings, genes, categories, history,
-        versions), ``model_state.pt`` (weights) and, with ``save_anndata``, ``adata.h5ad``."""
+        versions, the SHA-256 of the weights), ``model_state.pt`` (weights) and, with
+        ``save_anndata``, ``adata.h5ad``. Each file is written atomically; the JSON last."""
         from .io import atomic_torch_save, atomic_write_h5ad, atomic_write_json
 
         d = Path(dir_path)
@@ -519,6 +758,9 @@ class LinearSCVI:
         }
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         atomic_torch_save(state, d / f"{p}{MODEL_WEIGHTS}")
+        # torch's zip container does not check the tensor bytes: a checksum in the JSON,
+        # written last, catches corruption that would otherwise load as wrong weights.
+        meta["weights_sha256"] = _sha256(d / f"{p}{MODEL_WEIGHTS}")
         if save_anndata:
             atomic_write_h5ad(self.adata, d / f"{p}{ADATA_FILE}")
         atomic_write_json(d / f"{p}{MODEL_JSON}", meta)
@@ -545,9 +787,9 @@ class LinearSCVI:
 
             adata = anndata.read_h5ad(path)
         saved_setup = meta["setup"]
-        if "ldvae_setup" not in adata.uns:
+        record_setup = "ldvae_setup" not in adata.uns
+        if record_setup:
             check_not_view(adata, "LinearSCVI.load")
-            adata.uns["ldvae_setup"] = saved_setup
         model = cls.__new__(cls)
         model.init_params_ = meta["init_params"]
         model.adata = adata
@@ -559,6 +801,12 @@ class LinearSCVI:
         n_batch = model.n_batch
         model.module = LDVAEModule(model._module_config(), torch.zeros(n_batch), torch.ones(n_batch))
         weights = d / f"{p}{MODEL_WEIGHTS}"
+        expected = meta.get("weights_sha256")
+        if expected is not None and weights.is_file() and _sha256(weights) != expected:
+            raise ValueError(
+                f"{weights} does not match the checksum recorded in {p}{MODEL_JSON}: it is corrupted or was "
+                "replaced after saving. Save the model again from a trained instance."
+            )
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             model.module.load_state_dict(state)
@@ -566,6 +814,8 @@ class LinearSCVI:
             raise
         except Exception as err:
             raise ValueError(f"{weights} is not a readable ldvae weights file ({type(err).__name__}: {err}).") from err
+        if record_setup:  # only once every check passed: a failed load leaves adata untouched
+            adata.uns["ldvae_setup"] = saved_setup
         model.module.eval()
         model.device = resolve_device(accelerator, device if isinstance(device, int) else None)
         model.module.to(model.device)
@@ -583,6 +833,14 @@ class LinearSCVI:
         )
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _read_model_json(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; is {path.parent} a directory written by model.save()?")
@@ -593,9 +851,12 @@ def _read_model_json(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != "ldvae-model":
         raise ValueError(f"{path} is not an ldvae model file.")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written in model format version {version!r}; this ldvae ({__version__}) reads "
             f"up to version {FORMAT_VERSION}. Upgrade ldvae to load it."
         )
+    missing = [k for k in ("init_params", "setup", "var_names") if not isinstance(meta.get(k), (dict, list))]
+    if missing:
+        raise ValueError(f"{path} is not a valid ldvae model file (corrupted: missing or invalid {missing}).")
     return meta

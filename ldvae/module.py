@@ -135,8 +135,14 @@ class GaussianEncoder(nn.Module):
         self.var = nn.Linear(n_hidden, n_out)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.trunk(h)
-        return self.mean(h), self.var(h).exp() + VAR_EPS
+        return self.after_first_linear(self.trunk[0](h))
+
+    def after_first_linear(self, h1: Tensor) -> tuple[Tensor, Tensor]:
+        """The rest of the encoder, from the output of its first Linear (see
+        ``LDVAEModule.inference``, which computes that layer for both encoders at once)."""
+        for layer in self.trunk[1:]:
+            h1 = layer(h1)
+        return self.mean(h1), self.var(h1).exp() + VAR_EPS
 
 
 class LDVAEModule(nn.Module):
@@ -177,6 +183,12 @@ class LDVAEModule(nn.Module):
                 raise ValueError(f"unknown dispersion {c.dispersion!r}")
         self.register_buffer("library_log_means", library_log_means.reshape(-1).float())
         self.register_buffer("library_log_vars", library_log_vars.reshape(-1).float())
+        if self.l_encoder is not None:
+            # Start q(l | x) at the prior's scale (log total counts, ~7-14), not at 0: from 0 the
+            # first steps see rates e^7 to e^14 too small, whose huge gradients overshoot
+            # (NaN with large lr) or take many epochs to climb. The model is unchanged.
+            with torch.no_grad():
+                self.l_encoder.mean.bias.fill_(float(self.library_log_means.mean()))
 
     # --- covariates -----------------------------------------------------------------
     def covariate_columns(self, b: CountBatch) -> Tensor | None:
@@ -196,11 +208,19 @@ class LDVAEModule(nn.Module):
     def inference(self, b: CountBatch, *, n_samples: int = 1, use_mean: bool = False) -> Inference:
         """q(z | x) and q(l | x); one reparameterized sample unless ``use_mean``."""
         h = torch.log1p(b.x)  # (n_cells, G)
-        qz_m, qz_v = self.z_encoder(h)
-        z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
         if self.l_encoder is None:
+            qz_m, qz_v = self.z_encoder(h)
+            z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
             return Inference(qz_m, qz_v, z, None, None, b.log_total)
-        ql_m, ql_v = self.l_encoder(h)
+        # Both encoders read log1p(x): their first layers run as one (G -> 2H) matmul, the
+        # costliest product of a step, with the two parameter sets kept separate.
+        first_z, first_l = self.z_encoder.trunk[0], self.l_encoder.trunk[0]
+        weight = torch.cat([first_z.weight, first_l.weight])  # (H_z + H_l, G)
+        bias = torch.cat([first_z.bias, first_l.bias])
+        h_z, h_l = F.linear(h, weight, bias).split([first_z.out_features, first_l.out_features], dim=1)
+        qz_m, qz_v = self.z_encoder.after_first_linear(h_z)
+        z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
+        ql_m, ql_v = self.l_encoder.after_first_linear(h_l)
         ql_m, ql_v = ql_m.squeeze(-1), ql_v.squeeze(-1)
         library = ql_m if use_mean else ql_m + ql_v.sqrt() * torch.randn_like(ql_m)
         return Inference(qz_m, qz_v, z, ql_m, ql_v, library)

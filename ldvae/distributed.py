@@ -1,0 +1,282 @@
+"""Data-parallel training on several GPUs or machines with ``torch.distributed``.
+
+Launch one process per GPU (or CPU worker) with ``torchrun``::
+
+    torchrun --nproc_per_node=4 -m ldvae.distributed atlas.h5ad run/ --batch-key batch --max-epochs 20
+
+Each rank streams its own contiguous block of cells from the file (``ldvae.stream``);
+after every backward pass the gradients, and the batch-norm running statistics, are
+averaged over ranks with one ``all_reduce``, so all ranks take the same optimizer step
+and keep identical parameters. Training and validation sums are added over ranks before
+they enter the history, so every rank sees the same metrics (and stops early together).
+Only rank 0 writes checkpoints, the saved model and the history. The backend is NCCL
+when CUDA is available (each rank on GPU ``LOCAL_RANK``), gloo otherwise.
+
+Why not ``DistributedDataParallel``: it synchronizes inside ``forward()``, while the
+training loop calls ``module.loss`` and validates each rank's own cells with a different
+number of batches; the model's gradients are about a megabyte, so one coalesced
+``all_reduce`` per step costs what DDP's bucketed reduction would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+_CURRENT: "Communicator | None" = None
+
+
+class Communicator:
+    """What ``train.fit`` and the streaming passes need from the process group.
+
+    Parameters
+    ----------
+    device
+        Where collectives run: the rank's GPU for NCCL, the CPU for gloo.
+    check_sync
+        After every step, verify that all ranks hold bit-identical parameters (two more
+        small ``all_reduce`` calls per step; for tests and debugging).
+    """
+
+    def __init__(self, device: torch.device, *, check_sync: bool = False):
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = device
+        self.check_sync = check_sync
+        self.steps_checked = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sync(self, params: list[Tensor], buffers: list[Tensor]) -> None:
+        """Average gradients and floating-point buffers (batch-norm running statistics)
+        over ranks, in place, with one ``all_reduce``."""
+        if self.check_sync:
+            self._check_identical(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        tensors = grads + [b for b in buffers if b.is_floating_point()]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over ranks, in place."""
+        dist.all_reduce(tensor)
+        return tensor
+
+    def all_reduce_sum_numpy(self, array: np.ndarray) -> np.ndarray:
+        """The sum over ranks of a float64 array (through the collective device)."""
+        t = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float64), device=self.device)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers to every rank (identical initial state)."""
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+    def max_difference(self, module: torch.nn.Module) -> float:
+        """Largest absolute difference of any parameter or buffer between ranks."""
+        flat = torch.cat([t.detach().reshape(-1).double() for t in (*module.parameters(), *module.buffers())])
+        high, low = flat.clone(), flat.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        return float((high - low).abs().max())
+
+    def _check_identical(self, params: list[Tensor]) -> None:
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        high, low = flat.clone(), flat.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        if not torch.equal(high, low):
+            raise RuntimeError(
+                f"Ranks hold different parameters before step {self.steps_checked + 1} "
+                f"(largest difference {float((high - low).abs().max()):.3g})."
+            )
+        self.steps_checked += 1
+
+
+def init(*, check_sync: bool = False, backend: str | None = None) -> Communicator:
+    """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``...) and make it the one ``ldvae.stream`` shards over.
+
+    Returns the communicator; its ``device`` is this rank's GPU (``LOCAL_RANK``) with
+    NCCL, or the CPU with gloo.
+    """
+    global _CURRENT
+    if "RANK" not in os.environ and not dist.is_initialized():
+        raise RuntimeError(
+            "ldvae.distributed needs the environment torchrun sets up; launch with "
+            "`torchrun --nproc_per_node=N -m ldvae.distributed ...`."
+        )
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+    _CURRENT = Communicator(device, check_sync=check_sync)
+    return _CURRENT
+
+
+def current() -> Communicator | None:
+    """The communicator of the running job (``None`` in a single process)."""
+    global _CURRENT
+    if _CURRENT is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        _CURRENT = Communicator(device)
+    return _CURRENT
+
+
+def shutdown() -> None:
+    """Leave the process group."""
+    global _CURRENT
+    _CURRENT = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def fit_distributed(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    model_kwargs: dict | None = None,
+    train_kwargs: dict | None = None,
+    latent_out: str | os.PathLike | None = None,
+    check_sync: bool = False,
+    overwrite: bool = False,
+):
+    """Fit a ``LinearSCVI`` on the counts of ``path`` (``.h5ad`` or ``.zarr``) with all
+    ranks of a ``torchrun`` job; call it on every rank.
+
+    Setup validation, the library-size prior and training all stream each rank's block of
+    cells. Rank 0 saves the model (weights, settings and history) into ``out_dir``; with
+    ``latent_out`` every rank writes the latent means of its block into one ``.npy``.
+
+    Returns the fitted model (the same parameters on every rank).
+    """
+    from . import LinearSCVI
+    from .stream import get_latent_representation, read_backed, shard_rows
+
+    comm = init(check_sync=check_sync)
+    adata = read_backed(path, layer=layer)
+    LinearSCVI.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key)
+    model = LinearSCVI(adata, **(model_kwargs or {}))
+    comm.broadcast_module(model.module)
+    train_kwargs = dict(train_kwargs or {})
+    if not comm.is_main:
+        train_kwargs["progress_bar"] = False
+        train_kwargs.pop("checkpoint_dir", None)
+    accelerator = "gpu" if comm.device.type == "cuda" else "cpu"
+    model.train(accelerator=accelerator, devices=comm.device.index or 0, **train_kwargs)
+    diff = comm.max_difference(model.module)
+    if comm.is_main:
+        steps = model.train_state_.step
+        msg = f"{comm.world_size} ranks, {steps} steps: largest parameter difference between ranks {diff:.3g}"
+        if check_sync:
+            msg += f" (identical before each of {comm.steps_checked} steps)"
+        logger.info(msg)
+        if out_dir is not None:
+            model.save(out_dir, overwrite=overwrite)
+        if latent_out is not None:
+            np.lib.format.open_memmap(latent_out, mode="w+", dtype=np.float32,
+                                      shape=(adata.n_obs, model.init_params_["n_latent"])).flush()
+    dist.barrier()
+    if latent_out is not None:
+        # Each rank embeds its own block of cells into rank 0's file.
+        start, stop = shard_rows(adata.n_obs, comm.rank, comm.world_size)
+        z = get_latent_representation(model, adata, np.arange(start, stop))
+        target = np.load(latent_out, mmap_mode="r+")
+        target[start:stop] = z
+        target.flush()
+        del target
+        dist.barrier()
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun ... -m ldvae.distributed DATA OUT_DIR [options]``."""
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node=N -m ldvae.distributed",
+        description="Fit LinearSCVI with distributed data parallel on counts in an .h5ad or .zarr store.",
+    )
+    parser.add_argument("data", help=".h5ad file or .zarr directory with raw counts (CSR)")
+    parser.add_argument("out_dir", help="directory for the saved model (rank 0)")
+    parser.add_argument("--layer", default=None, help="read counts from this layer instead of X")
+    parser.add_argument("--batch-key", default=None)
+    parser.add_argument("--labels-key", default=None)
+    parser.add_argument("--n-latent", type=int, default=10)
+    parser.add_argument("--n-hidden", type=int, default=128)
+    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=128, help="cells per minibatch on each rank")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-size", type=float, default=0.9)
+    parser.add_argument("--check-val-every-n-epoch", type=int, default=None)
+    parser.add_argument("--early-stopping", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--latent-out", default=None, help=".npy path for the latent means of all cells")
+    parser.add_argument("--check-sync", action="store_true",
+                        help="verify every step that all ranks hold identical parameters")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from . import settings
+
+    settings.seed = args.seed
+    try:
+        fit_distributed(
+            args.data,
+            args.out_dir,
+            layer=args.layer,
+            batch_key=args.batch_key,
+            labels_key=args.labels_key,
+            model_kwargs={"n_latent": args.n_latent, "n_hidden": args.n_hidden},
+            train_kwargs={
+                "max_epochs": args.max_epochs,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "train_size": args.train_size,
+                "check_val_every_n_epoch": args.check_val_every_n_epoch,
+                "early_stopping": args.early_stopping,
+                "seed": args.seed,
+                "checkpoint_dir": args.checkpoint_dir,
+                "progress_bar": False,
+            },
+            latent_out=args.latent_out,
+            check_sync=args.check_sync,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"ldvae.distributed (rank {os.environ.get('RANK', '?')}): {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, so that ldvae.stream sees the communicator it sets.
+    from ldvae.distributed import main as _main
+
+    sys.exit(_main())

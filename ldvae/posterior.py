@@ -1,0 +1,443 @@
+"""Posterior queries of a trained ``LinearSCVI``, as scvi-tools answers them.
+
+Every query streams over cells in minibatches gathered on the model's device, so no
+dense cells x genes tensor larger than a minibatch exists unless the result itself is
+dense (normalized expression, likelihood parameters, correlation matrices). Each public
+function runs under a fixed random seed (``ldvae.settings.seed``), so calling it twice
+gives the same answer; change the seed for fresh draws.
+
+Notation (Svensson et al. 2020): ``rho`` the normalized expression (sums to 1 over genes),
+``l`` the library size, ``mu = l * rho`` the likelihood mean, ``theta`` the inverse
+dispersion, ``pi`` the zero-inflation probability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import replace
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from .data import CountData
+from .module import CountBatch, Generative, Inference
+
+if TYPE_CHECKING:
+    from .model import LinearSCVI
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# --- shared helpers --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def querying(model: LinearSCVI):
+    """Run a query without gradients under ``ldvae.settings.seed``, leaving the global torch RNG as it was."""
+    from .model import settings
+
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(settings.seed)
+        with torch.no_grad():
+            yield
+
+
+def check_n(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def start(model: LinearSCVI, adata, indices, batch_size: int | None, per_row: int = 1):
+    """The data, the selected rows (a device tensor) and the rows per minibatch of a query.
+
+    ``per_row`` is how many decoded copies of each cell a minibatch holds (samples), so the
+    default batch size keeps the dense work per minibatch bounded."""
+    model._check_trained()
+    model.module.eval()
+    data = model._data(adata)
+    rows = model._rows(data, indices)
+    size = model._query_batch_size(batch_size)
+    if batch_size is None:
+        size = max(size // per_row, 1)
+    return data, rows, size
+
+
+def obs_names(model: LinearSCVI, adata, rows: Tensor) -> pd.Index:
+    names = (model.adata if adata is None else adata).obs_names
+    return pd.Index(names[rows.cpu().numpy()])
+
+
+def gene_mask(model: LinearSCVI, gene_list: Sequence[str] | None) -> np.ndarray | None:
+    """Boolean mask over the model's genes (in model order), or None for all genes."""
+    if gene_list is None:
+        return None
+    if isinstance(gene_list, str):
+        gene_list = [gene_list]
+    wanted = pd.Index([str(g) for g in gene_list])
+    missing = wanted.difference(model.var_names_)
+    if len(missing):
+        raise ValueError(
+            f"gene_list has {len(missing)} gene(s) the model does not have (first: {missing[0]!r}). "
+            "Pass names from model.var_names_."
+        )
+    return np.asarray(model.var_names_.isin(wanted))
+
+
+def batch_codes(model: LinearSCVI, transform_batch) -> list[int | None]:
+    """Batch codes for ``transform_batch``: None (each cell's own batch), a category or a list."""
+    if transform_batch is None:
+        return [None]
+    values = [transform_batch] if isinstance(transform_batch, (str, int, np.integer)) else list(transform_batch)
+    categories = [str(c) for c in model.setup_.get("batch_categories", ["0"])]
+    codes: list[int | None] = []
+    for v in values:
+        if v is None:
+            codes.append(None)
+        elif str(v) in categories:
+            codes.append(categories.index(str(v)))
+        else:
+            raise ValueError(
+                f"transform_batch={v!r} is not a batch category of the model (categories: {categories[:10]}). "
+                "Pass one of them, a list of them, or None for each cell's observed batch."
+            )
+    return codes
+
+
+def sample_latents(inf: Inference, n_samples: int) -> tuple[Tensor, Tensor]:
+    """Draws from q(z | x) and q(l | x): z (n_samples, n_cells, K), log library (n_samples, n_cells)."""
+    z = inf.qz_m + inf.qz_v.sqrt() * torch.randn((n_samples, *inf.qz_m.shape), device=inf.qz_m.device)
+    if inf.ql_m is None:
+        library = inf.library.expand(n_samples, -1)
+    else:
+        library = inf.ql_m + inf.ql_v.sqrt() * torch.randn((n_samples, *inf.ql_m.shape), device=inf.ql_m.device)
+    return z, library
+
+
+def tile(b: CountBatch, reps: int) -> CountBatch:
+    """``reps`` copies of a minibatch stacked along cells (copy r holds rows r*n ... r*n + n - 1)."""
+    n, g = b.x.shape
+    offsets = torch.arange(reps, device=b.x.device).repeat_interleave(b.row.shape[0]) * n  # (reps * nnz,)
+    row = b.row.repeat(reps) + offsets
+    col = b.col.repeat(reps)
+
+    def rep(t):
+        return None if t is None else t.repeat(reps, *([1] * (t.dim() - 1)))
+
+    return CountBatch(
+        x=rep(b.x), row=row, col=col, flat=row * g + col, val=b.val.repeat(reps),
+        batch=rep(b.batch), label=rep(b.label), cat_covs=rep(b.cat_covs), cont_covs=rep(b.cont_covs),
+        log_total=rep(b.log_total), lgamma_x1=rep(b.lgamma_x1),
+    )
+
+
+def decode(model: LinearSCVI, b: CountBatch, z: Tensor, library: Tensor, code: int | None = None) -> Generative:
+    """p(x | z, l) for a minibatch ``b`` whose cells are repeated along z's leading rows.
+
+    ``z`` (m * n_cells, K) and ``library`` (m * n_cells,) hold m draws per cell, draw-major;
+    ``code`` replaces every cell's batch (counterfactual decoding) when not None."""
+    reps = z.shape[0] // b.n_cells
+    bt = tile(b, reps) if reps > 1 else b
+    if code is not None:
+        bt = replace(bt, batch=torch.full_like(bt.batch, code))
+    return model.module.generative(z, library, model.module.covariate_columns(bt), bt.batch, bt.label)
+
+
+def theta_of(gen: Generative, shape: torch.Size) -> Tensor | None:
+    return None if gen.log_theta is None else gen.log_theta.exp().expand(shape)
+
+
+# --- normalized expression ---------------------------------------------------------------------
+
+
+def normalized_expression(
+    model: LinearSCVI, data: CountData, rows: Tensor, size: int, *, codes: list[int | None],
+    mask: np.ndarray | None, library_size: float | str, n_samples: int,
+) -> np.ndarray:
+    """Core of :func:`get_normalized_expression` (no seeding): (n_samples, n_rows, n_genes)."""
+    latent = library_size == "latent"
+    out = []
+    keep = None if mask is None else torch.as_tensor(mask, device=data.device)
+    for r in torch.split(rows, size):
+        b = data.gather(r)
+        inf = model.module.inference(b, use_mean=True)
+        z, library = sample_latents(inf, n_samples)  # (S, n, K), (S, n)
+        acc = 0.0
+        for code in codes:
+            gen = decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1), code)
+            value = gen.log_mu.exp() if latent else gen.log_rho.exp() * float(library_size)  # (S * n, G)
+            acc = acc + (value if keep is None else value[:, keep])
+        out.append((acc / len(codes)).reshape(n_samples, r.shape[0], -1).cpu())
+    return torch.cat(out, dim=1).numpy()
+
+
+def get_normalized_expression(
+    model: LinearSCVI,
+    adata=None,
+    indices=None,
+    transform_batch=None,
+    gene_list: Sequence[str] | None = None,
+    library_size: float | Literal["latent"] = 1,
+    n_samples: int = 1,
+    n_samples_overall: int | None = None,
+    batch_size: int | None = None,
+    return_mean: bool = True,
+    return_numpy: bool | None = None,
+) -> np.ndarray | pd.DataFrame:
+    """See :meth:`ldvae.LinearSCVI.get_normalized_expression`."""
+    n_samples = check_n("n_samples", n_samples)
+    if not (library_size == "latent" or (
+        isinstance(library_size, (int, float, np.number)) and not isinstance(library_size, bool)
+        and np.isfinite(library_size) and library_size > 0
+    )):
+        raise ValueError(f"library_size must be a positive number or 'latent', got {library_size!r}.")
+    if n_samples_overall is not None:
+        n_samples_overall = check_n("n_samples_overall", n_samples_overall)
+        if n_samples != 1:
+            raise ValueError(
+                f"n_samples_overall={n_samples_overall} draws one sample from each of that many cells; "
+                f"it needs n_samples=1, got n_samples={n_samples}."
+            )
+    if n_samples > 1 and not return_mean:
+        if return_numpy is False:
+            warnings.warn(
+                "return_numpy=False cannot hold n_samples > 1 with return_mean=False; returning a NumPy "
+                "array of shape (n_samples, n_cells, n_genes).", UserWarning, stacklevel=3,
+            )
+        return_numpy = True
+    codes = batch_codes(model, transform_batch)
+    mask = gene_mask(model, gene_list)
+    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples)
+    with querying(model):
+        if n_samples_overall is not None:
+            pick = torch.randint(rows.shape[0], (n_samples_overall,), device=rows.device)
+            rows = rows[pick]
+        expr = normalized_expression(
+            model, data, rows, size, codes=codes, mask=mask, library_size=library_size, n_samples=n_samples
+        )  # (S, n_rows, G)
+    expr = expr.mean(0) if (return_mean or n_samples == 1) else expr
+    if return_numpy:
+        return expr
+    genes = model.var_names_ if mask is None else model.var_names_[mask]
+    return pd.DataFrame(expr, index=obs_names(model, adata, rows), columns=genes.copy())
+
+
+# --- ELBO, reconstruction error, marginal likelihood -------------------------------------------
+
+
+def _per_cell(model: LinearSCVI, adata, indices, batch_size, fn) -> np.ndarray:
+    data, rows, size = start(model, adata, indices, batch_size)
+    with querying(model):
+        return torch.cat([fn(data.gather(r)).cpu() for r in torch.split(rows, size)]).double().numpy()
+
+
+def get_elbo(model: LinearSCVI, adata=None, indices=None, batch_size=None, return_mean: bool = True):
+    """See :meth:`ldvae.LinearSCVI.get_elbo`."""
+    elbo = -_per_cell(model, adata, indices, batch_size, lambda b: model.module.loss(b).elbo)
+    return float(elbo.mean()) if return_mean else elbo
+
+
+def get_reconstruction_error(
+    model: LinearSCVI, adata=None, indices=None, batch_size=None, return_mean: bool = True
+) -> dict:
+    """See :meth:`ldvae.LinearSCVI.get_reconstruction_error`."""
+    ll = -_per_cell(model, adata, indices, batch_size, lambda b: model.module.loss(b).reconstruction)
+    return {"reconstruction_loss": float(ll.mean()) if return_mean else ll}
+
+
+def _normal_log_prob(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    return -0.5 * (_LOG_2PI + var.log() + (x - mean).square() / var)
+
+
+def _log_weights(model: LinearSCVI, b: CountBatch, inf: Inference, reps: int) -> Tensor:
+    """log p(x, z, l) - log q(z, l | x) for ``reps`` draws per cell, (reps, n_cells)."""
+    module = model.module
+    z, library = sample_latents(inf, reps)  # (reps, n, K), (reps, n)
+    bt = tile(b, reps) if reps > 1 else b
+    gen = module.generative(z.reshape(-1, z.shape[-1]), library.reshape(-1), module.covariate_columns(bt),
+                            bt.batch, bt.label)
+    log_px = (module.log_likelihood(bt, gen) - bt.lgamma_x1).view(reps, -1)
+    log_pz = _normal_log_prob(z, torch.zeros_like(z), torch.ones_like(z)).sum(-1)
+    log_qz = _normal_log_prob(z, inf.qz_m, inf.qz_v).sum(-1)
+    log_w = log_px + log_pz - log_qz
+    if inf.ql_m is not None:
+        prior_m = module.library_log_means[b.batch]
+        prior_v = module.library_log_vars[b.batch]
+        log_w = log_w + _normal_log_prob(library, prior_m, prior_v) - _normal_log_prob(library, inf.ql_m, inf.ql_v)
+    return log_w
+
+
+def get_marginal_ll(
+    model: LinearSCVI, adata=None, indices=None, n_mc_samples: int = 1000, batch_size=None, return_mean: bool = True
+):
+    """See :meth:`ldvae.LinearSCVI.get_marginal_ll`."""
+    n_mc_samples = check_n("n_mc_samples", n_mc_samples)
+    budget = model._query_batch_size(None) * len(model.var_names_)  # dense entries per decode
+
+    def per_batch(b: CountBatch) -> Tensor:
+        inf = model.module.inference(b, use_mean=True)
+        chunk = int(np.clip(budget // (b.n_cells * b.x.shape[1]), 1, n_mc_samples))
+        parts = []
+        for done in range(0, n_mc_samples, chunk):
+            parts.append(_log_weights(model, b, inf, min(chunk, n_mc_samples - done)))
+        log_w = torch.cat(parts).double()  # (n_mc_samples, n)
+        # log (1/S) sum_s w_s, the importance-sampled estimate of log p(x)
+        return torch.logsumexp(log_w, 0) - math.log(n_mc_samples)
+
+    ll = _per_cell(model, adata, indices, batch_size, per_batch)
+    return float(ll.mean()) if return_mean else ll
+
+
+# --- likelihood parameters, samples, library -------------------------------------------------
+
+
+def get_likelihood_parameters(
+    model: LinearSCVI, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False, batch_size=None
+) -> dict[str, np.ndarray]:
+    """See :meth:`ldvae.LinearSCVI.get_likelihood_parameters`."""
+    n_samples = check_n("n_samples", n_samples)
+    lik = model.init_params_["gene_likelihood"]
+    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples)
+    keys = ["mean"] + (["dispersions"] if lik != "poisson" else []) + (["dropout"] if lik == "zinb" else [])
+    parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+    with querying(model):
+        for r in torch.split(rows, size):
+            b = data.gather(r)
+            z, library = sample_latents(model.module.inference(b, use_mean=True), n_samples)
+            gen = decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1))
+            shape = (n_samples, r.shape[0], -1)
+            mean = gen.log_mu.exp()
+            values = {"mean": mean, "dispersions": theta_of(gen, mean.shape),
+                      "dropout": None if gen.zi_logits is None else torch.sigmoid(gen.zi_logits)}
+            for k in keys:
+                parts[k].append(values[k].reshape(shape).cpu())
+    out = {}
+    for k in keys:
+        v = torch.cat(parts[k], dim=1).numpy()  # (S, n, G)
+        out[k] = v[0] if n_samples == 1 else (v.mean(0) if give_mean else v)
+    return out
+
+
+def _scipy_version() -> tuple[int, int]:
+    import scipy
+
+    major, minor = scipy.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def sample_counts(gen: Generative) -> Tensor:
+    """One draw of x ~ p(x | z, l) per row: NB as a Gamma-Poisson mixture, ZINB, or Poisson."""
+    mu = gen.log_mu.exp()
+    if gen.log_theta is None:
+        return torch.poisson(mu)
+    theta = gen.log_theta.exp().expand_as(mu)
+    rate = torch.distributions.Gamma(theta, theta / mu).sample()
+    x = torch.poisson(rate)
+    if gen.zi_logits is not None:
+        x = torch.where(torch.rand_like(x) < torch.sigmoid(gen.zi_logits), torch.zeros_like(x), x)
+    return x
+
+
+def posterior_predictive_sample(
+    model: LinearSCVI, adata=None, indices=None, n_samples: int = 1, gene_list=None, batch_size=None
+):
+    """See :meth:`ldvae.LinearSCVI.posterior_predictive_sample`."""
+    n_samples = check_n("n_samples", n_samples)
+    mask = gene_mask(model, gene_list)
+    if n_samples > 1 and _scipy_version() < (1, 15):
+        raise RuntimeError(
+            f"posterior_predictive_sample with n_samples > 1 returns a 3-D sparse array, which needs scipy >= 1.15 "
+            f"(this is {_scipy_version()}). Upgrade scipy, or call it n_samples times with n_samples=1."
+        )
+    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples)
+    keep = None if mask is None else torch.as_tensor(mask, device=data.device)
+    n_genes = len(model.var_names_) if mask is None else int(mask.sum())
+    coords: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    done = 0
+    with querying(model):
+        for r in torch.split(rows, size):
+            b = data.gather(r)
+            z, library = sample_latents(model.module.inference(b, use_mean=True), n_samples)
+            x = sample_counts(decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1)))  # (S * n, G)
+            x = (x if keep is None else x[:, keep]).view(n_samples, r.shape[0], -1)
+            s, c, g = x.nonzero(as_tuple=True)
+            coords.append(torch.stack([c + done, g, s]).cpu().numpy())
+            values.append(x[s, c, g].cpu().numpy())
+            done += r.shape[0]
+    ijk = np.concatenate(coords, axis=1) if coords else np.zeros((3, 0), dtype=np.int64)
+    val = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
+    if n_samples == 1:
+        return sp.csr_matrix((val, (ijk[0], ijk[1])), shape=(done, n_genes))
+    return sp.coo_array((val, (ijk[0], ijk[1], ijk[2])), shape=(done, n_genes, n_samples))
+
+
+def get_latent_library_size(model: LinearSCVI, adata=None, indices=None, give_mean: bool = True, batch_size=None):
+    """See :meth:`ldvae.LinearSCVI.get_latent_library_size`."""
+    if give_mean and model.init_params_["use_observed_lib_size"]:
+        raise RuntimeError(
+            "This model uses the observed library size (use_observed_lib_size=True), so it has no posterior "
+            "over the library to average. Pass give_mean=False to get the observed library sizes."
+        )
+    data, rows, size = start(model, adata, indices, batch_size)
+    out = []
+    with querying(model):
+        for r in torch.split(rows, size):
+            inf = model.module.inference(data.gather(r), use_mean=True)
+            if give_mean:
+                lib = torch.exp(inf.ql_m + 0.5 * inf.ql_v)  # mean of LogNormal(ql_m, ql_v)
+            else:
+                lib = sample_latents(inf, 1)[1][0].exp()
+            out.append(lib.unsqueeze(-1).cpu())
+    return torch.cat(out).numpy()  # (n_cells, 1)
+
+
+def get_feature_correlation_matrix(
+    model: LinearSCVI,
+    adata=None,
+    indices=None,
+    n_samples: int = 10,
+    batch_size: int = 64,
+    rna_size_factor: int = 1000,
+    transform_batch=None,
+    correlation_type: Literal["spearman", "pearson"] = "spearman",
+) -> pd.DataFrame:
+    """See :meth:`ldvae.LinearSCVI.get_feature_correlation_matrix`."""
+    from scipy.stats import rankdata
+
+    n_samples = check_n("n_samples", n_samples)
+    if correlation_type not in ("spearman", "pearson"):
+        raise ValueError(f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}.")
+    if not rna_size_factor > 0:
+        raise ValueError(f"rna_size_factor must be positive, got {rna_size_factor!r}.")
+    codes = batch_codes(model, transform_batch)
+    data, rows, size = start(model, adata, indices, batch_size)
+    log_size = math.log(rna_size_factor)
+    mats = []
+    with querying(model):
+        for code in codes:
+            draws = []
+            for r in torch.split(rows, size):
+                b = data.gather(r)
+                z, _ = sample_latents(model.module.inference(b, use_mean=True), n_samples)
+                library = torch.full(z.shape[:2], log_size, device=z.device).reshape(-1)
+                gen = decode(model, b, z.reshape(-1, z.shape[-1]), library, code)
+                rate = gen.log_mu.exp()  # rna_size_factor * rho, (S * n, G)
+                if gen.log_theta is not None:  # the Gamma part of the NB: denoised expression
+                    theta = gen.log_theta.exp().expand_as(rate)
+                    rate = torch.distributions.Gamma(theta, theta / rate).sample()
+                draws.append(rate.view(n_samples, r.shape[0], -1).cpu())
+            flat = torch.cat(draws, dim=1).reshape(-1, len(model.var_names_)).double().numpy()  # (S * n, G)
+            if correlation_type == "spearman":
+                flat = rankdata(flat, axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mats.append(np.corrcoef(flat, rowvar=False))
+    corr = np.mean(mats, axis=0)
+    return pd.DataFrame(corr, index=model.var_names_.copy(), columns=model.var_names_.copy())

@@ -1,0 +1,523 @@
+"""Are the factors reproducible, and how many are there?
+
+``fit_seeds`` fits the same model with several seeds (initialization, split, minibatch
+order and sampling all follow the seed), in parallel processes on CPU. ``factor_stability``
+matches the factors of the runs by the absolute Pearson correlation of their loadings over
+genes, with an optimal one-to-one assignment (``scipy.optimize.linear_sum_assignment``)
+against a reference run; a factor's stability is the median of its matched absolute
+correlations, and its consensus loadings the mean of the matched, sign-aligned columns.
+``select_k`` fits a range of ``n_latent`` and reports the held-out ELBO of the validation
+cells and the stability against K.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.optimize import linear_sum_assignment
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .model import LinearSCVI
+
+logger = logging.getLogger(__name__)
+
+STABLE_THRESHOLD = 0.9
+
+
+# --- fitting several seeds ---------------------------------------------------------------------
+
+
+def _fit_one(adata, model_kwargs: dict, train_kwargs: dict, seed: int) -> LinearSCVI:
+    from .model import LinearSCVI, settings
+
+    previous = settings.seed
+    settings.seed = int(seed)  # the weights' initialization follows the seed too
+    try:
+        model = LinearSCVI(adata, **model_kwargs)
+    finally:
+        settings.seed = previous
+    model.train(**{**train_kwargs, "seed": int(seed), "progress_bar": False})
+    return model
+
+
+def _worker_main(directory: str, job: int) -> None:
+    """Entry point of a worker process: fit job ``job`` described in ``directory``."""
+    import anndata
+
+    d = Path(directory)
+    spec = json.loads((d / f"job{job}.json").read_text(encoding="utf-8"))
+    torch.set_num_threads(spec["threads"])
+    adata = anndata.read_h5ad(d / "adata.h5ad")
+    model = _fit_one(adata, spec["model_kwargs"], spec["train_kwargs"], spec["seed"])
+    ts = model.train_state_
+    payload = {
+        "module_state": {k: v.detach().cpu() for k, v in model.module.state_dict().items()},
+        "train_state": {f.name: getattr(ts, f.name) for f in fields(ts)},
+        "train_indices": torch.as_tensor(np.asarray(model.train_indices_)),
+        "validation_indices": torch.as_tensor(np.asarray(model.validation_indices_)),
+    }
+    torch.save(payload, d / f"result{job}.pt")
+
+
+def _rebuild(adata, model_kwargs: dict, path: Path) -> LinearSCVI:
+    from .model import LinearSCVI
+    from .train import TrainState
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = LinearSCVI(adata, **model_kwargs)
+    model.module.load_state_dict(payload["module_state"])
+    model.module.eval()
+    model.train_state_ = TrainState(**payload["train_state"])
+    model.train_indices_ = payload["train_indices"].numpy()
+    model.validation_indices_ = payload["validation_indices"].numpy()
+    model.is_trained_ = model.train_state_.step > 0
+    return model
+
+
+def _n_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _default_n_jobs(n_fits: int, train_kwargs: dict) -> int:
+    on_gpu = torch.cuda.is_available() and str(train_kwargs.get("accelerator", "auto")).lower() != "cpu"
+    if on_gpu:
+        return 1  # one GPU: fits run one after another on it
+    return max(1, min(n_fits, _n_cpus()))
+
+
+def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwargs: dict) -> list[LinearSCVI]:
+    from .data import get_setup
+
+    get_setup(adata)  # fail here, once, if setup_anndata was not run
+    n_jobs = _default_n_jobs(len(jobs), train_kwargs) if n_jobs is None else n_jobs
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
+        raise ValueError(f"n_jobs must be a positive integer or None (automatic), got {n_jobs!r}.")
+    n_jobs = min(int(n_jobs), len(jobs))
+    if n_jobs == 1:
+        return [_fit_one(adata, kw, train_kwargs, seed) for kw, seed in jobs]
+    threads = max(1, _n_cpus() // n_jobs)
+    logger.info("Fitting %d models in %d worker processes (%d thread(s) each).", len(jobs), n_jobs, threads)
+    # Fresh interpreters started by path, not multiprocessing: no fork of torch's thread
+    # pools, and scripts need no `if __name__ == "__main__"` guard.
+    with tempfile.TemporaryDirectory(prefix="ldvae-fits-") as tmp:
+        d = Path(tmp)
+        adata.write_h5ad(d / "adata.h5ad")
+        for i, (kw, seed) in enumerate(jobs):
+            spec = {"model_kwargs": kw, "train_kwargs": train_kwargs, "seed": int(seed), "threads": threads}
+            try:
+                text = json.dumps(spec)
+            except TypeError as err:
+                raise TypeError(
+                    f"model and training arguments must be plain values (numbers, strings, lists, dicts) to "
+                    f"reach worker processes ({err}); pass n_jobs=1 to fit in this process."
+                ) from err
+            (d / f"job{i}.json").write_text(text, encoding="utf-8")
+        _run_workers(d, jobs, n_jobs, threads)
+        return [_rebuild(adata, kw, d / f"result{i}.pt") for i, (kw, _) in enumerate(jobs)]
+
+
+def _run_workers(d: Path, jobs: list[tuple[dict, int]], n_jobs: int, threads: int) -> None:
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    pending = list(range(len(jobs)))
+    running: dict[int, subprocess.Popen] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < n_jobs:
+                i = pending.pop(0)
+                code = f"from ldvae.stability import _worker_main; _worker_main({str(d)!r}, {i})"
+                with open(d / f"job{i}.log", "wb") as log:
+                    running[i] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
+            for i, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[i]
+                if proc.returncode != 0:
+                    lines = (d / f"job{i}.log").read_text(errors="replace").strip().splitlines()
+                    raise RuntimeError(
+                        f"The fit of seed {jobs[i][1]} ({jobs[i][0]}) failed in its worker process (exit code "
+                        f"{proc.returncode}): {lines[-1] if lines else 'no output'}. Pass n_jobs=1 to fit "
+                        "in this process and see the full traceback."
+                    )
+            time.sleep(0.05)
+    finally:
+        for proc in running.values():
+            proc.kill()
+            proc.wait()
+
+
+def _check_seeds(seeds: Sequence[int], at_least: int) -> list[int]:
+    seeds = [int(s) for s in seeds]
+    if len(seeds) < at_least:
+        raise ValueError(f"seeds needs at least {at_least} seeds to compare runs, got {seeds}.")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct (equal seeds give identical fits), got {seeds}.")
+    return seeds
+
+
+def fit_seeds(
+    adata,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    *,
+    n_jobs: int | None = None,
+    train_kwargs: dict | None = None,
+    **model_kwargs,
+) -> list[LinearSCVI]:
+    """Fit one :class:`ldvae.LinearSCVI` per seed.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`LinearSCVI.setup_anndata`.
+    seeds
+        One fit per seed; the seed sets the initial weights, the train/validation split,
+        the minibatch order and the sampling.
+    n_jobs
+        Worker processes. Default: one per seed up to the CPU count on CPU; 1 (sequential)
+        when a CUDA GPU will be used. Each worker receives a copy of ``adata``.
+    train_kwargs
+        Passed to :meth:`LinearSCVI.train` (``max_epochs``, ``lr``, ``plan_kwargs``,
+        ``batch_size``, ...); ``seed`` and ``progress_bar`` are set here.
+    **model_kwargs
+        Passed to :class:`LinearSCVI` (``n_latent``, ``gene_likelihood``, ...).
+
+    Returns
+    -------
+    list of LinearSCVI
+        The trained models, in the order of ``seeds``.
+    """
+    seeds = _check_seeds(seeds, 1)
+    train_kwargs = dict(train_kwargs or {})
+    return _fit_many(adata, [(dict(model_kwargs), s) for s in seeds], n_jobs, train_kwargs)
+
+
+# --- matching factors across runs ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StabilityResult:
+    """Factors of several runs matched to a reference run.
+
+    Attributes
+    ----------
+    factors
+        Per reference factor (index ``Z_k`` of the reference run): ``stability`` (median
+        matched absolute correlation over the other runs), ``min_correlation``,
+        ``mean_correlation`` and ``stable`` (stability >= threshold); sorted by stability.
+    correlations
+        Matched absolute correlation, factors x runs (the reference's own column is 1).
+    matches
+        The matched loadings column of each run, factors x runs (``"-Z_3"``: sign flipped).
+    consensus
+        Genes x factors: mean of the matched, sign-aligned loadings, largest entry positive.
+    reference
+        Position of the reference run.
+    """
+
+    factors: pd.DataFrame
+    correlations: pd.DataFrame
+    matches: pd.DataFrame
+    consensus: pd.DataFrame
+    reference: int
+
+
+def _loadings_list(runs) -> list[pd.DataFrame]:
+    from .model import LinearSCVI
+
+    out = []
+    for i, run in enumerate(runs):
+        if isinstance(run, LinearSCVI):
+            out.append(run.get_loadings())
+        elif isinstance(run, pd.DataFrame):
+            out.append(run)
+        else:
+            raise TypeError(
+                f"factor_stability takes trained LinearSCVI models or loadings DataFrames; run {i} is a "
+                f"{type(run).__name__}."
+            )
+    if len(out) < 2:
+        raise ValueError(f"factor_stability needs at least 2 runs to compare, got {len(out)}.")
+    for i, frame in enumerate(out[1:], start=1):
+        if not frame.index.equals(out[0].index):
+            raise ValueError(
+                f"run {i} has different genes from run 0 ({frame.shape[0]} vs {out[0].shape[0]}, or another "
+                "order). Fit every run on the same AnnData."
+            )
+    return out
+
+
+def _column_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlations between the columns of a (G, Ka) and b (G, Kb) -> (Ka, Kb)."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    norm = np.linalg.norm(a, axis=0)[:, None] * np.linalg.norm(b, axis=0)[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a.T @ b) / norm
+    return np.nan_to_num(r, nan=0.0)
+
+
+def _match(ref: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each column of ref, the matched column of other (-1 when other has fewer) and its
+    signed correlation, by maximum total absolute correlation."""
+    r = _column_correlations(ref, other)
+    rows, cols = linear_sum_assignment(-np.abs(r))
+    match = np.full(ref.shape[1], -1)
+    corr = np.zeros(ref.shape[1])
+    match[rows] = cols
+    corr[rows] = r[rows, cols]
+    return match, corr
+
+
+def factor_stability(runs, *, reference: int | None = None, threshold: float = STABLE_THRESHOLD) -> StabilityResult:
+    """Match factors across runs and measure how reproducible each one is.
+
+    Parameters
+    ----------
+    runs
+        Trained models (e.g. from :func:`fit_seeds`) or their loadings DataFrames, all on
+        the same genes.
+    reference
+        The run whose factors the others are matched to. Default: the run with the largest
+        total matched absolute correlation to all others (the most typical run).
+    threshold
+        ``stable`` marks factors whose stability reaches it.
+
+    Returns
+    -------
+    StabilityResult
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
+    frames = _loadings_list(runs)
+    mats = [np.nan_to_num(f.to_numpy(dtype=float), nan=0.0) for f in frames]
+    n = len(mats)
+    if reference is None:
+        totals = [sum(np.abs(_match(mats[i], mats[j])[1]).sum() for j in range(n) if j != i) for i in range(n)]
+        reference = int(np.argmax(totals))
+    elif not 0 <= reference < n:
+        raise ValueError(f"reference must index one of the {n} runs (0 … {n - 1}), got {reference}.")
+    ref = mats[reference]
+    names = list(frames[reference].columns)
+    runs_idx = pd.Index([f"run_{i}" for i in range(n)], name="run")
+    corr = np.ones((ref.shape[1], n))
+    matches = np.empty((ref.shape[1], n), dtype=object)
+    aligned_sum = np.zeros_like(ref)
+    counts = np.zeros(ref.shape[1])
+    for i, mat in enumerate(mats):
+        if i == reference:
+            matches[:, i] = names
+            aligned_sum += ref
+            counts += 1
+            continue
+        match, r = _match(ref, mat)
+        corr[:, i] = np.abs(r)
+        for k, (j, rk) in enumerate(zip(match, r)):
+            if j < 0:
+                matches[k, i] = ""
+                continue
+            sign = -1.0 if rk < 0 else 1.0
+            matches[k, i] = ("-" if sign < 0 else "") + str(frames[i].columns[j])
+            aligned_sum[:, k] += sign * mat[:, j]
+            counts[k] += 1
+    others = np.delete(corr, reference, axis=1)
+    consensus = aligned_sum / counts[None, :]
+    from .interpret import sign_convention
+
+    consensus = pd.DataFrame(consensus, index=frames[reference].index.copy(), columns=names)
+    consensus = consensus * sign_convention(consensus).to_numpy()[None, :]
+    factors = pd.DataFrame(
+        {
+            "stability": np.median(others, axis=1),
+            "min_correlation": others.min(axis=1),
+            "mean_correlation": others.mean(axis=1),
+        },
+        index=pd.Index(names, name="factor"),
+    )
+    factors["stable"] = factors["stability"] >= threshold
+    factors = factors.sort_values("stability", ascending=False, kind="stable")
+    factors.attrs.update(threshold=float(threshold), n_runs=n, reference=int(reference))
+    return StabilityResult(
+        factors=factors,
+        correlations=pd.DataFrame(corr, index=pd.Index(names, name="factor"), columns=runs_idx).loc[factors.index],
+        matches=pd.DataFrame(matches, index=pd.Index(names, name="factor"), columns=runs_idx).loc[factors.index],
+        consensus=consensus,
+        reference=int(reference),
+    )
+
+
+# --- choosing K -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def heldout_elbo(model: LinearSCVI, *, n_samples: int = 10, seed: int = 0) -> np.ndarray:
+    """Per-cell negative ELBO of the model's validation cells (lower is better), averaged
+    over ``n_samples`` draws of z and l, lgamma(x + 1) included; (n_validation_cells,)."""
+    model._check_trained()
+    val = getattr(model, "validation_indices_", None)
+    if val is None or len(val) == 0:
+        raise ValueError(
+            "The model has no validation cells, so no held-out ELBO. Train with train_size < 1 "
+            "(e.g. train_size=0.9, the default)."
+        )
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+    module = model.module
+    was_training = module.training
+    module.eval()
+    data = model._data()
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for rows in torch.split(model._rows(data, val), model._query_batch_size(None)):
+            b = data.gather(rows)
+            total = sum(module.loss(b).elbo.double() for _ in range(n_samples))
+            out.append((total / n_samples).cpu().numpy())
+    module.train(was_training)
+    return np.concatenate(out)
+
+
+def select_k(
+    adata,
+    n_latents: Sequence[int],
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    n_jobs: int | None = None,
+    train_kwargs: dict | None = None,
+    threshold: float = STABLE_THRESHOLD,
+    n_samples: int = 10,
+    **model_kwargs,
+) -> pd.DataFrame:
+    """Fit each ``n_latent`` with several seeds; held-out ELBO and stability against K.
+
+    The held-out ELBO is the per-cell negative ELBO of each run's validation cells (the
+    split follows the seed, so every K is scored on the same cells), averaged over seeds.
+    Extra factors that the data do not support collapse to the prior and barely change
+    it, so the chosen K follows the one-standard-error rule: the smallest K whose held-out
+    ELBO is within one standard error (of the per-cell paired difference) of the best.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`LinearSCVI.setup_anndata`.
+    n_latents
+        Candidate numbers of factors.
+    seeds
+        Seeds per K (at least 2 for stability).
+    n_jobs, train_kwargs, **model_kwargs
+        As in :func:`fit_seeds`.
+    threshold
+        Stability threshold for counting stable factors.
+    n_samples
+        Draws of z per cell for the held-out ELBO.
+
+    Returns
+    -------
+    pd.DataFrame
+        Indexed by ``n_latent``: ``elbo_validation`` (mean per-cell negative ELBO, lower
+        is better), ``elbo_se`` (standard error of its paired difference to the best K),
+        ``median_stability``, ``min_stability``, ``n_stable`` and ``selected`` (True for
+        the chosen K). ``attrs["best_k"]`` is the chosen K, ``attrs["lowest_elbo_k"]`` the
+        K of the lowest held-out ELBO.
+    """
+    ks = sorted({int(k) for k in n_latents})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"n_latents must be positive integers, got {list(n_latents)}.")
+    if "n_latent" in model_kwargs:
+        raise TypeError("select_k sets n_latent itself; pass the candidates as n_latents=[...].")
+    seeds = _check_seeds(seeds, 2)
+    train_kwargs = dict(train_kwargs or {})
+    jobs = [({**model_kwargs, "n_latent": k}, s) for k in ks for s in seeds]
+    models = _fit_many(adata, jobs, n_jobs, train_kwargs)
+    by_k = {k: models[i * len(seeds) : (i + 1) * len(seeds)] for i, k in enumerate(ks)}
+    elbos = {k: [heldout_elbo(m, n_samples=n_samples) for m in runs] for k, runs in by_k.items()}
+    mean = {k: float(np.mean(np.concatenate(e))) for k, e in elbos.items()}
+    lowest = min(ks, key=lambda k: mean[k])
+    rows = []
+    for k in ks:
+        diff = np.concatenate(elbos[k]) - np.concatenate(elbos[lowest])
+        se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+        stab = factor_stability(by_k[k], threshold=threshold).factors
+        rows.append(
+            {
+                "n_latent": k,
+                "elbo_validation": mean[k],
+                "elbo_se": se,
+                "median_stability": float(stab["stability"].median()),
+                "min_stability": float(stab["stability"].min()),
+                "n_stable": int(stab["stable"].sum()),
+            }
+        )
+    table = pd.DataFrame(rows).set_index("n_latent")
+    best = next(k for k in ks if table.loc[k, "elbo_validation"] - mean[lowest] <= table.loc[k, "elbo_se"])
+    table["selected"] = table.index == best
+    table.attrs.update(best_k=int(best), lowest_elbo_k=int(lowest), threshold=float(threshold), seeds=seeds)
+    logger.info("select_k: lowest held-out ELBO at K=%d; one-SE choice K=%d.", lowest, best)
+    return table
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def plot_stability(result: StabilityResult) -> Figure:
+    """Matched correlations per factor (points, one per run) and the median (bar), with the
+    threshold as a dashed line. Returns the figure (not shown)."""
+    from matplotlib.figure import Figure
+
+    f = result.factors
+    fig = Figure(figsize=(max(4.0, 0.5 * len(f) + 2), 3.2), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(f))
+    colors = np.where(f["stable"], "#4C72B0", "#C44E52")
+    ax.bar(x, f["stability"], color=colors, alpha=0.8)
+    others = result.correlations.drop(columns=result.correlations.columns[result.reference])
+    for i, name in enumerate(f.index):
+        ax.plot(np.full(others.shape[1], i), others.loc[name], ".", color="black", ms=4)
+    ax.axhline(f.attrs.get("threshold", STABLE_THRESHOLD), ls="--", color="grey", lw=1)
+    ax.set_xticks(x, list(f.index), rotation=45 if len(f) > 8 else 0)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("matched |correlation|")
+    ax.set_title(f"Factor stability across {f.attrs.get('n_runs', '?')} runs (red: unstable)", fontsize=10)
+    return fig
+
+
+def plot_select_k(table: pd.DataFrame) -> Figure:
+    """Held-out ELBO (with standard errors) and stability against K, the chosen K marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 3.0), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    k = table.index.to_numpy()
+    ax1.errorbar(k, table["elbo_validation"], yerr=table["elbo_se"], marker="o", color="#4C72B0", capsize=3)
+    ax1.set_xlabel("n_latent (K)")
+    ax1.set_ylabel("held-out negative ELBO per cell")
+    ax2.plot(k, table["median_stability"], "o-", label="median", color="#4C72B0")
+    ax2.plot(k, table["min_stability"], "s--", label="least stable factor", color="#C44E52")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlabel("n_latent (K)")
+    ax2.set_ylabel("stability (matched |correlation|)")
+    ax2.legend(fontsize=8, frameon=False)
+    best = table.attrs.get("best_k")
+    for ax in (ax1, ax2):
+        ax.set_xticks(k)
+        if best is not None:
+            ax.axvline(best, color="grey", ls=":", lw=1)
+    fig.suptitle(f"Choosing K (chosen: {best})", fontsize=10)
+    return fig
