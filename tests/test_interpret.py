@@ -1,0 +1,410 @@
+"""Interpretation tools: deviance explained, order and sign, stability across seeds,
+choosing K, gene-set enrichment, covariate effects, their report sections and CLI.
+
+The fitted models are shared through module-scoped fixtures; the seeds are fitted in two
+worker processes, so this file also exercises the parallel path of ``fit_seeds``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import fit_small
+from matplotlib.figure import Figure
+
+import ldvae
+from ldvae.enrichment import _mann_whitney, factor_enrichment, plot_enrichment, read_gmt, top_sets
+from ldvae.interpret import (
+    covariate_effects,
+    factor_deviance,
+    ordered_latent,
+    ordered_loadings,
+    plot_covariate_effects,
+    plot_deviance,
+    reorder_factors,
+    sign_convention,
+)
+from ldvae.stability import (
+    _column_correlations,
+    factor_stability,
+    fit_seeds,
+    heldout_elbo,
+    plot_select_k,
+    plot_stability,
+    select_k,
+)
+
+matplotlib.use("Agg")
+
+# Known factors of known, well separated strengths: the order is the truth.
+SCALES = np.array([2.4, 1.2, 0.6])
+K_TRUE = len(SCALES)
+TRAIN = {"max_epochs": 200, "lr": 1e-2, "plan_kwargs": {"n_epochs_kl_warmup": 10}}
+SEEDS = (0, 1, 2, 3, 4)
+# Two true factors fitted with three: the extra one can only fit noise. It must collapse,
+# which takes a few more epochs than fitting the true factors.
+NOISE_SCALES = np.array([2.0, 0.7])
+NOISE_TRAIN = {**TRAIN, "max_epochs": 250}
+
+
+def _match_truth(loadings: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """For each column of loadings, the true factor it correlates with most (absolute)."""
+    return np.abs(_column_correlations(truth, loadings)).argmax(axis=0)
+
+
+@pytest.fixture(scope="module")
+def strengths_adata():
+    adata = ldvae.simulate(1500, 200, K_TRUE, factor_scales=SCALES, seed=0)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    return adata
+
+
+@pytest.fixture(scope="module")
+def seed_models(strengths_adata):
+    return fit_seeds(strengths_adata, SEEDS, n_jobs=2, train_kwargs=TRAIN, n_latent=K_TRUE)
+
+
+@pytest.fixture(scope="module")
+def stability(seed_models):
+    return factor_stability(seed_models)
+
+
+@pytest.fixture(scope="module")
+def reference(seed_models, stability):
+    return seed_models[stability.reference]
+
+
+@pytest.fixture(scope="module")
+def noise_adata():
+    adata = ldvae.simulate(1500, 200, len(NOISE_SCALES), factor_scales=NOISE_SCALES, seed=4)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    return adata
+
+
+@pytest.fixture(scope="module")
+def noise_models(noise_adata):
+    return fit_seeds(noise_adata, (0, 1, 2), n_jobs=2, train_kwargs=NOISE_TRAIN, n_latent=len(NOISE_SCALES) + 1)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    adata = ldvae.simulate(400, 40, 3, n_batches=2, seed=1)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    return fit_small(adata, epochs=5, n_latent=3)
+
+
+# --- deviance explained, order and sign ---------------------------------------------------------
+
+
+def test_deviance_order_matches_true_strengths(seed_models, strengths_adata):
+    truth = strengths_adata.varm["true_loadings"]
+    for model in seed_models:
+        table = factor_deviance(model)
+        assert list(table["rank"]) == list(range(1, K_TRUE + 1))
+        matched = _match_truth(model.get_loadings()[table.index].to_numpy(), truth)
+        assert list(matched) == list(range(K_TRUE)), table
+        assert table["fraction_of_model"].is_monotonic_decreasing
+        assert 0.0 < table.attrs["fraction_explained"] < 1.0
+
+
+def test_noise_factor_ranked_last_and_unstable(noise_models, noise_adata):
+    truth = noise_adata.varm["true_loadings"]
+    last = []
+    for model in noise_models:
+        table = factor_deviance(model)
+        matched = _match_truth(model.get_loadings()[table.index[:2]].to_numpy(), truth)
+        assert list(matched) == [0, 1], table
+        assert table["fraction_of_model"].iloc[-1] < 0.01 < table["fraction_of_model"].iloc[1], table
+        last.append(table.index[-1])
+    result = factor_stability(noise_models)
+    f = result.factors
+    noise = last[result.reference]
+    assert noise == f.index[-1], f
+    assert not f.loc[noise, "stable"] and f.loc[noise, "stability"] < 0.5, f
+    assert (f.drop(index=noise)["stability"] > 0.8).all(), f
+
+
+def test_deviance_on_held_out_cells(reference):
+    held_out = reference.get_factor_deviance(indices=reference.validation_indices_)
+    assert held_out.attrs["n_cells"] == len(reference.validation_indices_)
+    assert list(held_out.index[:K_TRUE]) == list(factor_deviance(reference).index[:K_TRUE])
+
+
+def test_sign_convention_makes_largest_loading_positive():
+    frame = pd.DataFrame({"a": [0.1, -3.0, 2.0], "b": [0.5, 0.2, -0.1], "c": [np.nan, -1.0, 1.0]})
+    assert list(sign_convention(frame)) == [-1, 1, -1]  # tie in "c": the first gene decides
+
+
+def test_ordered_views_leave_the_model_alone(reference):
+    raw = reference.get_loadings()
+    table = factor_deviance(reference)
+    view = ordered_loadings(reference, table)
+    assert list(view.columns) == list(table.index)
+    top = view.abs().idxmax()
+    assert all(view.loc[top[c], c] > 0 for c in view.columns)
+    pd.testing.assert_frame_equal(reference.get_loadings(), raw)
+    z = ordered_latent(reference, deviance=table)
+    raw_z = reference.get_latent_representation()
+    first = table.index[0]
+    np.testing.assert_allclose(z[first], raw_z[:, int(first[2:])] * table.loc[first, "sign"], rtol=1e-6)
+
+
+def test_reorder_factors_is_an_exact_reparameterization(reference):
+    model = copy.deepcopy(reference)
+    table = factor_deviance(model)
+    expected_loadings = ordered_loadings(model, table).to_numpy()
+    expected_latent = ordered_latent(model, deviance=table).to_numpy()
+    renamed = reorder_factors(model, table)
+    assert list(renamed["was"]) == list(table.index)
+    np.testing.assert_allclose(model.get_loadings().to_numpy(), expected_loadings, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.get_latent_representation(), expected_latent, rtol=1e-4, atol=1e-5)
+    after = factor_deviance(model)
+    assert list(after.index) == [f"Z_{i}" for i in range(K_TRUE)]
+    assert (after["sign"] == 1).all()
+    np.testing.assert_allclose(after["deviance_drop"].to_numpy(), table["deviance_drop"].to_numpy(), rtol=1e-4)
+
+
+def test_deviance_needs_a_trained_model(strengths_adata):
+    with pytest.raises(ldvae.NotTrainedError, match="not trained yet"):
+        factor_deviance(ldvae.LinearSCVI(strengths_adata, n_latent=2))
+    with pytest.raises(TypeError, match="needs a trained ldvae.LinearSCVI, got DataFrame"):
+        factor_deviance(pd.DataFrame())
+
+
+def test_reorder_refuses_sign_flips_for_logistic_normal():
+    adata = ldvae.simulate(200, 30, 2, seed=3)
+    model = fit_small(adata, epochs=2, n_latent=2, latent_distribution="ln")
+    with pytest.raises(ValueError, match="cannot flip signs of a latent_distribution='ln' model"):
+        reorder_factors(model)
+    reorder_factors(model, flip_signs=False)
+
+
+# --- stability ---------------------------------------------------------------------------------------
+
+
+def test_true_factors_stable_across_five_seeds(stability):
+    f = stability.factors
+    assert f.attrs["n_runs"] == len(SEEDS)
+    assert (f["stability"] >= 0.9).all() and f["stable"].all(), f
+    assert (stability.correlations.to_numpy() >= 0.8).all(), stability.correlations
+
+
+def test_consensus_loadings_recover_the_truth(stability, strengths_adata):
+    truth = strengths_adata.varm["true_loadings"]
+    r = np.abs(_column_correlations(truth, stability.consensus.to_numpy()))
+    assert (r.max(axis=1) >= 0.9).all(), r
+    top = stability.consensus.abs().idxmax()
+    assert all(stability.consensus.loc[top[c], c] > 0 for c in stability.consensus.columns)
+
+
+def test_stability_matches_permuted_and_flipped_copies():
+    rng = np.random.default_rng(0)
+    base = pd.DataFrame(rng.normal(size=(100, 4)), columns=[f"Z_{i}" for i in range(4)])
+    shuffled = base[["Z_2", "Z_0", "Z_3", "Z_1"]] * np.array([1, -1, 1, -1])
+    shuffled.columns = base.columns
+    result = factor_stability([base, shuffled, base], reference=0)
+    np.testing.assert_allclose(result.factors["stability"], 1.0)
+    assert result.matches.loc["Z_0", "run_1"] == "-Z_1"
+    assert result.matches.loc["Z_2", "run_1"] == "Z_0"
+
+
+def test_parallel_and_sequential_fits_agree():
+    adata = ldvae.simulate(300, 30, 2, seed=5)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    train = {"max_epochs": 3}
+    sequential = fit_seeds(adata, [7], n_jobs=1, train_kwargs=train, n_latent=2)[0]
+    parallel = fit_seeds(adata, [7, 8], n_jobs=2, train_kwargs=train, n_latent=2)
+    np.testing.assert_allclose(parallel[0].get_loadings(), sequential.get_loadings(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(parallel[1].get_loadings(), sequential.get_loadings())
+    np.testing.assert_array_equal(parallel[0].validation_indices_, sequential.validation_indices_)
+    assert parallel[0].history["elbo_train"].shape == sequential.history["elbo_train"].shape
+
+
+def test_stability_input_errors(small_model):
+    with pytest.raises(ValueError, match="needs at least 2 runs to compare, got 1"):
+        factor_stability([small_model])
+    with pytest.raises(TypeError, match="run 1 is a str"):
+        factor_stability([small_model, "model"])
+    with pytest.raises(ValueError, match="reference must index one of the 2 runs"):
+        factor_stability([small_model, small_model], reference=5)
+    other = small_model.get_loadings().iloc[::-1]
+    with pytest.raises(ValueError, match="run 1 has different genes from run 0"):
+        factor_stability([small_model, other])
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        fit_seeds(small_model.adata, [1, 1])
+    with pytest.raises(ValueError, match="n_jobs must be a positive integer or None"):
+        fit_seeds(small_model.adata, [1], n_jobs=0)
+    with pytest.raises(ValueError, match="needs at least 2 seeds"):
+        select_k(small_model.adata, [2, 3], seeds=[0])
+    with pytest.raises(TypeError, match="select_k sets n_latent itself"):
+        select_k(small_model.adata, [2, 3], n_latent=4)
+
+
+# --- choosing K --------------------------------------------------------------------------------------
+
+
+def test_select_k_is_best_at_or_near_the_true_k():
+    adata = ldvae.simulate(1500, 200, 6, factor_scales=np.array([2.0, 1.7, 1.4, 1.2, 1.0, 0.8]), seed=2)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    train = {**TRAIN, "max_epochs": 120}
+    table = select_k(adata, [4, 5, 6, 7, 8], seeds=(0, 1), n_jobs=2, train_kwargs=train)
+    assert list(table.columns) == [
+        "elbo_validation", "elbo_se", "median_stability", "min_stability", "n_stable", "selected",
+    ]
+    assert table.attrs["best_k"] in (5, 6, 7), table
+    assert table.attrs["lowest_elbo_k"] >= 6, table
+    # too few factors cost far more than the standard error; too many cost (almost) nothing
+    assert table.loc[4, "elbo_validation"] - table.loc[6, "elbo_validation"] > 10 * table.loc[4, "elbo_se"], table
+    assert table["selected"].sum() == 1
+    assert isinstance(plot_select_k(table), Figure)
+
+
+def test_heldout_elbo_needs_validation_cells():
+    adata = ldvae.simulate(200, 30, 2, seed=3)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    model = ldvae.LinearSCVI(adata, n_latent=2)
+    model.train(max_epochs=2, train_size=1.0, progress_bar=False)
+    with pytest.raises(ValueError, match="has no validation cells"):
+        heldout_elbo(model)
+
+
+# --- enrichment ---------------------------------------------------------------------------------------
+
+
+def _gmt(tmp_path, sets: dict[str, list[str]]) -> str:
+    path = tmp_path / "sets.gmt"
+    path.write_text("".join(f"{name}\tdescription\t" + "\t".join(genes) + "\n" for name, genes in sets.items()))
+    return str(path)
+
+
+def test_planted_gene_set_is_the_top_hit(reference, strengths_adata, tmp_path):
+    truth = strengths_adata.varm["true_loadings"]
+    genes = strengths_adata.var_names
+    rng = np.random.default_rng(0)
+    sets = {f"random_{i}": list(rng.choice(genes, 20, replace=False)) for i in range(60)}
+    planted = list(genes[np.argsort(truth[:, 1])[::-1][:20]])  # top genes of true factor 1
+    sets["PLANTED_FACTOR_1"] = planted
+    table = factor_enrichment(reference, _gmt(tmp_path, sets))
+    loadings = reference.get_loadings()
+    r = _column_correlations(truth[:, [1]], loadings.to_numpy())[0]
+    factor = loadings.columns[np.abs(r).argmax()]
+    direction = "positive" if r[np.abs(r).argmax()] > 0 else "negative"
+    hits = table[(table["factor"] == factor) & (table["direction"] == direction)]
+    assert hits.iloc[0]["gene_set"] == "PLANTED_FACTOR_1", hits.head()
+    assert hits.iloc[0]["p_adj"] < 1e-6
+    best = top_sets(table, 1, max_p_adj=0.01)
+    assert "PLANTED_FACTOR_1" in set(best["gene_set"])
+    assert isinstance(plot_enrichment(table), Figure)
+
+
+def test_mann_whitney_matches_scipy():
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(1)
+    values = np.round(rng.normal(size=(300, 3)), 1)  # with ties
+    member = np.zeros((2, 300))
+    member[0, :15] = 1
+    member[1, rng.choice(300, 40, replace=False)] = 1
+    auc, p_pos, p_neg = _mann_whitney(values, member)
+    for i in range(2):
+        a, b = values[member[i] > 0], values[member[i] == 0]
+        greater = mannwhitneyu(a, b, alternative="greater", method="asymptotic", axis=0)
+        less = mannwhitneyu(a, b, alternative="less", method="asymptotic", axis=0)
+        np.testing.assert_allclose(p_pos[i], greater.pvalue, rtol=1e-10)
+        np.testing.assert_allclose(p_neg[i], less.pvalue, rtol=1e-10)
+        np.testing.assert_allclose(auc[i] * len(a) * len(b), greater.statistic)
+
+
+def test_read_gmt_and_its_errors(tmp_path):
+    path = _gmt(tmp_path, {"A": ["g1", "g2", "g2"], "B": ["g3"]})
+    assert read_gmt(path) == {"A": ["g1", "g2"], "B": ["g3"]}
+    bad = tmp_path / "bad.gmt"
+    bad.write_text("A\tdesc\tg1\nonly_a_name\n")
+    with pytest.raises(ValueError, match=r"Line 2 of .*bad.gmt is not a GMT record \(got 1 tab-separated field"):
+        read_gmt(bad)
+    dup = tmp_path / "dup.gmt"
+    dup.write_text("A\td\tg1\nA\td\tg2\n")
+    with pytest.raises(ValueError, match="Gene set 'A' appears twice .* at line 2"):
+        read_gmt(dup)
+    with pytest.raises(FileNotFoundError, match="Gene-set file .*missing.gmt does not exist"):
+        read_gmt(tmp_path / "missing.gmt")
+
+
+def test_enrichment_input_errors(small_model):
+    with pytest.raises(ValueError, match="No gene set has between 5 and 500 genes among the 40 modelled genes"):
+        factor_enrichment(small_model, {"S": ["ENSG1", "ENSG2"]})
+    with pytest.raises(ValueError, match="min_size must be a positive integer, got 0"):
+        factor_enrichment(small_model, {"S": ["gene1"]}, min_size=0)
+    with pytest.raises(TypeError, match="takes a trained LinearSCVI or a loadings DataFrame"):
+        factor_enrichment("model", {"S": ["gene1"]})
+    lower = {"S": [f"GENE{i}" for i in range(10)]}
+    assert factor_enrichment(small_model, lower, ignore_case=True)["n_genes"].iloc[0] == 10
+
+
+# --- covariate effects ----------------------------------------------------------------------------
+
+
+def test_covariate_effects_tidy_table(small_model):
+    table = covariate_effects(small_model)
+    assert list(table.columns) == ["gene", "covariate", "level", "kind", "coefficient", "effect"]
+    assert len(table) == 40 * 2
+    assert set(table["level"]) == {"b0", "b1"} and set(table["kind"]) == {"batch"}
+    per_gene = table.groupby("gene")["effect"].sum()
+    np.testing.assert_allclose(per_gene.to_numpy(), 0.0, atol=1e-6)
+    coef = small_model.get_covariate_coefficients()
+    row = table[(table["gene"] == "gene3") & (table["level"] == "b1")].iloc[0]
+    assert row["coefficient"] == pytest.approx(coef.loc["gene3", "batch:b1"])
+    assert isinstance(plot_covariate_effects(table), Figure)
+
+
+def test_covariate_effects_without_covariates(reference):
+    table = covariate_effects(reference)
+    assert table.empty and "effect" in table.columns
+    assert isinstance(plot_covariate_effects(table), Figure)
+
+
+# --- figures, report sections and CLI --------------------------------------------------------------
+
+
+def test_figures_are_returned_not_shown(reference, stability):
+    assert isinstance(plot_deviance(factor_deviance(reference)), Figure)
+    assert isinstance(plot_stability(stability), Figure)
+
+
+def test_report_sections(small_model, stability, tmp_path):
+    from ldvae.interpret_report import interpretation_sections, stability_section
+
+    gmt = _gmt(tmp_path, {"S": [f"gene{i}" for i in range(10)]})
+    sections = [s(small_model, small_model.adata) for s in interpretation_sections(gmt=gmt)]
+    assert [t for t, _ in sections] == [
+        "Deviance explained per factor", "Covariate effects", "Gene-set enrichment of factors",
+    ]
+    assert all("<table" in body and "data:image/png;base64," in body for _, body in sections)
+    title, body = stability_section(stability)
+    assert title == "Factor stability across seeds" and "reproducible" in body
+
+
+def test_cli_factors(small_model, tmp_path, capsys):
+    from ldvae.cli import main
+
+    small_model.save(tmp_path / "model", save_anndata=True)
+    gmt = _gmt(tmp_path, {"S": [f"gene{i}" for i in range(10)]})
+    out = tmp_path / "out"
+    assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out), "--gmt", gmt]) == 0
+    for name in ("deviance.csv", "ordered_loadings.csv", "covariate_effects.csv", "enrichment.csv",
+                 "deviance.png", "report.html"):
+        assert (out / name).exists(), name
+    assert "null deviance" in capsys.readouterr().out
+    assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out)]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_cli_lists_the_interpretation_subcommands():
+    from ldvae.cli import build_parser
+
+    text = build_parser().format_help()
+    assert all(name in text for name in ("factors", "stability", "select-k"))
