@@ -1,0 +1,207 @@
+"""The ``ldvae`` command: a thin layer over :func:`ldvae.workflow.run_workflow`.
+
+Every option is a parameter of the Python function it calls, spelled with dashes
+(``--n-top-genes`` → ``n_top_genes``). Bad input ends the command with exit status 1
+and one line on stderr (``--traceback`` shows the full error instead); usage errors
+exit with status 2 (argparse).
+
+Subcommands register themselves: a function ``add(subparsers)`` that adds one parser
+and sets ``handler`` (a function of the parsed arguments returning the exit status)
+with ``parser.set_defaults(handler=...)``. Add one with :func:`register_subcommand`::
+
+    @register_subcommand
+    def add_stability(subparsers):
+        p = subparsers.add_parser("stability", help="...", formatter_class=HelpFormatter)
+        p.set_defaults(handler=lambda args: ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from . import __version__
+
+SUBCOMMANDS: list[Callable] = []
+DEMO_EPOCHS = 250  # the tutorial's count: 1000 cells train it in ~35 s on one busy core
+DEMO_OUT = "ldvae_demo"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default; keeps the description's line breaks."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(indent + line for line in text.splitlines())
+
+
+def register_subcommand(add: Callable) -> Callable:
+    """Add ``add(subparsers)`` to the subcommands of ``ldvae`` (usable as a decorator)."""
+    SUBCOMMANDS.append(add)
+    return add
+
+
+def _workflow_options(
+    p: argparse.ArgumentParser, *, out_dir: str | None, max_epochs: int = 250, n_threads: int | None = None
+) -> None:
+    """The options of :func:`ldvae.run_workflow` shared by ``run`` and ``demo``."""
+    out = p.add_argument_group("output")
+    out.add_argument("--out-dir", "--out", dest="out_dir", default=out_dir, required=out_dir is None,
+                     help="output directory (must not exist, unless --overwrite)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    out.add_argument("--figure-formats", nargs="+", choices=("png", "svg", "pdf"), default=["png"],
+                     help="figure formats (PNG is always written; add svg and/or pdf)")
+    out.add_argument("--n-top-loadings", type=int, default=5, help="genes per direction and factor in the top-genes table")
+    out.add_argument("--color-by", nargs="+", default=[], help="obs columns to colour the UMAP by, besides Leiden")
+    out.add_argument("--title", default=None, help="report title (default: from the input name)")
+
+    prep = p.add_argument_group("preparation (as the tutorial)")
+    prep.add_argument("--batch-key", default=None, help="obs column of batches (HVG selection and model)")
+    prep.add_argument("--target-sum", type=float, default=1e5, help="normalize_total target per cell")
+    prep.add_argument("--n-top-genes", type=int, default=1000, help="highly variable genes to model")
+    prep.add_argument("--hvg-flavor", choices=("seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"),
+                      default="seurat_v3", help="highly_variable_genes flavor")
+
+    model = p.add_argument_group("model and training")
+    model.add_argument("--n-latent", type=int, default=10, help="latent factors K")
+    model.add_argument("--gene-likelihood", choices=("nb", "zinb", "poisson"), default="nb", help="count likelihood")
+    model.add_argument("--max-epochs", type=int, default=max_epochs,
+                       help="training epochs")
+    model.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
+    model.add_argument("--batch-size", type=int, default=128, help="cells per minibatch")
+    model.add_argument("--check-val-every-n-epoch", type=int, default=10, help="validation ELBO every N epochs")
+    model.add_argument("--seed", type=int, default=0, help="random seed (split, training, UMAP, Leiden)")
+    model.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "cuda"), default="auto",
+                       help="compute device; auto uses a CUDA GPU when there is one")
+    model.add_argument("--n-threads", type=int, default=n_threads,
+                       help="torch CPU threads; None: torch's own choice" if n_threads is None
+                       else "torch CPU threads (the demo's small minibatches gain little from more)")
+    model.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
+                       help="show download and training progress bars")
+
+    graph = p.add_argument_group("neighbors, UMAP, Leiden on the latent space")
+    graph.add_argument("--n-neighbors", type=int, default=20, help="neighbors of each cell")
+    graph.add_argument("--umap-min-dist", type=float, default=0.3, help="UMAP min_dist")
+    graph.add_argument("--leiden-resolution", type=float, default=0.8, help="Leiden resolution")
+
+
+_WORKFLOW_PARAMS = (
+    "out_dir", "overwrite", "figure_formats", "n_top_loadings", "color_by", "title", "batch_key", "target_sum",
+    "n_top_genes", "hvg_flavor", "n_latent", "gene_likelihood", "max_epochs", "lr", "batch_size",
+    "check_val_every_n_epoch", "seed", "accelerator", "progress_bar", "n_neighbors", "umap_min_dist",
+    "leiden_resolution", "n_threads",
+)
+
+
+def _run_and_report(source, args: argparse.Namespace, **extra) -> int:
+    from .interpret_report import interpretation_sections
+    from .workflow import format_top_genes, run_workflow
+
+    kwargs = {name: getattr(args, name) for name in _WORKFLOW_PARAMS}
+    kwargs["report_sections"] = interpretation_sections()  # deviance explained, covariate effects
+    kwargs.update(extra)
+    result = run_workflow(source, **kwargs)
+    print(format_top_genes(result.top_genes))
+    print(f"Wrote {len(result.files)} outputs to {result.out_dir}/")
+    print(f"Report: {result.report}")
+    return 0
+
+
+@register_subcommand
+def add_run(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="the tutorial workflow on a counts file", formatter_class=HelpFormatter,
+        description="Read counts, prepare as the LDVAE tutorial, fit, interpret, and write results.h5ad,\n"
+                    "loadings.csv, top_genes.csv, the model, figures and report.html into --out-dir.",
+    )
+    p.add_argument("input", nargs="?", default=None,
+                   help=".h5ad, 10x .h5 or matrix directory, .loom, .mtx or .csv of raw counts (cells x genes)")
+    src = p.add_argument_group("input")
+    src.add_argument("--layer", default=None, help="layer holding the raw counts (default: X)")
+    src.add_argument("--backup-url", default=None, help="download the input from this URL when it is missing")
+    src.add_argument("--cache-dir", default=None,
+                     help="where downloads go (default: beside the input, or ~/.cache/ldvae without one)")
+    src.add_argument("--sha256", default=None, help="expected SHA-256 of the downloaded file")
+    _workflow_options(p, out_dir=None)
+    p.set_defaults(handler=_handle_run)
+
+
+def _handle_run(args: argparse.Namespace) -> int:
+    if args.input is None and args.backup_url is None:
+        raise ValueError("Give an input file, or --backup-url to download one.")
+    return _run_and_report(args.input, args, layer=args.layer, backup_url=args.backup_url,
+                           cache_dir=args.cache_dir, sha256=args.sha256)
+
+
+@register_subcommand
+def add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="the tutorial workflow on the embedded pbmc3k demo data", formatter_class=HelpFormatter,
+        description="Run the whole workflow on the embedded 1000-cell pbmc3k subset (raw counts, 13656 genes;\n"
+                    "Data: 10x Genomics, CC BY 4.0) and print where the report is.",
+    )
+    _workflow_options(p, out_dir=DEMO_OUT, max_epochs=DEMO_EPOCHS, n_threads=1)
+    p.set_defaults(handler=_handle_demo, color_by=["seurat_annotation"])
+
+
+def _handle_demo(args: argparse.Namespace) -> int:
+    from .readers import read_demo
+
+    if args.title is None:
+        args.title = "LDVAE report: pbmc3k demo (1000 cells)"
+    return _run_and_report(read_demo(), args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldvae", formatter_class=HelpFormatter,
+        description="Linearly decoded VAE (LDVAE) for single-cell RNA-seq counts.",
+    )
+    parser.add_argument("--version", action="version", version=f"ldvae {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--traceback", action="store_true", help="on error, show the full traceback")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    from . import cli_interpret  # noqa: F401  (registers factors, stability, select-k)
+
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split()) or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ldvae`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("ldvae")
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("ldvae: interrupted; no output directory was written.", file=sys.stderr)
+        return 130
+    except Exception as err:  # bad input of any kind: one clear line, unless asked for more
+        if args.traceback:
+            raise
+        print(f"ldvae: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    finally:
+        root.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The interpretation subcommands of ``ldvae``: ``factors``, ``stability`` and ``select-k``.
+
+Each is a thin layer over public functions (:mod:`ldvae.interpret`,
+:mod:`ldvae.stability`, :mod:`ldvae.enrichment`, :mod:`ldvae.interpret_report`); each
+writes CSV tables, PNG figures and a self-contained ``report.html`` into ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .cli import HelpFormatter, register_subcommand
+
+
+def _out_dir(path: str, overwrite: bool) -> Path:
+    d = Path(path)
+    if d.exists() and any(d.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out-dir {d} exists and is not empty. Choose another or pass --overwrite.")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _write(d: Path, name: str, frame, *, index: bool = True) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(d / name, frame.to_csv(index=index))
+
+
+def _save_figure(fig, d: Path, name: str) -> None:
+    fig.savefig(d / name, dpi=110)
+
+
+def _write_report(d: Path, title: str, summary: dict, settings: dict, sections: list) -> Path:
+    from .io import atomic_write_text
+    from .report import build_report
+
+    text = build_report(title=title, data_summary=summary, settings=settings, figures=[], extra_sections=sections)
+    atomic_write_text(d / "report.html", text)
+    return d / "report.html"
+
+
+# --- ldvae factors ------------------------------------------------------------------------------
+
+
+@register_subcommand
+def add_factors(subparsers) -> None:
+    p = subparsers.add_parser(
+        "factors", help="deviance explained, covariate effects and gene-set enrichment of a fitted model",
+        formatter_class=HelpFormatter,
+        description="Interpret a saved model (e.g. OUT/model of `ldvae run`): deviance explained per factor,\n"
+                    "covariate effects and, with --gmt, gene-set enrichment. Writes deviance.csv,\n"
+                    "ordered_loadings.csv, covariate_effects.csv, enrichment.csv, figures and report.html.",
+    )
+    p.add_argument("model_dir", help="directory written by model.save() (e.g. OUT/model)")
+    p.add_argument("--adata", default=None,
+                   help="h5ad holding the model's cells and genes (e.g. OUT/results.h5ad); "
+                        "default: adata.h5ad saved with the model")
+    p.add_argument("--out-dir", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out-dir")
+    p.add_argument("--gmt", default=None, help="gene-set file (GMT) to test each factor against")
+    p.add_argument("--min-size", type=int, default=5, help="smallest gene set tested (genes in the model)")
+    p.add_argument("--max-size", type=int, default=500, help="largest gene set tested (genes in the model)")
+    p.add_argument("--n-top", type=int, default=3, help="gene sets listed per factor and direction")
+    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "cuda"), default="auto", help="compute device")
+    p.set_defaults(handler=_handle_factors)
+
+
+def _load_model(model_dir: str, adata_path: str | None, accelerator: str):
+    from .model import LinearSCVI
+
+    adata = None
+    if adata_path is not None:
+        import anndata
+
+        adata = anndata.read_h5ad(adata_path)
+        meta = json.loads((Path(model_dir) / "ldvae_model.json").read_text(encoding="utf-8"))
+        wanted = meta.get("var_names", [])
+        missing = [g for g in wanted if g not in adata.var_names]
+        if missing:
+            raise ValueError(
+                f"{adata_path} lacks {len(missing)} of the model's {len(wanted)} genes (first: {missing[0]!r}). "
+                "Pass the AnnData the model was fitted on (e.g. OUT/results.h5ad)."
+            )
+        if list(adata.var_names) != wanted:
+            adata = adata[:, wanted].copy()
+    return LinearSCVI.load(model_dir, adata=adata, accelerator=accelerator)
+
+
+def _handle_factors(args: argparse.Namespace) -> int:
+    from .enrichment import factor_enrichment, plot_enrichment, top_sets
+    from .interpret import covariate_effects, factor_deviance, ordered_loadings, plot_covariate_effects, plot_deviance
+    from .interpret_report import interpretation_sections
+
+    model = _load_model(args.model_dir, args.adata, args.accelerator)
+    d = _out_dir(args.out_dir, args.overwrite)
+    deviance = factor_deviance(model)
+    _write(d, "deviance.csv", deviance)
+    _write(d, "ordered_loadings.csv", ordered_loadings(model, deviance).rename_axis("gene"))
+    _save_figure(plot_deviance(deviance), d, "deviance.png")
+    effects = covariate_effects(model)
+    _write(d, "covariate_effects.csv", effects, index=False)
+    _save_figure(plot_covariate_effects(effects), d, "covariate_effects.png")
+    print(f"Model explains {100 * deviance.attrs['fraction_explained']:.1f}% of the null deviance; by factor:")
+    print(deviance[["rank", "fraction_of_model", "sign"]].to_string(float_format="{:.3f}".format))
+    if args.gmt is not None:
+        enrichment = factor_enrichment(model, args.gmt, min_size=args.min_size, max_size=args.max_size)
+        _write(d, "enrichment.csv", enrichment, index=False)
+        _save_figure(plot_enrichment(enrichment, args.n_top), d, "enrichment.png")
+        best = top_sets(enrichment, 1, max_p_adj=0.05)
+        print(f"Top gene set per factor and direction (p_adj <= 0.05): {len(best)} found")
+        if len(best):
+            print(best[["factor", "direction", "gene_set", "auc", "p_adj"]].to_string(index=False))
+    sections = [s(model, model.adata) if callable(s) else s for s in interpretation_sections(gmt=args.gmt)]
+    report = _write_report(
+        d, f"LDVAE factors: {Path(args.model_dir).name}",
+        {"cells": model.adata.n_obs, "genes": len(model.var_names_), "model": str(args.model_dir)},
+        dict(model.init_params_), sections,
+    )
+    print(f"Wrote tables, figures and {report}")
+    return 0
+
+
+# --- ldvae stability / select-k ---------------------------------------------------------------
+
+
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help=".h5ad (or another format ldvae reads) of raw counts, cells x genes")
+    p.add_argument("--out-dir", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out-dir")
+    p.add_argument("--layer", default=None, help="layer holding the raw counts (default: X)")
+    p.add_argument("--batch-key", default=None, help="obs column of batches")
+    p.add_argument("--n-top-genes", type=int, default=1000,
+                   help="highly variable genes to model (seurat_v3 on counts); 0 keeps every gene")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one fit per seed")
+    p.add_argument("--n-jobs", type=int, default=None,
+                   help="worker processes (default: one per seed up to the CPU count; 1 on a GPU)")
+    p.add_argument("--max-epochs", type=int, default=None, help="training epochs (default: scvi-tools' rule)")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=128, help="cells per minibatch")
+    p.add_argument("--gene-likelihood", choices=("nb", "zinb", "poisson"), default="nb", help="count likelihood")
+    p.add_argument("--threshold", type=float, default=0.9, help="stability needed to call a factor reproducible")
+    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "cuda"), default="auto", help="compute device")
+
+
+def _prepared(args: argparse.Namespace):
+    from .model import LinearSCVI
+    from .readers import read_counts
+    from .workflow import prepare
+
+    raw = read_counts(args.input, progress_bar=False)
+    if args.n_top_genes > 0:
+        adata = prepare(raw, layer=args.layer, n_top_genes=args.n_top_genes, batch_key=args.batch_key)
+        layer = "counts"
+    else:
+        adata, layer = raw, args.layer
+    LinearSCVI.setup_anndata(adata, layer=layer, batch_key=args.batch_key)
+    train_kwargs = {"max_epochs": args.max_epochs, "lr": args.lr, "batch_size": args.batch_size,
+                    "accelerator": args.accelerator}
+    return adata, train_kwargs
+
+
+@register_subcommand
+def add_stability(subparsers) -> None:
+    p = subparsers.add_parser(
+        "stability", help="refit with several seeds; per-factor stability and consensus loadings",
+        formatter_class=HelpFormatter,
+        description="Fit one model per seed, match factors across runs by loadings correlation and report\n"
+                    "per-factor stability (median matched |correlation|). Writes stability.csv, matches.csv,\n"
+                    "consensus_loadings.csv, stability.png and report.html.",
+    )
+    _fit_options(p)
+    p.add_argument("--n-latent", type=int, default=10, help="latent factors K")
+    p.set_defaults(handler=_handle_stability)
+
+
+def _handle_stability(args: argparse.Namespace) -> int:
+    from .interpret_report import stability_section
+    from .stability import factor_stability, fit_seeds, plot_stability
+
+    adata, train_kwargs = _prepared(args)
+    d = _out_dir(args.out_dir, args.overwrite)
+    models = fit_seeds(adata, args.seeds, n_jobs=args.n_jobs, train_kwargs=train_kwargs,
+                       n_latent=args.n_latent, gene_likelihood=args.gene_likelihood)
+    result = factor_stability(models, threshold=args.threshold)
+    _write(d, "stability.csv", result.factors)
+    _write(d, "matches.csv", result.matches)
+    _write(d, "consensus_loadings.csv", result.consensus.rename_axis("gene"))
+    _save_figure(plot_stability(result), d, "stability.png")
+    print(result.factors.to_string(float_format="{:.3f}".format))
+    report = _write_report(
+        d, "LDVAE factor stability", {"cells": adata.n_obs, "genes": adata.n_vars, "input": args.input},
+        {"n_latent": args.n_latent, "seeds": args.seeds, **train_kwargs}, [stability_section(result)],
+    )
+    print(f"{int(result.factors['stable'].sum())} of {len(result.factors)} factors reproducible; report: {report}")
+    return 0
+
+
+@register_subcommand
+def add_select_k(subparsers) -> None:
+    p = subparsers.add_parser(
+        "select-k", help="held-out ELBO and stability against the number of factors",
+        formatter_class=HelpFormatter,
+        description="Fit each --n-latents value with several seeds; report the held-out (validation) ELBO\n"
+                    "and factor stability against K. Writes select_k.csv, select_k.png and report.html.",
+    )
+    _fit_options(p)
+    p.add_argument("--n-latents", type=int, nargs="+", default=[5, 10, 15, 20], help="candidate K")
+    p.set_defaults(handler=_handle_select_k, seeds=[0, 1, 2])
+
+
+def _handle_select_k(args: argparse.Namespace) -> int:
+    from .interpret_report import select_k_section
+    from .stability import plot_select_k, select_k
+
+    adata, train_kwargs = _prepared(args)
+    d = _out_dir(args.out_dir, args.overwrite)
+    table = select_k(adata, args.n_latents, seeds=args.seeds, n_jobs=args.n_jobs, train_kwargs=train_kwargs,
+                     threshold=args.threshold, gene_likelihood=args.gene_likelihood)
+    _write(d, "select_k.csv", table)
+    _save_figure(plot_select_k(table), d, "select_k.png")
+    print(table.to_string(float_format="{:.3f}".format))
+    report = _write_report(
+        d, "LDVAE: choosing K", {"cells": adata.n_obs, "genes": adata.n_vars, "input": args.input},
+        {"n_latents": args.n_latents, "seeds": args.seeds, **train_kwargs}, [select_k_section(table)],
+    )
+    print(f"Chosen K = {table.attrs['best_k']}; report: {report}")
+    return 0

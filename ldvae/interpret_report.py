@@ -1,0 +1,133 @@
+"""Report sections for the interpretation tools: ``(title, html)`` pairs, or callables
+``(model, adata) -> (title, html)``, as :func:`ldvae.workflow.run_workflow` takes them in
+``report_sections`` and :func:`ldvae.report.build_report` in ``extra_sections``::
+
+    from ldvae.interpret_report import interpretation_sections, stability_section
+    run_workflow(path, out_dir="out", report_sections=interpretation_sections(gmt="h.gmt"))
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import pandas as pd
+
+from .report import figure_html, table_html
+
+if TYPE_CHECKING:
+    from .model import LinearSCVI
+    from .stability import StabilityResult
+
+Section = tuple[str, str]
+
+
+def _figure(fig, caption: str) -> str:
+    with tempfile.TemporaryDirectory(prefix="ldvae-fig-") as tmp:
+        path = Path(tmp) / "figure.png"
+        fig.savefig(path, dpi=110)
+        return figure_html(path, caption)
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def deviance_section(model: LinearSCVI, adata=None) -> Section:
+    """Deviance explained per factor (table and bar chart), on the model's training cells."""
+    from .interpret import factor_deviance, plot_deviance
+
+    table = factor_deviance(model)
+    total = table.attrs["fraction_explained"]
+    body = (
+        _note(
+            f"The model explains {100 * total:.1f}% of the null (intercepts and covariates only) deviance "
+            f"on {table.attrs['n_cells']} cells. fraction_of_model: share of that explained deviance lost when "
+            "the factor is set to its mean; sign: the flip that makes its largest loading positive."
+        )
+        + table_html(table.reset_index(), float_format="{:.4g}")
+        + _figure(plot_deviance(table), "Deviance explained per factor, ordered.")
+    )
+    return "Deviance explained per factor", body
+
+
+def covariate_section(model: LinearSCVI, adata=None, n_genes: int = 10) -> Section:
+    """Batch and covariate effects of the decoder: the largest per level, and a heatmap."""
+    from .interpret import covariate_effects, plot_covariate_effects
+
+    effects = covariate_effects(model)
+    if effects.empty:
+        return "Covariate effects", _note("The model has no batch or covariates.")
+    top = effects.groupby(["covariate", "level"], sort=False).head(5)
+    body = (
+        _note("effect: log-rate effect of a level relative to the average level (per unit for continuous).")
+        + table_html(top, float_format="{:.3g}")
+        + _figure(plot_covariate_effects(effects, n_genes), f"Top {n_genes} genes by covariate effect.")
+    )
+    return "Covariate effects", body
+
+
+def enrichment_section(gene_sets: str | os.PathLike, *, n: int = 3) -> Callable[[LinearSCVI, object], Section]:
+    """A section builder testing the model's loadings against the gene sets of a GMT file."""
+    from .enrichment import factor_enrichment, plot_enrichment, top_sets
+
+    def build(model: LinearSCVI, adata=None) -> Section:
+        table = factor_enrichment(model, gene_sets)
+        best = top_sets(table, n)
+        body = (
+            _note(
+                f"Mann-Whitney U test of each set's loadings against the other genes, per factor and direction; "
+                f"p_adj: Benjamini-Hochberg within a factor. {table.attrs['n_sets_tested']} sets tested from "
+                f"{Path(gene_sets).name}."
+            )
+            + table_html(best, float_format="{:.3g}")
+            + _figure(plot_enrichment(table, n), "Top enriched sets per factor (adjusted p <= 0.05).")
+        )
+        return "Gene-set enrichment of factors", body
+
+    return build
+
+
+def stability_section(result: StabilityResult) -> Section:
+    """Per-factor stability across seeds (table and figure) from :func:`factor_stability`."""
+    from .stability import plot_stability
+
+    f = result.factors
+    table = pd.concat([f, result.matches.add_prefix("match_")], axis=1).reset_index()
+    body = (
+        _note(
+            f"{f.attrs['n_runs']} runs matched to run {result.reference} by loadings correlation "
+            f"(optimal assignment); stable: median matched |correlation| >= {f.attrs['threshold']}. "
+            f"{int(f['stable'].sum())} of {len(f)} factors are reproducible."
+        )
+        + table_html(table, float_format="{:.3f}")
+        + _figure(plot_stability(result), "Matched |correlation| per factor across seeds.")
+    )
+    return "Factor stability across seeds", body
+
+
+def select_k_section(table: pd.DataFrame) -> Section:
+    """Held-out ELBO and stability against K from :func:`ldvae.stability.select_k`."""
+    from .stability import plot_select_k
+
+    body = (
+        _note(
+            f"Chosen K = {table.attrs.get('best_k')}: the smallest K whose held-out ELBO is within one standard "
+            f"error of the lowest (K = {table.attrs.get('lowest_elbo_k')})."
+        )
+        + table_html(table.reset_index(), float_format="{:.4g}")
+        + _figure(plot_select_k(table), "Held-out ELBO and stability against the number of factors.")
+    )
+    return "Choosing the number of factors", body
+
+
+def interpretation_sections(*, gmt: str | os.PathLike | None = None) -> list:
+    """The sections that need only the fitted model: deviance explained, covariate effects
+    and, with ``gmt``, gene-set enrichment."""
+    sections: list = [deviance_section, covariate_section]
+    if gmt is not None:
+        sections.append(enrichment_section(gmt))
+    return sections

@@ -1,0 +1,251 @@
+"""Reading count files, downloading them when missing, and the embedded demo dataset.
+
+One entry point, :func:`read_counts`, picks the scanpy/anndata reader from the path:
+
+=====================================  ===========================================
+path                                   reader
+=====================================  ===========================================
+``*.h5ad``                             ``anndata.read_h5ad``
+``*.h5`` (10x Cell Ranger)             ``scanpy.read_10x_h5``
+a directory (10x ``matrix.mtx(.gz)``)  ``scanpy.read_10x_mtx``
+``*.loom``                             ``anndata.read_loom`` (needs ``loompy``)
+``*.mtx``, ``*.mtx.gz``                ``scanpy.read_mtx`` (cells × genes as stored)
+``*.csv``, ``*.csv.gz``                ``anndata.read_csv`` (cells in rows)
+=====================================  ===========================================
+
+With ``backup_url`` a missing file is downloaded first (:func:`download`): to a
+temporary name beside the target, checked for truncation and, when given, its
+SHA-256, and only then renamed into place, so a failed download never leaves a
+file that a later run would mistake for a cached copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from .io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+DEMO_FILE = Path(__file__).parent / "data" / "pbmc3k_demo.h5ad"
+DEMO_ATTRIBUTION = "Data: 10x Genomics, CC BY 4.0 (3k PBMCs from a Healthy Donor)"
+FORMATS = ("h5ad", "10x-h5", "10x-mtx", "loom", "mtx", "csv")
+
+
+class ReadError(ValueError):
+    """A count file is missing, of an unknown format, unreadable, or could not be downloaded."""
+
+
+def default_cache_dir() -> Path:
+    """``$LDVAE_CACHE_DIR``, else ``$XDG_CACHE_HOME/ldvae``, else ``~/.cache/ldvae``."""
+    if os.environ.get("LDVAE_CACHE_DIR"):
+        return Path(os.environ["LDVAE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ldvae"
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of ``path``, one of :data:`FORMATS`, from its name (a directory: 10x mtx)."""
+    p = Path(path)
+    if p.is_dir():
+        return "10x-mtx"
+    name = p.name.lower()
+    for suffix, fmt in (
+        (".h5ad", "h5ad"),
+        (".h5", "10x-h5"),
+        (".loom", "loom"),
+        (".mtx", "mtx"),
+        (".mtx.gz", "mtx"),
+        (".csv", "csv"),
+        (".csv.gz", "csv"),
+    ):
+        if name.endswith(suffix):
+            return fmt
+    raise ReadError(
+        f"Cannot tell the format of {str(path)!r} from its name; ldvae reads .h5ad, 10x .h5, a 10x matrix "
+        "directory, .loom, .mtx(.gz) and .csv(.gz). Rename the file to the matching suffix."
+    )
+
+
+def _read(path: Path, fmt: str):
+    import scanpy as sc
+
+    try:
+        from anndata.io import read_csv, read_h5ad, read_loom
+    except ImportError:  # anndata < 0.11
+        from anndata import read_csv, read_h5ad, read_loom
+
+    if fmt == "h5ad":
+        return read_h5ad(path)
+    if fmt == "10x-h5":
+        return sc.read_10x_h5(path)
+    if fmt == "10x-mtx":
+        return sc.read_10x_mtx(path)
+    if fmt == "loom":
+        return read_loom(path)
+    if fmt == "mtx":
+        return sc.read_mtx(path)
+    return read_csv(path)
+
+
+def read_file(path: str | os.PathLike):
+    """Read one local count file into an AnnData (format from the name, see the module docs).
+
+    Raises
+    ------
+    ReadError
+        The file does not exist, its format is unknown, or the reader failed on it.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ReadError(f"Input file {str(p)!r} does not exist. Check the path, or pass --backup-url to download it.")
+    fmt = detect_format(p)
+    try:
+        adata = _read(p, fmt)
+    except ImportError as err:
+        raise ReadError(f"Reading {fmt} file {str(p)!r} needs a package that is not installed ({err}).") from err
+    except Exception as err:  # the readers raise many types; the user needs the one line
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise ReadError(
+            f"Could not read {str(p)!r} as {fmt} ({type(err).__name__}: {detail}). Is it a complete {fmt} file?"
+        ) from err
+    adata.var_names_make_unique()
+    logger.info("read %s: %d cells x %d genes (%s)", p, adata.n_obs, adata.n_vars, fmt)
+    return adata
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    progress_bar: bool = True,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``url`` to ``dest`` with a progress bar; nothing is left at ``dest`` on failure.
+
+    The bytes go to a temporary file beside ``dest`` and are renamed only when the
+    transfer is complete (as many bytes as the server announced) and, if ``sha256``
+    is given, the checksum matches.
+
+    Raises
+    ------
+    ReadError
+        On an HTTP or network error, a truncated transfer or a checksum mismatch.
+    """
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    if urllib.parse.urlparse(url).scheme not in ("http", "https", "ftp", "file"):
+        raise ReadError(f"backup_url={url!r} is not an http(s), ftp or file URL.")
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        with atomic_path(dest) as tmp:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as fh:
+                length = response.headers.get("Content-Length")
+                expected = int(length) if length and length.isdigit() else None
+                with tqdm(
+                    total=expected, unit="B", unit_scale=True, desc=f"Downloading {dest.name}",
+                    disable=not progress_bar, dynamic_ncols=True,
+                ) as bar:
+                    while chunk := response.read(1 << 20):
+                        fh.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+            if expected is not None and received != expected:
+                raise ReadError(
+                    f"Download of {url} was truncated: got {received} of {expected} bytes. Nothing was kept; "
+                    "run again to retry."
+                )
+            if sha256 is not None and digest.hexdigest().lower() != sha256.strip().lower():
+                raise ReadError(
+                    f"Download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256.strip().lower()}. "
+                    "Nothing was kept; check the URL and the checksum."
+                )
+    except ReadError:
+        raise
+    except urllib.error.HTTPError as err:
+        raise ReadError(f"Download of {url} failed: HTTP {err.code} {err.reason}. Nothing was kept.") from err
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ReadError(f"Download of {url} failed ({reason}). Nothing was kept; run again to retry.") from err
+    except Exception as err:  # http.client.HTTPException: IncompleteRead, RemoteDisconnected, ...
+        raise ReadError(
+            f"Download of {url} failed after {received} bytes ({type(err).__name__}). Nothing was kept; "
+            "run again to retry."
+        ) from err
+    logger.info("downloaded %s to %s (%d bytes)", url, dest, received)
+    return dest
+
+
+def read_counts(
+    path: str | os.PathLike | None = None,
+    *,
+    backup_url: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    sha256: str | None = None,
+    progress_bar: bool = True,
+):
+    """Read a count file; with ``backup_url``, download it first when it is missing.
+
+    Parameters
+    ----------
+    path
+        The file (or 10x matrix directory). With ``backup_url`` it may be omitted: the file
+        is then ``<cache_dir>/<last part of the URL>``.
+    backup_url
+        Where to download the file from when it does not exist yet (as ``sc.read``).
+    cache_dir
+        Where downloads go. Default: beside ``path``, or :func:`default_cache_dir` when
+        ``path`` is omitted. An existing file there is used without downloading.
+    sha256
+        Expected SHA-256 of the downloaded file (checked on download only).
+    progress_bar
+        Show the download progress bar.
+
+    Returns
+    -------
+    The AnnData as read, with unique ``var_names``.
+    """
+    if path is None and backup_url is None:
+        raise ReadError("Give a count file path, or a backup_url to download it from.")
+    if path is not None and Path(path).exists():
+        return read_file(path)
+    if backup_url is None:
+        return read_file(path)  # raises: missing
+    if path is None:
+        name = Path(urllib.parse.urlparse(backup_url).path).name
+        if not name:
+            raise ReadError(f"backup_url={backup_url!r} does not end in a file name; pass the file path too.")
+        target = Path(cache_dir or default_cache_dir()) / name
+    else:
+        target = Path(cache_dir) / Path(path).name if cache_dir is not None else Path(path)
+    detect_format(target)  # fail before downloading
+    if target.exists():
+        logger.info("using cached %s", target)
+    else:
+        download(backup_url, target, sha256=sha256, progress_bar=progress_bar)
+    return read_file(target)
+
+
+def read_demo():
+    """The embedded demo dataset: raw UMI counts of 1000 pbmc3k cells × 13656 genes.
+
+    A random 1000-cell subset of the cells kept by the Seurat pbmc3k guided clustering
+    tutorial, genes detected in at least 3 of them. ``obs["seurat_annotation"]`` holds
+    that tutorial's cell-type labels, for colouring only. Data: 10x Genomics, CC BY 4.0
+    ("3k PBMCs from a Healthy Donor").
+    """
+    import anndata
+
+    if not DEMO_FILE.exists():
+        raise ReadError(f"The embedded demo file {DEMO_FILE} is missing; reinstall ldvae.")
+    return anndata.read_h5ad(DEMO_FILE)

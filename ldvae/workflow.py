@@ -1,0 +1,558 @@
+"""The tutorial workflow as one function: read → prepare → fit → interpret → show → write.
+
+:func:`run_workflow` is what ``ldvae run`` and ``ldvae demo`` call. Its steps are
+public functions too (:func:`prepare`, :func:`fit`, :func:`interpret`,
+:func:`write_outputs`), so a notebook can run them one by one.
+
+The output directory is built under a temporary name beside it and renamed into
+place only when every file is written: a failed or interrupted run leaves nothing
+at ``out_dir`` (and an existing ``out_dir`` is replaced only with ``overwrite=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import __version__
+from .data import SetupError, get_counts, validate_counts
+from .io import atomic_path, atomic_write_text
+from .model import LinearSCVI
+from .plotting import (
+    latent_pairs,
+    loadings_frame,
+    loadings_heatmap,
+    top_genes,
+    top_genes_bars,
+    training_curves,
+    umap,
+)
+from .readers import read_counts
+from .report import build_report
+from .results import result_keys
+
+logger = logging.getLogger(__name__)
+
+WORKFLOW_KEY = "ldvae_workflow"
+FIGURE_FORMATS = ("png", "svg", "pdf")
+#: A report section: ``(title, html)``, or a function of ``(model, adata)`` returning one.
+ReportSection = Union[tuple[str, str], Callable[[LinearSCVI, object], tuple[str, str]]]
+
+
+@dataclass
+class WorkflowResult:
+    """What :func:`run_workflow` made: the fitted model, the results AnnData and the files."""
+
+    model: LinearSCVI
+    adata: object  # the prepared AnnData holding every result
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)  # name -> final path
+    top_genes: pd.DataFrame | None = None
+
+    @property
+    def report(self) -> Path:
+        return self.files["report"]
+
+
+@contextlib.contextmanager
+def _keep_torch_threads():
+    """Restore torch's thread count after scanpy: its numba kernels set the shared OpenMP pool
+    to every core (ignoring OMP_NUM_THREADS), which slows training many-fold on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run with ``n`` torch CPU threads (None: the current count), then restore the count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        _check_positive("n_threads", n)
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- prepare -------------------------------------------------------------------------------
+
+
+def prepare(
+    adata,
+    *,
+    layer: str | None = None,
+    target_sum: float = 1e5,
+    n_top_genes: int = 1000,
+    hvg_flavor: Literal["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"] = "seurat_v3",
+    batch_key: str | None = None,
+):
+    """The tutorial's preparation, on a copy of ``adata`` (the input is not modified).
+
+    Counts (``adata.X`` or ``adata.layers[layer]``) are checked to be raw counts, then:
+    ``layers["counts"]``, ``normalize_total(target_sum)``, ``log1p``, ``raw`` frozen,
+    ``highly_variable_genes(flavor, n_top_genes, subset=True)`` (on the counts layer for the
+    ``seurat_v3`` flavors; per batch with ``batch_key``). Cells left without counts in the
+    selected genes are dropped with a warning (LDVAE cannot model an empty library).
+
+    Returns
+    -------
+    A new AnnData, genes subset to the highly variable ones, with ``X`` (log1p of
+    normalized counts), ``layers["counts"]``, ``raw`` (all genes, log-normalized),
+    ``var["highly_variable"]`` and the other HVG columns, ``uns["log1p"]``, ``uns["hvg"]``.
+    """
+    import scanpy as sc
+
+    counts = get_counts(adata, layer)
+    validate_counts(adata, counts, layer)
+    if batch_key is not None and batch_key not in adata.obs.columns:
+        raise SetupError(
+            f"batch_key={batch_key!r} is not a column of adata.obs (columns: "
+            f"{', '.join(map(repr, adata.obs.columns[:10])) or 'none'})."
+        )
+    _check_positive("n_top_genes", n_top_genes)
+    if not target_sum > 0:
+        raise SetupError(f"target_sum must be positive, got {target_sum!r}.")
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    detected = int((counts.getnnz(axis=0) > 0).sum())
+    if n_top_genes > detected:
+        raise SetupError(
+            f"n_top_genes={n_top_genes} but only {detected} of the {adata.n_vars} genes have any counts; "
+            f"ask for at most {detected} highly variable genes (--n-top-genes)."
+        )
+    out = adata.copy()
+    out.X = counts.copy()
+    out.layers["counts"] = counts
+    sc.pp.normalize_total(out, target_sum=target_sum)
+    sc.pp.log1p(out)
+    out.raw = out
+    sc.pp.highly_variable_genes(
+        out,
+        flavor=hvg_flavor,
+        layer="counts" if hvg_flavor.startswith("seurat_v3") else None,
+        n_top_genes=n_top_genes,
+        batch_key=batch_key,
+        subset=True,
+    )
+    empty = np.asarray(out.layers["counts"].sum(axis=1)).ravel() <= 0
+    if empty.any():
+        logger.warning(
+            "Dropping %d of %d cells with no counts in the %d highly variable genes.",
+            int(empty.sum()), out.n_obs, out.n_vars,
+        )
+        out = out[~empty].copy()
+    logger.info("prepared %d cells x %d highly variable genes (%s)", out.n_obs, out.n_vars, hvg_flavor)
+    return out
+
+
+# --- fit and interpret ------------------------------------------------------------------------
+
+
+def fit(
+    adata,
+    *,
+    batch_key: str | None = None,
+    n_latent: int = 10,
+    gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb",
+    max_epochs: int = 250,
+    lr: float = 5e-3,
+    batch_size: int = 128,
+    check_val_every_n_epoch: int = 10,
+    seed: int = 0,
+    accelerator: str = "auto",
+    progress_bar: bool = True,
+) -> LinearSCVI:
+    """``setup_anndata(adata, layer="counts", batch_key=...)``, then a trained ``LinearSCVI``.
+
+    Writes ``adata.uns["ldvae_setup"]`` (see :func:`ldvae.data.setup_anndata`).
+    """
+    LinearSCVI.setup_anndata(adata, layer="counts", batch_key=batch_key)
+    model = LinearSCVI(adata, n_latent=n_latent, gene_likelihood=gene_likelihood)
+    model.train(
+        max_epochs=max_epochs,
+        lr=lr,
+        batch_size=batch_size,
+        check_val_every_n_epoch=check_val_every_n_epoch,
+        accelerator=accelerator,
+        seed=seed,
+        progress_bar=progress_bar,
+    )
+    return model
+
+
+def interpret(
+    model: LinearSCVI,
+    adata,
+    *,
+    n_neighbors: int = 20,
+    umap_min_dist: float = 0.3,
+    leiden_resolution: float = 0.8,
+    seed: int = 0,
+) -> None:
+    """Latent means and loadings into ``adata``; neighbors, UMAP and Leiden on the latent space.
+
+    Writes
+    ------
+    obsm["X_ldvae"], varm["ldvae_loadings"], uns["ldvae"], obs["Z_0"] … obs["Z_{K-1}"]
+        See :func:`ldvae.results.write_results`.
+    uns["neighbors"], obsp["distances"], obsp["connectivities"]
+        ``sc.pp.neighbors(use_rep="X_ldvae", n_neighbors=...)``.
+    obsm["X_umap"], uns["umap"]
+        ``sc.tl.umap(min_dist=...)``.
+    obs["leiden"], uns["leiden"]
+        ``sc.tl.leiden(resolution=...)`` (igraph implementation, 2 iterations).
+    """
+    import scanpy as sc
+
+    model.write_results(adata, obs_columns=True)
+    sc.pp.neighbors(adata, use_rep=result_keys()["obsm"], n_neighbors=n_neighbors, random_state=seed)
+    sc.tl.umap(adata, min_dist=umap_min_dist, random_state=seed)
+    sc.tl.leiden(
+        adata, resolution=leiden_resolution, key_added="leiden", random_state=seed,
+        flavor="igraph", n_iterations=2, directed=False,
+    )
+    logger.info("added obsp['connectivities'], obsm['X_umap'], obs['leiden'] (%d clusters)",
+                adata.obs["leiden"].nunique())
+
+
+def format_top_genes(table: pd.DataFrame) -> str:
+    """The tutorial's "Top loadings by magnitude" printout of a :func:`~ldvae.plotting.top_genes` table:
+    per factor, the most negative genes, then the most positive (each ending at the extreme)."""
+    rule = "-" * 88
+    lines = ["Top loadings by magnitude", rule]
+    for factor, group in table.groupby("factor", sort=False):
+        neg = group[group["direction"] == "negative"].sort_values("loading")
+        pos = group[group["direction"] == "positive"].sort_values("loading")
+        lines.append(f"{factor}:\t" + "\t".join(f"{g}, {v:.2}" for g, v in zip(neg["gene"], neg["loading"])))
+        lines.append("\t...")
+        lines.append("\t" + "\t".join(f"{g}, {v:.2}" for g, v in zip(pos["gene"], pos["loading"])))
+        lines.append(rule)
+    return "\n".join(lines)
+
+
+# --- write ----------------------------------------------------------------------------------------
+
+
+def _history_plain(history: dict[str, pd.DataFrame]) -> dict:
+    return {
+        k: {"epoch": v.index.to_numpy(dtype=np.int64), "value": v.iloc[:, 0].to_numpy(dtype=np.float64)}
+        for k, v in history.items()
+    }
+
+
+def _save_figure(fig, directory: Path, name: str, formats: Sequence[str]) -> dict[str, Path]:
+    paths = {}
+    for fmt in formats:
+        path = directory / f"{name}.{fmt}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=110 if fmt == "png" else None)
+        paths[f"{name}.{fmt}"] = path
+    return paths
+
+
+def write_outputs(
+    model: LinearSCVI,
+    adata,
+    directory: str | os.PathLike,
+    *,
+    n_top_loadings: int = 5,
+    color_by: Sequence[str] = (),
+    figure_formats: Sequence[str] = ("png",),
+    title: str = "LDVAE report",
+    report_sections: Sequence[ReportSection] = (),
+) -> dict[str, Path]:
+    """Write every output file of the workflow into ``directory`` (which may exist).
+
+    Files: ``results.h5ad``, ``loadings.csv`` (genes × Z_i), ``top_genes.csv``,
+    ``model/`` (:meth:`LinearSCVI.save`), ``figures/<name>.png`` (and SVG/PDF on request)
+    and ``report.html`` (figures embedded). ``adata`` must hold the results of :func:`interpret`
+    and ``adata.uns["ldvae_workflow"]`` the settings and data summary.
+
+    Returns
+    -------
+    Output name → path.
+    """
+    d = Path(directory)
+    files: dict[str, Path] = {}
+    loadings = loadings_frame(adata)
+    table = top_genes(loadings, n_top_loadings)
+    info = adata.uns.get(WORKFLOW_KEY, {})
+
+    files["loadings.csv"] = d / "loadings.csv"
+    atomic_write_text(files["loadings.csv"], loadings.rename_axis("gene").to_csv())
+    files["top_genes.csv"] = d / "top_genes.csv"
+    atomic_write_text(files["top_genes.csv"], table.to_csv(index=False))
+
+    formats = ["png"] + [f for f in dict.fromkeys(figure_formats) if f != "png"]
+    fig_dir = d / "figures"
+    color = "leiden" if not color_by else color_by[0]
+    figures = [
+        ("training_curves", "Training and validation ELBO by epoch.", training_curves(model.history)),
+        ("latent_pairs", f"Latent dimension pairs, coloured by {color}.", latent_pairs(adata, color=color)),
+        ("loadings_heatmap", f"Loadings of the top {n_top_loadings} negative and positive genes per factor.",
+         loadings_heatmap(adata, n_genes=n_top_loadings)),
+        ("top_genes", f"Top {n_top_loadings} negative (blue) and positive (red) genes of each factor.",
+         top_genes_bars(adata, n_genes=n_top_loadings)),
+        ("umap_clusters", "UMAP of the LDVAE latent space, coloured by Leiden cluster"
+         + (f" and by {', '.join(color_by)}." if color_by else "."),
+         umap(adata, color=["leiden", *color_by], ncols=2)),
+        ("umap_factors", "UMAP coloured by each factor.",
+         umap(adata, color=list(loadings.columns), ncols=4)),
+    ]
+    embedded = []
+    for name, caption, fig in figures:
+        paths = _save_figure(fig, fig_dir, name, formats)
+        files.update({f"figures/{k}": v for k, v in paths.items()})
+        embedded.append((caption, paths[f"{name}.png"]))
+
+    model.save(d / "model", overwrite=True)
+    files["model"] = d / "model"
+    files["results.h5ad"] = d / "results.h5ad"
+    with atomic_path(files["results.h5ad"]) as tmp:
+        adata.write_h5ad(tmp, compression="gzip")  # raw (all genes) and counts compress ~4x
+
+    extra = [s(model, adata) if callable(s) else s for s in report_sections]
+    source = adata.uns.get("source")
+    footer = source.get("attribution", "") if isinstance(source, dict) else ""
+    html_text = build_report(
+        title=title,
+        data_summary=dict(info.get("data", {"cells": adata.n_obs, "genes modelled": adata.n_vars})),
+        settings=dict(info.get("settings", model.init_params_)),
+        figures=embedded,
+        top_genes=table,
+        extra_sections=extra,
+        footer=footer,
+    )
+    files["report"] = d / "report.html"
+    atomic_write_text(files["report"], html_text)
+    return files
+
+
+# --- the whole workflow ------------------------------------------------------------------------
+
+
+def _check_positive(name: str, value, kind=int) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer) if kind is int else (int, float))
+    if not ok or value <= 0:
+        raise SetupError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}.")
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """``out_dir`` as a Path; raises FileExistsError when it exists and ``overwrite`` is False."""
+    path = Path(out_dir)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"Output directory {str(path)!r} already exists. Pass --overwrite (overwrite=True) "
+                              "to replace it, or choose another --out-dir.")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"Output path {str(path)!r} exists and is not a directory.")
+    return path
+
+
+def run_workflow(
+    adata_or_path,
+    *,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    layer: str | None = None,
+    backup_url: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    sha256: str | None = None,
+    batch_key: str | None = None,
+    target_sum: float = 1e5,
+    n_top_genes: int = 1000,
+    hvg_flavor: Literal["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"] = "seurat_v3",
+    n_latent: int = 10,
+    gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb",
+    max_epochs: int = 250,
+    lr: float = 5e-3,
+    batch_size: int = 128,
+    check_val_every_n_epoch: int = 10,
+    seed: int = 0,
+    accelerator: str = "auto",
+    n_neighbors: int = 20,
+    umap_min_dist: float = 0.3,
+    leiden_resolution: float = 0.8,
+    n_top_loadings: int = 5,
+    color_by: Sequence[str] = (),
+    figure_formats: Sequence[str] = ("png",),
+    title: str | None = None,
+    report_sections: Sequence[ReportSection] = (),
+    n_threads: int | None = None,
+    progress_bar: bool = True,
+) -> WorkflowResult:
+    """The LDVAE tutorial from counts to figures and a report, written into ``out_dir``.
+
+    Parameters
+    ----------
+    adata_or_path
+        An AnnData of raw counts (not modified), or a count file / 10x directory for
+        :func:`ldvae.readers.read_counts` (with ``backup_url``, ``cache_dir``, ``sha256``).
+    out_dir, overwrite
+        Output directory; an existing one is replaced only with ``overwrite=True``.
+    layer
+        Where the raw counts are (default ``X``).
+    batch_key
+        obs column of batches, for HVG selection and the model.
+    target_sum, n_top_genes, hvg_flavor
+        Preparation (see :func:`prepare`).
+    n_latent, gene_likelihood, max_epochs, lr, batch_size, check_val_every_n_epoch, seed, accelerator
+        The model and its training (see :class:`ldvae.LinearSCVI`).
+    n_neighbors, umap_min_dist, leiden_resolution
+        Neighbors graph, UMAP and Leiden clustering on the latent means.
+    n_top_loadings
+        Genes per direction and factor in the top-genes table and figures.
+    color_by
+        More obs columns to colour the UMAP (and, the first, the latent pairs) by.
+    figure_formats
+        ``"png"`` always; add ``"svg"`` and/or ``"pdf"``.
+    title
+        Report title.
+    report_sections
+        Extra report sections: ``(title, html)`` pairs, or functions of ``(model, adata)``
+        returning one (see :mod:`ldvae.report`).
+    n_threads
+        CPU threads for torch during the run (default: as set); restored afterwards.
+    progress_bar
+        Show the download and training progress bars.
+
+    Returns
+    -------
+    A :class:`WorkflowResult`. Its ``adata`` holds, besides the prepared data (see
+    :func:`prepare`) and the results of :func:`interpret`, ``uns["ldvae_workflow"]``:
+    ``settings``, ``data`` (summary) and ``history`` (per metric: ``epoch``, ``value``).
+    """
+    import anndata
+
+    started = time.perf_counter()
+    out_dir = check_out_dir(out_dir, overwrite)
+    for name in ("n_top_genes", "n_latent", "max_epochs", "batch_size", "check_val_every_n_epoch",
+                 "n_neighbors", "n_top_loadings"):
+        _check_positive(name, locals()[name])
+    for name in ("target_sum", "lr", "leiden_resolution"):
+        _check_positive(name, locals()[name], kind=float)
+    if n_threads is not None:
+        _check_positive("n_threads", n_threads)
+    bad = [f for f in figure_formats if f not in FIGURE_FORMATS]
+    if bad:
+        raise SetupError(f"figure_formats: {bad[0]!r} is not one of {FIGURE_FORMATS}.")
+
+    if isinstance(adata_or_path, anndata.AnnData):
+        raw, input_name = adata_or_path, "AnnData in memory"
+    else:
+        raw = read_counts(adata_or_path, backup_url=backup_url, cache_dir=cache_dir, sha256=sha256,
+                          progress_bar=progress_bar)
+        input_name = str(adata_or_path) if adata_or_path is not None else str(backup_url)
+    missing = [c for c in color_by if c not in raw.obs.columns]
+    if missing:
+        raise SetupError(f"color_by={missing[0]!r} is not a column of adata.obs "
+                         f"(columns: {', '.join(map(repr, raw.obs.columns[:10])) or 'none'}).")
+    if raw.n_obs <= n_neighbors:
+        raise SetupError(f"n_neighbors={n_neighbors} needs more cells than that; the data has {raw.n_obs}.")
+
+    import torch
+
+    with _torch_threads(n_threads):
+        with _keep_torch_threads():
+            adata = prepare(raw, layer=layer, target_sum=target_sum, n_top_genes=n_top_genes,
+                            hvg_flavor=hvg_flavor, batch_key=batch_key)
+        t0 = time.perf_counter()
+        model = fit(adata, batch_key=batch_key, n_latent=n_latent, gene_likelihood=gene_likelihood,
+                    max_epochs=max_epochs, lr=lr, batch_size=batch_size,
+                    check_val_every_n_epoch=check_val_every_n_epoch, seed=seed, accelerator=accelerator,
+                    progress_bar=progress_bar)
+        train_seconds = time.perf_counter() - t0
+        with _keep_torch_threads():
+            interpret(model, adata, n_neighbors=n_neighbors, umap_min_dist=umap_min_dist,
+                      leiden_resolution=leiden_resolution, seed=seed)
+
+        hist = model.history
+        lib = np.asarray(adata.layers["counts"].sum(axis=1)).ravel()
+        raw_lib = np.asarray(get_counts(raw, layer).sum(axis=1)).ravel()
+        data = {
+            "input": input_name,
+            "cells": int(adata.n_obs),
+            "genes in input": int(raw.n_vars),
+            "highly variable genes modelled": int(adata.n_vars),
+            "cells dropped (no counts in the selected genes)": int(raw.n_obs - adata.n_obs),
+            "median counts per cell (all genes)": float(np.median(raw_lib)),
+            "median counts per cell (modelled genes)": float(np.median(lib)),
+            "batches": int(adata.obs[batch_key].nunique()) if batch_key else 1,
+            "Leiden clusters": int(adata.obs["leiden"].nunique()),
+        }
+        if isinstance(raw.uns.get("source"), str):
+            data["source"] = raw.uns["source"]
+        settings = {
+            "counts": f"layers[{layer!r}]" if layer else "X",
+            "batch_key": batch_key or "none",
+            "target_sum": float(target_sum),
+            "hvg_flavor": hvg_flavor,
+            "n_top_genes": int(n_top_genes),
+            "n_latent": int(n_latent),
+            "gene_likelihood": gene_likelihood,
+            "max_epochs": int(max_epochs),
+            "epochs trained": int(model.train_state_.epoch),
+            "lr": float(lr),
+            "batch_size": int(batch_size),
+            "check_val_every_n_epoch": int(check_val_every_n_epoch),
+            "seed": int(seed),
+            "device": str(model.device),
+            "torch CPU threads": int(torch.get_num_threads()),
+            "training time (s)": round(train_seconds, 1),
+            "final elbo_train": float(hist["elbo_train"].iloc[-1, 0]) if "elbo_train" in hist else float("nan"),
+            "final elbo_validation": float(hist["elbo_validation"].iloc[-1, 0]) if "elbo_validation" in hist
+            else float("nan"),
+            "n_neighbors": int(n_neighbors),
+            "umap_min_dist": float(umap_min_dist),
+            "leiden_resolution": float(leiden_resolution),
+            "ldvae version": __version__,
+        }
+        adata.uns[WORKFLOW_KEY] = {"settings": settings, "data": data, "history": _history_plain(hist)}
+        if isinstance(raw.uns.get("source"), dict):
+            adata.uns["source"] = dict(raw.uns["source"])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent.resolve()))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the output directory should not be
+        staged = write_outputs(model, adata, staging, n_top_loadings=n_top_loadings, color_by=list(color_by),
+                               figure_formats=figure_formats, title=title or f"LDVAE report: {input_name}",
+                               report_sections=report_sections)
+        _move_into_place(staging, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = {k: out_dir / v.relative_to(staging) for k, v in staged.items()}
+    logger.info("workflow finished in %.1f s; report: %s", time.perf_counter() - started, files["report"])
+    return WorkflowResult(model=model, adata=adata, out_dir=out_dir, files=files,
+                          top_genes=top_genes(loadings_frame(adata), n_top_loadings))
+
+
+def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished staging directory to ``out_dir``; an old one is removed only after."""
+    if out_dir.exists():
+        check_out_dir(out_dir, overwrite)
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent.resolve()))
+        os.replace(out_dir, trash / "old")
+        os.replace(staging, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
