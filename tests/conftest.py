@@ -3,8 +3,20 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 import ldvae
+
+# The minibatches here are small: one thread is as fast as two on an idle 2-core machine
+# and 10-30x faster on a busy one (OpenMP threads spin against the other load). scanpy
+# calls can raise torch's thread count, so every test starts from one thread again.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture
