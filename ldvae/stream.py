@@ -666,8 +666,9 @@ def get_latent_representation(
     return_dist
         Return ``(mean, variance)`` of q(z|x) instead (in memory).
     out
-        A ``.npy`` path: the result is written there and returned as a read-write
-        ``numpy.memmap`` (nothing of size n_cells is held in memory).
+        A ``.npy`` path: the result is filled under a temporary name, renamed to ``out``
+        when complete, and returned as a read-only memory map (nothing of size n_cells is
+        held in memory).
     chunk_size
         Cells read from disk at a time.
 
@@ -695,7 +696,9 @@ def get_latent_representation(
             raise ValueError("out= writes the latent representation; it cannot be combined with return_dist=True.")
         if Path(out).suffix != ".npy":
             raise ValueError(f"out must be a .npy path, got {str(out)!r}.")
-        result = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(len(idx), k))
+        # Filled under a temporary name and renamed when complete: never a partial file at `out`.
+        tmp_out = Path(out).parent / f".{Path(out).name}.{os.getpid()}.tmp.npy"
+        result = np.lib.format.open_memmap(tmp_out, mode="w+", dtype=np.float32, shape=(len(idx), k))
     else:
         result = np.empty((len(idx), k), dtype=np.float32)
     variances = np.empty((len(idx), k), dtype=np.float32) if return_dist else None
@@ -717,29 +720,38 @@ def get_latent_representation(
             local = sorted_idx[lo:hi] - a
             yield lo, hi, _count_data(disk.rows(a, b)[local], cov, sorted_idx[lo:hi], device)
 
-    for lo, hi, data in _prefetched(produce):
-        parts, var_parts = [], []
-        for rows in torch.split(torch.arange(data.n_cells, device=device), step):
-            inf = module.inference(data.gather(rows), use_mean=True)
-            qz_m, qz_v = inf.qz_m, inf.qz_v
+    try:
+        for lo, hi, data in _prefetched(produce):
+            parts, var_parts = [], []
+            for rows in torch.split(torch.arange(data.n_cells, device=device), step):
+                inf = module.inference(data.gather(rows), use_mean=True)
+                qz_m, qz_v = inf.qz_m, inf.qz_v
+                if return_dist:
+                    parts.append(qz_m.float().cpu().numpy())
+                    var_parts.append(qz_v.float().cpu().numpy())
+                    continue
+                if give_mean and not ln:
+                    z = qz_m
+                elif give_mean:
+                    samples = qz_m + qz_v.sqrt() * torch.randn((mc_samples, *qz_m.shape), device=device)
+                    z = torch.softmax(samples, dim=-1).mean(0)
+                else:
+                    z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
+                    z = torch.softmax(z, dim=-1) if ln else z
+                parts.append(z.float().cpu().numpy())
+            result[order[lo:hi]] = np.concatenate(parts)
             if return_dist:
-                parts.append(qz_m.float().cpu().numpy())
-                var_parts.append(qz_v.float().cpu().numpy())
-                continue
-            if give_mean and not ln:
-                z = qz_m
-            elif give_mean:
-                samples = qz_m + qz_v.sqrt() * torch.randn((mc_samples, *qz_m.shape), device=device)
-                z = torch.softmax(samples, dim=-1).mean(0)
-            else:
-                z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
-                z = torch.softmax(z, dim=-1) if ln else z
-            parts.append(z.float().cpu().numpy())
-        result[order[lo:hi]] = np.concatenate(parts)
-        if return_dist:
-            variances[order[lo:hi]] = np.concatenate(var_parts)
+                variances[order[lo:hi]] = np.concatenate(var_parts)
+    except BaseException:
+        if out is not None:
+            del result
+            tmp_out.unlink(missing_ok=True)
+        raise
     if return_dist:
         return result, variances
-    if isinstance(result, np.memmap):
+    if out is not None:
         result.flush()
+        del result
+        os.replace(tmp_out, out)
+        return np.load(out, mmap_mode="r")
     return result

@@ -176,6 +176,7 @@ def test_streamed_latent_equals_in_memory_and_writes_npy(stores, reference, tmp_
     out = stream.get_latent_representation(reference, backed, idx, out=tmp_path / "z.npy", chunk_size=100)
     np.testing.assert_allclose(np.load(tmp_path / "z.npy"), expected[idx], rtol=1e-5, atol=1e-5)
     assert isinstance(out, np.memmap)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.npy"]  # no temporary file left
     m, v = reference.get_latent_representation(backed, return_dist=True)
     np.testing.assert_allclose(m, expected, rtol=1e-5, atol=1e-5)
     assert (v > 0).all()
