@@ -30,7 +30,7 @@ from .data import (
     to_csr,
     validate_counts,
 )
-from .module import LDVAEModule, ModuleConfig
+from .module import LDVAEModule, ModuleConfig, latent_estimate
 from .stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk
 from .train import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint, split_indices
 
@@ -446,14 +446,7 @@ class LinearSCVI:
                 means.append(inf.qz_m.cpu())
                 variances.append(inf.qz_v.cpu())
                 continue
-            if give_mean and not ln:
-                z = inf.qz_m
-            elif give_mean:
-                samples = inf.qz_m + inf.qz_v.sqrt() * torch.randn((mc_samples, *inf.qz_m.shape), device=self.device)
-                z = torch.softmax(samples, dim=-1).mean(0)
-            else:
-                z = inf.qz_m + inf.qz_v.sqrt() * torch.randn_like(inf.qz_m)
-                z = torch.softmax(z, dim=-1) if ln else z
+            z = latent_estimate(inf.qz_m, inf.qz_v, give_mean=give_mean, mc_samples=mc_samples, ln=ln)
             out.append(z.cpu())
         if return_dist:
             return torch.cat(means).numpy(), torch.cat(variances).numpy()

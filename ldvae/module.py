@@ -287,3 +287,16 @@ class LDVAEModule(nn.Module):
         kl_z, kl_l = self.kl_divergences(b, inf)
         loss = (reconstruction + kl_weight * kl_z + kl_l).mean()
         return LossOutput(loss, reconstruction, kl_z, kl_l)
+
+
+def latent_estimate(qz_m: Tensor, qz_v: Tensor, *, give_mean: bool, mc_samples: int, ln: bool) -> Tensor:
+    """A cell's latent value as the queries report it, (n_cells, K): the posterior mean;
+    for ``ln`` the Monte Carlo mean of softmax(z) over ``mc_samples``; with
+    ``give_mean=False`` one sample (softmax-transformed for ``ln``)."""
+    if give_mean and not ln:
+        return qz_m
+    if give_mean:
+        samples = qz_m + qz_v.sqrt() * torch.randn((mc_samples, *qz_m.shape), device=qz_m.device)
+        return torch.softmax(samples, dim=-1).mean(0)
+    z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
+    return torch.softmax(z, dim=-1) if ln else z

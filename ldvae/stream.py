@@ -37,7 +37,7 @@ import scipy.sparse as sp
 import torch
 
 from .data import CountData, Covariates, SetupError, get_counts, read_covariates, validate_counts
-from .module import CountBatch
+from .module import CountBatch, latent_estimate
 from .train import minibatches
 
 logger = logging.getLogger(__name__)
@@ -730,14 +730,7 @@ def get_latent_representation(
                     parts.append(qz_m.float().cpu().numpy())
                     var_parts.append(qz_v.float().cpu().numpy())
                     continue
-                if give_mean and not ln:
-                    z = qz_m
-                elif give_mean:
-                    samples = qz_m + qz_v.sqrt() * torch.randn((mc_samples, *qz_m.shape), device=device)
-                    z = torch.softmax(samples, dim=-1).mean(0)
-                else:
-                    z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
-                    z = torch.softmax(z, dim=-1) if ln else z
+                z = latent_estimate(qz_m, qz_v, give_mean=give_mean, mc_samples=mc_samples, ln=ln)
                 parts.append(z.float().cpu().numpy())
             result[order[lo:hi]] = np.concatenate(parts)
             if return_dist:
