@@ -258,8 +258,7 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                     if comm is not None:
                         comm.sync(params, buffers)
                     if not bool(torch.isfinite(out.loss + _grad_norm(params))):
-                        for saved, b in zip(last_good_buffers, buffers):
-                            b.copy_(saved)
+                        torch._foreach_copy_(buffers, last_good_buffers)
                         raise NonFiniteLossError(_nonfinite_message(module, out.loss, epoch, i, config))
                     optimizer.step()
                     state.step += 1
@@ -304,8 +303,7 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if in_step:  # interrupted inside a step: batch-norm statistics may be half-updated
-            for saved, b in zip(last_good_buffers, buffers):
-                b.copy_(saved)
+            torch._foreach_copy_(buffers, last_good_buffers)
         state.interrupted = True
         logger.warning(
             "Training interrupted after %d completed steps (epoch %d); the model keeps the parameters "
