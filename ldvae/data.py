@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from .module import CountBatch
+from .module import CountBatch, gene_order
 
 SETUP_KEY = "ldvae_setup"
 MAX_COUNT = 1e9  # per cell and gene; far above any sequencing count, far below float32 overflow
@@ -304,31 +304,50 @@ class CountData:
         self.cat_covs = None if cov.cat_covs is None else torch.as_tensor(cov.cat_covs, device=device)
         self.cont_covs = None if cov.cont_covs is None else torch.as_tensor(cov.cont_covs, device=device)
 
-    def gather(self, rows: Tensor) -> CountBatch:
-        """The minibatch of cells ``rows`` (int64 on this device), built by index gather."""
+    def gather(self, rows: Tensor, *, by_gene: bool = False) -> CountBatch:
+        """The minibatch of cells ``rows`` (int64 on this device), built by index gather.
+
+        ``by_gene`` also groups the nonzeros by gene, which the encoder's weight gradient
+        needs (training); without it that grouping is made on first use."""
         b, g = rows.shape[0], self.n_genes
-        starts = self.indptr[rows]
-        lens = self.row_nnz[rows]
+        # index_select throughout: a third of advanced indexing's cost on small index sets.
+        starts = torch.index_select(self.indptr, 0, rows)
+        lens = torch.index_select(self.row_nnz, 0, rows)
         total = int(lens.sum())
         row = torch.repeat_interleave(torch.arange(b, device=self.device), lens, output_size=total)
         first = torch.cumsum(lens, 0) - lens  # position of each row's first nonzero in the batch
-        pos = torch.arange(total, device=self.device) - first[row] + starts[row]
-        col = self.indices[pos].long()
-        val = self.values[pos]
-        flat = row * g + col
-        x = torch.zeros(b * g, device=self.device).index_put_((flat,), val).view(b, g)
+        pos = torch.arange(total, device=self.device).add_(torch.index_select(starts - first, 0, row))
+        col32 = torch.index_select(self.indices, 0, pos)
+        col = col32.long()
+        val = torch.index_select(self.values, 0, pos)
+        log1p_val = torch.log1p(val)
+        order = None
+        if by_gene:
+            if self.device.type == "cpu":
+                # NumPy's stable sort of 16-bit keys is a radix sort: ~60 us for 14k nonzeros,
+                # 7x faster than torch's CPU sort.
+                keys = col32.numpy()
+                order = torch.from_numpy(np.argsort(keys.astype(np.int16) if g < 2**15 else keys, kind="stable"))
+            order = gene_order(row, col, log1p_val, g, order)
+
+        def per_cell(t: Tensor | None) -> Tensor | None:
+            return None if t is None else torch.index_select(t, 0, rows)
+
         return CountBatch(
-            x=x,
             row=row,
             col=col,
-            flat=flat,
+            flat=row * g + col,
             val=val,
-            batch=self.batch[rows],
-            label=self.label[rows],
-            cat_covs=None if self.cat_covs is None else self.cat_covs[rows],
-            cont_covs=None if self.cont_covs is None else self.cont_covs[rows],
-            log_total=self.log_total[rows],
-            lgamma_x1=self.lgamma_x1[rows],
+            batch=per_cell(self.batch),
+            label=per_cell(self.label),
+            cat_covs=per_cell(self.cat_covs),
+            cont_covs=per_cell(self.cont_covs),
+            log_total=per_cell(self.log_total),
+            lgamma_x1=per_cell(self.lgamma_x1),
+            n_genes=g,
+            row_start=first,
+            log1p_values=log1p_val,
+            gene_order=order,
         )
 
 

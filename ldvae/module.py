@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .likelihoods import nb_log_prob, poisson_log_prob, zinb_log_prob
+from .likelihoods import nb_log_prob, nb_log_prob_softmax, poisson_log_prob, zinb_log_prob
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
 GeneLikelihood = Literal["nb", "zinb", "poisson"]
@@ -62,11 +62,21 @@ class ModuleConfig:
 
 
 @dataclass(frozen=True)
-class CountBatch:
-    """A minibatch on the compute device. ``x`` dense; the nonzeros also as coordinates."""
+class GeneOrder:
+    """A minibatch's nonzeros grouped by gene (stable within a gene): what the encoder's
+    first layer needs for its weight gradient, X^T @ grad, as a sum over each gene's cells."""
 
-    x: Tensor  # (n_cells, n_genes) counts
-    row: Tensor  # (nnz,) cell within the batch
+    row: Tensor  # (nnz,) cell of each nonzero, in gene order
+    log1p_val: Tensor  # (nnz,) log1p(count), in gene order
+    gene_start: Tensor  # (n_genes,) position of each gene's first nonzero
+
+
+@dataclass(frozen=True)
+class CountBatch:
+    """A minibatch on the compute device, held as its nonzeros (CSR order: by cell, then
+    gene). The dense counts ``x`` and the per-gene grouping are built on first use."""
+
+    row: Tensor  # (nnz,) cell within the batch, non-decreasing
     col: Tensor  # (nnz,) gene
     flat: Tensor  # (nnz,) row * n_genes + col
     val: Tensor  # (nnz,) count
@@ -76,10 +86,86 @@ class CountBatch:
     cont_covs: Tensor | None  # (n_cells, n_cont_covs)
     log_total: Tensor  # (n_cells,) log of the cell's total count
     lgamma_x1: Tensor  # (n_cells,) sum_g lgamma(x + 1), the parameter-free likelihood term
+    n_genes: int
+    row_start: Tensor | None = None  # (n_cells,) position of each cell's first nonzero
+    log1p_values: Tensor | None = None  # (nnz,) log1p(val), the encoder's input
+    gene_order: GeneOrder | None = None
+    dense: Tensor | None = None  # (n_cells, n_genes) counts
 
     @property
     def n_cells(self) -> int:
-        return self.x.shape[0]
+        return self.log_total.shape[0]
+
+    def _cache(self, name: str, value):
+        object.__setattr__(self, name, value)  # a cache on a frozen dataclass: same values
+        return value
+
+    @property
+    def x(self) -> Tensor:
+        """Dense counts (n_cells, n_genes), built from the nonzeros on first use."""
+        if self.dense is not None:
+            return self.dense
+        x = self.val.new_zeros(self.n_cells * self.n_genes).index_put_((self.flat,), self.val)
+        return self._cache("dense", x.view(self.n_cells, self.n_genes))
+
+    @property
+    def starts(self) -> Tensor:
+        """Position of each cell's first nonzero, (n_cells,)."""
+        if self.row_start is not None:
+            return self.row_start
+        counts = torch.bincount(self.row, minlength=self.n_cells)
+        return self._cache("row_start", torch.cumsum(counts, 0) - counts)
+
+    @property
+    def log1p_val(self) -> Tensor:
+        if self.log1p_values is not None:
+            return self.log1p_values
+        return self._cache("log1p_values", torch.log1p(self.val))
+
+    @property
+    def by_gene(self) -> GeneOrder:
+        if self.gene_order is not None:
+            return self.gene_order
+        return self._cache("gene_order", gene_order(self.row, self.col, self.log1p_val, self.n_genes))
+
+
+def gene_order(
+    row: Tensor, col: Tensor, log1p_val: Tensor, n_genes: int, order: Tensor | None = None
+) -> GeneOrder:
+    """Nonzeros grouped by gene; ``order`` a stable argsort of ``col`` if the caller has a
+    faster one (``data.CountData.gather`` uses NumPy's radix sort on CPU)."""
+    if order is None:
+        order = torch.sort(col, stable=True).indices
+    counts = torch.bincount(col, minlength=n_genes)
+    return GeneOrder(
+        torch.index_select(row, 0, order), torch.index_select(log1p_val, 0, order), torch.cumsum(counts, 0) - counts
+    )
+
+
+class _SparseLinear(torch.autograd.Function):
+    """``log1p(x) @ weight.T + bias`` from a minibatch's nonzeros: a per-cell weighted sum of
+    rows of weight.T forward, a per-gene weighted sum of gradient rows backward. At ~10 %
+    nonzeros this is 3-4x less arithmetic than the dense product and never builds log1p(x).
+    Fastest with ``weight`` stored gene-major (``weight.t()`` contiguous, see GaussianEncoder)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Tensor, b: CountBatch) -> Tensor:
+        ctx.b = b
+        out = F.embedding_bag(b.col, weight.t().contiguous(), b.starts, mode="sum", per_sample_weights=b.log1p_val)
+        return out.add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        order = ctx.b.by_gene
+        grad_weight_t = F.embedding_bag(
+            order.row, grad.contiguous(), order.gene_start, mode="sum", per_sample_weights=order.log1p_val
+        )  # (G, H): gene-major, the layout of the weight
+        return grad_weight_t.t(), grad.sum(0), None
+
+
+def sparse_linear(weight: Tensor, bias: Tensor, b: CountBatch) -> Tensor:
+    """``F.linear(log1p(b.x), weight, bias)``, computed from the nonzeros, (n_cells, H)."""
+    return _SparseLinear.apply(weight, bias, b)
 
 
 @dataclass(frozen=True)
@@ -131,6 +217,11 @@ class GaussianEncoder(nn.Module):
     def __init__(self, n_in: int, n_out: int, n_hidden: int, n_layers: int, dropout_rate: float):
         super().__init__()
         self.trunk = _fc_stack(n_in, n_hidden, n_layers, dropout_rate)
+        # The first weight (n_hidden, n_genes) is stored gene-major: the sparse first layer
+        # reads one gene's row of weight.T per nonzero, and its gradient comes out gene-major,
+        # so neither direction needs a transposing copy (~1 ms per step at 1000 genes).
+        first = self.trunk[0]
+        first.weight = nn.Parameter(first.weight.detach().t().contiguous().t())
         self.mean = nn.Linear(n_hidden, n_out)
         self.var = nn.Linear(n_hidden, n_out)
 
@@ -207,17 +298,14 @@ class LDVAEModule(nn.Module):
     # --- the three steps ------------------------------------------------------------
     def inference(self, b: CountBatch, *, n_samples: int = 1, use_mean: bool = False) -> Inference:
         """q(z | x) and q(l | x); one reparameterized sample unless ``use_mean``."""
-        h = torch.log1p(b.x)  # (n_cells, G)
+        first_z = self.z_encoder.trunk[0]
         if self.l_encoder is None:
-            qz_m, qz_v = self.z_encoder(h)
+            qz_m, qz_v = self.z_encoder.after_first_linear(sparse_linear(first_z.weight, first_z.bias, b))
             z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
             return Inference(qz_m, qz_v, z, None, None, b.log_total)
-        # Both encoders read log1p(x): their first layers run as one (G -> 2H) matmul, the
-        # costliest product of a step, with the two parameter sets kept separate.
-        first_z, first_l = self.z_encoder.trunk[0], self.l_encoder.trunk[0]
-        weight = torch.cat([first_z.weight, first_l.weight])  # (H_z + H_l, G)
-        bias = torch.cat([first_z.bias, first_l.bias])
-        h_z, h_l = F.linear(h, weight, bias).split([first_z.out_features, first_l.out_features], dim=1)
+        first_l = self.l_encoder.trunk[0]
+        h_z = sparse_linear(first_z.weight, first_z.bias, b)
+        h_l = sparse_linear(first_l.weight, first_l.bias, b)
         qz_m, qz_v = self.z_encoder.after_first_linear(h_z)
         z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
         ql_m, ql_v = self.l_encoder.after_first_linear(h_l)
@@ -248,17 +336,21 @@ class LDVAEModule(nn.Module):
             zi_logits = self.zi_regressor(zc)
             if self.zi_bn is not None:
                 zi_logits = self.zi_bn(zi_logits)
-        log_theta = None
-        if c.gene_likelihood != "poisson":
-            if c.dispersion == "gene":
-                log_theta = self.px_r  # (G,)
-            elif c.dispersion == "gene-batch":
-                log_theta = torch.index_select(self.px_r.t(), 0, batch)  # (n_cells, G)
-            elif c.dispersion == "gene-label":
-                log_theta = torch.index_select(self.px_r.t(), 0, label)
-            else:
-                log_theta = self.px_r_regressor(zc)
+        log_theta = self.log_theta(zc, batch, label)
         return Generative(log_rho, log_mu, log_theta, zi_logits)
+
+    def log_theta(self, zc: Tensor, batch: Tensor, label: Tensor) -> Tensor | None:
+        """log inverse dispersion: (G,) per gene, (n_cells, G) otherwise; None for Poisson."""
+        c = self.config
+        if c.gene_likelihood == "poisson":
+            return None
+        if c.dispersion == "gene":
+            return self.px_r  # (G,)
+        if c.dispersion == "gene-batch":
+            return torch.index_select(self.px_r.t(), 0, batch)  # (n_cells, G)
+        if c.dispersion == "gene-label":
+            return torch.index_select(self.px_r.t(), 0, label)
+        return self.px_r_regressor(zc)
 
     def log_likelihood(self, b: CountBatch, gen: Generative) -> Tensor:
         """log p(x | z, l) per cell, lgamma(x + 1) excluded, (n_cells,)."""
@@ -274,16 +366,24 @@ class LDVAEModule(nn.Module):
         kl_z = 0.5 * (inf.qz_v + inf.qz_m.square() - 1.0 - inf.qz_v.log()).sum(-1)
         if inf.ql_m is None:
             return kl_z, torch.zeros_like(kl_z)
-        prior_m = self.library_log_means[b.batch]
-        prior_v = self.library_log_vars[b.batch]
+        prior_m = torch.index_select(self.library_log_means, 0, b.batch)
+        prior_v = torch.index_select(self.library_log_vars, 0, b.batch)
         kl_l = 0.5 * ((prior_v / inf.ql_v).log() + (inf.ql_v + (inf.ql_m - prior_m).square()) / prior_v - 1.0)
         return kl_z, kl_l
 
     def loss(self, b: CountBatch, kl_weight: float = 1.0) -> LossOutput:
         """mean over cells of -log p(x|z,l) + kl_weight * KL_z + KL_l (scvi-tools' objective)."""
         inf = self.inference(b)
-        gen = self.generative(inf.z, inf.library, self.covariate_columns(b), b.batch, b.label)
-        reconstruction = b.lgamma_x1 - self.log_likelihood(b, gen)
+        covariates = self.covariate_columns(b)
+        if self.config.gene_likelihood == "nb":
+            # The same value as generative + log_likelihood, with the softmax and the NB
+            # likelihood fused into one hand-written backward (likelihoods._SoftmaxNB).
+            zc = self.decoder_input(inf.z, covariates)
+            log_theta = self.log_theta(zc, b.batch, b.label)
+            ll = nb_log_prob_softmax(self.decode_logits(zc), inf.library, log_theta, b.row, b.col, b.flat, b.val)
+        else:
+            ll = self.log_likelihood(b, self.generative(inf.z, inf.library, covariates, b.batch, b.label))
+        reconstruction = b.lgamma_x1 - ll
         kl_z, kl_l = self.kl_divergences(b, inf)
         loss = (reconstruction + kl_weight * kl_z + kl_l).mean()
         return LossOutput(loss, reconstruction, kl_z, kl_l)

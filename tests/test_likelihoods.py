@@ -101,24 +101,93 @@ def test_module_likelihood_equals_dense_for_every_dispersion(dispersion, likelih
             torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_encoder_first_layers_equal_separate_encoders():
-    """inference() runs both encoders' first Linear as one matmul; the result is the same
-    as running each encoder on its own, in training mode (batch statistics) and eval mode."""
+def test_sparse_encoder_first_layers_equal_dense_encoders():
+    """inference() computes both encoders' first Linear from the nonzeros (a gather-sum
+    forward, a per-gene sum backward); values and gradients equal the dense encoders on
+    log1p(x), in training mode (batch statistics) and eval mode."""
     b, x = _batch(seed=7)
     torch.manual_seed(0)
     module = LDVAEModule(ModuleConfig(N_GENES, n_latent=4, dropout_rate=0.0), torch.zeros(1), torch.ones(1))
+    first = module.z_encoder.trunk[0].weight
+    assert first.t().is_contiguous()  # stored gene-major, see GaussianEncoder
+    params = [module.z_encoder.trunk[0].weight, module.l_encoder.trunk[0].weight,
+              module.z_encoder.trunk[0].bias, module.l_encoder.trunk[0].bias]
     for training in (True, False):
         module.train(training)
-        fused = module.inference(b, use_mean=True)
+        sparse = module.inference(b, use_mean=True)
         h = torch.log1p(x)
         qz_m, qz_v = module.z_encoder(h)
         ql_m, ql_v = module.l_encoder(h)
-        torch.testing.assert_close(fused.qz_m, qz_m, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fused.qz_v, qz_v, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fused.ql_m, ql_m.squeeze(-1), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fused.ql_v, ql_v.squeeze(-1), rtol=1e-5, atol=1e-6)
+        dense = (qz_m, qz_v, ql_m.squeeze(-1), ql_v.squeeze(-1))
+        for got, want in zip((sparse.qz_m, sparse.qz_v, sparse.ql_m, sparse.ql_v), dense):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        w = torch.linspace(-1.0, 2.0, 4)
+        g_sparse = torch.autograd.grad(sum(wi * t.sum() for wi, t in zip(w, (sparse.qz_m, sparse.qz_v, sparse.ql_m, sparse.ql_v))), params)
+        g_dense = torch.autograd.grad(sum(wi * t.sum() for wi, t in zip(w, dense)), params)
+        for gs, gd in zip(g_sparse, g_dense):
+            torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-5)
+    # the gene-major weight gradient keeps the parameter's layout (no transposing copy)
+    module.train()
+    module.loss(b).loss.backward()
+    assert first.grad.stride() == first.stride()
     keys = set(module.state_dict())
     assert {"z_encoder.trunk.0.weight", "l_encoder.trunk.0.weight", "factor_regressor.weight"} <= keys
+
+
+@pytest.mark.parametrize(
+    "dispersion,use_batch_norm,ln",
+    [("gene", True, False), ("gene", False, True), ("gene-batch", True, False), ("gene-label", True, False),
+     ("gene-cell", True, False)],
+)
+def test_fused_softmax_nb_loss_equals_autograd_path(dispersion, use_batch_norm, ln):
+    """loss() fuses log_softmax and the NB likelihood into one hand-written backward
+    (likelihoods._SoftmaxNB); its value and every parameter's gradient equal the autograd
+    path generative() + log_likelihood() on the same draws."""
+    b, x = _batch(seed=8)
+    # In float64, so that a wrong term shows above rounding (BN backward cancels a lot).
+    b = type(b)(**{**b.__dict__, "batch": torch.arange(N_CELLS) % 2, "label": torch.arange(N_CELLS) % 3,
+                   "val": b.val.double(), "log1p_values": None, "gene_order": None,
+                   "lgamma_x1": b.lgamma_x1.double(), "log_total": b.log_total.double()})
+    torch.manual_seed(0)
+    config = ModuleConfig(N_GENES, n_latent=3, n_batch=2, n_labels=3, dispersion=dispersion,
+                          use_batch_norm=use_batch_norm, latent_distribution="ln" if ln else "normal", dropout_rate=0.0)
+    module = LDVAEModule(config, torch.full((2,), 3.0), torch.ones(2)).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        if dispersion == "gene-cell":  # keep theta where lgamma(x + theta) - lgamma(theta) is exact
+            module.px_r_regressor.weight.mul_(0.1)
+    params = [p for p in module.parameters() if p.requires_grad]
+    w = torch.linspace(0.5, 1.5, N_CELLS, dtype=torch.float64)
+
+    def run(fused: bool):
+        torch.manual_seed(1)
+        inf = module.inference(b)
+        cov = module.covariate_columns(b)
+        if fused:
+            recon = module.loss.__func__  # noqa: F841 (documentation: loss() takes this path)
+            zc = module.decoder_input(inf.z, cov)
+            from ldvae.likelihoods import nb_log_prob_softmax
+
+            ll = nb_log_prob_softmax(module.decode_logits(zc), inf.library, module.log_theta(zc, b.batch, b.label),
+                                     b.row, b.col, b.flat, b.val)
+        else:
+            ll = module.log_likelihood(b, module.generative(inf.z, inf.library, cov, b.batch, b.label))
+        return ll, torch.autograd.grad((ll * w).sum(), params, allow_unused=True)
+
+    module.train()
+    ll_f, g_f = run(True)
+    ll_a, g_a = run(False)
+    torch.testing.assert_close(ll_f, ll_a, rtol=1e-10, atol=1e-8)
+    for p, gf, ga in zip(params, g_f, g_a):
+        if ga is None:
+            assert gf is None or not gf.any()
+        else:
+            torch.testing.assert_close(gf, ga, rtol=1e-8, atol=1e-10 * max(1.0, float(ga.abs().max())))
+    # and loss() itself is the fused value
+    torch.manual_seed(1)
+    out = module.loss(b)
+    torch.testing.assert_close(b.lgamma_x1 - out.reconstruction, ll_f.detach(), rtol=1e-12, atol=1e-10)
 
 
 def test_training_adam_matches_reference_adam():

@@ -24,7 +24,7 @@ import torch
 import ldvae
 from ldvae.data import CountData
 from ldvae.module import LDVAEModule
-from ldvae.train import NonFiniteLossError, load_checkpoint
+from ldvae.train import InMemorySource, NonFiniteLossError, load_checkpoint
 
 N_CELLS, N_GENES = 200, 30  # 180 training cells: 2 steps per epoch at batch_size=128
 
@@ -58,33 +58,32 @@ def assert_same_history(h1: dict, h2: dict) -> None:
 
 
 class GatherHook:
-    """Wraps ``CountData.gather``: before the ``at``-th training batch (1-based) is handed
-    to the loop, record the module's state (= the state after the previous step) and apply
-    ``fault`` to the batch. Validation gathers (eval mode) are passed through."""
+    """Wraps ``InMemorySource.train_batches``: before the ``at``-th training batch (1-based)
+    is handed to the loop, record the module's state (= the state after the previous step)
+    and apply ``fault`` to the batch. Validation batches are passed through. (Batches are
+    gathered ahead in a background thread, so the hook sits where the loop receives them.)"""
 
     def __init__(self, monkeypatch, module, at: int, fault):
         self.module, self.at, self.fault = module, at, fault
         self.calls = 0
         self.before_fault = None
-        original = CountData.gather
+        original = InMemorySource.train_batches
 
-        def gather(data, rows):
-            batch = original(data, rows)
-            if not self.module.training:
-                return batch
-            self.calls += 1
-            if self.calls == self.at:
-                self.before_fault = snapshot(self.module)
-                return self.fault(batch)
-            return batch
+        def train_batches(source, generator):
+            for batch in original(source, generator):
+                self.calls += 1
+                if self.calls == self.at:
+                    self.before_fault = snapshot(self.module)
+                    batch = self.fault(batch)
+                yield batch
 
-        monkeypatch.setattr(CountData, "gather", gather)
+        monkeypatch.setattr(InMemorySource, "train_batches", train_batches)
 
 
 def with_nan(batch):
-    x = batch.x.clone()
-    x[0, 0] = float("nan")
-    return dataclasses.replace(batch, x=x)
+    val = batch.val.clone()
+    val[0] = float("nan")
+    return dataclasses.replace(batch, val=val, dense=None, log1p_values=None, gene_order=None)
 
 
 def raise_interrupt(batch):
@@ -133,14 +132,14 @@ def test_nonfinite_gradient_is_caught_before_the_step(adata, monkeypatch):
 def test_huge_learning_rate_stops_cleanly_with_last_good_parameters(adata, monkeypatch):
     model = new_model(adata)
     states = []  # states[i]: the module after i good steps
-    original = CountData.gather
+    original = InMemorySource.train_batches
 
-    def gather(data, rows):
-        if model.module.training:
+    def train_batches(source, generator):
+        for batch in original(source, generator):
             states.append(snapshot(model.module))
-        return original(data, rows)
+            yield batch
 
-    monkeypatch.setattr(CountData, "gather", gather)
+    monkeypatch.setattr(InMemorySource, "train_batches", train_batches)
     with pytest.raises(NonFiniteLossError, match=r"non-finite at epoch \d+, step \d+ of that epoch.*lower the "
                        r"learning rate \(lr=1e\+30\)"):
         model.train(max_epochs=20, lr=1e30, progress_bar=False)
@@ -205,14 +204,14 @@ def test_keyboard_interrupt_inside_a_step_restores_batch_norm_statistics(adata, 
     forward pass) but before the optimizer step: the buffers go back to the last step's."""
     model = new_model(adata)
     hook = GatherHook(monkeypatch, model.module, at=4, fault=lambda b: b)
-    original = LDVAEModule.generative
+    original = LDVAEModule.decode_logits  # runs after the encoders, in every likelihood's loss
 
-    def generative(module, *args, **kwargs):
+    def decode_logits(module, *args, **kwargs):
         if module.training and hook.calls == 4:
             raise KeyboardInterrupt
         return original(module, *args, **kwargs)
 
-    monkeypatch.setattr(LDVAEModule, "generative", generative)
+    monkeypatch.setattr(LDVAEModule, "decode_logits", decode_logits)
     model.train(max_epochs=5, progress_bar=False)
     _check_interrupted(model, caplog, steps=3, epochs=1)
     assert_same_state(snapshot(model.module), hook.before_fault)
@@ -234,11 +233,11 @@ def test_sigint_after_the_last_step_is_still_reported(adata, monkeypatch, caplog
     original = CountData.gather
     sent = []
 
-    def gather(data, rows):  # the signal arrives during the final validation pass
+    def gather(data, rows, **kwargs):  # the signal arrives during the final validation pass
         if not model.module.training and not sent:
             sent.append(True)
             os.kill(os.getpid(), signal.SIGINT)
-        return original(data, rows)
+        return original(data, rows, **kwargs)
 
     monkeypatch.setattr(CountData, "gather", gather)
     model.train(max_epochs=2, checkpoint_dir=tmp_path, progress_bar=False)
