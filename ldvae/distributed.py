@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -171,12 +172,13 @@ def fit_distributed(
 
     Setup validation, the library-size prior and training all stream each rank's block of
     cells. Rank 0 saves the model (weights, settings and history) into ``out_dir``; with
-    ``latent_out`` every rank writes the latent means of its block into one ``.npy``.
+    ``latent_out`` every rank writes the latent means of its block into one ``.npy``
+    (filled under a temporary name that rank 0 renames when all ranks are done).
 
     Returns the fitted model (the same parameters on every rank).
     """
     from . import LinearSCVI
-    from .stream import get_latent_representation, read_backed, shard_rows
+    from .stream import read_backed, shard_rows
 
     comm = init(check_sync=check_sync)
     adata = read_backed(path, layer=layer)
@@ -198,19 +200,23 @@ def fit_distributed(
         logger.info(msg)
         if out_dir is not None:
             model.save(out_dir, overwrite=overwrite)
-        if latent_out is not None:
-            np.lib.format.open_memmap(latent_out, mode="w+", dtype=np.float32,
-                                      shape=(adata.n_obs, model.init_params_["n_latent"])).flush()
+    # One name for all ranks (not ldvae.io.atomic_path's per-process one).
+    tmp = None if latent_out is None else Path(latent_out).parent / f".{Path(latent_out).name}.ranks.tmp"
+    if comm.is_main and tmp is not None:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                  shape=(adata.n_obs, model.init_params_["n_latent"])).flush()
     dist.barrier()
-    if latent_out is not None:
+    if tmp is not None:
         # Each rank embeds its own block of cells into rank 0's file.
         start, stop = shard_rows(adata.n_obs, comm.rank, comm.world_size)
-        z = get_latent_representation(model, adata, np.arange(start, stop))
-        target = np.load(latent_out, mmap_mode="r+")
+        z = model.get_latent_representation(adata, np.arange(start, stop))
+        target = np.load(tmp, mmap_mode="r+")
         target[start:stop] = z
         target.flush()
         del target
         dist.barrier()
+        if comm.is_main:
+            os.replace(tmp, latent_out)
     return model
 
 

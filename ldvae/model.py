@@ -30,7 +30,7 @@ from .data import (
     to_csr,
     validate_counts,
 )
-from .module import LDVAEModule, ModuleConfig, latent_estimate
+from .module import LDVAEModule, ModuleConfig
 from .stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk
 from .train import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint, split_indices
 
@@ -414,7 +414,6 @@ class LinearSCVI:
             raise IndexError(f"indices out of range for {data.n_cells} cells.")
         return torch.as_tensor(idx % max(data.n_cells, 1), device=self.device)
 
-    @torch.no_grad()
     def get_latent_representation(
         self,
         adata=None,
@@ -423,34 +422,21 @@ class LinearSCVI:
         mc_samples: int = 5000,
         batch_size: int | None = None,
         return_dist: bool = False,
+        *,
+        out: str | os.PathLike | None = None,
     ):
         """Latent factors per cell, (n_cells, n_latent).
 
         ``give_mean``: the posterior mean (for ``latent_distribution="ln"``, the Monte Carlo
         mean of softmax(z) over ``mc_samples``); otherwise one sample. ``return_dist``:
-        return ``(mean, variance)`` of q(z|x) instead.
+        return ``(mean, variance)`` of q(z|x) instead. ``out``: a ``.npy`` path; the result
+        is written there (complete, or not at all) and returned as a read-only memory map.
+        Counts on disk (backed ``.h5ad``, ``.zarr``) are read minibatch by minibatch.
         """
-        self._check_trained()
-        if counts_on_disk(self.adata if adata is None else adata, self.setup_):
-            from .stream import get_latent_representation  # streamed; it can also write to disk
+        from .posterior import get_latent_representation
 
-            return get_latent_representation(self, adata, indices, give_mean, mc_samples, batch_size,
-                                             return_dist=return_dist)
-        self.module.eval()
-        data = self._data(adata)
-        means, variances, out = [], [], []
-        ln = self.init_params_["latent_distribution"] == "ln"
-        for rows in torch.split(self._rows(data, indices), self._query_batch_size(batch_size)):
-            inf = self.module.inference(data.gather(rows), use_mean=True)
-            if return_dist:
-                means.append(inf.qz_m.cpu())
-                variances.append(inf.qz_v.cpu())
-                continue
-            z = latent_estimate(inf.qz_m, inf.qz_v, give_mean=give_mean, mc_samples=mc_samples, ln=ln)
-            out.append(z.cpu())
-        if return_dist:
-            return torch.cat(means).numpy(), torch.cat(variances).numpy()
-        return torch.cat(out).numpy()
+        return get_latent_representation(self, adata, indices, give_mean, mc_samples, batch_size, return_dist,
+                                         out=out)
 
     def _decoder_scale(self) -> torch.Tensor:
         """Per-gene factor that batch normalization (eval mode) multiplies the linear map by."""
@@ -516,6 +502,8 @@ class LinearSCVI:
         batch_size: int | None = None,
         return_mean: bool = True,
         return_numpy: bool | None = None,
+        *,
+        out: str | os.PathLike | None = None,
     ) -> np.ndarray | pd.DataFrame:
         """Normalized expression rho (sums to 1 over genes) times ``library_size``.
 
@@ -543,12 +531,17 @@ class LinearSCVI:
         return_numpy
             NumPy instead of a DataFrame (cells x genes). With ``n_samples > 1`` and
             ``return_mean=False`` the result is always an array (n_samples, n_cells, n_genes).
+        out
+            A ``.npy`` path: the result is filled there minibatch by minibatch (under a
+            temporary name, renamed when complete) and returned as a read-only memory map,
+            so it need not fit in memory. With counts on disk, the counts are read the same
+            way; ``return_numpy=False`` is refused.
         """
         from .posterior import get_normalized_expression
 
         return get_normalized_expression(
             self, adata, indices, transform_batch, gene_list, library_size, n_samples, n_samples_overall,
-            batch_size, return_mean, return_numpy,
+            batch_size, return_mean, return_numpy, out=out,
         )
 
     def differential_expression(
@@ -647,27 +640,33 @@ class LinearSCVI:
 
     def posterior_predictive_sample(
         self, adata=None, indices=None, n_samples: int = 1, gene_list: Sequence[str] | None = None,
-        batch_size: int | None = None,
+        batch_size: int | None = None, *, out: str | os.PathLike | None = None,
     ):
         """Counts drawn from p(x | z, l) with (z, l) drawn from the posterior, as a sparse matrix.
 
         Returns a ``scipy.sparse.csr_matrix`` (n_cells, n_genes) for ``n_samples=1``, else a
         3-D ``scipy.sparse.coo_array`` (n_cells, n_genes, n_samples) (scvi-tools returns a
-        ``sparse.GCXS`` of the same shape).
+        ``sparse.GCXS`` of the same shape). With ``out`` (an ``.h5ad`` or ``.zarr`` path,
+        ``n_samples=1``) the counts are appended minibatch by minibatch to the ``X`` of an
+        AnnData written there (cell and gene names as obs and var) and that ``X`` is
+        returned left on disk (an anndata CSR dataset; slice it to read rows).
         """
         from .posterior import posterior_predictive_sample
 
-        return posterior_predictive_sample(self, adata, indices, n_samples, gene_list, batch_size)
+        return posterior_predictive_sample(self, adata, indices, n_samples, gene_list, batch_size, out=out)
 
     def get_likelihood_parameters(
-        self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False, batch_size: int | None = None
+        self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False, batch_size: int | None = None,
+        *, out: str | os.PathLike | None = None,
     ) -> dict[str, np.ndarray]:
         """Parameters of p(x | z, l) at posterior draws: ``"mean"`` (mu), ``"dispersions"``
         (theta; NB and ZINB) and ``"dropout"`` (pi, ZINB), each (n_cells, n_genes), or
-        (n_samples, n_cells, n_genes) for ``n_samples > 1`` unless ``give_mean``."""
+        (n_samples, n_cells, n_genes) for ``n_samples > 1`` unless ``give_mean``. With
+        ``out`` (a directory) each is written to ``out/<key>.npy`` minibatch by minibatch
+        and returned as a read-only memory map."""
         from .posterior import get_likelihood_parameters
 
-        return get_likelihood_parameters(self, adata, indices, n_samples, give_mean, batch_size)
+        return get_likelihood_parameters(self, adata, indices, n_samples, give_mean, batch_size, out=out)
 
     def get_latent_library_size(
         self, adata=None, indices=None, give_mean: bool = True, batch_size: int | None = None

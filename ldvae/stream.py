@@ -9,12 +9,19 @@ Counts on disk are a CSR matrix in anndata's on-disk layout (``data``, ``indices
     ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")  # streaming validation pass
     model = ldvae.LinearSCVI(adata, n_latent=10)                # streaming library-prior pass
     model.train(max_epochs=20)                                  # StreamingSource below
-    z = ldvae.stream.get_latent_representation(model, adata, out="z.npy")  # written to disk
+    z = model.get_latent_representation(out="z.npy")           # DiskCells below
+    rho = model.get_normalized_expression(out="rho.npy")        # cells x genes, on disk
 
 Training reads shuffled contiguous chunks of cells (``chunk_size`` cells each),
 ``buffer_chunks`` of them at a time into a buffer whose cells are shuffled and cut into
 minibatches; a background thread reads and prepares the next buffer while the current
 one trains. Peak memory is a few buffers plus the model, whatever the number of cells.
+
+Posterior queries read the query's own minibatches (the ones an in-memory query would
+gather, in the same order, hence the same random draws) one ahead in a background thread.
+Per-cell results (ELBO, library size, latent) are small; results of cells x genes go to
+disk with ``out=``: ``.npy`` files filled in place, or an ``.h5ad`` for sparse posterior
+predictive counts (:class:`Output`, :class:`SparseOutput`).
 
 Every pass here is shard-aware: when ``ldvae.distributed`` has initialized
 ``torch.distributed``, each rank reads only its own contiguous block of cells and the
@@ -23,13 +30,13 @@ statistics of all ranks are summed, so the same calls run unchanged under ``torc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -37,7 +44,9 @@ import scipy.sparse as sp
 import torch
 
 from .data import CountData, Covariates, SetupError, get_counts, read_covariates, validate_counts
-from .module import CountBatch, latent_estimate
+from .io import atomic_path
+from .module import CountBatch
+from .prefetch import prefetched
 from .train import minibatches
 
 logger = logging.getLogger(__name__)
@@ -132,6 +141,22 @@ class DiskCSR:
         csr.eliminate_zeros()
         return csr
 
+    def take(self, rows: np.ndarray, max_gap: int = 64) -> sp.csr_matrix:
+        """Cells ``rows`` (any order, repeats allowed) as :meth:`rows` gives them. Sorted
+        rows fewer than ``max_gap`` apart share one contiguous read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        if rows[-1] - rows[0] == rows.size - 1 and (np.diff(rows) == 1).all():
+            return self.rows(int(rows[0]), int(rows[-1]) + 1)
+        order = np.argsort(rows, kind="stable")
+        ascending = rows[order]
+        runs = np.split(ascending, np.flatnonzero(np.diff(ascending) > max_gap) + 1)
+        parts = [self.rows(int(run[0]), int(run[-1]) + 1)[run - run[0]] for run in runs]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return sp.vstack(parts, format="csr")[inverse]
+
     def row_totals(self, start: int, stop: int) -> np.ndarray:
         """Total counts of cells ``[start, stop)`` (reads ``data`` only), float64."""
         p0, p1 = int(self.indptr[start]), int(self.indptr[stop])
@@ -157,64 +182,15 @@ def shard_rows(n_cells: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n_cells // world_size, (rank + 1) * n_cells // world_size
 
 
-# --- background prefetch --------------------------------------------------------------------
-
-_DONE = object()
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def _prefetched(produce: Callable[[threading.Event], Iterator], depth: int = PREFETCH) -> Iterator:
-    """Iterate ``produce(stop)`` in a background thread, ``depth`` items ahead. Closing the
-    iterator early sets ``stop`` and waits for the thread; its errors re-raise here."""
-    q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for item in produce(stop):
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as err:  # handed to the consumer, which re-raises it
-            put(_Failure(err))
-
-    thread = threading.Thread(target=work, name="ldvae-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
 # --- streaming passes -----------------------------------------------------------------------
 
 
 class _Window:
-    """Cell and gene names of rows ``[start, stop)``, so that ``validate_counts`` on a chunk
-    names the true cell."""
+    """Cell and gene names of ``rows`` (a slice or positions), so that ``validate_counts`` on
+    the counts read for them names the true cell."""
 
-    def __init__(self, adata, start: int, stop: int):
-        self.obs_names = adata.obs_names[start:stop]
+    def __init__(self, adata, rows: slice | np.ndarray):
+        self.obs_names = adata.obs_names[rows]
         self.var_names = adata.var_names
 
 
@@ -302,13 +278,13 @@ def scan_counts(
             yield a, b, (disk.rows(a, b) if validate or genes else disk.row_totals(a, b))
 
     try:
-        for a, b, chunk in _prefetched(produce):
+        for a, b, chunk in prefetched(produce):
             codes = batch[a:b]
             if isinstance(chunk, np.ndarray):
                 totals = chunk
             else:
                 if validate:
-                    validate_counts(_Window(adata, a, b), chunk, layer)
+                    validate_counts(_Window(adata, slice(a, b)), chunk, layer)
                 totals = np.asarray(chunk.sum(axis=1), dtype=np.float64).ravel()
             full = totals > 0
             n_empty += int((~full).sum())
@@ -421,7 +397,7 @@ def highly_variable_genes(
                 return
             yield a, disk.rows(a, b)
 
-    for a, chunk in _prefetched(produce):
+    for a, chunk in prefetched(produce):
         row_codes = np.repeat(codes[a : a + chunk.shape[0]], np.diff(chunk.indptr))
         clipped = np.minimum(chunk.data.astype(np.float64), clip[row_codes, chunk.indices])
         np.add.at(c1, (row_codes, chunk.indices), clipped)
@@ -602,7 +578,7 @@ class StreamingSource:
         # Seeded by fit's per-epoch generator; the block start keeps ranks' orders distinct.
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         rng = np.random.default_rng([seed, self.start])
-        buffers = _prefetched(lambda stop: self._train_buffers(rng, stop), self.prefetch)
+        buffers = prefetched(lambda stop: self._train_buffers(rng, stop), self.prefetch)
         steps = 0
         try:
             for buf in buffers:
@@ -625,7 +601,7 @@ class StreamingSource:
                     yield _count_data(sp.vstack(parts, format="csr"), self.cov, np.concatenate(rows), self.device)
 
         size = max(self.batch_size, 1024)
-        for buf in _prefetched(produce, self.prefetch):
+        for buf in prefetched(produce, self.prefetch):
             for rows in torch.split(torch.arange(buf.n_cells, device=self.device), size):
                 yield buf.gather(rows)
 
@@ -633,118 +609,141 @@ class StreamingSource:
 # --- queries --------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def get_latent_representation(
-    model,
-    adata=None,
-    indices=None,
-    give_mean: bool = True,
-    mc_samples: int = 5000,
-    batch_size: int | None = None,
-    *,
-    return_dist: bool = False,
-    out: str | os.PathLike | None = None,
-    chunk_size: int = 8 * CHUNK_SIZE,
-):
-    """``model.get_latent_representation`` streamed over counts on disk, chunk by chunk.
+class DiskCells:
+    """The cells of an AnnData whose counts stay on disk, read for a posterior query one
+    minibatch at a time (``ldvae.posterior`` asks :func:`minibatches_of` for them)."""
 
-    Parameters
-    ----------
-    model
-        A trained ``LinearSCVI``.
-    adata
-        AnnData with counts on disk (default: the model's).
-    indices
-        Cells to embed (default: all), in the order given.
-    give_mean
-        Posterior mean (for ``latent_distribution="ln"``, the Monte Carlo mean of softmax(z)
-        over ``mc_samples``); otherwise one sample.
-    mc_samples
-        Samples for the ``"ln"`` mean.
-    batch_size
-        Cells per forward pass.
-    return_dist
-        Return ``(mean, variance)`` of q(z|x) instead (in memory).
-    out
-        A ``.npy`` path: the result is filled under a temporary name, renamed to ``out``
-        when complete, and returned as a read-only memory map (nothing of size n_cells is
-        held in memory).
-    chunk_size
-        Cells read from disk at a time.
+    def __init__(self, adata, setup: dict, device: torch.device):
+        self.adata = adata
+        self.layer = setup.get("layer")
+        self.disk = DiskCSR(get_counts(adata, self.layer))
+        self.cov = read_covariates(adata, setup)
+        self.device = device
+        self.n_cells = self.disk.shape[0]
 
-    Returns
-    -------
-    (n_cells, n_latent) float32 array; with ``return_dist`` two of them.
-    """
-    model._check_trained()
-    adata = model.adata if adata is None else adata
-    model._check_genes(adata)
-    setup = model.setup_
-    disk = DiskCSR(get_counts(adata, setup.get("layer")))
-    cov = read_covariates(adata, setup)
-    n = disk.shape[0]
-    idx = np.arange(n) if indices is None else np.asarray(indices)
-    if idx.dtype == bool:
-        idx = np.flatnonzero(idx)
-    idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < -n or idx.max() >= n):
-        raise IndexError(f"indices out of range for {n} cells.")
-    idx = idx % max(n, 1)
-    k = model.init_params_["n_latent"]
-    if out is not None:
-        if return_dist:
-            raise ValueError("out= writes the latent representation; it cannot be combined with return_dist=True.")
-        if Path(out).suffix != ".npy":
+    def _read(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Validated counts of cells ``rows`` (the checks of an in-memory query, on these cells)."""
+        csr = self.disk.take(rows)
+        window = _Window(self.adata, rows)
+        validate_counts(window, csr, self.layer)
+        empty = np.flatnonzero(np.diff(csr.indptr) == 0)
+        if empty.size:
+            raise SetupError(
+                f"{empty.size} of the {len(rows)} cells read have zero total counts (first: cell "
+                f"{window.obs_names[empty[0]]!r}). Filter them first: sc.pp.filter_cells(adata, min_counts=1)."
+            )
+        return csr
+
+    def minibatches(self, rows: torch.Tensor, size: int) -> Iterator[CountBatch]:
+        """The minibatches ``torch.split(rows, size)``, in that order, read and gathered on
+        the device by a background thread one minibatch ahead."""
+        idx = rows.cpu().numpy()
+
+        def produce(stop_event):
+            for lo in range(0, len(idx), size):
+                if stop_event.is_set():
+                    return
+                sel = idx[lo : lo + size]
+                data = _count_data(self._read(sel), self.cov, sel, self.device)
+                yield data.gather(torch.arange(data.n_cells, device=self.device))
+
+        return prefetched(produce)
+
+
+def query_cells(model, adata=None) -> CountData | DiskCells:
+    """The cells a query of ``model`` reads: counts on disk stay there (:class:`DiskCells`),
+    others are validated and held on the model's device (``CountData``)."""
+    target = model.adata if adata is None else adata
+    if counts_on_disk(target, model.setup_):
+        model._check_genes(target)
+        return DiskCells(target, model.setup_, model.device)
+    return model._data(adata)
+
+
+def minibatches_of(cells: CountData | DiskCells, rows: torch.Tensor, size: int) -> Iterator[CountBatch]:
+    """The minibatches of cells ``rows``, ``size`` at a time, in order: the same batches (so
+    the same random draws) whether the counts are in memory or on disk."""
+    if isinstance(cells, DiskCells):
+        return cells.minibatches(rows, size)
+    return (cells.gather(r) for r in torch.split(rows, size))
+
+
+class Output:
+    """A query result of known ``shape``, filled block after block along ``axis`` by
+    :func:`fill`: in memory, or with ``out`` in that ``.npy`` file, filled in place under a
+    temporary name, renamed when complete (``ldvae.io.atomic_path``) and returned as a
+    read-only memory map, so the result need not fit in memory."""
+
+    def __init__(self, shape: tuple[int, ...], *, axis: int = 0, out: str | os.PathLike | None = None):
+        if out is not None and Path(out).suffix != ".npy":
             raise ValueError(f"out must be a .npy path, got {str(out)!r}.")
-        # Filled under a temporary name and renamed when complete: never a partial file at `out`.
-        tmp_out = Path(out).parent / f".{Path(out).name}.{os.getpid()}.tmp.npy"
-        result = np.lib.format.open_memmap(tmp_out, mode="w+", dtype=np.float32, shape=(len(idx), k))
-    else:
-        result = np.empty((len(idx), k), dtype=np.float32)
-    variances = np.empty((len(idx), k), dtype=np.float32) if return_dist else None
-    order = np.argsort(idx, kind="stable")
-    sorted_idx = idx[order]
-    ln = model.init_params_["latent_distribution"] == "ln"
-    device = model.device
-    step = model._query_batch_size(batch_size)
-    module = model.module
-    module.eval()
+        self.shape, self.axis, self.out = shape, axis, out
+        self.offset = 0
 
-    def produce(stop_event):
-        for a, b in _chunks(0, n, chunk_size):
-            lo, hi = np.searchsorted(sorted_idx, [a, b])
-            if lo == hi:
-                continue
-            if stop_event.is_set():
-                return
-            local = sorted_idx[lo:hi] - a
-            yield lo, hi, _count_data(disk.rows(a, b)[local], cov, sorted_idx[lo:hi], device)
+    def open(self, stack: contextlib.ExitStack) -> None:
+        if self.out is None:
+            self.array = np.empty(self.shape, dtype=np.float32)
+        else:
+            tmp = stack.enter_context(atomic_path(self.out))
+            self.array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.shape)
 
-    try:
-        for lo, hi, data in _prefetched(produce):
-            parts, var_parts = [], []
-            for rows in torch.split(torch.arange(data.n_cells, device=device), step):
-                inf = module.inference(data.gather(rows), use_mean=True)
-                qz_m, qz_v = inf.qz_m, inf.qz_v
-                if return_dist:
-                    parts.append(qz_m.float().cpu().numpy())
-                    var_parts.append(qz_v.float().cpu().numpy())
-                    continue
-                z = latent_estimate(qz_m, qz_v, give_mean=give_mean, mc_samples=mc_samples, ln=ln)
-                parts.append(z.float().cpu().numpy())
-            result[order[lo:hi]] = np.concatenate(parts)
-            if return_dist:
-                variances[order[lo:hi]] = np.concatenate(var_parts)
-    except BaseException:
-        if out is not None:
-            del result
-            tmp_out.unlink(missing_ok=True)
-        raise
-    if return_dist:
-        return result, variances
-    if out is not None:
-        result.flush()
-        del result
-        os.replace(tmp_out, out)
-        return np.load(out, mmap_mode="r")
-    return result
+    def add(self, block: np.ndarray) -> None:
+        n = block.shape[self.axis]
+        self.array[(slice(None),) * self.axis + (slice(self.offset, self.offset + n),)] = block
+        self.offset += n
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.array.flush()
+            del self.array
+
+    def result(self) -> np.ndarray:
+        return self.array if self.out is None else np.load(self.out, mmap_mode="r")
+
+
+class SparseOutput:
+    """Sparse cells x genes rows appended, block after block, to ``X`` of an AnnData written
+    at ``out`` (an ``.h5ad``, under a temporary name until complete), with the cells and
+    genes as ``obs`` and ``var``. The result is that ``X`` left on disk (an ``anndata`` CSR
+    dataset: slice it to read rows)."""
+
+    def __init__(self, out: str | os.PathLike, obs_names: pd.Index, var_names: pd.Index):
+        if Path(out).suffix != ".h5ad":
+            raise ValueError(f"out must be an .h5ad path, got {str(out)!r}.")
+        self.out, self.obs_names, self.var_names = out, obs_names, var_names
+
+    def open(self, stack: contextlib.ExitStack) -> None:
+        import anndata as ad
+        import h5py
+
+        tmp = stack.enter_context(atomic_path(self.out))
+        ad.AnnData(obs=pd.DataFrame(index=self.obs_names), var=pd.DataFrame(index=self.var_names)).write_h5ad(tmp)
+        self.file = stack.enter_context(h5py.File(tmp, "r+"))
+        # Chunks sized for appending (an empty dataset would get small ones).
+        ad.io.write_elem(self.file, "X", sp.csr_matrix((0, len(self.var_names)), dtype=np.float32),
+                         dataset_kwargs={"chunks": (1 << 16,)})
+        self.X = ad.io.sparse_dataset(self.file["X"])
+
+    def add(self, block: sp.csr_matrix) -> None:
+        self.X.append(block)
+
+    def close(self) -> None:
+        del self.X
+        self.file.close()
+
+    def result(self):
+        return read_backed(self.out).X
+
+
+def fill(outputs: dict[str, Output | SparseOutput], blocks: Iterator[dict]) -> dict:
+    """Add each block's arrays to the outputs of the same keys and return the results; on
+    any error (or interrupt) no output file is left behind, complete or partial."""
+    with contextlib.ExitStack() as stack:
+        for output in outputs.values():
+            output.open(stack)
+        for block in blocks:
+            for key, value in block.items():
+                outputs[key].add(value)
+        for output in outputs.values():
+            output.close()
+    return {key: output.result() for key, output in outputs.items()}

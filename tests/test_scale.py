@@ -1,9 +1,13 @@
 """Scale: out-of-core training and queries from .h5ad and .zarr, and a 2-process DDP fit.
 
-Quality is compared on the same simulated data, split and seed. Single validation ELBOs
-of a short fit jump by tens of nats between evaluations (eval-mode batch-norm statistics
-lag the parameters), so the checks use the median of the last validations and the last
-training ELBO.
+Quality is compared on the same simulated data, split and seed, within the noise of the
+in-memory fit itself: the spread over training seeds of the validation ELBO (and of the
+training ELBO). The validation pass runs in eval mode with batch-norm running statistics
+(momentum 0.01), which lag the parameters while they still move fast: after 40 epochs the
+validation ELBO still falls by ~6 nats between checks and its seed-to-seed sd is ~1.8
+nats. So the fits run 120 epochs (the KL weight reaches 1 at epoch 60), where it has
+nearly levelled off, and the checks use the median of the last 4 validations (epochs
+90-120; seed-to-seed sd ~0.7 nats on ~186) and the last training ELBO.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from ldvae import stream
 from ldvae.data import SetupError
 from ldvae.train import minibatches, split_indices
 
-FIT = dict(max_epochs=40, lr=3e-3, train_size=0.7, check_val_every_n_epoch=5, seed=0,
+FIT = dict(max_epochs=120, lr=3e-3, train_size=0.7, check_val_every_n_epoch=10, seed=0,
            progress_bar=False, accelerator="cpu")
+NOISE_SEEDS = (1, 2, 3)  # in-memory refits beside the reference's seed 0
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +64,33 @@ def _quality(history: dict) -> tuple[float, float]:
     return float(np.median(_values(history, "elbo_validation")[-4:])), float(_values(history, "elbo_train")[-1])
 
 
-def _assert_same_quality(got, ref):
-    (val, train), (val_ref, train_ref) = got, ref
-    assert abs(train - train_ref) < 0.02 * train_ref, (got, ref)
-    assert abs(val - val_ref) < 0.08 * val_ref, (got, ref)
+def _fit_in_memory(stores, seed: int):
+    adata = _open(stores, "memory")
+    ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
+    model = ldvae.LinearSCVI(adata, n_latent=3)
+    model.train(**{**FIT, "seed": seed})
+    return model
 
 
 @pytest.fixture(scope="module")
 def reference(stores):
-    adata = _open(stores, "memory")
-    ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
-    model = ldvae.LinearSCVI(adata, n_latent=3)
-    model.train(**FIT)
-    return model
+    return _fit_in_memory(stores, FIT["seed"])
+
+
+@pytest.fixture(scope="module")
+def tolerance(stores, reference) -> np.ndarray:
+    """How far a fit may land from the reference and still be "the same fit": 3 sd of the
+    in-memory (validation, training) ELBO over seeds 0-3 (each seed also draws its own
+    validation cells), at least (0.5, 0.2) nats."""
+    quality = [_quality(reference.history)] + [_quality(_fit_in_memory(stores, s).history) for s in NOISE_SEEDS]
+    sd = np.std(quality, axis=0, ddof=1)
+    return np.maximum(3 * sd, [0.5, 0.2])
+
+
+def _assert_same_quality(got, ref, tolerance):
+    """Validation and training ELBO within the seed-to-seed noise of the in-memory fit."""
+    assert (np.abs(np.subtract(got, ref)) <= tolerance).all(), f"(validation, training) {got} vs {ref}: " \
+        f"differences {np.subtract(got, ref)}, tolerance {tolerance}"
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -158,22 +177,27 @@ def test_streaming_hvg_matches_scanpy_seurat_v3(stores):
 
 
 @pytest.mark.parametrize("kind", ["h5ad", "zarr"])
-def test_out_of_core_fit_matches_in_memory_quality(stores, reference, kind):
+def test_out_of_core_fit_matches_in_memory_quality(stores, reference, tolerance, kind):
     adata = _open(stores, kind)
     ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
     model = ldvae.LinearSCVI(adata, n_latent=3)
     model.train(**FIT)
-    _assert_same_quality(_quality(model.history), _quality(reference.history))
+    _assert_same_quality(_quality(model.history), _quality(reference.history), tolerance)
+
+
+def _backed(stores, kind, reference):
+    adata = _open(stores, kind)
+    adata.uns["ldvae_setup"] = reference.setup_
+    return adata
 
 
 def test_streamed_latent_equals_in_memory_and_writes_npy(stores, reference, tmp_path):
     expected = reference.get_latent_representation()
-    backed = _open(stores, "zarr")
-    backed.uns["ldvae_setup"] = reference.setup_
+    backed = _backed(stores, "zarr", reference)
     got = reference.get_latent_representation(backed)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     idx = np.array([1999, 3, 1024, 3, 0])
-    out = stream.get_latent_representation(reference, backed, idx, out=tmp_path / "z.npy", chunk_size=100)
+    out = reference.get_latent_representation(backed, idx, batch_size=2, out=tmp_path / "z.npy")
     np.testing.assert_allclose(np.load(tmp_path / "z.npy"), expected[idx], rtol=1e-5, atol=1e-5)
     assert isinstance(out, np.memmap)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z.npy"]  # no temporary file left
@@ -181,27 +205,177 @@ def test_streamed_latent_equals_in_memory_and_writes_npy(stores, reference, tmp_
     np.testing.assert_allclose(m, expected, rtol=1e-5, atol=1e-5)
     assert (v > 0).all()
     with pytest.raises(ValueError, match=r"out must be a \.npy path"):
-        stream.get_latent_representation(reference, backed, out=tmp_path / "z.csv")
+        reference.get_latent_representation(backed, out=tmp_path / "z.csv")
+    with pytest.raises(ValueError, match=r"cannot be combined with return_dist=True"):
+        reference.get_latent_representation(backed, return_dist=True, out=tmp_path / "z.npy")
+
+
+def _same(got, expected):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")  # repeated cells in idx
+@pytest.mark.parametrize("kind", ["h5ad", "zarr"])
+def test_streamed_queries_equal_in_memory(stores, reference, kind, tmp_path):
+    """Every posterior query on counts left on disk gives the in-memory answer (same seed,
+    same minibatches), also for unsorted, repeated indices read across many minibatches;
+    cells x genes results written with out= equal the in-memory ones."""
+    m, backed = reference, _backed(stores, kind, reference)
+    idx = np.concatenate([np.random.default_rng(0).permutation(2000)[:300], [5, 5, 1999]])
+    for kwargs in (
+        {},
+        {"indices": idx, "batch_size": 37},
+        {"indices": idx, "n_samples": 3, "return_mean": False, "transform_batch": ["b0", "b1"]},
+        {"library_size": "latent", "gene_list": ["gene3", "gene0"], "n_samples_overall": 50},
+    ):
+        _same(m.get_normalized_expression(backed, return_numpy=True, **kwargs),
+              m.get_normalized_expression(return_numpy=True, **kwargs))
+    frame = m.get_normalized_expression(backed, indices=idx)
+    assert list(frame.index) == list(stores["memory"].obs_names[idx])
+    kwargs = {"indices": idx, "batch_size": 64}
+    _same(m.get_elbo(backed, **kwargs), m.get_elbo(**kwargs))
+    _same(m.get_reconstruction_error(backed, **kwargs)["reconstruction_loss"],
+          m.get_reconstruction_error(**kwargs)["reconstruction_loss"])
+    _same(m.get_latent_library_size(backed, **kwargs), m.get_latent_library_size(**kwargs))
+    _same(m.get_elbo(backed, return_mean=False), m.get_elbo(return_mean=False))
+    _same(m.get_marginal_ll(backed, idx, n_mc_samples=20), m.get_marginal_ll(indices=idx, n_mc_samples=20))
+    _same(m.get_latent_library_size(backed, give_mean=False), m.get_latent_library_size(give_mean=False))
+    for kwargs in ({"n_samples": 2}, {"n_samples": 2, "give_mean": True, "indices": idx}):
+        got, expected = m.get_likelihood_parameters(backed, **kwargs), m.get_likelihood_parameters(**kwargs)
+        assert got.keys() == expected.keys() == {"mean", "dispersions"}
+        for key in got:
+            _same(got[key], expected[key])
+    expected = m.posterior_predictive_sample(indices=idx, batch_size=50)
+    assert abs(m.posterior_predictive_sample(backed, idx, batch_size=50) - expected).max() == 0
+    corr = m.get_feature_correlation_matrix(backed, indices=idx[:100], n_samples=2)
+    _same(corr, m.get_feature_correlation_matrix(indices=idx[:100], n_samples=2))
+
+    # cells x genes results written to disk, minibatch by minibatch
+    rho = m.get_normalized_expression(backed, indices=idx, batch_size=37, out=tmp_path / "rho.npy")
+    assert isinstance(rho, np.memmap)
+    _same(np.load(tmp_path / "rho.npy"), m.get_normalized_expression(indices=idx, batch_size=37, return_numpy=True))
+    draws = m.get_normalized_expression(backed, n_samples=2, return_mean=False, out=tmp_path / "draws.npy")
+    _same(draws, m.get_normalized_expression(n_samples=2, return_mean=False))
+    params = m.get_likelihood_parameters(backed, n_samples=2, out=tmp_path / "params")
+    expected_params = m.get_likelihood_parameters(n_samples=2)
+    for key in ("mean", "dispersions"):
+        _same(np.load(tmp_path / "params" / f"{key}.npy"), expected_params[key])
+        assert params[key].shape == (2, 2000, 40)
+    x = m.posterior_predictive_sample(backed, idx, batch_size=50, out=tmp_path / "ppc.h5ad")
+    assert abs(x[:] - expected).max() == 0
+    written = ad.read_h5ad(tmp_path / "ppc.h5ad")
+    assert list(written.obs_names) == list(stores["memory"].obs_names[idx])
+    assert list(written.var_names) == list(m.var_names_)
+    assert abs(written.X - expected).max() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["draws.npy", "params", "ppc.h5ad", "rho.npy"]
+
+
+def test_streamed_query_errors(stores, reference, tmp_path):
+    backed = _backed(stores, "h5ad", reference)
+    with pytest.raises(ValueError, match=r"out must be a \.npy path, got '.*rho\.csv'"):
+        reference.get_normalized_expression(backed, out=tmp_path / "rho.csv")
+    with pytest.raises(ValueError, match=r"cannot be a DataFrame\. Pass return_numpy=None or True with out="):
+        reference.get_normalized_expression(backed, return_numpy=False, out=tmp_path / "rho.npy")
+    with pytest.raises(ValueError, match=r"out must be a directory \(it receives mean\.npy, dispersions\.npy\)"):
+        reference.get_likelihood_parameters(backed, out=tmp_path / "params.npy")
+    with pytest.raises(ValueError, match=r"out must be an \.h5ad path, got '.*x\.npy'"):
+        reference.posterior_predictive_sample(backed, out=tmp_path / "x.npy")
+    with pytest.raises(ValueError, match=r"writes one sample .* got n_samples=2\. Pass n_samples=1"):
+        reference.posterior_predictive_sample(backed, n_samples=2, out=tmp_path / "x.h5ad")
+    assert list(tmp_path.iterdir()) == []
+
+    # The checks of an in-memory query run on each minibatch read, naming the cell.
+    x = stores["memory"].X[:300].copy()
+    x[257] = 0
+    x.eliminate_zeros()
+    bad = ad.AnnData(X=x, obs=stores["memory"].obs.iloc[:300], var=stores["memory"].var)
+    bad.write_h5ad(tmp_path / "empty.h5ad")
+    backed = ad.read_h5ad(tmp_path / "empty.h5ad", backed="r")
+    backed.uns["ldvae_setup"] = reference.setup_
+    with pytest.raises(SetupError, match=r"1 of the 100 cells read have zero total counts \(first: cell "
+                                         r"'cell257'\)\. Filter them first"):
+        reference.get_elbo(backed, batch_size=100)
+    x[3, 0] = 0.5
+    bad.X = x
+    bad.write_h5ad(tmp_path / "fraction.h5ad")
+    backed = ad.read_h5ad(tmp_path / "fraction.h5ad", backed="r")
+    backed.uns["ldvae_setup"] = reference.setup_
+    with pytest.raises(SetupError, match=r"non-integer values \(first: 0\.5 at cell 'cell3', gene 'gene0'\)"):
+        reference.get_normalized_expression(backed, out=tmp_path / "rho.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.h5ad", "fraction.h5ad"]  # no partial output
+
+
+def test_streamed_query_memory_is_bounded_by_the_minibatch(tmp_path, monkeypatch):
+    """10,000 cells x 1,000 genes on disk (16 MB of counts), queried 200 cells at a time with
+    the cells x genes results written to .npy files: no read holds more than a minibatch,
+    and the traced peak (NumPy and Python allocations: counts read from disk, results held
+    in memory) stays far below the counts or a result (40 MB)."""
+    import tracemalloc
+
+    n, n_genes = 10000, 1000
+    rng = np.random.default_rng(0)
+    x = sp.random(n, n_genes, density=0.2, format="csr", random_state=0, dtype=np.float32,
+                  data_rvs=lambda k: rng.integers(1, 20, k))
+    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]),
+                       var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    adata.write_h5ad(tmp_path / "wide.h5ad")
+    counts_bytes, result_bytes = x.data.nbytes + x.indices.nbytes, 4 * n * n_genes
+    model_data = adata[:1000].copy()
+    del adata, x
+    ldvae.LinearSCVI.setup_anndata(model_data)
+    model = ldvae.LinearSCVI(model_data, n_latent=3)
+    model.train(max_epochs=1, progress_bar=False, accelerator="cpu")
+    backed = ad.read_h5ad(tmp_path / "wide.h5ad", backed="r")
+    backed.uns["ldvae_setup"] = model.setup_
+    reads = []
+    rows = stream.DiskCSR.rows
+    monkeypatch.setattr(stream.DiskCSR, "rows", lambda self, a, b: reads.append(b - a) or rows(self, a, b))
+
+    def peak(query) -> int:
+        tracemalloc.start()
+        try:
+            query()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    streamed = {
+        "normalized expression": peak(lambda: model.get_normalized_expression(
+            backed, batch_size=200, out=tmp_path / "rho.npy")),
+        "likelihood parameters": peak(lambda: model.get_likelihood_parameters(
+            backed, batch_size=200, out=tmp_path / "params")),
+        "elbo": peak(lambda: model.get_elbo(backed, batch_size=200)),
+        "posterior predictive": peak(lambda: model.posterior_predictive_sample(
+            backed, batch_size=200, out=tmp_path / "x.h5ad")),
+    }
+    assert max(reads) == 200 and sum(reads) == 4 * n
+    assert max(streamed.values()) < counts_bytes / 4, (streamed, counts_bytes)
+    # Controls: a result returned in memory, and counts loaded, are measured above the bound.
+    in_memory = peak(lambda: model.get_normalized_expression(backed, batch_size=200, return_numpy=True))
+    loaded = peak(lambda: model._data(backed))
+    assert min(in_memory - result_bytes, loaded - counts_bytes) > 0, (in_memory, loaded)
 
 
 # --- distributed -----------------------------------------------------------------------------
 
 
-def test_ddp_two_ranks_gloo_identical_parameters_and_quality(stores, reference, tmp_path):
+def test_ddp_two_ranks_gloo_identical_parameters_and_quality(stores, reference, tolerance, tmp_path):
     """torchrun with 2 CPU processes (gloo), 64 cells per rank and step = the reference's 128."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "ldvae.distributed", str(stores["h5ad"]), str(out), "--batch-key", "batch", "--n-latent", "3",
            "--max-epochs", str(FIT["max_epochs"]), "--batch-size", "64", "--lr", str(FIT["lr"]),
-           "--train-size", str(FIT["train_size"]), "--check-val-every-n-epoch", "5", "--check-sync",
+           "--train-size", str(FIT["train_size"]), "--check-val-every-n-epoch", str(FIT["check_val_every_n_epoch"]),
+           "--check-sync",
            "--latent-out", str(tmp_path / "z.npy")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    steps = 40 * len(minibatches(torch.arange(700), 64))  # 1400 training cells, 700 per rank
+    steps = FIT["max_epochs"] * len(minibatches(torch.arange(700), 64))  # 1400 training cells, 700 per rank
     assert f"2 ranks, {steps} steps: largest parameter difference between ranks 0 " \
            f"(identical before each of {steps} steps)" in proc.stderr
     meta = json.loads((out / "ldvae_model.json").read_text())
-    _assert_same_quality(_quality(meta["train_state"]["history"]), _quality(reference.history))
+    _assert_same_quality(_quality(meta["train_state"]["history"]), _quality(reference.history), tolerance)
     loaded = ldvae.LinearSCVI.load(out, adata=stores["memory"].copy())
     np.testing.assert_allclose(np.load(tmp_path / "z.npy"), loaded.get_latent_representation(), rtol=1e-4, atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "z.npy"]  # the ranks' temporary file renamed
