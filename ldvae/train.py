@@ -179,6 +179,16 @@ class _DeferredInterrupt:
         return False
 
 
+def _epoch_sums(per_step: list[tuple[Tensor, Tensor, Tensor, Tensor]], device) -> Tensor:
+    """Sums over an epoch's cells of reconstruction, KL, ELBO and loss (float64, (4,))."""
+    if not per_step:
+        return torch.zeros(4, device=device, dtype=torch.float64)
+    rec = torch.cat([s[0] for s in per_step]).double().sum()
+    kl = (torch.cat([s[1] for s in per_step]).double() + torch.cat([s[2] for s in per_step]).double()).sum()
+    loss = sum(s[3].double() * s[0].shape[0] for s in per_step)
+    return torch.stack([rec, kl, rec + kl, loss])
+
+
 def _grad_norm(params: list[Tensor]) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if hasattr(torch.nn.utils, "get_total_norm"):
@@ -258,7 +268,7 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                 seed = _epoch_seed(config.seed, epoch)
                 torch.manual_seed(seed)
                 gen = torch.Generator(device="cpu").manual_seed(seed)
-                sums = torch.zeros(4, device=device, dtype=torch.float64)
+                per_step = []  # detached per-cell terms; summed once per epoch (fewer ops per step)
                 kl_weight = 1.0
                 for i, batch in enumerate(source.train_batches(gen)):
                     if guard.requested:
@@ -277,10 +287,9 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                     optimizer.step()
                     state.step += 1
                     in_step = False
-                    with torch.no_grad():
-                        rec, kl = out.reconstruction.sum(), (out.kl_z + out.kl_l).sum()
-                        sums += torch.stack([rec, kl, rec + kl, out.loss.detach() * batch.n_cells]).double()
+                    per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(), out.loss.detach()))
                 state.epoch = epoch + 1
+                sums = _epoch_sums(per_step, device)
                 if comm is not None:
                     comm.all_reduce_sum(sums)
                 rec, kl, elbo, loss = (sums / source.n_train).tolist()
