@@ -585,7 +585,7 @@ class StreamingSource:
                 for rows in minibatches(torch.arange(buf.n_cells, device=self.device), self.batch_size):
                     if steps == self.steps_per_epoch:
                         return
-                    yield buf.gather(rows)
+                    yield buf.gather(rows, by_gene=True)  # grouped by gene for the encoder's gradient
                     steps += 1
         finally:
             buffers.close()
