@@ -86,7 +86,9 @@ def part_ttq(args, recipe: dict | None) -> dict:
     runs = [
         _run(LDVAE_PY, "time_to_quality.py",
              ["--target", str(target), "--batch-size", str(args.ttq_batch_size), "--warmup-epochs", str(args.ttq_warmup),
-              "--max-epochs", str(args.ttq_max_epochs)],
+              "--max-epochs", str(args.ttq_max_epochs),
+              *(["--lr", str(args.ttq_lr)] if args.ttq_lr else []),
+              *(["--bn-momentum", str(args.ttq_bn_momentum)] if args.ttq_bn_momentum else [])],
              args.threads)
         for _ in range(args.ttq_repeats)
     ]
@@ -155,7 +157,8 @@ def write_results(path: Path, args, parts: dict) -> str:
             "",
             "| ldvae settings | reached | epochs | wall s | CPU s | speed-up (wall) | speed-up (CPU) |",
             "|---|---|---:|---:|---:|---:|---:|",
-            f"| batch {args.ttq_batch_size}, lr {t['runs'][0]['lr']:.3g}, warm-up {args.ttq_warmup} epochs | "
+            f"| batch {args.ttq_batch_size}, lr {t['runs'][0]['lr']:.3g}, warm-up {args.ttq_warmup} epochs"
+            f"{'' if not args.ttq_bn_momentum else f', batch-norm momentum {args.ttq_bn_momentum}'} | "
             f"{t['summary']['reached']} | {_fmt(t['summary']['epochs'], '.0f')} | {_fmt(w)} | "
             f"{_fmt(t['summary']['cpu_s'])} | {ref['train_wall_s'] / w:.1f}× | "
             f"{ref['train_cpu_s'] / t['summary']['cpu_s']:.1f}× |",
@@ -197,8 +200,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target-from", default=None, help="JSON of a scvi-tools recipe run (its elbo_validation)")
-    ap.add_argument("--ttq-batch-size", type=int, default=1024)
-    ap.add_argument("--ttq-warmup", type=int, default=20)
+    # ldvae's fast settings (bench/RESULTS.md, "Choosing the fast settings")
+    ap.add_argument("--ttq-batch-size", type=int, default=256)
+    ap.add_argument("--ttq-lr", type=float, default=3e-2)
+    ap.add_argument("--ttq-warmup", type=int, default=5)
+    ap.add_argument("--ttq-bn-momentum", type=float, default=0.05)
     ap.add_argument("--ttq-repeats", type=int, default=3)
     ap.add_argument("--ttq-max-epochs", type=int, default=400)
     ap.add_argument("--scaling-sizes", type=_ints, default=[10_000, 100_000, 1_000_000])

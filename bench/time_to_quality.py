@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--warmup-epochs", type=int, default=20)
     ap.add_argument("--max-epochs", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bn-momentum", type=float, default=None,
+                    help="batch-norm momentum during training (default: the model's 0.01, as scvi-tools)")
     args = ap.parse_args()
     import torch
 
@@ -48,6 +50,9 @@ def main() -> None:
         check_val_every_n_epoch=1,
         progress_bar=False,
         seed=args.seed,
+        # Running statistics that follow the parameters faster: with few steps per epoch
+        # eval-mode validation otherwise lags the model by several epochs.
+        batch_norm_momentum=args.bn_momentum,
     )
     state, elbo, reached = TrainState(), math.inf, None
     curve = []
@@ -65,6 +70,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": lr,
         "warmup_epochs": args.warmup_epochs,
+        "bn_momentum": args.bn_momentum,
         "threads": torch.get_num_threads(),
         "reached": reached is not None,
         "wall_s": reached if reached is not None else time.perf_counter() - t0,

@@ -277,6 +277,7 @@ class LinearSCVI:
         checkpoint_every_n_epochs: int = 10,
         resume_from: str | os.PathLike | None = None,
         early_stopping_patience: int = 45,
+        batch_norm_momentum: float | None = None,
         **trainer_kwargs,
     ) -> None:
         """Fit the model; calling it again continues training and appends to the history.
@@ -310,6 +311,10 @@ class LinearSCVI:
             ``max_epochs`` counts the checkpoint's epochs, and ``seed`` defaults to the
             checkpoint's. With the same settings the result equals an uninterrupted fit
             (on CPU, exactly).
+        batch_norm_momentum
+            Momentum of the batch-norm running statistics during this fit (default: the
+            model's 0.01, as scvi-tools). With few steps per epoch (large batches, fast
+            settings) 0.05-0.1 keeps eval-mode outputs and validation up to date.
         """
         progress_bar = bool(trainer_kwargs.pop("enable_progress_bar", progress_bar))
         if trainer_kwargs:
@@ -328,6 +333,8 @@ class LinearSCVI:
             max_epochs = int(min(400, round(20000 / n * 400)))
         _check_positive_int("max_epochs", max_epochs)
         _check_positive_int("checkpoint_every_n_epochs", checkpoint_every_n_epochs)
+        if batch_norm_momentum is not None and not 0.0 < float(batch_norm_momentum) <= 1.0:
+            raise ValueError(f"batch_norm_momentum must be in (0, 1], got {batch_norm_momentum!r}.")
         payload = None if resume_from is None else load_checkpoint(resume_from)
         if seed is None and payload is not None:
             seed = payload["train_config"].get("seed")  # the same split and random stream as before
@@ -354,6 +361,7 @@ class LinearSCVI:
             seed=seed,
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
             checkpoint_every_n_epochs=checkpoint_every_n_epochs,
+            batch_norm_momentum=batch_norm_momentum,
             **plan,
         )
         state = self.train_state_ or TrainState()

@@ -63,6 +63,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every_n_epochs: int = 10
+    # Batch-norm momentum while training; None keeps the module's (0.01, as scvi-tools).
+    # Larger values let eval-mode statistics follow the parameters with few steps per epoch.
+    batch_norm_momentum: float | None = None
 
 
 @dataclass
@@ -248,6 +251,11 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     # last good step when a step fails or is interrupted.
     buffers = list(module.buffers())
     last_good_buffers = [b.clone() for b in buffers]
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    if config.batch_norm_momentum is not None:
+        for m in norms:
+            m.momentum = config.batch_norm_momentum
 
     first_epoch = state.epoch
     last_epoch = first_epoch + config.max_epochs
@@ -335,6 +343,8 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     finally:
         bar.close()
         state.optimizer_state = optimizer.state_dict()
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
         module.eval()
     return state
 

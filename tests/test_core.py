@@ -127,6 +127,24 @@ def test_lr_is_honoured(small_adata):
     assert moved[0] < 1e-4 < moved[1]
 
 
+def test_batch_norm_momentum_applies_during_the_fit_only(small_adata):
+    """With momentum m the running mean after one step is (1 - m) * 0 + m * batch mean:
+    m = 1 makes it the last batch's mean exactly; the module's 0.01 comes back afterwards."""
+    ldvae.LinearSCVI.setup_anndata(small_adata, layer="counts")
+    model = ldvae.LinearSCVI(small_adata, dropout_rate=0.0)
+    bn = model.module.factor_bn
+    model.train(max_epochs=1, batch_size=small_adata.n_obs, train_size=1.0, progress_bar=False,
+                batch_norm_momentum=1.0, lr=1e-12)
+    assert bn.momentum == pytest.approx(0.01)
+    default = ldvae.LinearSCVI(small_adata, dropout_rate=0.0)
+    default.train(max_epochs=1, batch_size=small_adata.n_obs, train_size=1.0, progress_bar=False, lr=1e-12)
+    # same single batch: the running means differ by the factor 1 / 0.01
+    torch.testing.assert_close(default.module.factor_bn.running_mean, 0.01 * bn.running_mean, rtol=1e-3, atol=1e-6)
+    assert bn.running_mean.abs().max() > 0
+    with pytest.raises(ValueError, match="batch_norm_momentum must be in"):
+        model.train(max_epochs=1, progress_bar=False, batch_norm_momentum=0.0)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
