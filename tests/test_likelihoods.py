@@ -3,6 +3,8 @@ training step leave the model's outputs unchanged."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -204,5 +206,16 @@ def test_training_adam_matches_reference_adam():
             for p, gi in zip(params, g):
                 p.grad = gi.clone()
             opt.step()
+    assert opt_a._lists is not None  # the cached fused path took steps 2-20
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # it loads an Adam state dict (checkpoints) and continues like the reference
+    opt_a.load_state_dict(copy.deepcopy(opt_b.state_dict()))  # (a copy: torch may share its tensors)
+    assert opt_a._lists is None
+    g = [torch.randn_like(p) for p in a]
+    for params, opt in ((a, opt_a), (b, opt_b)):
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
