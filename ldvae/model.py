@@ -278,6 +278,7 @@ class LinearSCVI:
         resume_from: str | os.PathLike | None = None,
         early_stopping_patience: int = 45,
         batch_norm_momentum: float | None = None,
+        threads: int | None = None,
         **trainer_kwargs,
     ) -> None:
         """Fit the model; calling it again continues training and appends to the history.
@@ -315,6 +316,10 @@ class LinearSCVI:
             Momentum of the batch-norm running statistics during this fit (default: the
             model's 0.01, as scvi-tools). With few steps per epoch (large batches, fast
             settings) 0.05-0.1 keeps eval-mode outputs and validation up to date.
+        threads
+            CPU threads for torch during the fit (restored after). Default: one when a
+            minibatch is small (batch_size x genes up to 4M: faster, and robust on a busy
+            machine), else torch's current setting.
         """
         progress_bar = bool(trainer_kwargs.pop("enable_progress_bar", progress_bar))
         if trainer_kwargs:
@@ -333,6 +338,8 @@ class LinearSCVI:
             max_epochs = int(min(400, round(20000 / n * 400)))
         _check_positive_int("max_epochs", max_epochs)
         _check_positive_int("checkpoint_every_n_epochs", checkpoint_every_n_epochs)
+        if threads is not None:
+            _check_positive_int("threads", threads)
         if batch_norm_momentum is not None and not 0.0 < float(batch_norm_momentum) <= 1.0:
             raise ValueError(f"batch_norm_momentum must be in (0, 1], got {batch_norm_momentum!r}.")
         payload = None if resume_from is None else load_checkpoint(resume_from)
@@ -362,6 +369,7 @@ class LinearSCVI:
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
             checkpoint_every_n_epochs=checkpoint_every_n_epochs,
             batch_norm_momentum=batch_norm_momentum,
+            threads=threads,
             **plan,
         )
         state = self.train_state_ or TrainState()

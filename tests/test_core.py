@@ -127,6 +127,31 @@ def test_lr_is_honoured(small_adata):
     assert moved[0] < 1e-4 < moved[1]
 
 
+def test_fit_threads_one_for_small_steps_and_restored(small_adata, monkeypatch):
+    """Small minibatches train on one intra-op thread (``threads=N`` overrides); the
+    caller's setting comes back afterwards."""
+    from ldvae.module import LDVAEModule
+
+    ldvae.LinearSCVI.setup_anndata(small_adata, layer="counts")
+    seen = []
+    original = LDVAEModule.loss
+
+    def loss(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LDVAEModule, "loss", loss)
+    torch.set_num_threads(2)
+    try:
+        for threads, expected in ((None, 1), (2, 2)):
+            seen.clear()
+            ldvae.LinearSCVI(small_adata).train(max_epochs=1, progress_bar=False, threads=threads)
+            assert set(seen) == {expected}
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_batch_norm_momentum_applies_during_the_fit_only(small_adata):
     """With momentum m the running mean after one step is (1 - m) * 0 + m * batch mean:
     m = 1 makes it the last batch's mean exactly; the module's 0.01 comes back afterwards."""
