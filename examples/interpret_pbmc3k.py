@@ -5,6 +5,11 @@ matches factors across the runs, and prints, for every reproducible factor (in o
 deviance explained, sign convention applied), its top genes and the Seurat-annotated cell
 type with the highest mean factor value.
 
+The prior N(0, I) does not fix the rotation of the factors, so by default each run's
+loadings are varimax-rotated before matching (``--rotation varimax``), and the factors
+shown are the reference run's rotated ones (``V_k``: loadings W R, latent z R);
+``--rotation none`` matches and shows the model's own factors ``Z_k``.
+
     .venv/bin/python examples/interpret_pbmc3k.py [--seeds 4] [--max-epochs 300] [--n-latent 6]
 """
 
@@ -16,11 +21,12 @@ import time
 
 import anndata
 import numpy as np
+import pandas as pd
 import scanpy as sc
 
 import ldvae
 from ldvae.interpret import factor_deviance, ordered_latent, ordered_loadings
-from ldvae.stability import factor_stability, fit_seeds
+from ldvae.stability import factor_stability, fit_seeds, rotated_latent
 
 DATA = "/work/shared/data/pbmc3k_10x_raw_seurat_labels.h5ad"
 
@@ -46,6 +52,8 @@ def main() -> None:
     parser.add_argument("--n-jobs", type=int, default=None, help="worker processes (default: automatic)")
     parser.add_argument("--threshold", type=float, default=0.9, help="stability of a reproducible factor")
     parser.add_argument("--n-genes", type=int, default=6, help="top genes shown per direction")
+    parser.add_argument("--rotation", choices=("varimax", "none"), default="varimax",
+                        help="rotate each run's loadings before matching")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -58,14 +66,25 @@ def main() -> None:
     )
     print(f"fitted {len(models)} seeds x {args.max_epochs} epochs in {time.perf_counter() - started:.0f} s")
 
-    stability = factor_stability(models, threshold=args.threshold)
+    rotation = None if args.rotation == "none" else args.rotation
+    stability = factor_stability(models, threshold=args.threshold, rotation=rotation)
     model = models[stability.reference]  # the most typical run
-    deviance = factor_deviance(model)
-    loadings = ordered_loadings(model, deviance)  # ordered, largest |loading| positive
-    latent = ordered_latent(model, deviance=deviance)
+    if rotation is None:
+        deviance = factor_deviance(model)
+        loadings = ordered_loadings(model, deviance)  # ordered, largest |loading| positive
+        latent = ordered_latent(model, deviance=deviance)
+    else:
+        rot = stability.rotations[stability.reference]  # W R and z R are the reference's V_k
+        deviance = factor_deviance(model, rotation=rot)
+        order, signs = deviance.index, deviance["sign"].to_numpy()[None, :]
+        latent = rotated_latent(model, rot)
+        raw = model.get_loadings()
+        loadings = pd.DataFrame(raw.to_numpy() @ rot, index=raw.index, columns=latent.columns)[order] * signs
+        latent = latent[order] * signs
     means = latent.groupby(adata.obs["seurat_annotation"].astype(str).to_numpy()).mean()
     print(f"model explains {100 * deviance.attrs['fraction_explained']:.1f}% of the null deviance; "
-          f"reference run {stability.reference}; stability threshold {args.threshold}\n")
+          f"reference run {stability.reference}; rotation {args.rotation}; stability threshold {args.threshold}")
+    print("stabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in stability.factors["stability"].items()) + "\n")
 
     for factor in deviance.index:
         stab = stability.factors.loc[factor, "stability"]

@@ -27,6 +27,8 @@ from . import __version__
 SUBCOMMANDS: list[Callable] = []
 DEMO_EPOCHS = 250  # the tutorial's count: 1000 cells train it in ~35 s on one busy core
 DEMO_OUT = "ldvae_demo"
+# Refits beside the demo's own fit (one worker process each): see README, "The workflow and the demo".
+DEMO_STABILITY_SEEDS = 2
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -43,7 +45,8 @@ def register_subcommand(add: Callable) -> Callable:
 
 
 def _workflow_options(
-    p: argparse.ArgumentParser, *, out_dir: str | None, max_epochs: int = 250, n_threads: int | None = None
+    p: argparse.ArgumentParser, *, out_dir: str | None, max_epochs: int = 250, n_threads: int | None = None,
+    stability_seeds: int = 0,
 ) -> None:
     """The options of :func:`ldvae.run_workflow` shared by ``run`` and ``demo``."""
     out = p.add_argument_group("output")
@@ -79,6 +82,8 @@ def _workflow_options(
                        else "torch CPU threads (the demo's small minibatches gain little from more)")
     model.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
                        help="show download and training progress bars")
+    model.add_argument("--stability-seeds", type=int, default=stability_seeds,
+                       help="extra fits (seeds SEED+1 ...) to measure which factors are reproducible; 0: none")
 
     graph = p.add_argument_group("neighbors, UMAP, Leiden on the latent space")
     graph.add_argument("--n-neighbors", type=int, default=20, help="neighbors of each cell")
@@ -90,7 +95,7 @@ _WORKFLOW_PARAMS = (
     "out_dir", "overwrite", "figure_formats", "n_top_loadings", "color_by", "title", "batch_key", "target_sum",
     "n_top_genes", "hvg_flavor", "n_latent", "gene_likelihood", "max_epochs", "lr", "batch_size",
     "check_val_every_n_epoch", "seed", "accelerator", "progress_bar", "n_neighbors", "umap_min_dist",
-    "leiden_resolution", "n_threads",
+    "leiden_resolution", "n_threads", "stability_seeds",
 )
 
 
@@ -141,7 +146,8 @@ def add_demo(subparsers) -> None:
         description="Run the whole workflow on the embedded 1000-cell pbmc3k subset (raw counts, 13656 genes;\n"
                     "Data: 10x Genomics, CC BY 4.0) and print where the report is.",
     )
-    _workflow_options(p, out_dir=DEMO_OUT, max_epochs=DEMO_EPOCHS, n_threads=1)
+    _workflow_options(p, out_dir=DEMO_OUT, max_epochs=DEMO_EPOCHS, n_threads=1,
+                      stability_seeds=DEMO_STABILITY_SEEDS)
     p.set_defaults(handler=_handle_demo, color_by=["seurat_annotation"])
 
 

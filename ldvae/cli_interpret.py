@@ -172,6 +172,8 @@ def add_stability(subparsers) -> None:
     )
     _fit_options(p)
     p.add_argument("--n-latent", type=int, default=10, help="latent factors K")
+    p.add_argument("--rotation", choices=("none", "varimax"), default="none",
+                   help="varimax: rotate each run's loadings before matching (factors V_k); none: the models' Z_k")
     p.set_defaults(handler=_handle_stability)
 
 
@@ -183,7 +185,8 @@ def _handle_stability(args: argparse.Namespace) -> int:
     d = _out_dir(args.out_dir, args.overwrite)
     models = fit_seeds(adata, args.seeds, n_jobs=args.n_jobs, train_kwargs=train_kwargs,
                        n_latent=args.n_latent, gene_likelihood=args.gene_likelihood)
-    result = factor_stability(models, threshold=args.threshold)
+    result = factor_stability(models, threshold=args.threshold,
+                              rotation=None if args.rotation == "none" else args.rotation)
     _write(d, "stability.csv", result.factors)
     _write(d, "matches.csv", result.matches)
     _write(d, "consensus_loadings.csv", result.consensus.rename_axis("gene"))
@@ -191,7 +194,8 @@ def _handle_stability(args: argparse.Namespace) -> int:
     print(result.factors.to_string(float_format="{:.3f}".format))
     report = _write_report(
         d, "LDVAE factor stability", {"cells": adata.n_obs, "genes": adata.n_vars, "input": args.input},
-        {"n_latent": args.n_latent, "seeds": args.seeds, **train_kwargs}, [stability_section(result)],
+        {"n_latent": args.n_latent, "seeds": args.seeds, "rotation": args.rotation, **train_kwargs},
+        [stability_section(result)],
     )
     print(f"{int(result.factors['stable'].sum())} of {len(result.factors)} factors reproducible; report: {report}")
     return 0
@@ -200,13 +204,16 @@ def _handle_stability(args: argparse.Namespace) -> int:
 @register_subcommand
 def add_select_k(subparsers) -> None:
     p = subparsers.add_parser(
-        "select-k", help="held-out ELBO and stability against the number of factors",
+        "select-k", help="held-out ELBO, marginal log-likelihood and stability against the number of factors",
         formatter_class=HelpFormatter,
-        description="Fit each --n-latents value with several seeds; report the held-out (validation) ELBO\n"
-                    "and factor stability against K. Writes select_k.csv, select_k.png and report.html.",
+        description="Fit each --n-latents value with several seeds; report the held-out (validation) ELBO,\n"
+                    "the held-out marginal log-likelihood and factor stability against K. Writes select_k.csv,\n"
+                    "select_k.png and report.html.",
     )
     _fit_options(p)
     p.add_argument("--n-latents", type=int, nargs="+", default=[5, 10, 15, 20], help="candidate K")
+    p.add_argument("--n-mc-samples", type=int, default=50,
+                   help="importance samples per held-out cell for the marginal log-likelihood")
     p.set_defaults(handler=_handle_select_k, seeds=[0, 1, 2])
 
 
@@ -217,7 +224,8 @@ def _handle_select_k(args: argparse.Namespace) -> int:
     adata, train_kwargs = _prepared(args)
     d = _out_dir(args.out_dir, args.overwrite)
     table = select_k(adata, args.n_latents, seeds=args.seeds, n_jobs=args.n_jobs, train_kwargs=train_kwargs,
-                     threshold=args.threshold, gene_likelihood=args.gene_likelihood)
+                     threshold=args.threshold, n_mc_samples=args.n_mc_samples,
+                     gene_likelihood=args.gene_likelihood)
     _write(d, "select_k.csv", table)
     _save_figure(plot_select_k(table), d, "select_k.png")
     print(table.to_string(float_format="{:.3f}".format))

@@ -53,9 +53,14 @@ def _check_model(model, where: str) -> None:
 
 
 @torch.no_grad()
-def _log_likelihoods(model: LinearSCVI, adata, indices, batch_size: int | None) -> dict[str, np.ndarray]:
+def _log_likelihoods(
+    model: LinearSCVI, adata, indices, batch_size: int | None, rotation: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
     """Summed log-likelihoods (float64) of the full, per-factor-removed, factor-alone, null
-    and saturated models over the chosen cells (lgamma(x + 1) left out everywhere)."""
+    and saturated models over the chosen cells (lgamma(x + 1) left out everywhere).
+
+    With an orthogonal ``rotation`` R (K x K), factor k is the direction R[:, k] of z:
+    removing it sets the coordinate (z R)_k to 0, i.e. z -> z - (z R)_k R[:, k]^T."""
     module = model.module
     was_training = module.training
     module.eval()
@@ -91,11 +96,16 @@ def _log_likelihoods(model: LinearSCVI, adata, indices, batch_size: int | None) 
         at_mean = fill.expand_as(z)
         sums["null"] += ll(at_mean)
         for k in range(K):
-            without = z.clone()
-            without[:, k] = fill[k]
+            if rotation is None:
+                without = z.clone()
+                without[:, k] = fill[k]
+                alone = at_mean.clone()
+                alone[:, k] = z[:, k]
+            else:
+                direction = rotation[:, k]  # (K,)
+                part = (z @ direction)[:, None] * direction[None, :]  # (n_cells, K)
+                without, alone = z - part, part
             sums["without"][k] += ll(without)
-            alone = at_mean.clone()
-            alone[:, k] = z[:, k]
             sums["alone"][k] += ll(alone)
         # Saturated: mean = observed count (a tiny floor for zeros), dispersion as fitted.
         log_x = torch.log(b.x.clamp_min(1e-8))  # (n_cells, G)
@@ -111,6 +121,7 @@ def factor_deviance(
     adata=None,
     indices=None,
     *,
+    rotation=None,
     batch_size: int | None = None,
 ) -> pd.DataFrame:
     """Deviance explained per factor on the count scale, factors ordered by it.
@@ -124,13 +135,20 @@ def factor_deviance(
     indices
         Cells of ``adata`` to use (default: all). ``model.validation_indices_`` gives the
         held-out cells.
+    rotation
+        An orthogonal K x K matrix R (e.g. one of ``StabilityResult.rotations`` of
+        :func:`ldvae.stability.factor_stability` with ``rotation="varimax"``): score the
+        rotated factors ``V_k``, whose loadings are ``W @ R`` and latent ``z @ R``, instead
+        of the model's own. Removing ``V_k`` removes the component of z along R[:, k]. Needs
+        ``latent_distribution="normal"``.
     batch_size
         Cells per evaluation batch.
 
     Returns
     -------
     pd.DataFrame
-        One row per factor, indexed by its loadings column (``Z_k``), sorted by
+        One row per factor, indexed by its loadings column (``Z_k``, or ``V_k`` with
+        ``rotation``), sorted by
         ``deviance_drop`` (largest first), with columns
 
         ``rank``
@@ -150,11 +168,18 @@ def factor_deviance(
         ``fraction_explained`` (1 - model / null deviance) and ``n_cells``.
     """
     _check_model(model, "factor_deviance")
-    s = _log_likelihoods(model, adata, indices, batch_size)
+    rot = None
+    if rotation is not None:
+        rot = _check_rotation(model, rotation)
+    s = _log_likelihoods(model, adata, indices, batch_size,
+                         None if rot is None else torch.as_tensor(rot, dtype=torch.float32, device=model.device))
     null_dev = 2.0 * (s["saturated"] - s["null"])
     explained = 2.0 * (s["full"] - s["null"])
     drop = 2.0 * (s["full"] - s["without"])
     loadings = model.get_loadings()
+    if rot is not None:
+        loadings = pd.DataFrame(loadings.to_numpy() @ rot, index=loadings.index,
+                                columns=[f"V_{k}" for k in range(rot.shape[1])])
     table = pd.DataFrame(
         {
             "deviance_drop": drop,
@@ -181,6 +206,18 @@ def factor_deviance(
             "fraction_of_model is undefined. Train longer or check the data.", n_cells,
         )
     return table
+
+
+def _check_rotation(model: LinearSCVI, rotation) -> np.ndarray:
+    rot = np.asarray(rotation, dtype=float)
+    k = model.init_params_["n_latent"]
+    if rot.shape != (k, k):
+        raise ValueError(f"rotation must be {k} x {k} for this model's {k} factors, got shape {rot.shape}.")
+    if not np.allclose(rot.T @ rot, np.eye(k), atol=1e-6):
+        raise ValueError("rotation must be orthogonal (R^T R = I): the prior N(0, I) is invariant only under those.")
+    if model.init_params_["latent_distribution"] == "ln":
+        raise ValueError("A rotation needs latent_distribution='normal': softmax(z) is not rotation invariant.")
+    return rot
 
 
 # --- order and sign ---------------------------------------------------------------------------------

@@ -91,20 +91,25 @@ def enrichment_section(gene_sets: str | os.PathLike, *, n: int = 3) -> Callable[
     return build
 
 
-def stability_section(result: StabilityResult) -> Section:
-    """Per-factor stability across seeds (table and figure) from :func:`factor_stability`."""
+def stability_section(result: StabilityResult, *, figure: str | os.PathLike | None = None) -> Section:
+    """Per-factor stability across seeds (table and figure) from :func:`factor_stability`.
+
+    ``figure``: a PNG of :func:`ldvae.stability.plot_stability` already written (drawn here
+    when omitted)."""
     from .stability import plot_stability
 
     f = result.factors
     table = pd.concat([f, result.matches.add_prefix("match_")], axis=1).reset_index()
+    rotated = " after a varimax rotation of each run's loadings" if result.rotation == "varimax" else ""
+    caption = "Matched |correlation| per factor across seeds."
     body = (
         _note(
-            f"{f.attrs['n_runs']} runs matched to run {result.reference} by loadings correlation "
+            f"{f.attrs['n_runs']} runs matched to run {result.reference} by loadings correlation{rotated} "
             f"(optimal assignment); stable: median matched |correlation| >= {f.attrs['threshold']}. "
             f"{int(f['stable'].sum())} of {len(f)} factors are reproducible."
         )
         + table_html(table, float_format="{:.3f}")
-        + _figure(plot_stability(result), "Matched |correlation| per factor across seeds.")
+        + (_figure(plot_stability(result), caption) if figure is None else figure_html(figure, caption))
     )
     return "Factor stability across seeds", body
 
@@ -113,13 +118,19 @@ def select_k_section(table: pd.DataFrame) -> Section:
     """Held-out ELBO and stability against K from :func:`ldvae.stability.select_k`."""
     from .stability import plot_select_k
 
+    nll = ""
+    if "nll_validation" in table:
+        nll = (
+            f" nll_validation: held-out -log p(x) per cell by importance sampling "
+            f"({table.attrs.get('n_mc_samples')} samples), lowest at K = {table.attrs.get('lowest_nll_k')}."
+        )
     body = (
         _note(
             f"Chosen K = {table.attrs.get('best_k')}: the smallest K whose held-out ELBO is within one standard "
-            f"error of the lowest (K = {table.attrs.get('lowest_elbo_k')})."
+            f"error of the lowest (K = {table.attrs.get('lowest_elbo_k')}).{nll}"
         )
         + table_html(table.reset_index(), float_format="{:.4g}")
-        + _figure(plot_select_k(table), "Held-out ELBO and stability against the number of factors.")
+        + _figure(plot_select_k(table), "Held-out ELBO, -log p(x) and stability against the number of factors.")
     )
     return "Choosing the number of factors", body
 

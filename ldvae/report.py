@@ -61,9 +61,11 @@ def dict_html(items: Mapping[str, object]) -> str:
     return f"<table>{rows}</table>"
 
 
-def top_genes_wide(table: pd.DataFrame) -> pd.DataFrame:
+def top_genes_wide(table: pd.DataFrame, stability: pd.DataFrame | None = None) -> pd.DataFrame:
     """The long top-genes table (see :func:`ldvae.plotting.top_genes`) as one row per factor:
-    ``negative`` and ``positive`` genes with loadings, largest magnitude first."""
+    ``negative`` and ``positive`` genes with loadings, largest magnitude first. With
+    ``stability`` (the ``factors`` table of :func:`ldvae.stability.factor_stability`, indexed
+    by factor), also its ``stability`` and ``reproducible`` ("yes"/"no") per factor."""
     rows = []
     for factor, group in table.groupby("factor", sort=False):
         cells = {"factor": factor}
@@ -71,7 +73,11 @@ def top_genes_wide(table: pd.DataFrame) -> pd.DataFrame:
             part = group[group["direction"] == direction].sort_values("rank")
             cells[direction] = ", ".join(f"{g} ({v:+.2f})" for g, v in zip(part["gene"], part["loading"]))
         rows.append(cells)
-    return pd.DataFrame(rows, columns=["factor", "negative", "positive"])
+    wide = pd.DataFrame(rows, columns=["factor", "negative", "positive"])
+    if stability is not None:
+        wide["stability"] = wide["factor"].map(stability["stability"])
+        wide["reproducible"] = wide["factor"].map(stability["stable"]).map({True: "yes", False: "no"})
+    return wide
 
 
 def build_report(
@@ -81,6 +87,7 @@ def build_report(
     settings: Mapping[str, object],
     figures: Sequence[tuple[str, str | os.PathLike]],
     top_genes: pd.DataFrame | None = None,
+    factor_stability: pd.DataFrame | None = None,
     extra_sections: Sequence[tuple[str, str]] = (),
     footer: str = "",
 ) -> str:
@@ -96,6 +103,9 @@ def build_report(
         ``(caption, path)`` pairs; each image is read and embedded (PNG, SVG or JPEG).
     top_genes
         The long top-genes table of :func:`ldvae.plotting.top_genes`.
+    factor_stability
+        Per-factor stability (``StabilityResult.factors``): adds ``stability`` and
+        ``reproducible`` columns to the top-genes table.
     extra_sections
         More ``(title, html)`` sections appended after the standard ones; the html is
         inserted verbatim.
@@ -108,7 +118,16 @@ def build_report(
         ("Figures", "".join(figure_html(path, caption) for caption, path in figures)),
     ]
     if top_genes is not None:
-        sections.append(("Top loadings by magnitude", table_html(top_genes_wide(top_genes))))
+        wide = top_genes_wide(top_genes, factor_stability)
+        note = ""
+        if factor_stability is not None:
+            f = factor_stability
+            note = (
+                f'<p class="note">reproducible: the factor came back with stability >= {f.attrs.get("threshold")} '
+                f'(median matched |correlation| of loadings) in {f.attrs.get("n_runs")} fits with different seeds; '
+                "see Factor stability across seeds.</p>"
+            )
+        sections.append(("Top loadings by magnitude", note + table_html(wide, float_format="{:.2f}")))
     sections.extend(extra_sections)
     anchors = [f"s{i}" for i in range(len(sections))]
     nav = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, (t, _) in zip(anchors, sections))

@@ -6,8 +6,12 @@ matches the factors of the runs by the absolute Pearson correlation of their loa
 genes, with an optimal one-to-one assignment (``scipy.optimize.linear_sum_assignment``)
 against a reference run; a factor's stability is the median of its matched absolute
 correlations, and its consensus loadings the mean of the matched, sign-aligned columns.
-``select_k`` fits a range of ``n_latent`` and reports the held-out ELBO of the validation
-cells and the stability against K.
+With ``rotation="varimax"`` each run's loadings are first rotated by their own
+:func:`varimax` rotation, since the prior N(0, I) leaves the factors' rotation free.
+``select_k`` fits a range of ``n_latent`` and reports the held-out ELBO and the held-out
+marginal log-likelihood (importance sampling) of the validation cells and the stability
+against K. :class:`BackgroundFits` runs seeds in worker processes while this process
+keeps working (the workflow's refits beside its own fit).
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -54,23 +58,26 @@ def _fit_one(adata, model_kwargs: dict, train_kwargs: dict, seed: int) -> Linear
     return model
 
 
-def _worker_main(directory: str, job: int) -> None:
-    """Entry point of a worker process: fit job ``job`` described in ``directory``."""
+def _worker_main(directory: str, jobs: list[int]) -> None:
+    """Entry point of a worker process: fit the jobs ``jobs`` described in ``directory``,
+    one after another (one interpreter start and one read of the data for all of them)."""
     import anndata
 
     d = Path(directory)
-    spec = json.loads((d / f"job{job}.json").read_text(encoding="utf-8"))
-    torch.set_num_threads(spec["threads"])
-    adata = anndata.read_h5ad(d / "adata.h5ad")
-    model = _fit_one(adata, spec["model_kwargs"], spec["train_kwargs"], spec["seed"])
-    ts = model.train_state_
-    payload = {
-        "module_state": {k: v.detach().cpu() for k, v in model.module.state_dict().items()},
-        "train_state": {f.name: getattr(ts, f.name) for f in fields(ts)},
-        "train_indices": torch.as_tensor(np.asarray(model.train_indices_)),
-        "validation_indices": torch.as_tensor(np.asarray(model.validation_indices_)),
-    }
-    torch.save(payload, d / f"result{job}.pt")
+    adata = None
+    for job in jobs:
+        spec = json.loads((d / f"job{job}.json").read_text(encoding="utf-8"))
+        torch.set_num_threads(spec["threads"])
+        adata = anndata.read_h5ad(d / "adata.h5ad") if adata is None else adata
+        model = _fit_one(adata, spec["model_kwargs"], spec["train_kwargs"], spec["seed"])
+        ts = model.train_state_
+        payload = {
+            "module_state": {k: v.detach().cpu() for k, v in model.module.state_dict().items()},
+            "train_state": {f.name: getattr(ts, f.name) for f in fields(ts)},
+            "train_indices": torch.as_tensor(np.asarray(model.train_indices_)),
+            "validation_indices": torch.as_tensor(np.asarray(model.validation_indices_)),
+        }
+        torch.save(payload, d / f"result{job}.pt")
 
 
 def _rebuild(adata, model_kwargs: dict, path: Path) -> LinearSCVI:
@@ -95,9 +102,13 @@ def _n_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def uses_gpu(accelerator: str = "auto") -> bool:
+    """Whether training with ``accelerator`` runs on a CUDA GPU."""
+    return torch.cuda.is_available() and str(accelerator).lower() != "cpu"
+
+
 def _default_n_jobs(n_fits: int, train_kwargs: dict) -> int:
-    on_gpu = torch.cuda.is_available() and str(train_kwargs.get("accelerator", "auto")).lower() != "cpu"
-    if on_gpu:
+    if uses_gpu(train_kwargs.get("accelerator", "auto")):
         return 1  # one GPU: fits run one after another on it
     return max(1, min(n_fits, _n_cpus()))
 
@@ -115,53 +126,131 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
     threads = max(1, _n_cpus() // n_jobs)
     logger.info("Fitting %d models in %d worker processes (%d thread(s) each).", len(jobs), n_jobs, threads)
     # Fresh interpreters started by path, not multiprocessing: no fork of torch's thread
-    # pools, and scripts need no `if __name__ == "__main__"` guard.
+    # pools, and scripts need no `if __name__ == "__main__"` guard. Worker w fits jobs
+    # w, w + n_jobs, ... (fits of one call cost about the same).
     with tempfile.TemporaryDirectory(prefix="ldvae-fits-") as tmp:
         d = Path(tmp)
-        adata.write_h5ad(d / "adata.h5ad")
-        for i, (kw, seed) in enumerate(jobs):
-            spec = {"model_kwargs": kw, "train_kwargs": train_kwargs, "seed": int(seed), "threads": threads}
-            try:
-                text = json.dumps(spec)
-            except TypeError as err:
-                raise TypeError(
-                    f"model and training arguments must be plain values (numbers, strings, lists, dicts) to "
-                    f"reach worker processes ({err}); pass n_jobs=1 to fit in this process."
-                ) from err
-            (d / f"job{i}.json").write_text(text, encoding="utf-8")
-        _run_workers(d, jobs, n_jobs, threads)
+        _write_jobs(d, adata, jobs, train_kwargs, threads)
+        env = _worker_env(threads)
+        shares = [list(range(w, len(jobs), n_jobs)) for w in range(n_jobs)]
+        procs = [_launch(d, share, env) for share in shares]
+        try:
+            running = set(range(n_jobs))
+            while running:
+                for w in list(running):
+                    if procs[w].poll() is not None:
+                        running.discard(w)
+                        _check_exit(d, jobs, shares[w], procs[w])
+                time.sleep(0.05)
+        finally:
+            _kill(procs)
         return [_rebuild(adata, kw, d / f"result{i}.pt") for i, (kw, _) in enumerate(jobs)]
 
 
-def _run_workers(d: Path, jobs: list[tuple[dict, int]], n_jobs: int, threads: int) -> None:
+def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict, threads: int) -> None:
+    specs = []
+    for kw, seed in jobs:
+        spec = {"model_kwargs": kw, "train_kwargs": train_kwargs, "seed": int(seed), "threads": threads}
+        try:
+            specs.append(json.dumps(spec))
+        except TypeError as err:
+            raise TypeError(
+                f"model and training arguments must be plain values (numbers, strings, lists, dicts) to "
+                f"reach worker processes ({err}); pass n_jobs=1 to fit in this process."
+            ) from err
+    adata.write_h5ad(d / "adata.h5ad")
+    for i, text in enumerate(specs):
+        (d / f"job{i}.json").write_text(text, encoding="utf-8")
+
+
+def _worker_env(threads: int) -> dict:
     package_root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    pending = list(range(len(jobs)))
-    running: dict[int, subprocess.Popen] = {}
-    try:
-        while pending or running:
-            while pending and len(running) < n_jobs:
-                i = pending.pop(0)
-                code = f"from ldvae.stability import _worker_main; _worker_main({str(d)!r}, {i})"
-                with open(d / f"job{i}.log", "wb") as log:
-                    running[i] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
-            for i, proc in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[i]
-                if proc.returncode != 0:
-                    lines = (d / f"job{i}.log").read_text(errors="replace").strip().splitlines()
-                    raise RuntimeError(
-                        f"The fit of seed {jobs[i][1]} ({jobs[i][0]}) failed in its worker process (exit code "
-                        f"{proc.returncode}): {lines[-1] if lines else 'no output'}. Pass n_jobs=1 to fit "
-                        "in this process and see the full traceback."
-                    )
-            time.sleep(0.05)
-    finally:
-        for proc in running.values():
+    return env
+
+
+def _launch(d: Path, share: list[int], env: dict) -> subprocess.Popen:
+    code = f"from ldvae.stability import _worker_main; _worker_main({str(d)!r}, {share!r})"
+    with open(d / f"worker{share[0]}.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
+
+
+def _check_exit(d: Path, jobs: list[tuple[dict, int]], share: list[int], proc: subprocess.Popen) -> None:
+    if proc.returncode != 0:
+        # the failed fit is the worker's first job without a result
+        i = next((j for j in share if not (d / f"result{j}.pt").exists()), share[-1])
+        lines = (d / f"worker{share[0]}.log").read_text(errors="replace").strip().splitlines()
+        raise RuntimeError(
+            f"The fit of seed {jobs[i][1]} ({jobs[i][0]}) failed in its worker process (exit code "
+            f"{proc.returncode}): {lines[-1] if lines else 'no output'}. Pass n_jobs=1 to fit "
+            "in this process and see the full traceback."
+        )
+
+
+def _kill(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.wait()
+
+
+class BackgroundFits:
+    """Seeds fitted in worker processes (one per seed, all started at once) while this
+    process does other work, e.g. the workflow's own fit.
+
+    Use as a context manager: leaving it early (an error, Ctrl-C) kills the workers.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`LinearSCVI.setup_anndata` (copied to the workers now).
+    seeds, train_kwargs, **model_kwargs
+        As in :func:`fit_seeds`.
+    threads
+        Torch threads per worker.
+    """
+
+    def __init__(self, adata, seeds: Sequence[int], *, train_kwargs: dict | None = None, threads: int = 1,
+                 **model_kwargs):
+        from .data import get_setup
+
+        get_setup(adata)
+        self._adata = adata
+        self._jobs = [(dict(model_kwargs), s) for s in _check_seeds(seeds, 1)]
+        train_kwargs = dict(train_kwargs or {})
+        self._tmp = tempfile.TemporaryDirectory(prefix="ldvae-fits-")
+        self._dir = Path(self._tmp.name)
+        self._procs: list[subprocess.Popen] = []
+        try:
+            _write_jobs(self._dir, adata, self._jobs, train_kwargs, threads)
+            env = _worker_env(threads)
+            self._procs = [_launch(self._dir, [i], env) for i in range(len(self._jobs))]
+        except BaseException:
+            self.close()
+            raise
+        logger.info("Fitting seeds %s in %d background worker processes.", [s for _, s in self._jobs], len(self._procs))
+
+    def result(self) -> list[LinearSCVI]:
+        """Wait for every worker; the trained models in the order of ``seeds``."""
+        try:
+            for i, proc in enumerate(self._procs):
+                proc.wait()
+                _check_exit(self._dir, self._jobs, [i], proc)
+            return [_rebuild(self._adata, kw, self._dir / f"result{i}.pt") for i, (kw, _) in enumerate(self._jobs)]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Kill workers still running and remove their files."""
+        _kill(self._procs)
+        self._tmp.cleanup()
+
+    def __enter__(self) -> BackgroundFits:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _check_seeds(seeds: Sequence[int], at_least: int) -> list[int]:
@@ -192,7 +281,8 @@ def fit_seeds(
         the minibatch order and the sampling.
     n_jobs
         Worker processes. Default: one per seed up to the CPU count on CPU; 1 (sequential)
-        when a CUDA GPU will be used. Each worker receives a copy of ``adata``.
+        when a CUDA GPU will be used. Each worker reads a copy of ``adata`` once and fits
+        its share of the seeds one after another.
     train_kwargs
         Passed to :meth:`LinearSCVI.train` (``max_epochs``, ``lr``, ``plan_kwargs``,
         ``batch_size``, ...); ``seed`` and ``progress_bar`` are set here.
@@ -207,6 +297,48 @@ def fit_seeds(
     seeds = _check_seeds(seeds, 1)
     train_kwargs = dict(train_kwargs or {})
     return _fit_many(adata, [(dict(model_kwargs), s) for s in seeds], n_jobs, train_kwargs)
+
+
+# --- rotation -------------------------------------------------------------------------------------
+
+
+def varimax(loadings, *, max_iter: int = 500, tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """The orthogonal rotation that maximizes the varimax criterion of ``loadings @ R``.
+
+    The LDVAE prior N(0, I) is unchanged by any rotation R of z, and the decoder's log-rate
+    W z equals (W R)(R^T z), so a model's factors are identified only up to rotation. The
+    varimax rotation (Kaiser 1958) is the one whose columns are simplest: it maximizes the
+    summed variance over genes of the squared loadings, so each factor loads strongly on
+    few genes. It is unique up to the order and sign of its columns, which the matching
+    handles. Rows are not normalized (genes with small loadings stay small).
+
+    Parameters
+    ----------
+    loadings
+        Genes x factors (array or DataFrame); NaN rows count as zero.
+    max_iter, tol
+        Iterations of the SVD update, and the relative gain of the criterion below which
+        it stops.
+
+    Returns
+    -------
+    rotated, rotation
+        ``loadings @ rotation`` (genes x factors) and the orthogonal ``rotation`` (K x K).
+        The matching latent is ``z @ rotation`` (cells x factors).
+    """
+    w = np.nan_to_num(np.asarray(loadings, dtype=float), nan=0.0)  # (G, K)
+    n_genes, k = w.shape
+    rotation = np.eye(k)
+    criterion = 0.0
+    for _ in range(max_iter):
+        r = w @ rotation
+        # gradient of sum_k var_g(r_gk^2), up to a factor; its polar factor is the update
+        u, s, vt = np.linalg.svd(w.T @ (r**3 - r * (r**2).mean(axis=0, keepdims=True)))
+        rotation = u @ vt
+        previous, criterion = criterion, float(s.sum())
+        if criterion <= previous * (1.0 + tol):
+            break
+    return w @ rotation, rotation
 
 
 # --- matching factors across runs ----------------------------------------------------------------
@@ -230,6 +362,10 @@ class StabilityResult:
         Genes x factors: mean of the matched, sign-aligned loadings, largest entry positive.
     reference
         Position of the reference run.
+    rotation
+        ``"varimax"`` when the runs' loadings were rotated before matching, else None.
+    rotations
+        Per run, the K x K rotation applied to its loadings (the identity without rotation).
     """
 
     factors: pd.DataFrame
@@ -237,6 +373,8 @@ class StabilityResult:
     matches: pd.DataFrame
     consensus: pd.DataFrame
     reference: int
+    rotation: str | None = None
+    rotations: list = field(default_factory=list)
 
 
 def _loadings_list(runs) -> list[pd.DataFrame]:
@@ -286,7 +424,13 @@ def _match(ref: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return match, corr
 
 
-def factor_stability(runs, *, reference: int | None = None, threshold: float = STABLE_THRESHOLD) -> StabilityResult:
+def factor_stability(
+    runs,
+    *,
+    reference: int | None = None,
+    threshold: float = STABLE_THRESHOLD,
+    rotation: Literal["varimax"] | None = None,
+) -> StabilityResult:
     """Match factors across runs and measure how reproducible each one is.
 
     Parameters
@@ -299,6 +443,14 @@ def factor_stability(runs, *, reference: int | None = None, threshold: float = S
         total matched absolute correlation to all others (the most typical run).
     threshold
         ``stable`` marks factors whose stability reaches it.
+    rotation
+        ``"varimax"``: rotate each run's loadings by its own :func:`varimax` rotation
+        before matching. The prior N(0, I) cannot tell rotations of the factors apart, so
+        seeds may agree on the space the factors span but not on its axes; varimax picks
+        the same axes in every run when they span the same space. The factors are then
+        the rotated ones, named ``V_0 … V_{K-1}`` (by decreasing sum of squared loadings,
+        sign convention applied); ``rotations`` holds each run's rotation, and
+        :func:`rotated_latent` gives the matching latent. None: the model's own factors.
 
     Returns
     -------
@@ -306,7 +458,13 @@ def factor_stability(runs, *, reference: int | None = None, threshold: float = S
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
+    if rotation not in (None, "varimax"):
+        raise ValueError(f"rotation must be None or 'varimax', got {rotation!r}.")
     frames = _loadings_list(runs)
+    rotations = [np.eye(f.shape[1]) for f in frames]
+    if rotation == "varimax":
+        rotated = [_varimax_frame(f) for f in frames]
+        frames, rotations = [f for f, _ in rotated], [r for _, r in rotated]
     mats = [np.nan_to_num(f.to_numpy(dtype=float), nan=0.0) for f in frames]
     n = len(mats)
     if reference is None:
@@ -353,30 +511,69 @@ def factor_stability(runs, *, reference: int | None = None, threshold: float = S
     )
     factors["stable"] = factors["stability"] >= threshold
     factors = factors.sort_values("stability", ascending=False, kind="stable")
-    factors.attrs.update(threshold=float(threshold), n_runs=n, reference=int(reference))
+    factors.attrs.update(threshold=float(threshold), n_runs=n, reference=int(reference), rotation=rotation)
     return StabilityResult(
         factors=factors,
         correlations=pd.DataFrame(corr, index=pd.Index(names, name="factor"), columns=runs_idx).loc[factors.index],
         matches=pd.DataFrame(matches, index=pd.Index(names, name="factor"), columns=runs_idx).loc[factors.index],
         consensus=consensus,
         reference=int(reference),
+        rotation=rotation,
+        rotations=rotations,
     )
 
 
+def _varimax_frame(loadings: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """Varimax-rotated loadings named ``V_k``, by decreasing sum of squares, largest entry
+    positive; and the rotation (K x K) that gives them: ``rotated = loadings @ rotation``."""
+    from .interpret import sign_convention
+
+    rotated, rot = varimax(loadings)
+    order = np.argsort(-(rotated**2).sum(axis=0), kind="stable")
+    rotated, rot = rotated[:, order], rot[:, order]
+    names = [f"V_{k}" for k in range(rotated.shape[1])]
+    signs = sign_convention(pd.DataFrame(rotated)).to_numpy()
+    rot = rot * signs[None, :]
+    frame = pd.DataFrame(rotated * signs[None, :], index=loadings.index.copy(), columns=names)
+    frame[loadings.isna().any(axis=1).to_numpy()] = np.nan  # unmodelled genes stay NaN
+    return frame, rot
+
+
+def rotated_latent(model: LinearSCVI, rotation: np.ndarray, adata=None) -> pd.DataFrame:
+    """Latent means in rotated axes, ``z @ rotation`` (cells x factors, columns ``V_k``).
+
+    ``rotation`` is one of ``StabilityResult.rotations`` (the one of this model's run);
+    with it, the decoder's log-rate is unchanged: W z = (W R)(R^T z).
+    """
+    from .interpret import _check_model, _check_rotation
+
+    _check_model(model, "rotated_latent")
+    rotation = _check_rotation(model, rotation)
+    k = rotation.shape[0]
+    target = model.adata if adata is None else adata
+    z = model.get_latent_representation(adata) @ rotation  # (n_cells, K)
+    return pd.DataFrame(z, index=target.obs_names.copy(), columns=[f"V_{i}" for i in range(k)])
+
+
 # --- choosing K -----------------------------------------------------------------------------------
+
+
+def _validation_cells(model: LinearSCVI, what: str) -> np.ndarray:
+    model._check_trained()
+    val = getattr(model, "validation_indices_", None)
+    if val is None or len(val) == 0:
+        raise ValueError(
+            f"The model has no validation cells, so no held-out {what}. Train with train_size < 1 "
+            "(e.g. train_size=0.9, the default)."
+        )
+    return np.asarray(val)
 
 
 @torch.no_grad()
 def heldout_elbo(model: LinearSCVI, *, n_samples: int = 10, seed: int = 0) -> np.ndarray:
     """Per-cell negative ELBO of the model's validation cells (lower is better), averaged
     over ``n_samples`` draws of z and l, lgamma(x + 1) included; (n_validation_cells,)."""
-    model._check_trained()
-    val = getattr(model, "validation_indices_", None)
-    if val is None or len(val) == 0:
-        raise ValueError(
-            "The model has no validation cells, so no held-out ELBO. Train with train_size < 1 "
-            "(e.g. train_size=0.9, the default)."
-        )
+    val = _validation_cells(model, "ELBO")
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     module = model.module
@@ -394,6 +591,25 @@ def heldout_elbo(model: LinearSCVI, *, n_samples: int = 10, seed: int = 0) -> np
     return np.concatenate(out)
 
 
+def heldout_marginal_nll(model: LinearSCVI, *, n_mc_samples: int = 50) -> np.ndarray:
+    """Per-cell negative log-likelihood -log p(x) of the model's validation cells (lower is
+    better), importance-sampled with ``n_mc_samples`` draws from q(z, l | x) (see
+    :meth:`LinearSCVI.get_marginal_ll`); (n_validation_cells,).
+
+    The estimate is a bound like the ELBO, but tighter: in expectation it lies between
+    -log p(x) and the negative ELBO, and approaches -log p(x) as ``n_mc_samples`` grows.
+    """
+    val = _validation_cells(model, "marginal log-likelihood")
+    return -np.asarray(model.get_marginal_ll(indices=val, n_mc_samples=n_mc_samples, return_mean=False),
+                       dtype=np.float64)
+
+
+def _paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of the mean of the per-cell difference a - b."""
+    diff = a - b
+    return float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+
+
 def select_k(
     adata,
     n_latents: Sequence[int],
@@ -403,15 +619,20 @@ def select_k(
     train_kwargs: dict | None = None,
     threshold: float = STABLE_THRESHOLD,
     n_samples: int = 10,
+    n_mc_samples: int = 50,
     **model_kwargs,
 ) -> pd.DataFrame:
-    """Fit each ``n_latent`` with several seeds; held-out ELBO and stability against K.
+    """Fit each ``n_latent`` with several seeds; held-out ELBO, held-out marginal
+    log-likelihood and stability against K.
 
     The held-out ELBO is the per-cell negative ELBO of each run's validation cells (the
     split follows the seed, so every K is scored on the same cells), averaged over seeds.
     Extra factors that the data do not support collapse to the prior and barely change
     it, so the chosen K follows the one-standard-error rule: the smallest K whose held-out
     ELBO is within one standard error (of the per-cell paired difference) of the best.
+    The held-out marginal log-likelihood (importance sampling, :func:`heldout_marginal_nll`)
+    is reported beside it on the same cells: a tighter bound, which shows whether the
+    ELBO's ranking of K is an artefact of the variational gap.
 
     Parameters
     ----------
@@ -427,15 +648,21 @@ def select_k(
         Stability threshold for counting stable factors.
     n_samples
         Draws of z per cell for the held-out ELBO.
+    n_mc_samples
+        Importance samples per cell for the held-out marginal log-likelihood (validation
+        cells only, so it costs a fraction of one training epoch per fit).
 
     Returns
     -------
     pd.DataFrame
         Indexed by ``n_latent``: ``elbo_validation`` (mean per-cell negative ELBO, lower
         is better), ``elbo_se`` (standard error of its paired difference to the best K),
-        ``median_stability``, ``min_stability``, ``n_stable`` and ``selected`` (True for
-        the chosen K). ``attrs["best_k"]`` is the chosen K, ``attrs["lowest_elbo_k"]`` the
-        K of the lowest held-out ELBO.
+        ``nll_validation`` (mean per-cell negative marginal log-likelihood, lower is
+        better), ``nll_se`` (standard error of its paired difference to the K of the lowest
+        ``nll_validation``), ``median_stability``, ``min_stability``, ``n_stable`` and
+        ``selected`` (True for the chosen K). ``attrs["best_k"]`` is the chosen K,
+        ``attrs["lowest_elbo_k"]`` and ``attrs["lowest_nll_k"]`` the K of the lowest
+        held-out ELBO and negative log-likelihood.
     """
     ks = sorted({int(k) for k in n_latents})
     if not ks or ks[0] < 1:
@@ -443,23 +670,28 @@ def select_k(
     if "n_latent" in model_kwargs:
         raise TypeError("select_k sets n_latent itself; pass the candidates as n_latents=[...].")
     seeds = _check_seeds(seeds, 2)
+    if isinstance(n_mc_samples, bool) or not isinstance(n_mc_samples, (int, np.integer)) or n_mc_samples < 1:
+        raise ValueError(f"n_mc_samples must be a positive integer, got {n_mc_samples!r}.")
     train_kwargs = dict(train_kwargs or {})
     jobs = [({**model_kwargs, "n_latent": k}, s) for k in ks for s in seeds]
     models = _fit_many(adata, jobs, n_jobs, train_kwargs)
     by_k = {k: models[i * len(seeds) : (i + 1) * len(seeds)] for i, k in enumerate(ks)}
-    elbos = {k: [heldout_elbo(m, n_samples=n_samples) for m in runs] for k, runs in by_k.items()}
-    mean = {k: float(np.mean(np.concatenate(e))) for k, e in elbos.items()}
+    elbos = {k: np.concatenate([heldout_elbo(m, n_samples=n_samples) for m in runs]) for k, runs in by_k.items()}
+    nlls = {k: np.concatenate([heldout_marginal_nll(m, n_mc_samples=n_mc_samples) for m in runs])
+            for k, runs in by_k.items()}
+    mean = {k: float(e.mean()) for k, e in elbos.items()}
     lowest = min(ks, key=lambda k: mean[k])
+    lowest_nll = min(ks, key=lambda k: nlls[k].mean())
     rows = []
     for k in ks:
-        diff = np.concatenate(elbos[k]) - np.concatenate(elbos[lowest])
-        se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
         stab = factor_stability(by_k[k], threshold=threshold).factors
         rows.append(
             {
                 "n_latent": k,
                 "elbo_validation": mean[k],
-                "elbo_se": se,
+                "elbo_se": _paired_se(elbos[k], elbos[lowest]),
+                "nll_validation": float(nlls[k].mean()),
+                "nll_se": _paired_se(nlls[k], nlls[lowest_nll]),
                 "median_stability": float(stab["stability"].median()),
                 "min_stability": float(stab["stability"].min()),
                 "n_stable": int(stab["stable"].sum()),
@@ -468,8 +700,10 @@ def select_k(
     table = pd.DataFrame(rows).set_index("n_latent")
     best = next(k for k in ks if table.loc[k, "elbo_validation"] - mean[lowest] <= table.loc[k, "elbo_se"])
     table["selected"] = table.index == best
-    table.attrs.update(best_k=int(best), lowest_elbo_k=int(lowest), threshold=float(threshold), seeds=seeds)
-    logger.info("select_k: lowest held-out ELBO at K=%d; one-SE choice K=%d.", lowest, best)
+    table.attrs.update(best_k=int(best), lowest_elbo_k=int(lowest), lowest_nll_k=int(lowest_nll),
+                       threshold=float(threshold), seeds=seeds, n_mc_samples=int(n_mc_samples))
+    logger.info("select_k: lowest held-out ELBO at K=%d, lowest held-out -log p(x) at K=%d; one-SE choice K=%d.",
+                lowest, lowest_nll, best)
     return table
 
 
@@ -499,15 +733,21 @@ def plot_stability(result: StabilityResult) -> Figure:
 
 
 def plot_select_k(table: pd.DataFrame) -> Figure:
-    """Held-out ELBO (with standard errors) and stability against K, the chosen K marked."""
+    """Held-out negative ELBO and negative marginal log-likelihood (with standard errors)
+    and stability against K, the chosen K marked."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 3.0), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     k = table.index.to_numpy()
-    ax1.errorbar(k, table["elbo_validation"], yerr=table["elbo_se"], marker="o", color="#4C72B0", capsize=3)
+    ax1.errorbar(k, table["elbo_validation"], yerr=table["elbo_se"], marker="o", color="#4C72B0", capsize=3,
+                 label="negative ELBO")
+    if "nll_validation" in table:
+        ax1.errorbar(k, table["nll_validation"], yerr=table["nll_se"], marker="s", color="#55A868", capsize=3,
+                     label=f"-log p(x), {table.attrs.get('n_mc_samples', '?')} importance samples")
+        ax1.legend(fontsize=8, frameon=False)
     ax1.set_xlabel("n_latent (K)")
-    ax1.set_ylabel("held-out negative ELBO per cell")
+    ax1.set_ylabel("held-out, per cell (lower is better)")
     ax2.plot(k, table["median_stability"], "o-", label="median", color="#4C72B0")
     ax2.plot(k, table["min_stability"], "s--", label="least stable factor", color="#C44E52")
     ax2.set_ylim(0, 1.02)

@@ -41,6 +41,7 @@ from .plotting import (
 from .readers import read_counts
 from .report import build_report
 from .results import result_keys
+from .stability import BackgroundFits, StabilityResult, factor_stability, fit_seeds, uses_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class WorkflowResult:
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)  # name -> final path
     top_genes: pd.DataFrame | None = None
+    stability: StabilityResult | None = None  # with stability_seeds > 0
 
     @property
     def report(self) -> Path:
@@ -279,13 +281,17 @@ def write_outputs(
     figure_formats: Sequence[str] = ("png",),
     title: str = "LDVAE report",
     report_sections: Sequence[ReportSection] = (),
+    stability: StabilityResult | None = None,
 ) -> dict[str, Path]:
     """Write every output file of the workflow into ``directory`` (which may exist).
 
     Files: ``results.h5ad``, ``loadings.csv`` (genes × Z_i), ``top_genes.csv``,
     ``model/`` (:meth:`LinearSCVI.save`), ``figures/<name>.png`` (and SVG/PDF on request)
     and ``report.html`` (figures embedded). ``adata`` must hold the results of :func:`interpret`
-    and ``adata.uns["ldvae_workflow"]`` the settings and data summary.
+    and ``adata.uns["ldvae_workflow"]`` the settings and data summary. With ``stability``
+    (:func:`ldvae.stability.factor_stability` of this model, as reference, and refits), also
+    ``factor_stability.csv``, ``figures/factor_stability.png``, a stability section and a
+    stability column in the report's top-genes table.
 
     Returns
     -------
@@ -323,6 +329,16 @@ def write_outputs(
         paths = _save_figure(fig, fig_dir, name, formats)
         files.update({f"figures/{k}": v for k, v in paths.items()})
         embedded.append((caption, paths[f"{name}.png"]))
+    stability_sections = []
+    if stability is not None:
+        from .interpret_report import stability_section
+        from .stability import plot_stability
+
+        files["factor_stability.csv"] = d / "factor_stability.csv"
+        atomic_write_text(files["factor_stability.csv"], stability_table(stability).to_csv())
+        paths = _save_figure(plot_stability(stability), fig_dir, "factor_stability", formats)
+        files.update({f"figures/{k}": v for k, v in paths.items()})
+        stability_sections.append(stability_section(stability, figure=paths["factor_stability.png"]))
 
     model.save(d / "model", overwrite=True)
     files["model"] = d / "model"
@@ -339,12 +355,37 @@ def write_outputs(
         settings=dict(info.get("settings", model.init_params_)),
         figures=embedded,
         top_genes=table,
-        extra_sections=extra,
+        factor_stability=None if stability is None else stability.factors,
+        extra_sections=stability_sections + extra,
         footer=footer,
     )
     files["report"] = d / "report.html"
     atomic_write_text(files["report"], html_text)
     return files
+
+
+# --- stability across seeds ----------------------------------------------------------------------
+
+
+def stability_table(result: StabilityResult) -> pd.DataFrame:
+    """One row per factor: the stability columns and, per run, the matched factor
+    (``match_run_i``) and its |correlation| (``correlation_run_i``); as in ``factor_stability.csv``."""
+    return pd.concat(
+        [result.factors, result.matches.add_prefix("match_"), result.correlations.add_prefix("correlation_")],
+        axis=1,
+    )
+
+
+def _stability_plain(result: StabilityResult, seeds: Sequence[int]) -> dict:
+    f = result.factors
+    return {
+        "factor": f.index.to_numpy(dtype=str),
+        "stability": f["stability"].to_numpy(dtype=np.float64),
+        "min_correlation": f["min_correlation"].to_numpy(dtype=np.float64),
+        "stable": f["stable"].to_numpy(dtype=bool),
+        "threshold": float(f.attrs["threshold"]),
+        "seeds": np.asarray(seeds, dtype=np.int64),
+    }
 
 
 # --- the whole workflow ------------------------------------------------------------------------
@@ -396,6 +437,7 @@ def run_workflow(
     figure_formats: Sequence[str] = ("png",),
     title: str | None = None,
     report_sections: Sequence[ReportSection] = (),
+    stability_seeds: int = 0,
     n_threads: int | None = None,
     progress_bar: bool = True,
 ) -> WorkflowResult:
@@ -429,6 +471,13 @@ def run_workflow(
     report_sections
         Extra report sections: ``(title, html)`` pairs, or functions of ``(model, adata)``
         returning one (see :mod:`ldvae.report`).
+    stability_seeds
+        Extra fits, with seeds ``seed + 1 … seed + stability_seeds``, whose factors are
+        matched to the main model's (:func:`ldvae.stability.factor_stability`, the main
+        model as reference). On CPU they run in worker processes (one torch thread each)
+        while the main model trains; on a GPU one after another after it. Adds
+        ``factor_stability.csv``, a figure, a report section and a ``stability`` column
+        to the report's top-genes table. 0: no refits.
     n_threads
         CPU threads for torch during the run (default: as set); restored afterwards.
     progress_bar
@@ -438,7 +487,10 @@ def run_workflow(
     -------
     A :class:`WorkflowResult`. Its ``adata`` holds, besides the prepared data (see
     :func:`prepare`) and the results of :func:`interpret`, ``uns["ldvae_workflow"]``:
-    ``settings``, ``data`` (summary) and ``history`` (per metric: ``epoch``, ``value``).
+    ``settings``, ``data`` (summary), ``history`` (per metric: ``epoch``, ``value``) and,
+    with ``stability_seeds``, ``stability`` (``factor``, ``stability``, ``min_correlation``,
+    ``stable``, ``threshold``, ``seeds``); the result's ``stability`` attribute holds the
+    :class:`~ldvae.stability.StabilityResult`.
     """
     import anndata
 
@@ -451,6 +503,8 @@ def run_workflow(
         _check_positive(name, locals()[name], kind=float)
     if n_threads is not None:
         _check_positive("n_threads", n_threads)
+    if isinstance(stability_seeds, bool) or not isinstance(stability_seeds, (int, np.integer)) or stability_seeds < 0:
+        raise SetupError(f"stability_seeds must be a non-negative integer (0: no refits), got {stability_seeds!r}.")
     bad = [f for f in figure_formats if f not in FIGURE_FORMATS]
     if bad:
         raise SetupError(f"figure_formats: {bad[0]!r} is not one of {FIGURE_FORMATS}.")
@@ -474,15 +528,32 @@ def run_workflow(
         with _keep_torch_threads():
             adata = prepare(raw, layer=layer, target_sum=target_sum, n_top_genes=n_top_genes,
                             hvg_flavor=hvg_flavor, batch_key=batch_key)
-        t0 = time.perf_counter()
-        model = fit(adata, batch_key=batch_key, n_latent=n_latent, gene_likelihood=gene_likelihood,
-                    max_epochs=max_epochs, lr=lr, batch_size=batch_size,
-                    check_val_every_n_epoch=check_val_every_n_epoch, seed=seed, accelerator=accelerator,
-                    progress_bar=progress_bar)
-        train_seconds = time.perf_counter() - t0
-        with _keep_torch_threads():
-            interpret(model, adata, n_neighbors=n_neighbors, umap_min_dist=umap_min_dist,
-                      leiden_resolution=leiden_resolution, seed=seed)
+        train = dict(max_epochs=max_epochs, lr=lr, batch_size=batch_size,
+                     check_val_every_n_epoch=check_val_every_n_epoch, accelerator=accelerator)
+        extra_seeds = [seed + i for i in range(1, stability_seeds + 1)]
+        background = None
+        if extra_seeds and not uses_gpu(accelerator):
+            # Started before the main fit so that they run beside it on the other cores.
+            LinearSCVI.setup_anndata(adata, layer="counts", batch_key=batch_key)
+            background = BackgroundFits(adata, extra_seeds, train_kwargs=train, n_latent=n_latent,
+                                        gene_likelihood=gene_likelihood)
+        with background or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            model = fit(adata, batch_key=batch_key, n_latent=n_latent, gene_likelihood=gene_likelihood, seed=seed,
+                        progress_bar=progress_bar, **train)
+            train_seconds = time.perf_counter() - t0
+            with _keep_torch_threads():
+                interpret(model, adata, n_neighbors=n_neighbors, umap_min_dist=umap_min_dist,
+                          leiden_resolution=leiden_resolution, seed=seed)
+            stability = None
+            if extra_seeds:
+                t0 = time.perf_counter()
+                refits = background.result() if background is not None else fit_seeds(
+                    adata, extra_seeds, train_kwargs=train, n_latent=n_latent, gene_likelihood=gene_likelihood)
+                stability = factor_stability([model, *refits], reference=0)
+                logger.info("%d of %d factors reproducible across %d seeds (waited %.1f s for the refits)",
+                            int(stability.factors["stable"].sum()), n_latent, stability_seeds + 1,
+                            time.perf_counter() - t0)
 
         hist = model.history
         lib = np.asarray(adata.layers["counts"].sum(axis=1)).ravel()
@@ -520,12 +591,15 @@ def run_workflow(
             "final elbo_train": float(hist["elbo_train"].iloc[-1, 0]) if "elbo_train" in hist else float("nan"),
             "final elbo_validation": float(hist["elbo_validation"].iloc[-1, 0]) if "elbo_validation" in hist
             else float("nan"),
+            "stability_seeds": int(stability_seeds),
             "n_neighbors": int(n_neighbors),
             "umap_min_dist": float(umap_min_dist),
             "leiden_resolution": float(leiden_resolution),
             "ldvae version": __version__,
         }
         adata.uns[WORKFLOW_KEY] = {"settings": settings, "data": data, "history": _history_plain(hist)}
+        if stability is not None:
+            adata.uns[WORKFLOW_KEY]["stability"] = _stability_plain(stability, [seed, *extra_seeds])
         if isinstance(raw.uns.get("source"), dict):
             adata.uns["source"] = dict(raw.uns["source"])
 
@@ -535,7 +609,7 @@ def run_workflow(
         staging.chmod(0o755)  # mkdtemp makes it private; the output directory should not be
         staged = write_outputs(model, adata, staging, n_top_loadings=n_top_loadings, color_by=list(color_by),
                                figure_formats=figure_formats, title=title or f"LDVAE report: {input_name}",
-                               report_sections=report_sections)
+                               report_sections=report_sections, stability=stability)
         _move_into_place(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -543,7 +617,7 @@ def run_workflow(
     files = {k: out_dir / v.relative_to(staging) for k, v in staged.items()}
     logger.info("workflow finished in %.1f s; report: %s", time.perf_counter() - started, files["report"])
     return WorkflowResult(model=model, adata=adata, out_dir=out_dir, files=files,
-                          top_genes=top_genes(loadings_frame(adata), n_top_loadings))
+                          top_genes=top_genes(loadings_frame(adata), n_top_loadings), stability=stability)
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:

@@ -361,3 +361,8 @@ def test_demo_command_runs(tmp_path, capsys):
     assert out.strip().endswith(f"Report: {tmp_path / 'demo' / 'report.html'}")
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "seurat_annotation" in html and "Data: 10x Genomics, CC BY 4.0" in html
+    # the demo measures stability by default, with the refits' seeds after the demo's own
+    assert "<h2>Factor stability across seeds</h2>" in html
+    stability = pd.read_csv(tmp_path / "demo" / "factor_stability.csv", index_col="factor")
+    assert len(stability) == 10 and list(stability.filter(like="match_run").columns) == [
+        f"match_run_{i}" for i in range(cli.DEMO_STABILITY_SEEDS + 1)]

@@ -47,7 +47,7 @@ def finished(tmp_path_factory):
                             var=pd.DataFrame(index=sim.var_names))
     before = adata.copy()
     out = tmp_path_factory.mktemp("wf") / "out"
-    result = workflow.run_workflow(adata, out_dir=out, figure_formats=("png", "svg"), **FAST)
+    result = workflow.run_workflow(adata, out_dir=out, figure_formats=("png", "svg"), stability_seeds=2, **FAST)
     return result, adata, before
 
 
@@ -100,7 +100,7 @@ def test_run_workflow_writes_every_output(finished):
                  "model/model_state.pt"):
         assert (out / name).is_file(), name
     for name in ("training_curves", "latent_pairs", "loadings_heatmap", "top_genes", "umap_clusters",
-                 "umap_factors"):
+                 "umap_factors", "factor_stability"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5000
         assert (out / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
     assert all(p.exists() for p in result.files.values())
@@ -132,6 +132,36 @@ def test_results_read_back(finished):
     # the saved model loads on the results and gives the same latent space
     model = ldvae.LinearSCVI.load(result.out_dir / "model", adata=res, accelerator="cpu")
     np.testing.assert_allclose(model.get_latent_representation(), res.obsm["X_ldvae"], rtol=1e-4, atol=1e-5)
+
+
+def test_stability_of_the_workflow_factors(finished):
+    import anndata
+
+    result, *_ = finished
+    table = pd.read_csv(result.out_dir / "factor_stability.csv", index_col="factor")
+    # the report's own model is the reference: its factors, each matched to itself
+    assert sorted(table.index) == [f"Z_{i}" for i in range(4)]
+    assert (table["match_run_0"] == table.index).all() and (table["correlation_run_0"] == 1.0).all()
+    others = table[["correlation_run_1", "correlation_run_2"]]
+    np.testing.assert_allclose(table["stability"], others.median(axis=1))
+    assert ((others >= 0) & (others <= 1)).all().all()
+    assert (table["stable"] == (table["stability"] >= 0.9)).all()
+    res = anndata.read_h5ad(result.out_dir / "results.h5ad")
+    stored = res.uns["ldvae_workflow"]["stability"]
+    assert list(stored["seeds"]) == [0, 1, 2] and res.uns["ldvae_workflow"]["settings"]["stability_seeds"] == 2
+    np.testing.assert_allclose(pd.Series(stored["stability"], index=stored["factor"])[table.index], table["stability"])
+    html = (result.out_dir / "report.html").read_text()
+    assert "<h2>Factor stability across seeds</h2>" in html and "<th>reproducible</th>" in html
+    top = html[html.index("<h2>Top loadings by magnitude</h2>"):html.index("<h2>Factor stability across seeds</h2>")]
+    n_yes = top.count("<td>yes</td>")
+    assert n_yes == int(table["stable"].sum()) and n_yes + top.count("<td>no</td>") == 4
+
+
+def test_stability_seeds_must_be_a_count(counts_adata, tmp_path):
+    match = r"stability_seeds must be a non-negative integer \(0: no refits\), got -1"
+    with pytest.raises(ldvae.SetupError, match=match):
+        workflow.run_workflow(counts_adata, out_dir=tmp_path / "o", stability_seeds=-1, **FAST)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_figures_from_results_on_disk(finished):
