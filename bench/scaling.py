@@ -59,6 +59,11 @@ def main() -> None:
 
     ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
     model = ldvae.LinearSCVI(adata, n_latent=10)
+    # The one-time copy of the counts onto the device (CSR tensors, per-cell totals and
+    # log-gamma sums, the count checks) is timed apart from the epochs.
+    s0 = time.perf_counter()
+    model._data()
+    setup = time.perf_counter() - s0
     t0, c0 = time.perf_counter(), time.process_time()
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=5e-3, train_size=1.0, progress_bar=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -68,6 +73,7 @@ def main() -> None:
         "nnz_fraction": adata.layers["counts"].nnz / (args.n_cells * N_GENES),
         "epochs": args.epochs,
         "threads": torch.get_num_threads(),
+        "setup_s": setup,
         "s_per_epoch": wall / args.epochs,
         "cpu_s_per_epoch": cpu / args.epochs,
         "peak_rss_mib": peak_rss_mib(),
