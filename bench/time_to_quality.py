@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bn-momentum", type=float, default=None,
                     help="batch-norm momentum during training (default: the model's 0.01, as scvi-tools)")
+    ap.add_argument("--lr-decay-epochs", type=int, default=0,
+                    help="cosine decay of lr to 5 %% over this many epochs (0: constant lr)")
     args = ap.parse_args()
     import torch
 
@@ -57,6 +59,9 @@ def main() -> None:
     state, elbo, reached = TrainState(), math.inf, None
     curve = []
     while state.epoch < args.max_epochs:
+        if args.lr_decay_epochs:
+            frac = min(state.epoch, args.lr_decay_epochs) / args.lr_decay_epochs
+            config.lr = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         state = fit(model.module, source, config, state)
         elbo = state.history["elbo_validation"][-1][1]
         curve.append([state.epoch, round(time.perf_counter() - t0, 3), round(elbo, 3)])
@@ -71,6 +76,7 @@ def main() -> None:
         "lr": lr,
         "warmup_epochs": args.warmup_epochs,
         "bn_momentum": args.bn_momentum,
+        "lr_decay_epochs": args.lr_decay_epochs,
         "threads": torch.get_num_threads(),
         "reached": reached is not None,
         "wall_s": reached if reached is not None else time.perf_counter() - t0,
