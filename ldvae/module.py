@@ -16,7 +16,7 @@ This file imports only torch and never sees AnnData or NumPy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch

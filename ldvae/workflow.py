@@ -41,7 +41,8 @@ from .plotting import (
 from .readers import read_counts
 from .report import build_report
 from .results import result_keys
-from .stability import BackgroundFits, StabilityResult, factor_stability, fit_seeds, uses_gpu
+from .seeds import BackgroundFits, fit_seeds, uses_gpu
+from .stability import StabilityResult, factor_stability
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import torch
 from ldvae.data import CountData, Covariates, to_csr
 from ldvae.likelihoods import dense_log_prob, nb_log_prob, poisson_log_prob, zinb_log_prob
 from ldvae.module import LDVAEModule, ModuleConfig
-from ldvae.train import TrainConfig, _adam
+from ldvae.optim import adam
+from ldvae.train import TrainConfig
 
 N_CELLS, N_GENES = 37, 23
 
@@ -167,7 +168,6 @@ def test_fused_softmax_nb_loss_equals_autograd_path(dispersion, use_batch_norm, 
         inf = module.inference(b)
         cov = module.covariate_columns(b)
         if fused:
-            recon = module.loss.__func__  # noqa: F841 (documentation: loss() takes this path)
             zc = module.decoder_input(inf.z, cov)
             from ldvae.likelihoods import nb_log_prob_softmax
 
@@ -198,7 +198,7 @@ def test_training_adam_matches_reference_adam():
     a = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
     b = [p.detach().clone().requires_grad_() for p in a]
     config = TrainConfig(max_epochs=1, lr=5e-3)
-    opt_a = _adam(a, config)
+    opt_a = adam(a, config)
     opt_b = torch.optim.Adam(b, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, foreach=False)
     for step in range(20):
         g = [torch.randn_like(p) for p in a]

@@ -1,0 +1,283 @@
+"""Fit the same model with several seeds, in parallel worker processes on CPU.
+
+``fit_seeds`` returns the fitted models (initialization, split, minibatch order and
+sampling all follow the seed); :class:`BackgroundFits` starts such fits in worker
+processes and lets this process keep working (the workflow's refits beside its own fit).
+Each worker trains with one torch thread; results come back as saved weights and training
+state, which the parent loads into models on its own AnnData. Used by ``ldvae.stability``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .model import LinearSCVI
+
+logger = logging.getLogger(__name__)
+
+
+def _fit_one(adata, model_kwargs: dict, train_kwargs: dict, seed: int) -> LinearSCVI:
+    from .model import LinearSCVI, settings
+
+    previous = settings.seed
+    settings.seed = int(seed)  # the weights' initialization follows the seed too
+    try:
+        model = LinearSCVI(adata, **model_kwargs)
+    finally:
+        settings.seed = previous
+    model.train(**{**train_kwargs, "seed": int(seed), "progress_bar": False})
+    return model
+
+
+def _worker_main(directory: str, jobs: list[int]) -> None:
+    """Entry point of a worker process: fit the jobs ``jobs`` described in ``directory``,
+    one after another (one interpreter start and one read of the data for all of them)."""
+    import anndata
+
+    d = Path(directory)
+    adata = None
+    for job in jobs:
+        spec = json.loads((d / f"job{job}.json").read_text(encoding="utf-8"))
+        torch.set_num_threads(spec["threads"])
+        adata = anndata.read_h5ad(d / "adata.h5ad") if adata is None else adata
+        model = _fit_one(adata, spec["model_kwargs"], spec["train_kwargs"], spec["seed"])
+        ts = model.train_state_
+        payload = {
+            "module_state": {k: v.detach().cpu() for k, v in model.module.state_dict().items()},
+            "train_state": {f.name: getattr(ts, f.name) for f in fields(ts)},
+            "train_indices": torch.as_tensor(np.asarray(model.train_indices_)),
+            "validation_indices": torch.as_tensor(np.asarray(model.validation_indices_)),
+        }
+        torch.save(payload, d / f"result{job}.pt")
+
+
+def _rebuild(adata, model_kwargs: dict, path: Path) -> LinearSCVI:
+    from .model import LinearSCVI
+    from .train import TrainState
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = LinearSCVI(adata, **model_kwargs)
+    model.module.load_state_dict(payload["module_state"])
+    model.module.eval()
+    model.train_state_ = TrainState(**payload["train_state"])
+    model.train_indices_ = payload["train_indices"].numpy()
+    model.validation_indices_ = payload["validation_indices"].numpy()
+    model.is_trained_ = model.train_state_.step > 0
+    return model
+
+
+def _n_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def uses_gpu(accelerator: str = "auto") -> bool:
+    """Whether training with ``accelerator`` runs on a CUDA GPU."""
+    return torch.cuda.is_available() and str(accelerator).lower() != "cpu"
+
+
+def _default_n_jobs(n_fits: int, train_kwargs: dict) -> int:
+    if uses_gpu(train_kwargs.get("accelerator", "auto")):
+        return 1  # one GPU: fits run one after another on it
+    return max(1, min(n_fits, _n_cpus()))
+
+
+def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwargs: dict) -> list[LinearSCVI]:
+    from .data import get_setup
+
+    get_setup(adata)  # fail here, once, if setup_anndata was not run
+    n_jobs = _default_n_jobs(len(jobs), train_kwargs) if n_jobs is None else n_jobs
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
+        raise ValueError(f"n_jobs must be a positive integer or None (automatic), got {n_jobs!r}.")
+    n_jobs = min(int(n_jobs), len(jobs))
+    if n_jobs == 1:
+        return [_fit_one(adata, kw, train_kwargs, seed) for kw, seed in jobs]
+    threads = max(1, _n_cpus() // n_jobs)
+    logger.info("Fitting %d models in %d worker processes (%d thread(s) each).", len(jobs), n_jobs, threads)
+    # Fresh interpreters started by path, not multiprocessing: no fork of torch's thread
+    # pools, and scripts need no `if __name__ == "__main__"` guard. Worker w fits jobs
+    # w, w + n_jobs, ... (fits of one call cost about the same).
+    with tempfile.TemporaryDirectory(prefix="ldvae-fits-") as tmp:
+        d = Path(tmp)
+        _write_jobs(d, adata, jobs, train_kwargs, threads)
+        env = _worker_env(threads)
+        shares = [list(range(w, len(jobs), n_jobs)) for w in range(n_jobs)]
+        procs = [_launch(d, share, env) for share in shares]
+        try:
+            running = set(range(n_jobs))
+            while running:
+                for w in list(running):
+                    if procs[w].poll() is not None:
+                        running.discard(w)
+                        _check_exit(d, jobs, shares[w], procs[w])
+                time.sleep(0.05)
+        finally:
+            _kill(procs)
+        return [_rebuild(adata, kw, d / f"result{i}.pt") for i, (kw, _) in enumerate(jobs)]
+
+
+def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict, threads: int) -> None:
+    specs = []
+    for kw, seed in jobs:
+        spec = {"model_kwargs": kw, "train_kwargs": train_kwargs, "seed": int(seed), "threads": threads}
+        try:
+            specs.append(json.dumps(spec))
+        except TypeError as err:
+            raise TypeError(
+                f"model and training arguments must be plain values (numbers, strings, lists, dicts) to "
+                f"reach worker processes ({err}); pass n_jobs=1 to fit in this process."
+            ) from err
+    adata.write_h5ad(d / "adata.h5ad")
+    for i, text in enumerate(specs):
+        (d / f"job{i}.json").write_text(text, encoding="utf-8")
+
+
+def _worker_env(threads: int) -> dict:
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _launch(d: Path, share: list[int], env: dict) -> subprocess.Popen:
+    code = f"from ldvae.seeds import _worker_main; _worker_main({str(d)!r}, {share!r})"
+    with open(d / f"worker{share[0]}.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
+
+
+def _check_exit(d: Path, jobs: list[tuple[dict, int]], share: list[int], proc: subprocess.Popen) -> None:
+    if proc.returncode != 0:
+        # the failed fit is the worker's first job without a result
+        i = next((j for j in share if not (d / f"result{j}.pt").exists()), share[-1])
+        lines = (d / f"worker{share[0]}.log").read_text(errors="replace").strip().splitlines()
+        raise RuntimeError(
+            f"The fit of seed {jobs[i][1]} ({jobs[i][0]}) failed in its worker process (exit code "
+            f"{proc.returncode}): {lines[-1] if lines else 'no output'}. Pass n_jobs=1 to fit "
+            "in this process and see the full traceback."
+        )
+
+
+def _kill(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+class BackgroundFits:
+    """Seeds fitted in worker processes (one per seed, all started at once) while this
+    process does other work, e.g. the workflow's own fit.
+
+    Use as a context manager: leaving it early (an error, Ctrl-C) kills the workers.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`LinearSCVI.setup_anndata` (copied to the workers now).
+    seeds, train_kwargs, **model_kwargs
+        As in :func:`fit_seeds`.
+    threads
+        Torch threads per worker.
+    """
+
+    def __init__(self, adata, seeds: Sequence[int], *, train_kwargs: dict | None = None, threads: int = 1,
+                 **model_kwargs):
+        from .data import get_setup
+
+        get_setup(adata)
+        self._adata = adata
+        self._jobs = [(dict(model_kwargs), s) for s in _check_seeds(seeds, 1)]
+        train_kwargs = dict(train_kwargs or {})
+        self._tmp = tempfile.TemporaryDirectory(prefix="ldvae-fits-")
+        self._dir = Path(self._tmp.name)
+        self._procs: list[subprocess.Popen] = []
+        try:
+            _write_jobs(self._dir, adata, self._jobs, train_kwargs, threads)
+            env = _worker_env(threads)
+            self._procs = [_launch(self._dir, [i], env) for i in range(len(self._jobs))]
+        except BaseException:
+            self.close()
+            raise
+        logger.info("Fitting seeds %s in %d background worker processes.", [s for _, s in self._jobs], len(self._procs))
+
+    def result(self) -> list[LinearSCVI]:
+        """Wait for every worker; the trained models in the order of ``seeds``."""
+        try:
+            for i, proc in enumerate(self._procs):
+                proc.wait()
+                _check_exit(self._dir, self._jobs, [i], proc)
+            return [_rebuild(self._adata, kw, self._dir / f"result{i}.pt") for i, (kw, _) in enumerate(self._jobs)]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Kill workers still running and remove their files."""
+        _kill(self._procs)
+        self._tmp.cleanup()
+
+    def __enter__(self) -> BackgroundFits:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_seeds(seeds: Sequence[int], at_least: int) -> list[int]:
+    seeds = [int(s) for s in seeds]
+    if len(seeds) < at_least:
+        raise ValueError(f"seeds needs at least {at_least} seeds to compare runs, got {seeds}.")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct (equal seeds give identical fits), got {seeds}.")
+    return seeds
+
+
+def fit_seeds(
+    adata,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    *,
+    n_jobs: int | None = None,
+    train_kwargs: dict | None = None,
+    **model_kwargs,
+) -> list[LinearSCVI]:
+    """Fit one :class:`ldvae.LinearSCVI` per seed.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`LinearSCVI.setup_anndata`.
+    seeds
+        One fit per seed; the seed sets the initial weights, the train/validation split,
+        the minibatch order and the sampling.
+    n_jobs
+        Worker processes. Default: one per seed up to the CPU count on CPU; 1 (sequential)
+        when a CUDA GPU will be used. Each worker reads a copy of ``adata`` once and fits
+        its share of the seeds one after another.
+    train_kwargs
+        Passed to :meth:`LinearSCVI.train` (``max_epochs``, ``lr``, ``plan_kwargs``,
+        ``batch_size``, ...); ``seed`` and ``progress_bar`` are set here.
+    **model_kwargs
+        Passed to :class:`LinearSCVI` (``n_latent``, ``gene_likelihood``, ...).
+
+    Returns
+    -------
+    list of LinearSCVI
+        The trained models, in the order of ``seeds``.
+    """
+    seeds = _check_seeds(seeds, 1)
+    train_kwargs = dict(train_kwargs or {})
+    return _fit_many(adata, [(dict(model_kwargs), s) for s in seeds], n_jobs, train_kwargs)
