@@ -36,6 +36,17 @@ logger = logging.getLogger(__name__)
 _CURRENT: "Communicator | None" = None
 
 
+
+def _memory_order(t: Tensor) -> Tensor:
+    """A 1-D view of ``t`` in its memory order where it has one: the encoders' gene-major first-layer weights
+    (and their gradients) are transposed, and flattening them in logical order would copy.
+    Every rank has the same layouts, so memory order lines the ranks' values up."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 2 and t.t().is_contiguous():
+        return t.t().view(-1)
+    return t.reshape(-1)  # another layout: a logical-order copy, written back by the caller
+
 class Communicator:
     """What ``train.fit`` and the streaming passes need from the process group.
 
@@ -66,12 +77,17 @@ class Communicator:
             self._check_identical(params)
         grads = [p.grad for p in params if p.grad is not None]
         tensors = grads + [b for b in buffers if b.is_floating_point()]
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = torch.cat([_memory_order(t) for t in tensors])
         dist.all_reduce(flat)
         flat /= self.world_size
         offset = 0
         for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            chunk = flat[offset : offset + t.numel()]
+            view = _memory_order(t)
+            if view.data_ptr() == t.data_ptr():  # a view of t: write through it
+                view.copy_(chunk)
+            else:
+                t.copy_(chunk.view_as(t))
             offset += t.numel()
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
