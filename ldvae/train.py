@@ -364,7 +364,7 @@ SMALL_STEP = 1 << 22  # cells x genes per minibatch below which one CPU thread i
 
 def _fit_threads(config: TrainConfig, device: torch.device, n_genes: int, current: int) -> int:
     """Intra-op threads for the training loop. A step of the tutorial's size (128 cells x
-    1000 genes) is ~100 small kernels: more OpenMP threads add synchronization, not speed
+    1000 genes) is ~300 small kernels: more OpenMP threads add synchronization, not speed
     (on an idle 2-core machine: one thread 4.8 ms per step, two 11.2 ms, as the batch
     gathering thread then competes for the second core; 21-26 ms with another process on
     the cores)."""
