@@ -36,16 +36,16 @@ logger = logging.getLogger(__name__)
 _CURRENT: "Communicator | None" = None
 
 
-
 def _memory_order(t: Tensor) -> Tensor:
-    """A 1-D view of ``t`` in its memory order where it has one: the encoders' gene-major first-layer weights
-    (and their gradients) are transposed, and flattening them in logical order would copy.
-    Every rank has the same layouts, so memory order lines the ranks' values up."""
+    """A 1-D view of ``t`` in its memory order where it has one: the encoders' gene-major
+    first-layer weights (and their gradients) are transposed, and flattening them in logical
+    order would copy. Every rank has the same layouts, so memory order lines ranks up."""
     if t.is_contiguous():
         return t.view(-1)
     if t.dim() == 2 and t.t().is_contiguous():
         return t.t().view(-1)
     return t.reshape(-1)  # another layout: a logical-order copy, written back by the caller
+
 
 class Communicator:
     """What ``train.fit`` and the streaming passes need from the process group.

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 
-from .report import figure_html, table_html
+from .report import figure_html, note_html, table_html
 
 if TYPE_CHECKING:
     from .model import LinearSCVI
@@ -32,8 +31,6 @@ def _figure(fig, caption: str) -> str:
         return figure_html(path, caption)
 
 
-def _note(text: str) -> str:
-    return f'<p class="note">{html.escape(text)}</p>'
 
 
 def deviance_section(model: LinearSCVI, adata=None) -> Section:
@@ -43,7 +40,7 @@ def deviance_section(model: LinearSCVI, adata=None) -> Section:
     table = factor_deviance(model)
     total = table.attrs["fraction_explained"]
     body = (
-        _note(
+        note_html(
             f"The model explains {100 * total:.1f}% of the null (intercepts and covariates only) deviance "
             f"on {table.attrs['n_cells']} cells. fraction_of_model: share of that explained deviance lost when "
             "the factor is set to its mean; sign: the flip that makes its largest loading positive."
@@ -60,10 +57,10 @@ def covariate_section(model: LinearSCVI, adata=None, n_genes: int = 10) -> Secti
 
     effects = covariate_effects(model)
     if effects.empty:
-        return "Covariate effects", _note("The model has no batch or covariates.")
+        return "Covariate effects", note_html("The model has no batch or covariates.")
     top = effects.groupby(["covariate", "level"], sort=False).head(5)
     body = (
-        _note("effect: log-rate effect of a level relative to the average level (per unit for continuous).")
+        note_html("effect: log-rate effect of a level relative to the average level (per unit for continuous).")
         + table_html(top, float_format="{:.3g}")
         + _figure(plot_covariate_effects(effects, n_genes), f"Top {n_genes} genes by covariate effect.")
     )
@@ -78,7 +75,7 @@ def enrichment_section(gene_sets: str | os.PathLike, *, n: int = 3) -> Callable[
         table = factor_enrichment(model, gene_sets)
         best = top_sets(table, n)
         body = (
-            _note(
+            note_html(
                 f"Mann-Whitney U test of each set's loadings against the other genes, per factor and direction; "
                 f"p_adj: Benjamini-Hochberg within a factor. {table.attrs['n_sets_tested']} sets tested from "
                 f"{Path(gene_sets).name}."
@@ -103,7 +100,7 @@ def stability_section(result: StabilityResult, *, figure: str | os.PathLike | No
     rotated = " after a varimax rotation of each run's loadings" if result.rotation == "varimax" else ""
     caption = "Matched |correlation| per factor across seeds."
     body = (
-        _note(
+        note_html(
             f"{f.attrs['n_runs']} runs matched to run {result.reference} by loadings correlation{rotated} "
             f"(optimal assignment); stable: median matched |correlation| >= {f.attrs['threshold']}. "
             f"{int(f['stable'].sum())} of {len(f)} factors are reproducible."
@@ -125,7 +122,7 @@ def select_k_section(table: pd.DataFrame) -> Section:
             f"({table.attrs.get('n_mc_samples')} samples), lowest at K = {table.attrs.get('lowest_nll_k')}."
         )
     body = (
-        _note(
+        note_html(
             f"Chosen K = {table.attrs.get('best_k')}: the smallest K whose held-out ELBO is within one standard "
             f"error of the lowest (K = {table.attrs.get('lowest_elbo_k')}).{nll}"
         )

@@ -36,17 +36,20 @@ def _sum_rows(values: Tensor, row: Tensor, n_cells: int) -> Tensor:
     return values.new_zeros(n_cells).index_add_(0, row, values)
 
 
-def _lgamma_ratio_at_nonzeros(log_theta: Tensor, val: Tensor, flat: Tensor, col: Tensor) -> Tensor:
-    """lgamma(x + theta) - lgamma(theta) at the nonzeros (term C), (nnz,).
-
-    For a per-gene theta, lgamma(theta) is evaluated once per gene and gathered,
-    instead of once per nonzero."""
+def _theta_at_nonzeros(log_theta: Tensor, flat: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
+    """theta and lgamma(theta) at the nonzeros, each (nnz,). For a per-gene theta,
+    lgamma(theta) is evaluated once per gene and gathered, instead of once per nonzero."""
     if log_theta.dim() == 1:
         theta = log_theta.exp()  # (G,)
-        theta_nz = torch.index_select(theta, 0, col)
-        return torch.lgamma(val + theta_nz) - torch.index_select(torch.lgamma(theta), 0, col)
+        return torch.index_select(theta, 0, col), torch.index_select(torch.lgamma(theta), 0, col)
     theta_nz = _at_nonzeros(log_theta, flat, col).exp()
-    return torch.lgamma(val + theta_nz) - torch.lgamma(theta_nz)
+    return theta_nz, torch.lgamma(theta_nz)
+
+
+def _lgamma_ratio_at_nonzeros(log_theta: Tensor, val: Tensor, flat: Tensor, col: Tensor) -> Tensor:
+    """lgamma(x + theta) - lgamma(theta) at the nonzeros (term C), (nnz,)."""
+    theta_nz, lgamma_theta_nz = _theta_at_nonzeros(log_theta, flat, col)
+    return torch.lgamma(val + theta_nz) - lgamma_theta_nz
 
 
 def nb_log_prob(
@@ -114,13 +117,8 @@ class _SoftmaxNB(torch.autograd.Function):
         d = (t + (library - lse).unsqueeze(1)).sub_(log_theta)  # log mu - log theta
         softplus_d = _softplus(d)
         theta = log_theta.exp()
-        dense = -(softplus_d @ theta) if theta.dim() == 1 else -(theta * softplus_d).sum(-1)
-        if theta.dim() == 1:
-            theta_nz = torch.index_select(theta, 0, col)
-            lgamma_theta_nz = torch.index_select(torch.lgamma(theta), 0, col)
-        else:
-            theta_nz = torch.index_select(theta.reshape(-1), 0, flat)
-            lgamma_theta_nz = torch.lgamma(theta_nz)
+        dense = -(softplus_d @ theta) if theta.dim() == 1 else -(theta * softplus_d).sum(-1)  # term A
+        theta_nz, lgamma_theta_nz = _theta_at_nonzeros(log_theta, flat, col)
         d_nz = torch.index_select(d.reshape(-1), 0, flat)
         nz = val * F.logsigmoid(d_nz) + torch.lgamma(val + theta_nz) - lgamma_theta_nz
         ctx.save_for_backward(t, d, softplus_d, lse, theta, theta_nz, d_nz, row, col, flat, val)

@@ -661,7 +661,7 @@ class LinearSCVI:
 
         Returns a ``scipy.sparse.csr_matrix`` (n_cells, n_genes) for ``n_samples=1``, else a
         3-D ``scipy.sparse.coo_array`` (n_cells, n_genes, n_samples) (scvi-tools returns a
-        ``sparse.GCXS`` of the same shape). With ``out`` (an ``.h5ad`` or ``.zarr`` path,
+        ``sparse.GCXS`` of the same shape). With ``out`` (an ``.h5ad`` path,
         ``n_samples=1``) the counts are appended minibatch by minibatch to the ``X`` of an
         AnnData written there (cell and gene names as obs and var) and that ``X`` is
         returned left on disk (an anndata CSR dataset; slice it to read rows).

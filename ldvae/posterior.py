@@ -143,8 +143,6 @@ def tile(b: CountBatch, reps: int) -> CountBatch:
         row=row, col=col, flat=row * g + col, val=b.val.repeat(reps),
         batch=rep(b.batch), label=rep(b.label), cat_covs=rep(b.cat_covs), cont_covs=rep(b.cont_covs),
         log_total=rep(b.log_total), lgamma_x1=rep(b.lgamma_x1), n_genes=g,
-        row_start=(b.starts.unsqueeze(0) + torch.arange(reps, device=b.row.device).unsqueeze(1) * nnz).reshape(-1),
-        log1p_values=b.log1p_val.repeat(reps),
     )
 
 

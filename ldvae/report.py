@@ -53,6 +53,11 @@ def table_html(frame: pd.DataFrame, *, float_format: str = "{:.3g}", index: bool
     return frame.to_html(index=index, escape=True, border=0, float_format=float_format.format)
 
 
+def note_html(text: str) -> str:
+    """A short explanatory paragraph (escaped), styled as a note."""
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
 def dict_html(items: Mapping[str, object]) -> str:
     """A two-column table of names and values."""
     rows = "".join(
@@ -122,10 +127,10 @@ def build_report(
         note = ""
         if factor_stability is not None:
             f = factor_stability
-            note = (
-                f'<p class="note">reproducible: the factor came back with stability >= {f.attrs.get("threshold")} '
-                f'(median matched |correlation| of loadings) in {f.attrs.get("n_runs")} fits with different seeds; '
-                "see Factor stability across seeds.</p>"
+            note = note_html(
+                f"reproducible: the factor came back with stability >= {f.attrs.get('threshold')} "
+                f"(median matched |correlation| of loadings) in {f.attrs.get('n_runs')} fits with different seeds; "
+                "see Factor stability across seeds."
             )
         sections.append(("Top loadings by magnitude", note + table_html(wide, float_format="{:.2f}")))
     sections.extend(extra_sections)

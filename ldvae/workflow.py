@@ -183,8 +183,10 @@ def fit(
     seed: int = 0,
     accelerator: str = "auto",
     progress_bar: bool = True,
+    threads: int | None = None,
 ) -> LinearSCVI:
-    """``setup_anndata(adata, layer="counts", batch_key=...)``, then a trained ``LinearSCVI``.
+    """``setup_anndata(adata, layer="counts", batch_key=...)``, then a trained ``LinearSCVI``
+    (``threads``: torch CPU threads while training, see :meth:`LinearSCVI.train`).
 
     Writes ``adata.uns["ldvae_setup"]`` (see :func:`ldvae.data.setup_anndata`).
     """
@@ -198,6 +200,7 @@ def fit(
         accelerator=accelerator,
         seed=seed,
         progress_bar=progress_bar,
+        threads=threads,
     )
     return model
 
@@ -540,8 +543,9 @@ def run_workflow(
                                         gene_likelihood=gene_likelihood)
         with background or contextlib.nullcontext():
             t0 = time.perf_counter()
+            # An explicit n_threads holds for training too (it otherwise picks its own count).
             model = fit(adata, batch_key=batch_key, n_latent=n_latent, gene_likelihood=gene_likelihood, seed=seed,
-                        progress_bar=progress_bar, **train)
+                        progress_bar=progress_bar, threads=n_threads, **train)
             train_seconds = time.perf_counter() - t0
             with _keep_torch_threads():
                 interpret(model, adata, n_neighbors=n_neighbors, umap_min_dist=umap_min_dist,
