@@ -150,6 +150,8 @@ def test_fit_threads_one_for_small_steps_and_restored(small_adata, monkeypatch):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+    with pytest.raises(ValueError, match=r"threads must be a positive integer, got 0\."):
+        ldvae.LinearSCVI(small_adata).train(max_epochs=1, progress_bar=False, threads=0)
 
 
 def test_batch_norm_momentum_applies_during_the_fit_only(small_adata):
