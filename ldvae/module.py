@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
 from .likelihoods import nb_log_prob, nb_log_prob_softmax, poisson_log_prob, zinb_log_prob
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
@@ -91,6 +92,7 @@ class CountBatch:
     log1p_values: Tensor | None = None  # (nnz,) log1p(val), the encoder's input
     gene_order: GeneOrder | None = None
     dense: Tensor | None = None  # (n_cells, n_genes) counts
+    row_pointer: Tensor | None = None  # (n_cells + 1,) CSR row pointer
 
     @property
     def n_cells(self) -> int:
@@ -115,6 +117,14 @@ class CountBatch:
             return self.row_start
         counts = torch.bincount(self.row, minlength=self.n_cells)
         return self._cache("row_start", torch.cumsum(counts, 0) - counts)
+
+    @property
+    def indptr(self) -> Tensor:
+        """CSR row pointer, (n_cells + 1,): cell i's nonzeros are [indptr[i], indptr[i + 1])."""
+        if self.row_pointer is not None:
+            return self.row_pointer
+        starts = self.starts
+        return self._cache("row_pointer", torch.cat([starts, starts.new_full((1,), self.val.shape[0])]))
 
     @property
     def log1p_val(self) -> Tensor:
@@ -228,6 +238,16 @@ class GaussianEncoder(nn.Module):
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         return self.after_first_linear(self.trunk[0](h))
 
+    def from_counts(self, b: CountBatch) -> tuple[Tensor, Tensor]:
+        """Mean and variance from a minibatch's nonzeros (log1p of the counts as input)."""
+        first, bn, _, dropout = self.trunk[:4]
+        if fused.encoder_applies(first.weight, bn, dropout, b.n_cells):  # one compiled pass on CPU
+            h = fused.encoder_block(first, bn, dropout, b.indptr, b.col, b.log1p_val)
+            for layer in self.trunk[4:]:
+                h = layer(h)
+            return self.mean(h), self.var(h).exp() + VAR_EPS
+        return self.after_first_linear(sparse_linear(first.weight, first.bias, b))
+
     def after_first_linear(self, h1: Tensor) -> tuple[Tensor, Tensor]:
         """The rest of the encoder, from the output of its first Linear (see
         ``LDVAEModule.inference``, which computes that layer for both encoders at once)."""
@@ -298,17 +318,11 @@ class LDVAEModule(nn.Module):
     # --- the three steps ------------------------------------------------------------
     def inference(self, b: CountBatch, *, n_samples: int = 1, use_mean: bool = False) -> Inference:
         """q(z | x) and q(l | x); one reparameterized sample unless ``use_mean``."""
-        first_z = self.z_encoder.trunk[0]
-        if self.l_encoder is None:
-            qz_m, qz_v = self.z_encoder.after_first_linear(sparse_linear(first_z.weight, first_z.bias, b))
-            z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
-            return Inference(qz_m, qz_v, z, None, None, b.log_total)
-        first_l = self.l_encoder.trunk[0]
-        h_z = sparse_linear(first_z.weight, first_z.bias, b)
-        h_l = sparse_linear(first_l.weight, first_l.bias, b)
-        qz_m, qz_v = self.z_encoder.after_first_linear(h_z)
+        qz_m, qz_v = self.z_encoder.from_counts(b)
         z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
-        ql_m, ql_v = self.l_encoder.after_first_linear(h_l)
+        if self.l_encoder is None:
+            return Inference(qz_m, qz_v, z, None, None, b.log_total)
+        ql_m, ql_v = self.l_encoder.from_counts(b)
         ql_m, ql_v = ql_m.squeeze(-1), ql_v.squeeze(-1)
         library = ql_m if use_mean else ql_m + ql_v.sqrt() * torch.randn_like(ql_m)
         return Inference(qz_m, qz_v, z, ql_m, ql_v, library)
@@ -380,7 +394,12 @@ class LDVAEModule(nn.Module):
             # likelihood fused into one hand-written backward (likelihoods._SoftmaxNB).
             zc = self.decoder_input(inf.z, covariates)
             log_theta = self.log_theta(zc, b.batch, b.label)
-            ll = nb_log_prob_softmax(self.decode_logits(zc), inf.library, log_theta, b.row, b.col, b.flat, b.val)
+            h = self.factor_regressor(zc)
+            if fused.applies(h, self.factor_bn, log_theta):  # the same, in one compiled pass on CPU
+                ll = fused.bn_softmax_nb(h, self.factor_bn, inf.library, log_theta, b.indptr, b.col, b.val)
+            else:
+                t = h if self.factor_bn is None else self.factor_bn(h)
+                ll = nb_log_prob_softmax(t, inf.library, log_theta, b.row, b.col, b.flat, b.val)
         else:
             ll = self.log_likelihood(b, self.generative(inf.z, inf.library, covariates, b.batch, b.label))
         reconstruction = b.lgamma_x1 - ll

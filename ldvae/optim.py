@@ -33,6 +33,13 @@ class CachedFusedAdam(torch.optim.Adam):
         self._lists = (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                        [s["step"] for s in states])
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none or self._lists is None:
+            super().zero_grad(set_to_none)
+            return
+        for p in self._lists[0]:  # Optimizer.zero_grad's profiling and hook checks: ~0.08 ms a step
+            p.grad = None
+
     @torch.no_grad()
     def step(self, closure=None):
         grads = None if self._lists is None else [p.grad for p in self._lists[0]]

@@ -204,14 +204,14 @@ def test_keyboard_interrupt_inside_a_step_restores_batch_norm_statistics(adata, 
     forward pass) but before the optimizer step: the buffers go back to the last step's."""
     model = new_model(adata)
     hook = GatherHook(monkeypatch, model.module, at=4, fault=lambda b: b)
-    original = LDVAEModule.decode_logits  # runs after the encoders, in every likelihood's loss
+    original = LDVAEModule.decoder_input  # runs after the encoders, in every likelihood's loss
 
-    def decode_logits(module, *args, **kwargs):
+    def decoder_input(module, *args, **kwargs):
         if module.training and hook.calls == 4:
             raise KeyboardInterrupt
         return original(module, *args, **kwargs)
 
-    monkeypatch.setattr(LDVAEModule, "decode_logits", decode_logits)
+    monkeypatch.setattr(LDVAEModule, "decoder_input", decoder_input)
     model.train(max_epochs=5, progress_bar=False)
     _check_interrupted(model, caplog, steps=3, epochs=1)
     assert_same_state(snapshot(model.module), hook.before_fault)
