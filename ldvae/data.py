@@ -315,7 +315,8 @@ class CountData:
         lens = torch.index_select(self.row_nnz, 0, rows)
         total = int(lens.sum())
         row = torch.repeat_interleave(torch.arange(b, device=self.device), lens, output_size=total)
-        first = torch.cumsum(lens, 0) - lens  # position of each row's first nonzero in the batch
+        ends = torch.cumsum(lens, 0)
+        first = ends - lens  # position of each row's first nonzero in the batch
         pos = torch.arange(total, device=self.device).add_(torch.index_select(starts - first, 0, row))
         col32 = torch.index_select(self.indices, 0, pos)
         col = col32.long()
@@ -348,6 +349,7 @@ class CountData:
             row_start=first,
             log1p_values=log1p_val,
             gene_order=order,
+            row_pointer=torch.cat([lens.new_zeros(1), ends]),
         )
 
 

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 ENABLED = os.environ.get("LDVAE_FUSED", "1") != "0"
 
 try:  # numba is installed with scanpy; without it every model takes the torch path
-    from . import cpu_kernels
+    from . import cpu_kernels, cpu_step
 except ImportError:  # pragma: no cover
-    cpu_kernels = None
+    cpu_kernels = cpu_step = None
 
 
 def applies(h: Tensor, bn: nn.BatchNorm1d | None, log_theta: Tensor | None) -> bool:
@@ -94,6 +94,11 @@ def bn_softmax_nb(
     return _BNSoftmaxNB.apply(h, bn.weight, bn.bias, library, log_theta, bn, row_start, col, val)
 
 
+def _dropout_seed(rate: float) -> int:
+    """A dropout mask's seed, from torch's generator (none drawn without dropout)."""
+    return int(torch.randint(0, 2**62, (1,))) if rate > 0 else 0
+
+
 def encoder_applies(weight: Tensor, bn: nn.Module, dropout: nn.Module, n_cells: int) -> bool:
     """Whether ``encoder_block`` handles an encoder's first block (Linear, BatchNorm1d with
     affine and running statistics, ReLU, Dropout) on float32 CPU tensors."""
@@ -122,7 +127,7 @@ class _EncoderBlock(torch.autograd.Function):
             momentum = 1.0 / float(bn.num_batches_tracked)
         # Dropout's mask comes from a hash of this seed (see cpu_kernels._keep); drawing the
         # seed from torch's generator keeps fits reproducible under torch.manual_seed.
-        seed = int(torch.randint(0, 2**62, (1,))) if rate > 0 else 0
+        seed = _dropout_seed(rate)
         weight_t = weight.detach().t().contiguous()  # a view when stored gene-major (GaussianEncoder)
         out, xhat, mult = (weight.new_empty(n, H) for _ in range(3))
         inv_std = weight.new_empty(H)
@@ -163,3 +168,121 @@ def encoder_block(
     return _EncoderBlock.apply(
         linear.weight, linear.bias, bn.weight, bn.bias, bn, rate, row_start, col, log1p_val
     )
+
+
+class TrainStep:
+    """``module.loss(b, kl_weight)`` and its backward as one compiled call (``cpu_step``), for
+    the default model on CPU: the same loss, per-cell terms and gradients (to float32
+    rounding; dropout masks come from ``cpu_kernels._keep``).
+
+    Building one moves every parameter into one flat float32 tensor (each parameter a view
+    with its own shape and strides; values, names and state dict unchanged) and gives each
+    a ``.grad`` that is a view of one flat gradient tensor, which every call overwrites.
+    ``for_module`` returns None for a model it does not handle, which then takes autograd."""
+
+    def __init__(self, module: nn.Module, roles: list):
+        self.module = module
+        params = list(module.parameters())
+        sizes = [p.numel() for p in params]
+        self.flat = torch.empty(sum(sizes))
+        self.flat_grad = torch.zeros(sum(sizes))
+        offset_of, start = {}, 0
+        for p, size in zip(params, sizes):
+            with torch.no_grad():
+                view = self.flat.as_strided(p.shape, p.stride(), start)
+                view.copy_(p)
+            p.data = view
+            p.grad = self.flat_grad.as_strided(p.shape, p.stride(), start)
+            offset_of[id(p)] = start
+            start += size
+        self.params = params
+        self.grads = [p.grad for p in params]
+        self.offsets = torch.tensor([-1 if p is None else offset_of[id(p)] for p in roles], dtype=torch.int64)
+        c = module.config
+        self.dims = torch.tensor([c.n_genes, c.n_hidden, c.n_latent, c.n_latent + c.n_covariate_columns])
+        z, d, lenc = module.z_encoder.trunk[1], module.factor_bn, module.l_encoder
+        self.norms = [z, d] + ([] if lenc is None else [lenc.trunk[1]])
+        spare = torch.zeros(0)
+        self.l_stats = (spare, spare) if lenc is None else (lenc.trunk[1].running_mean, lenc.trunk[1].running_var)
+
+    @classmethod
+    def for_module(cls, module: nn.Module) -> TrainStep | None:
+        c = module.config
+        if not (
+            ENABLED
+            and cpu_step is not None
+            and c.gene_likelihood == "nb"
+            and c.dispersion == "gene"
+            and c.latent_distribution == "normal"
+            and c.n_layers == 1
+            and c.use_batch_norm
+            and module.factor_bn.affine
+            and module.factor_bn.track_running_stats
+        ):
+            return None
+        for p in module.parameters():
+            dense = p.is_contiguous() or (p.dim() == 2 and p.t().is_contiguous())
+            if not (p.device.type == "cpu" and p.dtype == torch.float32 and p.requires_grad and dense):
+                return None
+        encoders = [module.z_encoder] + ([] if module.l_encoder is None else [module.l_encoder])
+        for e in encoders:
+            first, bn, _, dropout = e.trunk[:4]
+            if not (encoder_applies(first.weight, bn, dropout, 2) and first.weight.t().is_contiguous()):
+                return None
+        roles = []  # in the order of cpu_step.train_step's parameters
+        for e in (module.z_encoder, module.l_encoder):
+            if e is None:
+                roles += [None] * 8
+            else:
+                first, bn = e.trunk[0], e.trunk[1]
+                roles += [first.weight, first.bias, bn.weight, bn.bias, e.mean.weight, e.mean.bias, e.var.weight,
+                          e.var.bias]
+        roles += [module.factor_regressor.weight, module.factor_regressor.bias, module.factor_bn.weight,
+                  module.factor_bn.bias, module.px_r]
+        if {id(p) for p in roles if p is not None} != {id(p) for p in module.parameters()}:
+            return None  # a parameter the compiled step does not know
+        return cls(module, roles)
+
+    def grad_norm(self) -> Tensor:
+        """The 2-norm of all gradients (one pass over the flat gradient)."""
+        return torch.linalg.vector_norm(self.flat_grad)
+
+    def _momenta(self) -> list[float]:
+        out = []
+        for bn in self.norms:
+            bn.num_batches_tracked.add_(1)
+            out.append(1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum))
+        return out
+
+    def __call__(self, b, kl_weight: float):
+        from .module import LossOutput
+
+        m = self.module
+        n = b.n_cells
+        for p, g in zip(self.params, self.grads):
+            if p.grad is not g:  # e.g. after optimizer.zero_grad(set_to_none=True)
+                p.grad = g
+        mom_z, mom_d, *mom_l = self._momenta()
+        # The step's randomness, drawn from torch's generator in the order of module.loss on
+        # the fused path (encoder_block's dropout seed, then the sample's noise, per encoder):
+        # the same seed gives the same masks and noise whichever path runs.
+        rate = float(m.z_encoder.trunk[3].p)
+        seed_z = _dropout_seed(rate)
+        noise_z = torch.randn(n, m.config.n_latent)
+        seed_l = 0 if m.l_encoder is None else _dropout_seed(float(m.l_encoder.trunk[3].p))
+        noise_l = torch.randn(n) if m.l_encoder is not None else torch.zeros(n)
+        cov = m.covariate_columns(b)
+        cov = noise_l.new_zeros(n, 0) if cov is None else cov.contiguous()
+        zbn, dbn = self.norms[0], self.norms[1]
+        rec, kl_z, kl_l = torch.empty(n), torch.empty(n), torch.empty(n)
+        loss = cpu_step.train_step_flat(
+            b.indptr.numpy(), b.col.numpy(), b.val.numpy(), b.log1p_val.numpy(), cov.numpy(),
+            b.lgamma_x1.numpy(), b.batch.numpy(), m.library_log_means.numpy(), m.library_log_vars.numpy(),
+            b.log_total.numpy(), noise_z.numpy(), noise_l.numpy(),
+            self.flat.numpy(), self.flat_grad.numpy(), self.offsets.numpy(), self.dims.numpy(),
+            zbn.running_mean.numpy(), zbn.running_var.numpy(), self.l_stats[0].numpy(), self.l_stats[1].numpy(),
+            dbn.running_mean.numpy(), dbn.running_var.numpy(),
+            mom_z, mom_l[0] if mom_l else 0.0, mom_d, float(dbn.eps), rate, seed_z,
+            seed_l, float(kl_weight), rec.numpy(), kl_z.numpy(), kl_l.numpy(),
+        )
+        return LossOutput(torch.tensor(loss, dtype=torch.float32), rec, kl_z, kl_l)

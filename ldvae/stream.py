@@ -574,6 +574,8 @@ class StreamingSource:
                 yield _count_data(buffer, self.cov, buffer_rows, self.device)
 
     # --- the source interface ----------------------------------------------------------
+    by_gene = True  # grouped by gene for the autograd path's encoder gradient (see train.fit)
+
     def train_batches(self, generator: torch.Generator) -> Iterator[CountBatch]:
         # Seeded by fit's per-epoch generator; the block start keeps ranks' orders distinct.
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -585,7 +587,7 @@ class StreamingSource:
                 for rows in minibatches(torch.arange(buf.n_cells, device=self.device), self.batch_size):
                     if steps == self.steps_per_epoch:
                         return
-                    yield buf.gather(rows, by_gene=True)  # grouped by gene for the encoder's gradient
+                    yield buf.gather(rows, by_gene=self.by_gene)
                     steps += 1
         finally:
             buffers.close()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import fused
 from .data import CountData
 from .module import CountBatch, LDVAEModule
 from .optim import adam
@@ -132,12 +133,16 @@ class InMemorySource:
         self.n_val = len(self.val_rows)
         self.steps_per_epoch = len(minibatches(torch.arange(self.n_train), batch_size))
 
+    # Group each training batch's nonzeros by gene (the autograd path's encoder gradient);
+    # fit turns it off for the compiled step, which does not need it.
+    by_gene = True
+
     def train_batches(self, generator: torch.Generator) -> Iterator[CountBatch]:
         perm = self.train_rows[torch.randperm(self.n_train, generator=generator).to(self.device)]
         parts = minibatches(perm, self.batch_size)
         if self.device.type != "cpu" or len(parts) < 2:
             for rows in parts:
-                yield self.data.gather(rows, by_gene=True)
+                yield self.data.gather(rows, by_gene=self.by_gene)
             return
 
         # On CPU the next batch is gathered in a background thread (the second core) while
@@ -146,7 +151,7 @@ class InMemorySource:
             for rows in parts:
                 if stop.is_set():
                     return
-                yield self.data.gather(rows, by_gene=True)
+                yield self.data.gather(rows, by_gene=self.by_gene)
 
         yield from prefetched(produce, depth=2)
 
@@ -247,6 +252,9 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = adam(params, config)
+    compiled_step = fused.TrainStep.for_module(module)  # None: autograd
+    if hasattr(source, "by_gene"):
+        source.by_gene = compiled_step is None
     if state.optimizer_state is not None:
         optimizer.load_state_dict(state.optimizer_state)
         for group in optimizer.param_groups:
@@ -293,12 +301,16 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                     kl_weight = _kl_weight(state.step, state.warmup_steps)
                     torch._foreach_copy_(last_good_buffers, buffers)
                     in_step = True
-                    out = module.loss(batch, kl_weight)
-                    optimizer.zero_grad(set_to_none=True)
-                    out.loss.backward()
+                    if compiled_step is not None:  # the same loss and gradients, one compiled call
+                        out = compiled_step(batch, kl_weight)
+                    else:
+                        out = module.loss(batch, kl_weight)
+                        optimizer.zero_grad(set_to_none=True)
+                        out.loss.backward()
                     if comm is not None:
                         comm.sync(params, buffers)
-                    if not bool(torch.isfinite(out.loss + _grad_norm(params))):
+                    norm = _grad_norm(params) if compiled_step is None else compiled_step.grad_norm()
+                    if not bool(torch.isfinite(out.loss + norm)):
                         torch._foreach_copy_(buffers, last_good_buffers)
                         raise NonFiniteLossError(_nonfinite_message(module, out.loss, epoch, i, config))
                     optimizer.step()

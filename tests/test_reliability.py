@@ -22,6 +22,7 @@ import scipy.sparse as sp
 import torch
 
 import ldvae
+from ldvae import fused
 from ldvae.data import CountData
 from ldvae.module import LDVAEModule
 from ldvae.train import InMemorySource, NonFiniteLossError, load_checkpoint
@@ -113,13 +114,31 @@ def test_nan_in_data_stops_cleanly_with_last_good_parameters(adata, monkeypatch)
     assert np.isfinite(model.get_latent_representation()).all()
 
 
-def test_nonfinite_gradient_is_caught_before_the_step(adata, monkeypatch):
+@pytest.mark.parametrize("path", ["autograd", "compiled"])
+def test_nonfinite_gradient_is_caught_before_the_step(adata, monkeypatch, path):
     model = new_model(adata, use_observed_lib_size=True)
     weight = model.module.factor_regressor.weight
+    if path == "autograd":
+        monkeypatch.setattr(fused, "ENABLED", False)
 
-    def poison_gradient(batch):  # the loss stays finite, its gradient does not
-        weight.register_hook(lambda g: torch.full_like(g, float("inf")))
-        return batch
+        def poison_gradient(batch):  # the loss stays finite, its gradient does not
+            weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+            return batch
+    else:
+        poisoned = []
+        original = fused.TrainStep.__call__
+
+        def call(step, b, kl_weight):
+            out = original(step, b, kl_weight)
+            if b in poisoned:
+                weight.grad[0, 0] = float("inf")
+            return out
+
+        monkeypatch.setattr(fused.TrainStep, "__call__", call)
+
+        def poison_gradient(batch):
+            poisoned.append(batch)
+            return batch
 
     hook = GatherHook(monkeypatch, model.module, at=3, fault=poison_gradient)
     with pytest.raises(NonFiniteLossError, match=r"training gradient became non-finite at epoch 2, step 1") as err:
@@ -199,19 +218,32 @@ def test_keyboard_interrupt_keeps_usable_model_and_history(adata, monkeypatch, c
     assert_same_state(snapshot(model.module), hook.before_fault)
 
 
-def test_keyboard_interrupt_inside_a_step_restores_batch_norm_statistics(adata, monkeypatch, caplog):
-    """An interrupt after the encoders' batch norm updated its running statistics (in the
-    forward pass) but before the optimizer step: the buffers go back to the last step's."""
+@pytest.mark.parametrize("path", ["autograd", "compiled"])
+def test_keyboard_interrupt_inside_a_step_restores_batch_norm_statistics(adata, monkeypatch, caplog, path):
+    """An interrupt after the batch norms updated their running statistics (in the forward
+    pass) but before the optimizer step: the buffers go back to the last step's."""
     model = new_model(adata)
     hook = GatherHook(monkeypatch, model.module, at=4, fault=lambda b: b)
-    original = LDVAEModule.decoder_input  # runs after the encoders, in every likelihood's loss
+    if path == "autograd":
+        monkeypatch.setattr(fused, "ENABLED", False)
+        original = LDVAEModule.decoder_input  # runs after the encoders, in every likelihood's loss
 
-    def decoder_input(module, *args, **kwargs):
-        if module.training and hook.calls == 4:
-            raise KeyboardInterrupt
-        return original(module, *args, **kwargs)
+        def decoder_input(module, *args, **kwargs):
+            if module.training and hook.calls == 4:
+                raise KeyboardInterrupt
+            return original(module, *args, **kwargs)
 
-    monkeypatch.setattr(LDVAEModule, "decoder_input", decoder_input)
+        monkeypatch.setattr(LDVAEModule, "decoder_input", decoder_input)
+    else:
+        original_call = fused.TrainStep.__call__
+
+        def call(step, b, kl_weight):
+            out = original_call(step, b, kl_weight)  # statistics updated, optimizer not yet
+            if hook.calls == 4:
+                raise KeyboardInterrupt
+            return out
+
+        monkeypatch.setattr(fused.TrainStep, "__call__", call)
     model.train(max_epochs=5, progress_bar=False)
     _check_interrupted(model, caplog, steps=3, epochs=1)
     assert_same_state(snapshot(model.module), hook.before_fault)

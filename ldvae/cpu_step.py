@@ -1,0 +1,269 @@
+"""The whole training step of the default LDVAE as one compiled CPU function (numba).
+
+Loss and every parameter gradient of ``LDVAEModule.loss`` in train mode, for the model
+``fused.TrainStep`` accepts (NB likelihood, one dispersion per gene, normal latent, one
+hidden layer, decoder batch norm). The torch version of the same step is ~300 operator
+calls of ~14 us each; here the small matrix products, the reparameterization and the KL
+terms run inside the compiled code between the kernels of ``cpu_kernels``.
+
+Shapes: n cells, G genes, H hidden units, K latent dimensions, C = K + covariate columns.
+Encoder first-layer weights are passed gene-major (G, H), as ``GaussianEncoder`` stores them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from .cpu_kernels import (
+    _JIT,
+    bn_softmax_nb_backward,
+    bn_softmax_nb_forward,
+    encoder_block_backward,
+    encoder_block_forward,
+)
+
+VAR_EPS = 1e-4  # module.VAR_EPS: q's variance is exp(.) + VAR_EPS
+
+
+@nb.njit(**_JIT)
+def _heads_forward(a, w_mean, b_mean, w_var, b_var, noise, mean, var, sample):
+    """mean = a w_mean^T + b_mean, var = exp(a w_var^T + b_var) + VAR_EPS and the
+    reparameterized sample mean + sqrt(var) * noise, each (n, K)."""
+    n, K = mean.shape
+    for i in range(n):
+        ai = a[i]
+        for k in range(K):
+            m = b_mean[k]
+            v = b_var[k]
+            wm = w_mean[k]
+            wv = w_var[k]
+            for j in range(ai.shape[0]):
+                m += ai[j] * wm[j]
+                v += ai[j] * wv[j]
+            vv = math.exp(v) + VAR_EPS
+            mean[i, k] = m
+            var[i, k] = vv
+            sample[i, k] = m + math.sqrt(vv) * noise[i, k]
+
+
+@nb.njit(**_JIT)
+def _heads_backward(a, w_mean, w_var, var, g_mean, g_var, g_a, g_w_mean, g_b_mean, g_w_var, g_b_var):
+    """From the gradients with respect to mean and var (n, K): those of a (n, H) and of the
+    heads' weights and biases. g_var is turned into the gradient of the pre-exp value."""
+    n, K = g_mean.shape
+    H = a.shape[1]
+    for k in range(K):
+        g_b_mean[k] = 0.0
+        g_b_var[k] = 0.0
+        for j in range(H):
+            g_w_mean[k, j] = 0.0
+            g_w_var[k, j] = 0.0
+    for i in range(n):
+        gai = g_a[i]
+        ai = a[i]
+        for j in range(H):
+            gai[j] = 0.0
+        for k in range(K):
+            gm = g_mean[i, k]
+            gp = g_var[i, k] * (var[i, k] - VAR_EPS)  # var = exp(pre) + VAR_EPS
+            g_b_mean[k] += gm
+            g_b_var[k] += gp
+            wm = w_mean[k]
+            wv = w_var[k]
+            gwm = g_w_mean[k]
+            gwv = g_w_var[k]
+            for j in range(H):
+                gai[j] += gm * wm[j] + gp * wv[j]
+                gwm[j] += gm * ai[j]
+                gwv[j] += gp * ai[j]
+
+
+@nb.njit(**_JIT)
+def train_step(
+    indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
+    wz_t, bz, gz, betaz, rmz, rvz, wzm, bzm, wzv, bzv,
+    wl_t, bl, gl, betal, rml, rvl, wlm, blm, wlv, blv,
+    wd, bd, gd, betad, rmd, rvd, log_theta,
+    observed, mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight,
+    rec, kl_z, kl_l,
+    g_wz_t, g_bz, g_gz, g_betaz, g_wzm, g_bzm, g_wzv, g_bzv,
+    g_wl_t, g_bl, g_gl, g_betal, g_wlm, g_blm, g_wlv, g_blv,
+    g_wd, g_bd, g_gd, g_betad, g_log_theta,
+):
+    """One training-mode forward and backward pass; returns the loss (mean over cells of
+    reconstruction + kl_weight * KL_z + KL_l), writes the per-cell terms and every gradient
+    (g_*, the parameters' shapes) and updates the batch-norm running statistics.
+
+    The noise is the caller's: the samples' (noise_z (n, K), noise_l (n,)) and the dropout
+    seeds. ``observed``: the library is log_total and the l-encoder arrays are ignored.
+    ``bd`` of length 0: the decoder has no bias."""
+    n = indptr.shape[0] - 1
+    H = bz.shape[0]
+    K = bzm.shape[0]
+    G, C = wd.shape
+    f32 = np.float32
+
+    # --- forward: encoders -----------------------------------------------------------------
+    a_z, xhat_z, mult_z = np.empty((n, H), f32), np.empty((n, H), f32), np.empty((n, H), f32)
+    inv_z = np.empty(H, f32)
+    encoder_block_forward(wz_t, bz, gz, betaz, rmz, rvz, True, mom_z, bn_eps, rate, seed_z, indptr, col,
+                          log1p_val, a_z, xhat_z, mult_z, inv_z)
+    qz_m, qz_v, z = np.empty((n, K), f32), np.empty((n, K), f32), np.empty((n, K), f32)
+    _heads_forward(a_z, wzm, bzm, wzv, bzv, noise_z, qz_m, qz_v, z)
+    library = np.empty(n, f32)
+    a_l, xhat_l, mult_l = np.empty((n, H), f32), np.empty((n, H), f32), np.empty((n, H), f32)
+    inv_l = np.empty(H, f32)
+    ql_m, ql_v, lib2 = np.empty((n, 1), f32), np.empty((n, 1), f32), np.empty((n, 1), f32)
+    if observed:
+        for i in range(n):
+            library[i] = log_total[i]
+    else:
+        encoder_block_forward(wl_t, bl, gl, betal, rml, rvl, True, mom_l, bn_eps, rate, seed_l, indptr, col,
+                              log1p_val, a_l, xhat_l, mult_l, inv_l)
+        _heads_forward(a_l, wlm, blm, wlv, blv, noise_l.reshape((n, 1)), ql_m, ql_v, lib2)
+        for i in range(n):
+            library[i] = lib2[i, 0]
+
+    # --- forward: decoder h = [z, cov] W^T (+ b), then BN, softmax and NB ------------------------
+    wd_t = np.ascontiguousarray(wd.T)  # (C, G)
+    zc = np.empty((n, C), f32)
+    for i in range(n):
+        for c in range(K):
+            zc[i, c] = z[i, c]
+        for c in range(K, C):
+            zc[i, c] = cov[i, c - K]
+    h = np.dot(zc, wd_t)  # (n, G), BLAS
+    has_bias = bd.shape[0] > 0
+    if has_bias:
+        for i in range(n):
+            for g in range(G):
+                h[i, g] += bd[g]
+    ll = np.empty(n, f32)
+    xhat_d, p, sp = np.empty((n, G), f32), np.empty((n, G), f32), np.empty((n, G), f32)
+    inv_d = np.empty(G, f32)
+    bn_softmax_nb_forward(h, gd, betad, rmd, rvd, True, mom_d, bn_eps, library, log_theta, indptr, col, val,
+                          ll, xhat_d, p, sp, inv_d)
+
+    # --- loss ------------------------------------------------------------------------------
+    total = 0.0
+    for i in range(n):
+        rec[i] = lgamma_x1[i] - ll[i]
+        s = 0.0
+        for k in range(K):
+            v = float(qz_v[i, k])
+            m = float(qz_m[i, k])
+            s += v + m * m - 1.0 - math.log(v)
+        kl_z[i] = 0.5 * s
+        if observed:
+            kl_l[i] = 0.0
+        else:
+            pm = prior_means[batch[i]]
+            pv = prior_vars[batch[i]]
+            v = float(ql_v[i, 0])
+            dm = float(ql_m[i, 0]) - pm
+            kl_l[i] = 0.5 * (math.log(pv / v) + (v + dm * dm) / pv - 1.0)
+        total += float(rec[i]) + kl_weight * float(kl_z[i]) + float(kl_l[i])
+    loss = total / n
+
+    # --- backward: decoder -------------------------------------------------------------------
+    inv_n = 1.0 / n
+    grad_ll = np.full(n, f32(-inv_n))
+    g_h = np.empty((n, G), f32)
+    g_library = np.empty(n, f32)
+    bn_softmax_nb_backward(grad_ll, gd, True, library, log_theta, indptr, col, val, xhat_d, p, sp, inv_d,
+                           g_h, g_gd, g_betad, g_library, g_log_theta)
+    g_wd[:, :] = np.dot(g_h.T, zc)  # (G, C)
+    g_z = np.dot(g_h, wd)[:, :K]  # (n, K)
+    if has_bias:
+        g_bd[:] = 0.0
+        for i in range(n):
+            for g in range(G):
+                g_bd[g] += g_h[i, g]
+
+    # --- backward: z = m + sqrt(v) * noise, and kl_weight * KL_z / n ---------------------------
+    w = kl_weight * inv_n
+    g_m = np.empty((n, K), f32)
+    g_v = np.empty((n, K), f32)
+    for i in range(n):
+        for k in range(K):
+            m = qz_m[i, k]
+            v = qz_v[i, k]
+            g_m[i, k] = g_z[i, k] + w * m
+            g_v[i, k] = g_z[i, k] * noise_z[i, k] / (2.0 * math.sqrt(v)) + w * 0.5 * (1.0 - 1.0 / v)
+    g_a = np.empty((n, H), f32)
+    _heads_backward(a_z, wzm, wzv, qz_v, g_m, g_v, g_a, g_wzm, g_bzm, g_wzv, g_bzv)
+    encoder_block_backward(g_a, gz, True, xhat_z, mult_z, inv_z, indptr, col, log1p_val,
+                           g_wz_t, g_bz, g_gz, g_betaz)
+
+    # --- backward: library = m + sqrt(v) * noise, and KL_l / n ---------------------------------
+    if not observed:
+        g_ml = np.empty((n, 1), f32)
+        g_vl = np.empty((n, 1), f32)
+        for i in range(n):
+            pm = prior_means[batch[i]]
+            pv = prior_vars[batch[i]]
+            m = ql_m[i, 0]
+            v = ql_v[i, 0]
+            g_ml[i, 0] = g_library[i] + inv_n * (m - pm) / pv
+            g_vl[i, 0] = g_library[i] * noise_l[i] / (2.0 * math.sqrt(v)) + inv_n * 0.5 * (1.0 / pv - 1.0 / v)
+        _heads_backward(a_l, wlm, wlv, ql_v, g_ml, g_vl, g_a, g_wlm, g_blm, g_wlv, g_blv)
+        encoder_block_backward(g_a, gl, True, xhat_l, mult_l, inv_l, indptr, col, log1p_val,
+                               g_wl_t, g_bl, g_gl, g_betal)
+    return loss
+
+
+@nb.njit(inline="always", **_JIT)
+def _vec(flat, off, size):
+    return flat[off : off + size] if off >= 0 else flat[0:0]
+
+
+@nb.njit(inline="always", **_JIT)
+def _mat(flat, off, rows, cols):
+    return flat[off : off + rows * cols].reshape((rows, cols)) if off >= 0 else flat[0:0].reshape((0, cols))
+
+
+@nb.njit(inline="always", **_JIT)
+def _views(flat, o, G, H, K, C, bd_size):
+    return (
+        _mat(flat, o[0], G, H), _vec(flat, o[1], H), _vec(flat, o[2], H), _vec(flat, o[3], H),
+        _mat(flat, o[4], K, H), _vec(flat, o[5], K), _mat(flat, o[6], K, H), _vec(flat, o[7], K),
+        _mat(flat, o[8], G, H), _vec(flat, o[9], H), _vec(flat, o[10], H), _vec(flat, o[11], H),
+        _mat(flat, o[12], 1, H), _vec(flat, o[13], 1), _mat(flat, o[14], 1, H), _vec(flat, o[15], 1),
+        _mat(flat, o[16], G, C), _vec(flat, o[17], bd_size), _vec(flat, o[18], G), _vec(flat, o[19], G),
+        _vec(flat, o[20], G),
+    )
+
+
+@nb.njit(**_JIT)
+def train_step_flat(
+    indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
+    params, grads, offsets, dims, rmz, rvz, rml, rvl, rmd, rvd,
+    mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight, rec, kl_z, kl_l,
+):
+    """``train_step`` with every parameter and gradient a view of one flat array (few
+    arguments: numba checks each argument's type on every call, ~3 us per array).
+
+    ``offsets`` (21,): where each parameter starts in ``params`` (and its gradient in
+    ``grads``), in the order of ``train_step``'s arguments (wz_t ... log_theta); -1 for one
+    the model lacks (the l-encoder's when the library is observed, the decoder's bias).
+    ``dims``: (G, H, K, C)."""
+    G, H, K, C = dims[0], dims[1], dims[2], dims[3]
+    o = offsets
+    observed = o[8] < 0
+    bd_size = G if o[17] >= 0 else 0
+    p = _views(params, o, G, H, K, C, bd_size)
+    g = _views(grads, o, G, H, K, C, bd_size)
+    return train_step(
+        indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
+        p[0], p[1], p[2], p[3], rmz, rvz, p[4], p[5], p[6], p[7],
+        p[8], p[9], p[10], p[11], rml, rvl, p[12], p[13], p[14], p[15],
+        p[16], p[17], p[18], p[19], rmd, rvd, p[20],
+        observed, mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight,
+        rec, kl_z, kl_l,
+        g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
+        g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15],
+        g[16], g[17], g[18], g[19], g[20],
+    )

@@ -1,0 +1,169 @@
+"""The compiled training step (``fused.TrainStep`` over ``cpu_step.train_step``) equals
+``module.loss(b).backward()`` on the fused module path: the same loss, per-cell terms,
+gradients and batch-norm statistics from the same seed (dropout masks included), for
+every model it accepts; it declines the others; ``fit`` uses it and trains the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from ldvae import fused
+from ldvae.data import CountData, Covariates, to_csr
+from ldvae.module import LDVAEModule, ModuleConfig
+from ldvae.train import InMemorySource, TrainConfig, fit
+
+N_CELLS, N_GENES = 40, 60
+
+
+def _data(n_batch: int = 3, cat: bool = False, cont: bool = False, seed: int = 0) -> CountData:
+    rng = np.random.default_rng(seed)
+    x = rng.negative_binomial(2, 0.3, size=(N_CELLS, N_GENES)).astype(np.float32)
+    x *= rng.random(x.shape) < 0.5
+    x[0, 0], x[1, 1], x[2, 2] = 40.0, 300.0, 2000.0  # off the lgamma table
+    batch = np.arange(N_CELLS, dtype=np.int64) % n_batch
+    cats = np.stack([np.arange(N_CELLS) % 2, np.arange(N_CELLS) % 4], axis=1).astype(np.int64) if cat else None
+    conts = rng.normal(size=(N_CELLS, 2)).astype(np.float32) if cont else None
+    return CountData(to_csr(sp.csr_matrix(x)), Covariates(batch, np.zeros(N_CELLS, np.int64), cats, conts))
+
+
+def _module(seed: int = 0, **kwargs) -> LDVAEModule:
+    torch.manual_seed(seed)
+    config = ModuleConfig(N_GENES, n_latent=4, n_hidden=16, **{"n_batch": 3, **kwargs})
+    module = LDVAEModule(config, torch.linspace(4.0, 5.0, config.n_batch), torch.linspace(0.5, 1.5, config.n_batch))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return module.train()
+
+
+def _state(module: LDVAEModule):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+CASES = {
+    "default": ({}, {}),
+    "dropout 0": ({"dropout_rate": 0.0}, {}),
+    "observed library": ({"use_observed_lib_size": True}, {}),
+    "decoder bias": ({"bias": True}, {}),
+    "one batch": ({"n_batch": 1}, {"n_batch": 1}),
+    "covariates": ({"n_cats_per_cov": (2, 4), "n_continuous_cov": 2}, {"cat": True, "cont": True}),
+    "cumulative bn": ({}, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_step_equals_module_loss_backward(case):
+    module_kwargs, data_kwargs = CASES[case]
+    module = _module(**module_kwargs)
+    if case == "cumulative bn":
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.momentum = None
+    b = _data(**data_kwargs).gather(torch.arange(N_CELLS))
+    start = _state(module)
+
+    # reference: the module's loss (fused kernels, autograd between them)
+    torch.manual_seed(7)
+    ref = module.loss(b, kl_weight=0.6)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    ref_state = _state(module)
+
+    module.load_state_dict(start)
+    module.zero_grad(set_to_none=True)
+    step = fused.TrainStep.for_module(module)
+    assert step is not None
+    torch.manual_seed(7)
+    out = step(b, 0.6)
+
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=1e-5, atol=1e-4)
+    for got, want in ((out.reconstruction, ref.reconstruction), (out.kl_z, ref.kl_z), (out.kl_l, ref.kl_l)):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-4)
+    for name, p in module.named_parameters():
+        want = ref_grads[name]
+        if name.endswith(("trunk.0.bias", "factor_regressor.bias")):  # before batch norm: gradient 0 (rounding apart)
+            weight_scale = float(ref_grads[name.replace("bias", "weight")].abs().max())
+            assert float(p.grad.abs().max()) < 1e-5 * weight_scale, name
+            continue
+        scale = float(want.abs().max()) + 1e-3
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=2e-5 * scale, msg=name)
+    for name, value in _state(module).items():  # running statistics, batches tracked, parameters
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_parameters_become_views_of_one_flat_tensor_with_values_kept():
+    module = _module()
+    before = _state(module)
+    first = module.z_encoder.trunk[0].weight
+    step = fused.TrainStep.for_module(module)
+    assert first.t().is_contiguous()  # gene-major layout kept
+    for p in module.parameters():
+        assert p.untyped_storage().data_ptr() == step.flat.untyped_storage().data_ptr()
+        assert p.grad.untyped_storage().data_ptr() == step.flat_grad.untyped_storage().data_ptr()
+    after = _state(module)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    # a state dict round trip still works, and writes through to the flat tensor
+    module.load_state_dict({k: v + 1 if v.is_floating_point() else v for k, v in before.items()})
+    assert torch.equal(first, before["z_encoder.trunk.0.weight"] + 1)
+    assert float(step.grad_norm()) == pytest.approx(float(torch.linalg.vector_norm(step.flat_grad)))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"gene_likelihood": "zinb"}, {"gene_likelihood": "poisson"}, {"dispersion": "gene-batch"},
+    {"dispersion": "gene-cell"}, {"latent_distribution": "ln"}, {"n_layers": 2}, {"use_batch_norm": False},
+])
+def test_other_models_take_autograd(kwargs):
+    module = _module(**kwargs)
+    assert fused.TrainStep.for_module(module) is None
+
+
+def test_declined_when_disabled_or_not_float32_cpu():
+    module = _module()
+    fused.ENABLED = False
+    try:
+        assert fused.TrainStep.for_module(module) is None
+    finally:
+        fused.ENABLED = True
+    assert fused.TrainStep.for_module(module.double()) is None
+    frozen = _module()
+    frozen.px_r.requires_grad_(False)
+    assert fused.TrainStep.for_module(frozen) is None
+
+
+def _fit(module: LDVAEModule, data: CountData, epochs: int = 6):
+    source = InMemorySource(data, np.arange(32), np.arange(32, N_CELLS), batch_size=16)
+    return fit(module, source, TrainConfig(max_epochs=epochs, batch_size=16, lr=1e-2, progress_bar=False,
+                                           check_val_every_n_epoch=2, seed=3))
+
+
+def test_fit_with_compiled_step_trains_as_the_module_path(monkeypatch):
+    """The same seed through fit: compiled step and autograd on the fused module path take
+    the same steps (float32 rounding apart), dropout included."""
+    data = _data()
+    calls = []
+    original = fused.TrainStep.__call__
+
+    def spy(self, b, kl_weight):
+        calls.append(b.n_cells)
+        return original(self, b, kl_weight)
+
+    monkeypatch.setattr(fused.TrainStep, "__call__", spy)
+    compiled = _module(seed=1)
+    state_c = _fit(compiled, data)
+    assert len(calls) == 6 * 2  # every training step (2 per epoch) took the compiled path
+
+    monkeypatch.setattr(fused.TrainStep, "for_module", classmethod(lambda cls, m: None))
+    autograd = _module(seed=1)
+    state_a = _fit(autograd, data)
+    assert len(calls) == 12
+    for key in ("elbo_train", "elbo_validation"):
+        got = np.array([v for _, v in state_c.history[key]])
+        want = np.array([v for _, v in state_a.history[key]])
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+    for (name, p), q in zip(compiled.named_parameters(), autograd.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=name)
