@@ -135,12 +135,17 @@ def train_step(
             zc[i, c] = z[i, c]
         for c in range(K, C):
             zc[i, c] = cov[i, c - K]
-    h = np.dot(zc, wd_t)  # (n, G), BLAS
+    h = np.empty((n, G), f32)
     has_bias = bd.shape[0] > 0
-    if has_bias:
-        for i in range(n):
+    for i in range(n):
+        hi = h[i]
+        for g in range(G):
+            hi[g] = bd[g] if has_bias else f32(0.0)
+        for c in range(C):
+            zic = zc[i, c]
+            wc = wd_t[c]
             for g in range(G):
-                h[i, g] += bd[g]
+                hi[g] += zic * wc[g]
     ll = np.empty(n, f32)
     xhat_d, p, sp = np.empty((n, G), f32), np.empty((n, G), f32), np.empty((n, G), f32)
     inv_d = np.empty(G, f32)
@@ -175,13 +180,29 @@ def train_step(
     g_library = np.empty(n, f32)
     bn_softmax_nb_backward(grad_ll, gd, True, library, log_theta, indptr, col, val, xhat_d, p, sp, inv_d,
                            g_h, g_gd, g_betad, g_library, g_log_theta)
-    g_wd[:, :] = np.dot(g_h.T, zc)  # (G, C)
-    g_z = np.dot(g_h, wd)[:, :K]  # (n, K)
+    g_wd_t = np.zeros((C, G), f32)
+    g_z = np.empty((n, K), f32)
     if has_bias:
         g_bd[:] = 0.0
-        for i in range(n):
+    for i in range(n):
+        ghi = g_h[i]
+        for c in range(C):
+            zic = zc[i, c]
+            gw = g_wd_t[c]
             for g in range(G):
-                g_bd[g] += g_h[i, g]
+                gw[g] += zic * ghi[g]
+        for c in range(K):
+            wc = wd_t[c]
+            s = f32(0.0)
+            for g in range(G):
+                s += ghi[g] * wc[g]
+            g_z[i, c] = s
+        if has_bias:
+            for g in range(G):
+                g_bd[g] += ghi[g]
+    for g in range(G):
+        for c in range(C):
+            g_wd[g, c] = g_wd_t[c, g]
 
     # --- backward: z = m + sqrt(v) * noise, and kl_weight * KL_z / n ---------------------------
     w = kl_weight * inv_n

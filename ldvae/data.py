@@ -25,6 +25,11 @@ from torch import Tensor
 
 from .module import CountBatch, gene_order
 
+try:  # numba comes with scanpy; without it minibatches are gathered with torch
+    from . import cpu_kernels
+except ImportError:  # pragma: no cover
+    cpu_kernels = None
+
 SETUP_KEY = "ldvae_setup"
 MAX_COUNT = 1e9  # per cell and gene; far above any sequencing count, far below float32 overflow
 
@@ -310,6 +315,8 @@ class CountData:
         ``by_gene`` also groups the nonzeros by gene, which the encoder's weight gradient
         needs (training); without it that grouping is made on first use."""
         b, g = rows.shape[0], self.n_genes
+        if self.device.type == "cpu" and cpu_kernels is not None and not by_gene:
+            return self._gather_compiled(rows)
         # index_select throughout: a third of advanced indexing's cost on small index sets.
         starts = torch.index_select(self.indptr, 0, rows)
         lens = torch.index_select(self.row_nnz, 0, rows)
@@ -331,13 +338,25 @@ class CountData:
                 order = torch.from_numpy(np.argsort(keys.astype(np.int16) if g < 2**15 else keys, kind="stable"))
             order = gene_order(row, col, log1p_val, g, order)
 
+        ptr = torch.cat([lens.new_zeros(1), ends])
+        return self._batch(rows, row, col, row * g + col, val, first, log1p_val, order, ptr)
+
+    def _gather_compiled(self, rows: Tensor) -> CountBatch:
+        """``gather`` in one compiled pass (CPU): ~3x faster than its dozen torch calls."""
+        ptr, row, col, flat, val, log1p_val = (
+            torch.from_numpy(a) for a in cpu_kernels.gather_rows(
+                self.indptr.numpy(), self.indices.numpy(), self.values.numpy(), rows.numpy(), self.n_genes)
+        )
+        return self._batch(rows, row, col, flat, val, ptr[:-1], log1p_val, None, ptr)
+
+    def _batch(self, rows, row, col, flat, val, first, log1p_val, order, ptr) -> CountBatch:
         def per_cell(t: Tensor | None) -> Tensor | None:
             return None if t is None else torch.index_select(t, 0, rows)
 
         return CountBatch(
             row=row,
             col=col,
-            flat=row * g + col,
+            flat=flat,
             val=val,
             batch=per_cell(self.batch),
             label=per_cell(self.label),
@@ -345,11 +364,11 @@ class CountData:
             cont_covs=per_cell(self.cont_covs),
             log_total=per_cell(self.log_total),
             lgamma_x1=per_cell(self.lgamma_x1),
-            n_genes=g,
+            n_genes=self.n_genes,
             row_start=first,
             log1p_values=log1p_val,
             gene_order=order,
-            row_pointer=torch.cat([lens.new_zeros(1), ends]),
+            row_pointer=ptr,
         )
 
 
