@@ -1,55 +1,68 @@
-"""The optimizer of the training loop: torch's Adam with scvi-tools' settings, fused."""
+"""The optimizer of the training loop: Adam with scvi-tools' settings, as torch's fused kernel."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+_GROUP_DEFAULTS = dict(betas=(0.9, 0.999), amsgrad=False, maximize=False, foreach=None, capturable=False,
+                       differentiable=False, fused=True, decoupled_weight_decay=False)
 
-class CachedFusedAdam(torch.optim.Adam):
-    """torch's fused Adam, with the per-step bookkeeping done once.
 
-    ``Adam.step`` walks every parameter in Python on every call (state checks, list
-    building: ~0.3 ms per step for this model's 20 tensors, as much as the update itself).
-    After the first step the state tensors are fixed objects, so this keeps their lists and
-    calls the same two kernels Adam's fused path calls (step counters += 1, then
-    ``_fused_adam_``). The state dict, and so checkpoints, are Adam's."""
+class FusedAdam:
+    """Adam as torch's fused kernel (``torch._fused_adam_``), without torch.optim's machinery.
 
-    def __init__(self, params, **kwargs):
-        super().__init__(params, fused=True, **kwargs)
-        self._lists = None
-        self._flat_source = None  # (flat parameters, flat gradients): see use_flat
-        self._flat = None
+    The same update as ``torch.optim.Adam(params, fused=True)`` and the same state dict (so
+    checkpoints load into either). What it leaves out costs time: ``torch.optim.Optimizer``
+    imports torch._dynamo when the first one is built (~0.8 s, once per process) and walks
+    every parameter in Python on each step (~0.3 ms for this model's 20 tensors).
 
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        self._lists = None
-        self._flat = None
+    ``use_flat``: when the parameters are views of one flat tensor and their gradients the
+    same views of another (``fused.TrainStep``), the moment estimates become views of two
+    flat tensors too and each step is one kernel over one tensor (0.19 against 0.51 ms per
+    step for this model on CPU)."""
+
+    def __init__(self, params, lr: float, eps: float = 1e-8, weight_decay: float = 0.0):
+        params = list(params)
+        self.param_groups = [dict(params=params, lr=lr, eps=eps, weight_decay=weight_decay, **_GROUP_DEFAULTS)]
+        self.state: dict[Tensor, dict[str, Tensor]] = {}
+        self._flat_source = None  # (flat parameters, flat gradients), see use_flat
+        self._flat = None  # (flat parameters, gradients, exp_avg, exp_avg_sq, the gradient views)
+        self._set_up = False  # states complete and (where possible) flat
+
+    @property
+    def params(self) -> list[Tensor]:
+        return self.param_groups[0]["params"]
 
     def use_flat(self, flat: Tensor, flat_grad: Tensor) -> None:
-        """The parameters are views of ``flat`` and their gradients the same views of
-        ``flat_grad`` (``fused.TrainStep``): the moment estimates become views of two flat
-        tensors too, and each step is one fused kernel over one tensor (~2.5x less time than
-        over 20 tensors: 0.19 against 0.51 ms per step for this model on CPU)."""
         self._flat_source = (flat, flat_grad)
-        self._lists = None
         self._flat = None
+        self._set_up = False
 
-    def _cache(self) -> None:
-        (group,) = self.param_groups
-        params = group["params"]
-        states = [self.state.get(p) for p in params]
-        if group["amsgrad"] or group["maximize"] or any(not s for s in states):
-            self._lists = None
-            return
-        self._lists = (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                       [s["step"] for s in states])
-        self._flatten(params, states)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
 
-    def _flatten(self, params, states) -> None:
+    def _init_state(self) -> None:
+        for p in self.params:
+            if p not in self.state:
+                self.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+        self._flatten()
+
+    def _flatten(self) -> None:
+        """Move the moments into two flat tensors laid out as the flat parameters."""
+        self._flat = None
         if self._flat_source is None:
             return
         flat, flat_grad = self._flat_source
+        params = self.params
         storage = flat.untyped_storage().data_ptr()
         if sum(p.numel() for p in params) != flat.numel() or any(
             p.untyped_storage().data_ptr() != storage or p.grad is None
@@ -61,54 +74,83 @@ class CachedFusedAdam(torch.optim.Adam):
         moments = []
         for key in ("exp_avg", "exp_avg_sq"):
             whole = torch.zeros_like(flat)
-            for p, s in zip(params, states):
+            for p in params:
                 view = whole.as_strided(p.shape, p.stride(), p.storage_offset())
-                view.copy_(s[key])
-                s[key] = view
+                view.copy_(self.state[p][key])
+                self.state[p][key] = view
             moments.append(whole)
-        self._lists = (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                       [s["step"] for s in states])
         self._flat = (flat, flat_grad, *moments, [p.grad for p in params])
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        if not set_to_none or self._lists is None:
-            super().zero_grad(set_to_none)
-            return
-        for p in self._lists[0]:  # Optimizer.zero_grad's profiling and hook checks: ~0.08 ms a step
-            p.grad = None
-
     @torch.no_grad()
-    def step(self, closure=None):
-        if self._lists is None and closure is None:
-            # State loaded from a state dict: take even the first step on the cached (and
-            # flat) path, so a resumed fit rounds exactly as an uninterrupted one.
-            self._cache()
-        grads = None if self._lists is None else [p.grad for p in self._lists[0]]
-        if closure is not None or grads is None or any(g is None for g in grads):
-            loss = super().step(closure)
-            self._cache()
-            return loss
-        params, exp_avgs, exp_avg_sqs, steps = self._lists
-        (group,) = self.param_groups
-        beta1, beta2 = group["betas"]
+    def step(self) -> None:
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            return
+        if not self._set_up or len(self.state) < len(self.params):
+            self._init_state()
+            self._set_up = True
+        group = self.param_groups[0]
+        states = [self.state[p] for p in params]
+        steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
-        if self._flat is not None and all(g is v for g, v in zip(grads, self._flat[4])):
-            # every parameter, gradient and moment is a view of one flat tensor; the steps are equal
+        grads = [p.grad for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        if self._flat is not None and len(params) == len(self.params) and all(
+            g is v for g, v in zip(grads, self._flat[4])
+        ):
+            # every parameter, gradient and moment a view of one flat tensor; the steps are equal
             params, grads, exp_avgs, exp_avg_sqs = ([t] for t in self._flat[:4])
             steps = steps[:1]
+        beta1, beta2 = group["betas"]
         torch._fused_adam_(
             params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
             beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
             grad_scale=None, found_inf=None,
         )
-        return None
+
+    def state_dict(self) -> dict:
+        """torch.optim.Adam's layout: state by parameter index, and the parameter group."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        group["params"] = list(range(len(self.params)))
+        return {"state": {index[id(p)]: dict(s) for p, s in self.state.items()}, "param_groups": [group]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A state dict of this class or of ``torch.optim.Adam`` over the same parameters."""
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != 1 or len(groups[0].get("params", ())) != len(self.params):
+            raise ValueError(
+                f"the optimizer state has {sum(len(g.get('params', ())) for g in groups)} parameters in "
+                f"{len(groups)} groups; this model has {len(self.params)} in one group"
+            )
+        saved = groups[0]
+        position = {i: k for k, i in enumerate(saved["params"])}
+        state = {}
+        for i, s in state_dict.get("state", {}).items():
+            p = self.params[position[i]]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if s[key].shape != p.shape:
+                    raise ValueError(f"optimizer state {key} of parameter {i} has shape "
+                                     f"{tuple(s[key].shape)}; the parameter has {tuple(p.shape)}")
+            state[p] = {
+                "step": torch.as_tensor(s["step"], dtype=torch.float32, device=p.device).clone(),
+                "exp_avg": s["exp_avg"].to(p.device, p.dtype).clone(memory_format=torch.preserve_format),
+                "exp_avg_sq": s["exp_avg_sq"].to(p.device, p.dtype).clone(memory_format=torch.preserve_format),
+            }
+        self.state = state
+        self._set_up = False
+        group = self.param_groups[0]
+        for key in ("lr", "eps", "weight_decay", "betas"):
+            if key in saved:
+                group[key] = tuple(saved[key]) if key == "betas" else saved[key]
+        self._flat = None
 
 
-def adam(params: list[Tensor], config) -> torch.optim.Adam:
-    """Adam with scvi-tools' settings (``config``: a ``train.TrainConfig``). The fused kernel (one pass over all parameters, CPU
-    and CUDA) when every parameter is float32 on one device: the same update, a few times
-    less per-step overhead than the per-tensor loop for this model's ~20 small tensors."""
+def adam(params: list[Tensor], config):
+    """Adam with scvi-tools' settings (``config``: a ``train.TrainConfig``): ``FusedAdam``
+    when every parameter is float32 on one device (CPU or CUDA), torch's Adam otherwise."""
     kwargs = dict(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     if len({p.device for p in params}) == 1 and all(p.dtype == torch.float32 for p in params):
-        return CachedFusedAdam(params, **kwargs)
+        return FusedAdam(params, **kwargs)
     return torch.optim.Adam(params, **kwargs)

@@ -173,13 +173,13 @@ def test_flat_adam_takes_torch_adams_steps():
     """With the compiled step's flat parameters, Adam runs as one kernel over one tensor
     (moments re-homed as views): the same updates as torch's plain Adam, and a state dict
     that loads back."""
-    from ldvae.optim import CachedFusedAdam
+    from ldvae.optim import FusedAdam
 
     module = _module(dropout_rate=0.0)
     reference = [p.detach().clone().requires_grad_() for p in module.parameters()]
     step = fused.TrainStep.for_module(module)
     params = list(module.parameters())
-    opt = CachedFusedAdam(params, lr=1e-2, eps=0.01)
+    opt = FusedAdam(params, lr=1e-2, eps=0.01)
     opt.use_flat(step.flat, step.flat_grad)
     ref_opt = torch.optim.Adam(reference, lr=1e-2, eps=0.01)
     b = _data().gather(torch.arange(N_CELLS))
@@ -197,7 +197,7 @@ def test_flat_adam_takes_torch_adams_steps():
     for p, r in zip(params, reference):
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref_opt.state[r]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
     saved = opt.state_dict()
-    again = CachedFusedAdam(params, lr=1e-2, eps=0.01)
+    again = FusedAdam(params, lr=1e-2, eps=0.01)
     again.load_state_dict(saved)
     for p in params:
         assert torch.equal(again.state[p]["exp_avg"], opt.state[p]["exp_avg"])
