@@ -26,7 +26,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="default 5e-3 * sqrt(batch_size / 128)")
     ap.add_argument("--warmup-epochs", type=int, default=20)
     ap.add_argument("--max-epochs", type=int, default=400)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (0: scvi-tools' cells)")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="seed of the training randomness (default: --seed); vary it to see the spread")
     ap.add_argument("--bn-momentum", type=float, default=None,
                     help="batch-norm momentum during training (default: the model's 0.01, as scvi-tools)")
     ap.add_argument("--lr-decay-epochs", type=int, default=0,
@@ -51,7 +53,7 @@ def main() -> None:
         n_steps_kl_warmup=args.warmup_epochs * source.steps_per_epoch,
         check_val_every_n_epoch=1,
         progress_bar=False,
-        seed=args.seed,
+        seed=args.seed if args.train_seed is None else args.train_seed,
         # Running statistics that follow the parameters faster: with few steps per epoch
         # eval-mode validation otherwise lags the model by several epochs.
         batch_norm_momentum=args.bn_momentum,
@@ -95,6 +97,7 @@ def main() -> None:
     print(json.dumps({
         "package": "ldvae",
         "target": args.target,
+        "train_seed": args.seed if args.train_seed is None else args.train_seed,
         "batch_size": args.batch_size,
         "lr": lr,
         "warmup_epochs": args.warmup_epochs,
