@@ -141,19 +141,52 @@ def _digamma(y):
 
 
 @nb.njit(**_JIT)
-def lgamma64(y):
+def _series64(y, digamma):
     out = np.empty(y.shape[0])
     for j in range(y.shape[0]):
-        out[j] = _lgamma(float(y[j]))
+        out[j] = _digamma(float(y[j])) if digamma else _lgamma(float(y[j]))
     return out
+
+
+def lgamma64(y: np.ndarray) -> np.ndarray:
+    """``_lgamma`` over an array, in float64 (for tests)."""
+    return _series64(y, False)
+
+
+def digamma64(y: np.ndarray) -> np.ndarray:
+    """``_digamma`` over an array, in float64 (for tests)."""
+    return _series64(y, True)
 
 
 @nb.njit(**_JIT)
-def digamma64(y):
-    out = np.empty(y.shape[0])
-    for j in range(y.shape[0]):
-        out[j] = _digamma(float(y[j]))
-    return out
+def _batch_norm_statistics(h, mean, var, training, momentum, eps, inv_std):
+    """nn.BatchNorm1d's statistics of h (n, F): in training the batch mean (returned) and
+    1 / sqrt(biased batch variance + eps) (into inv_std), with the running mean and the
+    running unbiased variance updated in place; otherwise the running ones."""
+    n, F = h.shape
+    mu = np.empty(F, np.float32)
+    if training:
+        acc = np.zeros(F)
+        for i in range(n):
+            for f in range(F):
+                acc[f] += h[i, f]
+        for f in range(F):
+            mu[f] = acc[f] / n
+            acc[f] = 0.0
+        for i in range(n):
+            for f in range(F):
+                dv = h[i, f] - mu[f]
+                acc[f] += dv * dv
+        for f in range(F):
+            batch_var = acc[f] / n
+            inv_std[f] = 1.0 / math.sqrt(batch_var + eps)
+            mean[f] = (1.0 - momentum) * mean[f] + momentum * mu[f]
+            var[f] = (1.0 - momentum) * var[f] + momentum * batch_var * n / max(n - 1, 1)
+    else:
+        for f in range(F):
+            mu[f] = mean[f]
+            inv_std[f] = 1.0 / math.sqrt(var[f] + eps)
+    return mu
 
 
 # A cell whose log library exceeds min_g log theta by less than this has mu / theta < e^80
@@ -250,28 +283,7 @@ def bn_softmax_nb_forward(
     (each (n, G)) and inv_std (G,)."""
     n, G = h.shape
     kbuf = np.empty(G, np.int32)
-    mu_g = np.empty(G, np.float32)
-    if training:
-        acc = np.zeros(G)
-        for i in range(n):
-            for g in range(G):
-                acc[g] += h[i, g]
-        for g in range(G):
-            mu_g[g] = acc[g] / n
-            acc[g] = 0.0
-        for i in range(n):
-            for g in range(G):
-                dv = h[i, g] - mu_g[g]
-                acc[g] += dv * dv
-        for g in range(G):
-            batch_var = acc[g] / n
-            inv_std[g] = 1.0 / math.sqrt(batch_var + eps)
-            mean[g] = (1.0 - momentum) * mean[g] + momentum * mu_g[g]
-            var[g] = (1.0 - momentum) * var[g] + momentum * batch_var * n / max(n - 1, 1)
-    else:
-        for g in range(G):
-            mu_g[g] = mean[g]
-            inv_std[g] = 1.0 / math.sqrt(var[g] + eps)
+    mu_g = _batch_norm_statistics(h, mean, var, training, momentum, eps, inv_std)
     theta = np.empty(G, np.float32)
     inv_theta = np.empty(G, np.float32)
     lgamma_theta = np.empty(G)
@@ -456,28 +468,7 @@ def encoder_block_forward(
             w = weight_t[col[k]]
             for j in range(H):
                 o[j] += v * w[j]
-    mu = np.empty(H, np.float32)
-    if training:
-        acc = np.zeros(H)
-        for i in range(n):
-            for j in range(H):
-                acc[j] += out[i, j]
-        for j in range(H):
-            mu[j] = acc[j] / n
-            acc[j] = 0.0
-        for i in range(n):
-            for j in range(H):
-                dv = out[i, j] - mu[j]
-                acc[j] += dv * dv
-        for j in range(H):
-            batch_var = acc[j] / n
-            inv_std[j] = 1.0 / math.sqrt(batch_var + eps)
-            mean[j] = (1.0 - momentum) * mean[j] + momentum * mu[j]
-            var[j] = (1.0 - momentum) * var[j] + momentum * batch_var * n / max(n - 1, 1)
-    else:
-        for j in range(H):
-            mu[j] = mean[j]
-            inv_std[j] = 1.0 / math.sqrt(var[j] + eps)
+    mu = _batch_norm_statistics(out, mean, var, training, momentum, eps, inv_std)
     drop = training and rate > 0.0
     scale = f32(1.0 / (1.0 - rate)) if drop else f32(1.0)
     threshold = np.uint64(min(rate, 1.0) * 4294967296.0)
