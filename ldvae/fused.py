@@ -10,10 +10,13 @@ path; tests and benchmarks compare the two.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 ENABLED = os.environ.get("LDVAE_FUSED", "1") != "0"
 
@@ -170,6 +173,21 @@ def encoder_block(
     )
 
 
+def _cache_index() -> str | None:
+    """Where numba keeps the compiled training step's cache index (None if unknown)."""
+    try:
+        return cpu_step.train_step_flat._cache._cache_file._index_path
+    except AttributeError:  # another numba version's internals
+        return None
+
+
+def _note_first_compile() -> None:
+    index = _cache_index()
+    if index is not None and not os.path.exists(index):
+        logger.info("Compiling ldvae's CPU training step (numba): about 15 s on first use after an install "
+                    "or upgrade, then cached in %s.", os.path.dirname(index))
+
+
 class TrainStep:
     """``module.loss(b, kl_weight)`` and its backward as one compiled call (``cpu_step``), for
     the default model on CPU: the same loss, per-cell terms and gradients (to float32
@@ -181,6 +199,7 @@ class TrainStep:
     ``for_module`` returns None for a model it does not handle, which then takes autograd."""
 
     def __init__(self, module: nn.Module, roles: list):
+        _note_first_compile()
         self.module = module
         params = list(module.parameters())
         sizes = [p.numel() for p in params]

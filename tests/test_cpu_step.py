@@ -201,3 +201,17 @@ def test_flat_adam_takes_torch_adams_steps():
     again.load_state_dict(saved)
     for p in params:
         assert torch.equal(again.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_first_compile_is_announced(monkeypatch, tmp_path, caplog):
+    """Without numba's cache (first use after an install) the ~15 s compile is logged."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ldvae.fused")
+    monkeypatch.setattr(fused, "_cache_index", lambda: str(tmp_path / "absent.nbi"))
+    fused.TrainStep.for_module(_module())
+    assert any("Compiling ldvae's CPU training step" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(fused, "_cache_index", lambda: __file__)  # an index that exists
+    fused.TrainStep.for_module(_module())
+    assert not caplog.records
