@@ -25,10 +25,7 @@ from torch import Tensor
 
 from .module import CountBatch, gene_order
 
-try:  # numba comes with scanpy; without it minibatches are gathered with torch
-    from . import cpu_kernels
-except ImportError:  # pragma: no cover
-    cpu_kernels = None
+from . import fused
 
 SETUP_KEY = "ldvae_setup"
 MAX_COUNT = 1e9  # per cell and gene; far above any sequencing count, far below float32 overflow
@@ -315,7 +312,7 @@ class CountData:
         ``by_gene`` also groups the nonzeros by gene, which the encoder's weight gradient
         needs (training); without it that grouping is made on first use."""
         b, g = rows.shape[0], self.n_genes
-        if self.device.type == "cpu" and cpu_kernels is not None and not by_gene:
+        if self.device.type == "cpu" and fused.ENABLED and fused.cpu_kernels is not None and not by_gene:
             return self._gather_compiled(rows)
         # index_select throughout: a third of advanced indexing's cost on small index sets.
         starts = torch.index_select(self.indptr, 0, rows)
@@ -344,7 +341,7 @@ class CountData:
     def _gather_compiled(self, rows: Tensor) -> CountBatch:
         """``gather`` in one compiled pass (CPU): ~3x faster than its dozen torch calls."""
         ptr, row, col, flat, val, log1p_val = (
-            torch.from_numpy(a) for a in cpu_kernels.gather_rows(
+            torch.from_numpy(a) for a in fused.cpu_kernels.gather_rows(
                 self.indptr.numpy(), self.indices.numpy(), self.values.numpy(), rows.numpy(), self.n_genes)
         )
         return self._batch(rows, row, col, flat, val, ptr[:-1], log1p_val, None, ptr)
