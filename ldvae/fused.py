@@ -1,11 +1,16 @@
-"""The decoder's batch norm, softmax and NB likelihood as one autograd function on CPU.
+"""The compiled CPU path (numba kernels in ``cpu_kernels`` and ``cpu_step``), seen from torch.
 
-``LDVAEModule.loss`` calls ``bn_softmax_nb`` for the default model (NB likelihood, one
-dispersion per gene, decoder batch norm) when its tensors are float32 on the CPU; the
-kernels are in ``cpu_kernels`` (numba). Everything else (other likelihoods and dispersions,
-CUDA, float64) takes the torch path of ``likelihoods``, which computes the same values.
-Set ``ENABLED = False`` (or the environment variable ``LDVAE_FUSED=0``) to force the torch
-path; tests and benchmarks compare the two.
+- ``TrainStep``: a whole training step (loss, every gradient, batch-norm updates) in one
+  call, for the default model (NB likelihood, one dispersion per gene, normal latent, one
+  hidden layer, batch norm) with float32 CPU parameters; ``train.fit`` uses it when
+  ``TrainStep.for_module`` accepts the module, and autograd otherwise.
+- ``bn_softmax_nb`` and ``encoder_block``: autograd functions for the decoder's batch norm +
+  softmax + NB likelihood and an encoder's first block, which ``LDVAEModule`` uses on CPU
+  float32 tensors (queries, and the training of models ``TrainStep`` declines).
+
+All compute what the torch path of ``module``/``likelihoods`` computes (tests compare them to
+float32 rounding). Set ``ENABLED = False`` (or the environment variable ``LDVAE_FUSED=0``)
+to force the torch path everywhere, the minibatch gather included.
 """
 
 from __future__ import annotations
