@@ -189,6 +189,27 @@ def _batch_norm_statistics(h, mean, var, training, momentum, eps, inv_std):
     return mu
 
 
+@nb.njit(**_JIT)
+def _batch_norm_backward(grad, xhat, gamma, inv_std, training, sum_grad, sum_grad_xhat):
+    """In place, the gradient with respect to nn.BatchNorm1d's output (n, F) becomes the one
+    with respect to its input: gamma * inv_std * (grad - mean(grad) - xhat * mean(grad * xhat))
+    with batch statistics, gamma * inv_std * grad with running ones. ``sum_grad`` and
+    ``sum_grad_xhat`` (F,) are the column sums of grad and grad * xhat."""
+    n, F = grad.shape
+    c0 = np.empty(F, np.float32)
+    c1 = np.empty(F, np.float32)
+    c2 = np.empty(F, np.float32)
+    for f in range(F):
+        c0[f] = gamma[f] * inv_std[f]
+        c1[f] = sum_grad[f] / n if training else 0.0
+        c2[f] = sum_grad_xhat[f] / n if training else 0.0
+    for i in range(n):
+        gi = grad[i]
+        xh = xhat[i]
+        for f in range(F):
+            gi[f] = c0[f] * (gi[f] - c1[f] - xh[f] * c2[f])
+
+
 # A cell whose log library exceeds min_g log theta by less than this has mu / theta < e^80
 # for every gene: 1 + mu / theta and its log stay finite in float32, so the kernels work
 # with mu / theta itself; other cells take the slower float64 path from d = log(mu / theta).
@@ -249,7 +270,7 @@ def _digamma_ratio_table(theta):
 
 
 @nb.njit(**_JIT)
-def _lgamma_ratio_rare(start, stop, col, val, theta, lgamma_theta, table):
+def _lgamma_ratio_rare(start, stop, col, val, theta, table):
     """For the counts in [start, stop) that the table does not hold: lgamma(x + theta) -
     lgamma(theta) from the series, less the table entry the main loop added."""
     out = 0.0
@@ -258,12 +279,12 @@ def _lgamma_ratio_rare(start, stop, col, val, theta, lgamma_theta, table):
         xi = min(max(int(x), 0), TABLE - 1)
         if xi != x:
             g = col[k]
-            out += _lgamma(float(x) + theta[g]) - lgamma_theta[g] - table[xi, g]
+            out += _lgamma(float(x) + theta[g]) - _lgamma(float(theta[g])) - table[xi, g]
     return out
 
 
 @nb.njit(**_JIT)
-def _digamma_ratio_rare(x, theta, table):
+def _digamma_ratio_rare(x, theta):
     """digamma(x + theta) - digamma(theta) for a count the table does not hold."""
     return _digamma(float(x) + theta) - _digamma(float(theta))
 
@@ -286,11 +307,9 @@ def bn_softmax_nb_forward(
     mu_g = _batch_norm_statistics(h, mean, var, training, momentum, eps, inv_std)
     theta = np.empty(G, np.float32)
     inv_theta = np.empty(G, np.float32)
-    lgamma_theta = np.empty(G)
     for g in range(G):
         theta[g] = math.exp(log_theta[g])  # exact: theta also enters lgamma and digamma
         inv_theta[g] = 1.0 / theta[g]
-        lgamma_theta[g] = _lgamma(float(theta[g]))
     ratio = _lgamma_ratio_table(theta, kbuf)
     log_theta_min = log_theta.min()
     t = np.empty(G, np.float32)
@@ -337,7 +356,7 @@ def bn_softmax_nb_forward(
             rare += xi != x
             nz += x * (d - spi[g]) + ratio[xi, g]
         if rare:  # counts off the table (kept out of the loop above: 2x faster)
-            nz += _lgamma_ratio_rare(row_start[i], row_start[i + 1], col, val, theta, lgamma_theta, ratio)
+            nz += _lgamma_ratio_rare(row_start[i], row_start[i + 1], col, val, theta, ratio)
         ll[i] = dense + nz
 
 
@@ -387,7 +406,7 @@ def bn_softmax_nb_backward(
             else:
                 gd[g] += gi * x * _sigmoid(-_log_mu_over_theta(pi[g], library[i], log_theta[g]))
             xi = min(max(int(x), 0), TABLE - 1)
-            psi = ratio[xi, g] if xi == x else _digamma_ratio_rare(x, theta[g], ratio)
+            psi = ratio[xi, g] if xi == x else _digamma_ratio_rare(x, theta[g])
             grad_log_theta[g] += gi * theta[g] * psi
         gl = 0.0
         for g in range(G):
@@ -406,19 +425,7 @@ def bn_softmax_nb_backward(
         grad_log_theta[g] -= acc_theta[g]
         grad_beta[g] = acc_beta[g]
         grad_gamma[g] = acc_gamma[g]
-    # batch norm: with batch statistics, dh = gamma * inv_std * (dt - mean(dt) - xhat * mean(dt * xhat))
-    c0 = np.empty(G, np.float32)
-    c1 = np.empty(G, np.float32)
-    c2 = np.empty(G, np.float32)
-    for g in range(G):
-        c0[g] = gamma[g] * inv_std[g]
-        c1[g] = acc_beta[g] / n if training else 0.0
-        c2[g] = acc_gamma[g] / n if training else 0.0
-    for i in range(n):
-        gd = grad_h[i]
-        xh = xhat[i]
-        for g in range(G):
-            gd[g] = c0[g] * (gd[g] - c1[g] - xh[g] * c2[g])
+    _batch_norm_backward(grad_h, xhat, gamma, inv_std, training, acc_beta, acc_gamma)
 
 
 _GOLDEN, _MASK32, _M1, _M2 = (np.uint64(c) for c in (0x9E3779B9, 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B))
@@ -504,24 +511,16 @@ def encoder_block_backward(
             gy[i, j] = v
             acc_b[j] += v
             acc_g[j] += v * xhat[i, j]
-    c0 = np.empty(H, np.float32)
-    c1 = np.empty(H, np.float32)
-    c2 = np.empty(H, np.float32)
     for j in range(H):
         grad_beta[j] = acc_b[j]
         grad_gamma[j] = acc_g[j]
-        c0[j] = gamma[j] * inv_std[j]
-        c1[j] = acc_b[j] / n if training else 0.0
-        c2[j] = acc_g[j] / n if training else 0.0
         grad_bias[j] = 0.0
+    _batch_norm_backward(gy, xhat, gamma, inv_std, training, acc_b, acc_g)
     grad_weight_t[:] = 0.0
     for i in range(n):
         g = gy[i]
-        xh = xhat[i]
         for j in range(H):
-            v = c0[j] * (g[j] - c1[j] - xh[j] * c2[j])
-            g[j] = v
-            grad_bias[j] += v
+            grad_bias[j] += g[j]
         k, stop = row_start[i], row_start[i + 1]
         while k + 1 < stop:  # a cell's genes are distinct: two rows per pass over g
             v0, v1 = log1p_val[k], log1p_val[k + 1]

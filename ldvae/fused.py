@@ -48,6 +48,15 @@ def applies(h: Tensor, bn: nn.BatchNorm1d | None, log_theta: Tensor | None) -> b
     )
 
 
+def _momentum(bn: nn.BatchNorm1d) -> float:
+    """This step's running-statistics momentum, as nn.BatchNorm1d takes it: in training the
+    batch counter advances first, and momentum None means a cumulative average."""
+    if not bn.training:
+        return 0.0  # unused: eval mode reads the running statistics
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
+
+
 class _BNSoftmaxNB(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, gamma, beta, library, log_theta, bn, row_start, col, val):
@@ -56,17 +65,13 @@ class _BNSoftmaxNB(torch.autograd.Function):
         library = library.detach().contiguous()
         log_theta = log_theta.detach().contiguous()
         training = bn.training
-        if training:
-            bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum
-        if momentum is None:  # cumulative average, as nn.BatchNorm1d
-            momentum = 1.0 / float(bn.num_batches_tracked)
+        momentum = _momentum(bn)
         ll = h.new_empty(n)
         xhat, p, sp = (torch.empty_like(h) for _ in range(3))
         inv_std = h.new_empty(G)
         cpu_kernels.bn_softmax_nb_forward(
             h.numpy(), gamma.detach().numpy(), beta.detach().numpy(), bn.running_mean.numpy(),
-            bn.running_var.numpy(), training, float(momentum), float(bn.eps), library.numpy(),
+            bn.running_var.numpy(), training, momentum, float(bn.eps), library.numpy(),
             log_theta.numpy(), row_start.numpy(), col.numpy(), val.numpy(),
             ll.numpy(), xhat.numpy(), p.numpy(), sp.numpy(), inv_std.numpy(),
         )
@@ -107,7 +112,7 @@ def _dropout_seed(rate: float) -> int:
     return int(torch.randint(0, 2**62, (1,))) if rate > 0 else 0
 
 
-def encoder_applies(weight: Tensor, bn: nn.Module, dropout: nn.Module, n_cells: int) -> bool:
+def encoder_applies(weight: Tensor, bn: nn.Module, dropout: nn.Module) -> bool:
     """Whether ``encoder_block`` handles an encoder's first block (Linear, BatchNorm1d with
     affine and running statistics, ReLU, Dropout) on float32 CPU tensors."""
     return (
@@ -119,7 +124,6 @@ def encoder_applies(weight: Tensor, bn: nn.Module, dropout: nn.Module, n_cells: 
         and isinstance(dropout, nn.Dropout)
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
-        and n_cells > 1
     )
 
 
@@ -128,11 +132,7 @@ class _EncoderBlock(torch.autograd.Function):
     def forward(ctx, weight, bias, gamma, beta, bn, rate, row_start, col, log1p_val):
         n, H = row_start.shape[0] - 1, weight.shape[0]
         training = bn.training
-        if training:
-            bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum
-        if momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
+        momentum = _momentum(bn)
         # Dropout's mask comes from a hash of this seed (see cpu_kernels._keep); drawing the
         # seed from torch's generator keeps fits reproducible under torch.manual_seed.
         seed = _dropout_seed(rate)
@@ -141,7 +141,7 @@ class _EncoderBlock(torch.autograd.Function):
         inv_std = weight.new_empty(H)
         cpu_kernels.encoder_block_forward(
             weight_t.numpy(), bias.detach().numpy(), gamma.detach().numpy(), beta.detach().numpy(),
-            bn.running_mean.numpy(), bn.running_var.numpy(), training, float(momentum), float(bn.eps),
+            bn.running_mean.numpy(), bn.running_var.numpy(), training, momentum, float(bn.eps),
             float(rate), seed, row_start.numpy(), col.numpy(), log1p_val.numpy(),
             out.numpy(), xhat.numpy(), mult.numpy(), inv_std.numpy(),
         )
@@ -249,10 +249,8 @@ class TrainStep:
             if not (p.device.type == "cpu" and p.dtype == torch.float32 and p.requires_grad and dense):
                 return None
         encoders = [module.z_encoder] + ([] if module.l_encoder is None else [module.l_encoder])
-        for e in encoders:
-            first, bn, _, dropout = e.trunk[:4]
-            if not (encoder_applies(first.weight, bn, dropout, 2) and first.weight.t().is_contiguous()):
-                return None
+        if module.needs_gene_order or not all(e.trunk[0].weight.t().is_contiguous() for e in encoders):
+            return None  # an encoder's first block the kernels do not handle, or not stored gene-major
         roles = []  # in the order of cpu_step.train_step's parameters
         for e in (module.z_encoder, module.l_encoder):
             if e is None:
@@ -271,12 +269,6 @@ class TrainStep:
         """The 2-norm of all gradients (one pass over the flat gradient)."""
         return torch.linalg.vector_norm(self.flat_grad)
 
-    def _momenta(self) -> list[float]:
-        out = []
-        for bn in self.norms:
-            bn.num_batches_tracked.add_(1)
-            out.append(1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum))
-        return out
 
     def __call__(self, b, kl_weight: float):
         from .module import LossOutput
@@ -286,7 +278,7 @@ class TrainStep:
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:  # e.g. after optimizer.zero_grad(set_to_none=True)
                 p.grad = g
-        mom_z, mom_d, *mom_l = self._momenta()
+        mom_z, mom_d, *mom_l = (_momentum(bn) for bn in self.norms)
         # The step's randomness, drawn from torch's generator in the order of module.loss on
         # the fused path (encoder_block's dropout seed, then the sample's noise, per encoder):
         # the same seed gives the same masks and noise whichever path runs.

@@ -236,24 +236,27 @@ class GaussianEncoder(nn.Module):
         self.var = nn.Linear(n_hidden, n_out)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return self.after_first_linear(self.trunk[0](h))
+        return self._rest(self.trunk[0](h), 1)
+
+    @property
+    def compiled_first_block(self) -> bool:
+        """Whether ``from_counts`` runs the first block (Linear, BatchNorm, ReLU, Dropout) as
+        one compiled pass (``fused.encoder_block``: CPU, float32), which needs no gene grouping."""
+        first, bn, _, dropout = self.trunk[:4]
+        return fused.encoder_applies(first.weight, bn, dropout)
 
     def from_counts(self, b: CountBatch) -> tuple[Tensor, Tensor]:
         """Mean and variance from a minibatch's nonzeros (log1p of the counts as input)."""
         first, bn, _, dropout = self.trunk[:4]
-        if fused.encoder_applies(first.weight, bn, dropout, b.n_cells):  # one compiled pass on CPU
-            h = fused.encoder_block(first, bn, dropout, b.indptr, b.col, b.log1p_val)
-            for layer in self.trunk[4:]:
-                h = layer(h)
-            return self.mean(h), self.var(h).exp() + VAR_EPS
-        return self.after_first_linear(sparse_linear(first.weight, first.bias, b))
+        if b.n_cells > 1 and self.compiled_first_block:
+            return self._rest(fused.encoder_block(first, bn, dropout, b.indptr, b.col, b.log1p_val), 4)
+        return self._rest(sparse_linear(first.weight, first.bias, b), 1)
 
-    def after_first_linear(self, h1: Tensor) -> tuple[Tensor, Tensor]:
-        """The rest of the encoder, from the output of its first Linear (see
-        ``LDVAEModule.inference``, which computes that layer for both encoders at once)."""
-        for layer in self.trunk[1:]:
-            h1 = layer(h1)
-        return self.mean(h1), self.var(h1).exp() + VAR_EPS
+    def _rest(self, h: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """The trunk from layer ``start`` on, then the mean and variance heads."""
+        for layer in self.trunk[start:]:
+            h = layer(h)
+        return self.mean(h), self.var(h).exp() + VAR_EPS
 
 
 class LDVAEModule(nn.Module):
@@ -300,6 +303,13 @@ class LDVAEModule(nn.Module):
             # (NaN with large lr) or take many epochs to climb. The model is unchanged.
             with torch.no_grad():
                 self.l_encoder.mean.bias.fill_(float(self.library_log_means.mean()))
+
+    @property
+    def needs_gene_order(self) -> bool:
+        """Whether training uses minibatches' nonzeros grouped by gene (``CountBatch.by_gene``):
+        only the torch path of an encoder's first layer does, for its weight gradient."""
+        encoders = [self.z_encoder] + ([] if self.l_encoder is None else [self.l_encoder])
+        return not all(e.compiled_first_block for e in encoders)
 
     # --- covariates -----------------------------------------------------------------
     def covariate_columns(self, b: CountBatch) -> Tensor | None:

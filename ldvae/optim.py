@@ -83,25 +83,26 @@ class FusedAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return
         if not self._set_up or len(self.state) < len(self.params):
             self._init_state()
             self._set_up = True
-        group = self.param_groups[0]
+        if self._flat is not None and all(p.grad is g for p, g in zip(self.params, self._flat[4])):
+            # every parameter, gradient and moment a view of one flat tensor; the steps are equal
+            steps = [self.state[p]["step"] for p in self.params]
+            torch._foreach_add_(steps, 1)
+            self._fused(*([t] for t in self._flat[:4]), steps[:1])
+            return
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            return
         states = [self.state[p] for p in params]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
-        grads = [p.grad for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        if self._flat is not None and len(params) == len(self.params) and all(
-            g is v for g, v in zip(grads, self._flat[4])
-        ):
-            # every parameter, gradient and moment a view of one flat tensor; the steps are equal
-            params, grads, exp_avgs, exp_avg_sqs = ([t] for t in self._flat[:4])
-            steps = steps[:1]
+        self._fused(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], steps)
+
+    def _fused(self, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
+        group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         torch._fused_adam_(
             params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,

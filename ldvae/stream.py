@@ -574,7 +574,7 @@ class StreamingSource:
                 yield _count_data(buffer, self.cov, buffer_rows, self.device)
 
     # --- the source interface ----------------------------------------------------------
-    by_gene = True  # grouped by gene for the autograd path's encoder gradient (see train.fit)
+    by_gene = True  # grouped by gene for the torch encoder's gradient (train.fit sets it)
 
     def train_batches(self, generator: torch.Generator) -> Iterator[CountBatch]:
         # Seeded by fit's per-epoch generator; the block start keeps ranks' orders distinct.

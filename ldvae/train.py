@@ -133,8 +133,8 @@ class InMemorySource:
         self.n_val = len(self.val_rows)
         self.steps_per_epoch = len(minibatches(torch.arange(self.n_train), batch_size))
 
-    # Group each training batch's nonzeros by gene (the autograd path's encoder gradient);
-    # fit turns it off for the compiled step, which does not need it.
+    # Group each training batch's nonzeros by gene; fit sets it from the module
+    # (LDVAEModule.needs_gene_order): only the torch encoder's gradient uses the grouping.
     by_gene = True
 
     def train_batches(self, generator: torch.Generator) -> Iterator[CountBatch]:
@@ -258,7 +258,7 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     if compiled_step is not None and hasattr(optimizer, "use_flat"):
         optimizer.use_flat(compiled_step.flat, compiled_step.flat_grad)
     if hasattr(source, "by_gene"):
-        source.by_gene = compiled_step is None
+        source.by_gene = module.needs_gene_order
     if state.optimizer_state is not None:
         optimizer.load_state_dict(state.optimizer_state)
         for group in optimizer.param_groups:
