@@ -130,9 +130,13 @@ def _lgamma(y):
 @nb.njit(inline="always", **_JIT)
 def _digamma(y):
     """digamma(y) for y > 0 in float64: the recurrence up to y >= 6, then the asymptotic
-    series (absolute error below 2e-10)."""
+    series (absolute error below 2e-10). The recurrence is bounded: under fastmath a NaN
+    (a diverged fit) would otherwise never leave ``while y < 6``, and the step would hang
+    instead of reporting a non-finite loss."""
     acc = 0.0
-    while y < 6.0:
+    for _ in range(7):  # any y > 0 reaches 6 within 7 steps
+        if y >= 6.0:
+            break
         acc -= 1.0 / y
         y += 1.0
     r = 1.0 / y

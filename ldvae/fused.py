@@ -26,9 +26,9 @@ logger = logging.getLogger(__name__)
 ENABLED = os.environ.get("LDVAE_FUSED", "1") != "0"
 
 try:  # numba is installed with scanpy; without it every model takes the torch path
-    from . import cpu_kernels, cpu_step
+    from . import cpu_kernels, cpu_loop, cpu_step
 except ImportError:  # pragma: no cover
-    cpu_kernels = cpu_step = None
+    cpu_kernels = cpu_loop = cpu_step = None
 
 
 def applies(h: Tensor, bn: nn.BatchNorm1d | None, log_theta: Tensor | None) -> bool:
@@ -302,3 +302,100 @@ class TrainStep:
             seed_l, float(kl_weight), rec.numpy(), kl_z.numpy(), kl_l.numpy(),
         )
         return LossOutput(torch.tensor(loss, dtype=torch.float32), rec, kl_z, kl_l)
+
+
+class StepRunner:
+    """Runs of up to ``chunk`` consecutive training steps in one compiled call
+    (``cpu_loop.train_steps``: gather, ``TrainStep``'s step, the finiteness check, Adam),
+    for ``train.fit`` on an in-memory CPU source. Each step's randomness is drawn from torch's
+    generator in ``TrainStep.__call__``'s order, so a fit takes the same steps as through
+    ``TrainStep`` and ``FusedAdam`` one call at a time (to float32 rounding).
+
+    ``for_fit`` returns None where it does not apply (no compiled step, an optimizer that is
+    not a flat ``FusedAdam``, data not in memory on the CPU); ``fit`` then steps per call."""
+
+    chunk = 64  # steps per call: ~0.1 s, so Ctrl-C is honoured promptly
+
+    def __init__(self, step: TrainStep, optimizer, data):
+        m = step.module
+        self.step, self.optimizer = step, optimizer
+        self.norms = step.norms  # z, decoder[, l]
+        cov = m.covariate_columns(_AllCells(data))
+        cov = data.values.new_zeros(data.n_cells, 0) if cov is None else cov.float().contiguous()
+        self.arrays = tuple(t.numpy() for t in (
+            data.indptr, data.indices, data.values, data.log_total, data.lgamma_x1, data.batch, cov,
+            m.library_log_means, m.library_log_vars))
+        self._keep = cov  # the arrays above are views of it
+        self.rate_z = float(m.z_encoder.trunk[3].p)
+        self.rate_l = None if m.l_encoder is None else float(m.l_encoder.trunk[3].p)
+
+    @classmethod
+    def for_fit(cls, step: TrainStep | None, optimizer, source) -> StepRunner | None:
+        data = getattr(source, "data", None)
+        if step is None or cpu_loop is None or data is None or not hasattr(source, "epoch_rows"):
+            return None
+        if data.device.type != "cpu" or not hasattr(optimizer, "flat_moments"):
+            return None
+        return None if optimizer.flat_moments() is None else cls(step, optimizer, data)
+
+    def __call__(self, parts: list[Tensor], kl_weights: list[float]):
+        """Train on the minibatches ``parts`` (cell indices). Returns the number of steps
+        completed (fewer than len(parts) when one became non-finite; the model then holds
+        the parameters and running statistics from before it) and each step's detached
+        (reconstruction, kl_z, kl_l, loss), the failed step's included."""
+        m, step = self.step.module, self.step
+        sizes = [len(p) for p in parts]
+        bounds = torch.zeros(len(parts) + 1, dtype=torch.int64)
+        bounds[1:] = torch.tensor(sizes).cumsum(0)
+        total = int(bounds[-1])
+        noise_z = torch.empty(total, m.config.n_latent)
+        noise_l = torch.zeros(total)
+        seeds = torch.zeros(len(parts), 2, dtype=torch.int64)
+        for j, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+            seeds[j, 0] = _dropout_seed(self.rate_z)
+            torch.randn(b - a, m.config.n_latent, out=noise_z[a:b])
+            if self.rate_l is not None:
+                seeds[j, 1] = _dropout_seed(self.rate_l)
+                torch.randn(b - a, out=noise_l[a:b])
+        momenta = torch.zeros(len(parts), 3, dtype=torch.float64)
+        for column, bn in zip((0, 2, 1), self.norms):
+            momenta[:, column] = _momenta(bn, len(parts))
+        moments = self.optimizer.flat_moments()  # re-made when a state dict is loaded
+        group = self.optimizer.param_groups[0]
+        taken = self.optimizer.step_count()
+        adam = torch.tensor([group["lr"], *group["betas"], group["eps"], group["weight_decay"], taken],
+                            dtype=torch.float64)
+        rec, kl_z, kl_l = torch.empty(total), torch.empty(total), torch.empty(total)
+        losses = torch.empty(len(parts), dtype=torch.float64)
+        zbn, dbn = self.norms[0], self.norms[1]
+        done = cpu_loop.train_steps(
+            *self.arrays, torch.cat(parts).numpy(), bounds.numpy(), noise_z.numpy(), noise_l.numpy(),
+            seeds.numpy(), torch.tensor(kl_weights, dtype=torch.float64).numpy(), momenta.numpy(),
+            step.flat.numpy(), step.flat_grad.numpy(), step.offsets.numpy(), step.dims.numpy(),
+            zbn.running_mean.numpy(), zbn.running_var.numpy(), step.l_stats[0].numpy(), step.l_stats[1].numpy(),
+            dbn.running_mean.numpy(), dbn.running_var.numpy(), float(dbn.eps), self.rate_z,
+            moments[0].numpy(), moments[1].numpy(), adam.numpy(),
+            rec.numpy(), kl_z.numpy(), kl_l.numpy(), losses.numpy(),
+        )
+        self.optimizer.advance(done)
+        for bn in self.norms:
+            bn.num_batches_tracked.add_(done)
+        ran = min(done + 1, len(parts))
+        terms = [(rec[a:b], kl_z[a:b], kl_l[a:b], losses[j].float())
+                 for j, (a, b) in enumerate(zip(bounds[:ran].tolist(), bounds[1 : ran + 1].tolist()))]
+        return done, terms
+
+
+class _AllCells:
+    """Every cell's covariates, shaped as a CountBatch for ``LDVAEModule.covariate_columns``."""
+
+    def __init__(self, data):
+        self.batch, self.cat_covs, self.cont_covs = data.batch, data.cat_covs, data.cont_covs
+
+
+def _momenta(bn: nn.BatchNorm1d, steps: int) -> Tensor:
+    """The running-statistics momentum of each of the next ``steps`` training steps
+    (``_momentum`` without advancing the counter)."""
+    if bn.momentum is not None:
+        return torch.full((steps,), float(bn.momentum), dtype=torch.float64)
+    return 1.0 / (float(bn.num_batches_tracked) + torch.arange(1, steps + 1, dtype=torch.float64))

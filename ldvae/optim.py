@@ -39,6 +39,23 @@ class FusedAdam:
         self._flat = None
         self._set_up = False
 
+    def flat_moments(self) -> tuple[Tensor, Tensor] | None:
+        """The moment estimates as two flat tensors laid out as the flat parameters (see
+        ``use_flat``), for a caller that takes the steps itself (``fused.StepRunner``; it
+        then reports them with ``advance``); None when they cannot be flat."""
+        if not self._set_up or len(self.state) < len(self.params):
+            self._init_state()
+            self._set_up = True
+        return None if self._flat is None else (self._flat[2], self._flat[3])
+
+    def step_count(self) -> float:
+        """Steps taken (equal for every parameter in flat mode)."""
+        return float(self.state[self.params[0]]["step"]) if self.params[0] in self.state else 0.0
+
+    def advance(self, steps: int) -> None:
+        """Count ``steps`` steps taken outside ``step`` on the flat moments."""
+        torch._foreach_add_([self.state[p]["step"] for p in self.params], steps)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             if set_to_none:

@@ -137,9 +137,13 @@ class InMemorySource:
     # (LDVAEModule.needs_gene_order): only the torch encoder's gradient uses the grouping.
     by_gene = True
 
-    def train_batches(self, generator: torch.Generator) -> Iterator[CountBatch]:
+    def epoch_rows(self, generator: torch.Generator) -> list[Tensor]:
+        """An epoch's minibatches as cell indices: a seeded shuffle of the training cells."""
         perm = self.train_rows[torch.randperm(self.n_train, generator=generator).to(self.device)]
-        parts = minibatches(perm, self.batch_size)
+        return minibatches(perm, self.batch_size)
+
+    def train_batches(self, generator: torch.Generator) -> Iterator[CountBatch]:
+        parts = self.epoch_rows(generator)
         if self.device.type != "cpu" or len(parts) < 2 or not self.by_gene:
             for rows in parts:
                 yield self.data.gather(rows, by_gene=self.by_gene)
@@ -263,6 +267,9 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
         optimizer.load_state_dict(state.optimizer_state)
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"], group["eps"] = config.lr, config.weight_decay, config.eps
+    # Runs of steps in one compiled call where the data are in memory on the CPU and no
+    # other rank must see each step (the same steps as one call per step).
+    runner = fused.StepRunner.for_fit(compiled_step, optimizer, source) if comm is None else None
     # Every buffer (batch-norm running statistics and their step counters) goes back to the
     # last good step when a step fails or is interrupted.
     buffers = list(module.buffers())
@@ -299,7 +306,22 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                 gen = torch.Generator(device="cpu").manual_seed(seed)
                 per_step = []  # detached per-cell terms; summed once per epoch (fewer ops per step)
                 kl_weight = 1.0
-                for i, batch in enumerate(source.train_batches(gen)):
+                parts = source.epoch_rows(gen) if runner is not None else []
+                for start in range(0, len(parts), runner.chunk if runner is not None else 1):
+                    if guard.requested:
+                        raise KeyboardInterrupt
+                    chunk = parts[start : start + runner.chunk]
+                    weights = [_kl_weight(state.step + j, state.warmup_steps) for j in range(len(chunk))]
+                    torch._foreach_copy_(last_good_buffers, buffers)
+                    in_step = True
+                    done, terms = runner(chunk, weights)
+                    state.step += done
+                    in_step = False
+                    per_step += terms[:done]
+                    kl_weight = weights[done - 1] if done else kl_weight
+                    if done < len(chunk):  # the runner left the parameters and buffers of the last good step
+                        raise NonFiniteLossError(_nonfinite_message(module, terms[done][3], epoch, start + done, config))
+                for i, batch in enumerate(source.train_batches(gen) if runner is None else ()):
                     if guard.requested:
                         raise KeyboardInterrupt
                     kl_weight = _kl_weight(state.step, state.warmup_steps)

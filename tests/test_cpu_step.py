@@ -153,6 +153,7 @@ def test_fit_with_compiled_step_trains_as_the_module_path(monkeypatch):
         return original(self, b, kl_weight)
 
     monkeypatch.setattr(fused.TrainStep, "__call__", spy)
+    monkeypatch.setattr(fused.StepRunner, "for_fit", classmethod(lambda cls, *args: None))  # one step a call
     compiled = _module(seed=1)
     state_c = _fit(compiled, data)
     assert len(calls) == 6 * 2  # every training step (2 per epoch) took the compiled path
@@ -233,3 +234,23 @@ def test_compiled_gather_equals_torch_gather():
         assert torch.equal(getattr(compiled, name), getattr(reference, name)), name
     torch.testing.assert_close(compiled.log1p_val, reference.log1p_val, rtol=2e-7, atol=0)
     assert torch.equal(compiled.x, reference.x)
+
+
+def test_diverged_parameters_give_a_nonfinite_loss_not_a_hang():
+    """A NaN dispersion (a diverged fit) makes the compiled step return a non-finite loss
+    for fit to report; under fastmath an unbounded digamma recurrence used to spin forever."""
+    import threading
+
+    module = _module()
+    data = _data()
+    step = fused.TrainStep.for_module(module)
+    with torch.no_grad():
+        module.px_r.fill_(float("nan"))
+    batch = data.gather(torch.arange(N_CELLS))
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("out", step(batch, 1.0)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the compiled step did not return"
+    out = result["out"]
+    assert not torch.isfinite(out.loss + step.grad_norm())

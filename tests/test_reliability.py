@@ -30,6 +30,14 @@ from ldvae.train import InMemorySource, NonFiniteLossError, load_checkpoint
 N_CELLS, N_GENES = 200, 30  # 180 training cells: 2 steps per epoch at batch_size=128
 
 
+@pytest.fixture(autouse=True)
+def one_step_per_call(monkeypatch):
+    """These tests inject faults per minibatch into fit's step-at-a-time loop (models and
+    sources without the compiled runner take it). fused.StepRunner, which runs many steps per
+    call, is faulted the same ways in test_cpu_loop.py."""
+    monkeypatch.setattr(fused.StepRunner, "for_fit", classmethod(lambda cls, *args: None))
+
+
 @pytest.fixture
 def adata():
     a = ldvae.simulate(N_CELLS, N_GENES, 2, seed=3)
@@ -312,10 +320,10 @@ def test_interrupted_then_resumed_fit_equals_uninterrupted_fit(adata, monkeypatc
     reference.train(**train_kwargs)
 
     interrupted = new_model(adata)
-    GatherHook(monkeypatch, interrupted.module, at=10, fault=raise_interrupt)  # inside epoch 5
-    interrupted.train(checkpoint_dir=tmp_path, checkpoint_every_n_epochs=2, **train_kwargs)
+    with monkeypatch.context() as patch:
+        GatherHook(patch, interrupted.module, at=10, fault=raise_interrupt)  # inside epoch 5
+        interrupted.train(checkpoint_dir=tmp_path, checkpoint_every_n_epochs=2, **train_kwargs)
     assert interrupted.train_state_.interrupted and interrupted.train_state_.epoch == 4
-    monkeypatch.undo()
     assert load_checkpoint(tmp_path)["train_state"]["epoch"] == 4
 
     resumed = new_model(adata)
@@ -573,7 +581,8 @@ def _fit_digest_here() -> str:
     return out.getvalue().strip()
 
 
-def test_same_seed_same_result_across_runs_and_processes():
+def test_same_seed_same_result_across_runs_and_processes(monkeypatch):
+    monkeypatch.undo()  # the default training path, as in the subprocess
     first, second = _fit_digest_here(), _fit_digest_here()
     assert first == second
     env = dict(os.environ, PYTHONHASHSEED="123", OMP_NUM_THREADS=str(torch.get_num_threads()))
