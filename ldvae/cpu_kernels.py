@@ -451,6 +451,40 @@ def _keep(seed, index, threshold):
 
 
 @nb.njit(**_JIT)
+def _sparse_product(weight_t, bias, row_start, col, log1p_val, out):
+    """out[i] = bias + sum over cell i's nonzeros k of log1p_val[k] * weight_t[col[k]]:
+    eight weight rows per pass over out[i] (bound by reading the rows from L2; 25 % faster
+    than two)."""
+    n, H = out.shape
+    for i in range(n):
+        o = out[i]
+        for j in range(H):
+            o[j] = bias[j]
+        k, stop = row_start[i], row_start[i + 1]
+        while k + 7 < stop:
+            v0, v1, v2, v3 = log1p_val[k], log1p_val[k + 1], log1p_val[k + 2], log1p_val[k + 3]
+            v4, v5, v6, v7 = log1p_val[k + 4], log1p_val[k + 5], log1p_val[k + 6], log1p_val[k + 7]
+            w0, w1, w2, w3 = weight_t[col[k]], weight_t[col[k + 1]], weight_t[col[k + 2]], weight_t[col[k + 3]]
+            w4, w5, w6, w7 = weight_t[col[k + 4]], weight_t[col[k + 5]], weight_t[col[k + 6]], weight_t[col[k + 7]]
+            for j in range(H):
+                o[j] += ((v0 * w0[j] + v1 * w1[j]) + (v2 * w2[j] + v3 * w3[j])) + (
+                    (v4 * w4[j] + v5 * w5[j]) + (v6 * w6[j] + v7 * w7[j])
+                )
+            k += 8
+        while k + 1 < stop:
+            v0, v1 = log1p_val[k], log1p_val[k + 1]
+            w0, w1 = weight_t[col[k]], weight_t[col[k + 1]]
+            for j in range(H):
+                o[j] += v0 * w0[j] + v1 * w1[j]
+            k += 2
+        if k < stop:
+            v = log1p_val[k]
+            w = weight_t[col[k]]
+            for j in range(H):
+                o[j] += v * w[j]
+
+
+@nb.njit(**_JIT)
 def encoder_block_forward(
     weight_t, bias, gamma, beta, mean, var, training, momentum, eps, rate, seed, row_start, col, log1p_val,
     out, xhat, mult, inv_std,
@@ -463,22 +497,7 @@ def encoder_block_forward(
     ``rate`` in training only, its mask drawn from ``seed``. Writes out (n, H) and, for the
     backward, xhat (n, H), mult = d out / d BN-output (n, H) and inv_std (H,)."""
     n, H = out.shape
-    for i in range(n):
-        o = out[i]
-        for j in range(H):
-            o[j] = bias[j]
-        k, stop = row_start[i], row_start[i + 1]
-        while k + 1 < stop:  # two nonzeros per pass over the row: 20 % faster
-            v0, v1 = log1p_val[k], log1p_val[k + 1]
-            w0, w1 = weight_t[col[k]], weight_t[col[k + 1]]
-            for j in range(H):
-                o[j] += v0 * w0[j] + v1 * w1[j]
-            k += 2
-        if k < stop:
-            v = log1p_val[k]
-            w = weight_t[col[k]]
-            for j in range(H):
-                o[j] += v * w[j]
+    _sparse_product(weight_t, bias, row_start, col, log1p_val, out)
     mu = _batch_norm_statistics(out, mean, var, training, momentum, eps, inv_std)
     drop = training and rate > 0.0
     scale = f32(1.0 / (1.0 - rate)) if drop else f32(1.0)
@@ -499,12 +518,33 @@ def encoder_block_forward(
 
 
 @nb.njit(**_JIT)
-def encoder_block_backward(
-    grad, gamma, training, xhat, mult, inv_std, row_start, col, log1p_val,
-    grad_weight_t, grad_bias, grad_gamma, grad_beta,
-):
-    """Gradients of sum(grad * out) (``encoder_block_forward``) with respect to the
-    first Linear's weight (gene-major, (G, H), overwritten) and bias, and the BN affine."""
+def by_gene(row_start, col, val, G):
+    """The minibatch's nonzeros (by cell) regrouped by gene (a counting sort): gene g's are
+    [ptr[g], ptr[g + 1]) of rows (their cells, ascending) and vals."""
+    n = row_start.shape[0] - 1
+    nnz = row_start[n]
+    ptr = np.zeros(G + 1, np.int64)
+    for k in range(nnz):
+        ptr[col[k] + 1] += 1
+    for g in range(G):
+        ptr[g + 1] += ptr[g]
+    pos = ptr[:G].copy()
+    rows = np.empty(nnz, np.int64)
+    vals = np.empty(nnz, np.float32)
+    for i in range(n):
+        for k in range(row_start[i], row_start[i + 1]):
+            g = col[k]
+            d = pos[g]
+            pos[g] = d + 1
+            rows[d] = i
+            vals[d] = val[k]
+    return ptr, rows, vals
+
+
+@nb.njit(**_JIT)
+def _encoder_grad_pre(grad, gamma, training, xhat, mult, inv_std, grad_bias, grad_gamma, grad_beta):
+    """The gradient with respect to the first Linear's output (n, H), and those of its bias
+    and of the BN affine."""
     n, H = grad.shape
     gy = np.empty((n, H), np.float32)
     acc_b = np.zeros(H, np.float32)
@@ -520,25 +560,57 @@ def encoder_block_backward(
         grad_gamma[j] = acc_g[j]
         grad_bias[j] = 0.0
     _batch_norm_backward(gy, xhat, gamma, inv_std, training, acc_b, acc_g)
-    grad_weight_t[:] = 0.0
     for i in range(n):
         g = gy[i]
         for j in range(H):
             grad_bias[j] += g[j]
-        k, stop = row_start[i], row_start[i + 1]
-        while k + 1 < stop:  # a cell's genes are distinct: two rows per pass over g
-            v0, v1 = log1p_val[k], log1p_val[k + 1]
-            w0, w1 = grad_weight_t[col[k]], grad_weight_t[col[k + 1]]
+    return gy
+
+
+@nb.njit(**_JIT)
+def _weight_grad_by_gene(gy, ptr, rows, vals, grad_weight_t):
+    """grad_weight_t[g] = sum over gene g's nonzeros of vals * gy[rows] (each row of the
+    gradient written once, four cells per pass)."""
+    H = gy.shape[1]
+    for g in range(grad_weight_t.shape[0]):
+        a = grad_weight_t[g]
+        for j in range(H):
+            a[j] = 0.0
+        k, stop = ptr[g], ptr[g + 1]
+        while k + 3 < stop:
+            v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+            r0, r1, r2, r3 = gy[rows[k]], gy[rows[k + 1]], gy[rows[k + 2]], gy[rows[k + 3]]
             for j in range(H):
-                gj = g[j]
-                w0[j] += v0 * gj
-                w1[j] += v1 * gj
-            k += 2
-        if k < stop:
-            v = log1p_val[k]
-            w = grad_weight_t[col[k]]
+                a[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j])
+            k += 4
+        while k < stop:
+            v = vals[k]
+            r = gy[rows[k]]
             for j in range(H):
-                w[j] += v * g[j]
+                a[j] += v * r[j]
+            k += 1
+
+
+@nb.njit(**_JIT)
+def encoder_block_backward_by_gene(
+    grad, gamma, training, xhat, mult, inv_std, ptr, rows, vals,
+    grad_weight_t, grad_bias, grad_gamma, grad_beta,
+):
+    """``encoder_block_backward`` with the nonzeros grouped by gene (``by_gene``)."""
+    gy = _encoder_grad_pre(grad, gamma, training, xhat, mult, inv_std, grad_bias, grad_gamma, grad_beta)
+    _weight_grad_by_gene(gy, ptr, rows, vals, grad_weight_t)
+
+
+@nb.njit(**_JIT)
+def encoder_block_backward(
+    grad, gamma, training, xhat, mult, inv_std, row_start, col, log1p_val,
+    grad_weight_t, grad_bias, grad_gamma, grad_beta,
+):
+    """Gradients of sum(grad * out) (``encoder_block_forward``) with respect to the
+    first Linear's weight (gene-major, (G, H), overwritten) and bias, and the BN affine."""
+    ptr, rows, vals = by_gene(row_start, col, log1p_val, grad_weight_t.shape[0])
+    encoder_block_backward_by_gene(grad, gamma, training, xhat, mult, inv_std, ptr, rows, vals,
+                                   grad_weight_t, grad_bias, grad_gamma, grad_beta)
 
 
 @nb.njit(**_JIT)

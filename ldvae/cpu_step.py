@@ -21,7 +21,8 @@ from .cpu_kernels import (
     _JIT,
     bn_softmax_nb_backward,
     bn_softmax_nb_forward,
-    encoder_block_backward,
+    by_gene,
+    encoder_block_backward_by_gene,
     encoder_block_forward,
 )
 
@@ -82,6 +83,83 @@ def _heads_backward(a, w_mean, w_var, var, g_mean, g_var, g_a, g_w_mean, g_b_mea
 
 
 @nb.njit(**_JIT)
+def _decoder_product(zc, wd_t, bd, h):
+    """h = zc wd_t (+ bd): zc (n, C), wd_t (C, G), bd (G,) or empty; four columns of zc per
+    pass over a row of h."""
+    n, C = zc.shape
+    G = wd_t.shape[1]
+    has_bias = bd.shape[0] > 0
+    for i in range(n):
+        hi = h[i]
+        zi = zc[i]
+        if has_bias:
+            for g in range(G):
+                hi[g] = bd[g]
+        else:
+            for g in range(G):
+                hi[g] = 0.0
+        c = 0
+        while c + 3 < C:
+            z0, z1, z2, z3 = zi[c], zi[c + 1], zi[c + 2], zi[c + 3]
+            w0, w1, w2, w3 = wd_t[c], wd_t[c + 1], wd_t[c + 2], wd_t[c + 3]
+            for g in range(G):
+                hi[g] += (z0 * w0[g] + z1 * w1[g]) + (z2 * w2[g] + z3 * w3[g])
+            c += 4
+        while c < C:
+            z0 = zi[c]
+            w0 = wd_t[c]
+            for g in range(G):
+                hi[g] += z0 * w0[g]
+            c += 1
+
+
+@nb.njit(**_JIT)
+def _decoder_product_backward(g_h, zc, wd_t, K, g_wd, g_bd, g_z):
+    """For h = zc wd_t (+ b): g_wd (G, C) = g_h^T zc, g_bd = column sums of g_h (when not
+    empty) and g_z (n, K) = g_h wd_t[:K]^T. Four cells per pass over a row of the
+    gradient of wd_t (which is held (C, G) here and transposed at the end)."""
+    n, G = g_h.shape
+    C = zc.shape[1]
+    f32 = np.float32
+    g_wd_t = np.empty((C, G), f32)
+    for c in range(C):
+        gw = g_wd_t[c]
+        i = 0
+        for g in range(G):
+            gw[g] = 0.0
+        while i + 3 < n:
+            z0, z1, z2, z3 = zc[i, c], zc[i + 1, c], zc[i + 2, c], zc[i + 3, c]
+            h0, h1, h2, h3 = g_h[i], g_h[i + 1], g_h[i + 2], g_h[i + 3]
+            for g in range(G):
+                gw[g] += (z0 * h0[g] + z1 * h1[g]) + (z2 * h2[g] + z3 * h3[g])
+            i += 4
+        while i < n:
+            z0 = zc[i, c]
+            h0 = g_h[i]
+            for g in range(G):
+                gw[g] += z0 * h0[g]
+            i += 1
+    for i in range(n):
+        ghi = g_h[i]
+        for c in range(K):
+            wc = wd_t[c]
+            s = f32(0.0)
+            for g in range(G):
+                s += ghi[g] * wc[g]
+            g_z[i, c] = s
+    if g_bd.shape[0] > 0:
+        for g in range(G):
+            g_bd[g] = 0.0
+        for i in range(n):
+            ghi = g_h[i]
+            for g in range(G):
+                g_bd[g] += ghi[g]
+    for g in range(G):
+        for c in range(C):
+            g_wd[g, c] = g_wd_t[c, g]
+
+
+@nb.njit(**_JIT)
 def train_step(
     indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
     wz_t, bz, gz, betaz, rmz, rvz, wzm, bzm, wzv, bzv,
@@ -136,16 +214,7 @@ def train_step(
         for c in range(K, C):
             zc[i, c] = cov[i, c - K]
     h = np.empty((n, G), f32)
-    has_bias = bd.shape[0] > 0
-    for i in range(n):
-        hi = h[i]
-        for g in range(G):
-            hi[g] = bd[g] if has_bias else f32(0.0)
-        for c in range(C):
-            zic = zc[i, c]
-            wc = wd_t[c]
-            for g in range(G):
-                hi[g] += zic * wc[g]
+    _decoder_product(zc, wd_t, bd, h)
     ll = np.empty(n, f32)
     xhat_d, p, sp = np.empty((n, G), f32), np.empty((n, G), f32), np.empty((n, G), f32)
     inv_d = np.empty(G, f32)
@@ -180,29 +249,8 @@ def train_step(
     g_library = np.empty(n, f32)
     bn_softmax_nb_backward(grad_ll, gd, True, library, log_theta, indptr, col, val, xhat_d, p, sp, inv_d,
                            g_h, g_gd, g_betad, g_library, g_log_theta)
-    g_wd_t = np.zeros((C, G), f32)
     g_z = np.empty((n, K), f32)
-    if has_bias:
-        g_bd[:] = 0.0
-    for i in range(n):
-        ghi = g_h[i]
-        for c in range(C):
-            zic = zc[i, c]
-            gw = g_wd_t[c]
-            for g in range(G):
-                gw[g] += zic * ghi[g]
-        for c in range(K):
-            wc = wd_t[c]
-            s = f32(0.0)
-            for g in range(G):
-                s += ghi[g] * wc[g]
-            g_z[i, c] = s
-        if has_bias:
-            for g in range(G):
-                g_bd[g] += ghi[g]
-    for g in range(G):
-        for c in range(C):
-            g_wd[g, c] = g_wd_t[c, g]
+    _decoder_product_backward(g_h, zc, wd_t, K, g_wd, g_bd, g_z)
 
     # --- backward: z = m + sqrt(v) * noise, and kl_weight * KL_z / n ---------------------------
     w = kl_weight * inv_n
@@ -216,8 +264,9 @@ def train_step(
             g_v[i, k] = g_z[i, k] * noise_z[i, k] / (2.0 * math.sqrt(v)) + w * 0.5 * (1.0 - 1.0 / v)
     g_a = np.empty((n, H), f32)
     _heads_backward(a_z, wzm, wzv, qz_v, g_m, g_v, g_a, g_wzm, g_bzm, g_wzv, g_bzv)
-    encoder_block_backward(g_a, gz, True, xhat_z, mult_z, inv_z, indptr, col, log1p_val,
-                           g_wz_t, g_bz, g_gz, g_betaz)
+    gene_ptr, gene_rows, gene_vals = by_gene(indptr, col, log1p_val, G)
+    encoder_block_backward_by_gene(g_a, gz, True, xhat_z, mult_z, inv_z, gene_ptr, gene_rows, gene_vals,
+                                   g_wz_t, g_bz, g_gz, g_betaz)
 
     # --- backward: library = m + sqrt(v) * noise, and KL_l / n ---------------------------------
     if not observed:
@@ -231,8 +280,8 @@ def train_step(
             g_ml[i, 0] = g_library[i] + inv_n * (m - pm) / pv
             g_vl[i, 0] = g_library[i] * noise_l[i] / (2.0 * math.sqrt(v)) + inv_n * 0.5 * (1.0 / pv - 1.0 / v)
         _heads_backward(a_l, wlm, wlv, ql_v, g_ml, g_vl, g_a, g_wlm, g_blm, g_wlv, g_blv)
-        encoder_block_backward(g_a, gl, True, xhat_l, mult_l, inv_l, indptr, col, log1p_val,
-                               g_wl_t, g_bl, g_gl, g_betal)
+        encoder_block_backward_by_gene(g_a, gl, True, xhat_l, mult_l, inv_l, gene_ptr, gene_rows, gene_vals,
+                                       g_wl_t, g_bl, g_gl, g_betal)
     return loss
 
 
