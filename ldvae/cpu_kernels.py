@@ -162,6 +162,14 @@ def digamma64(y: np.ndarray) -> np.ndarray:
     return _series64(y, True)
 
 
+@nb.njit(inline="always", **_JIT)
+def _batch_norm_update(f, batch_mean, batch_var, n, mean, var, momentum, eps, inv_std):
+    """Feature f's 1 / sqrt(batch variance + eps), and its running mean and running unbiased variance."""
+    inv_std[f] = 1.0 / math.sqrt(batch_var + eps)
+    mean[f] = (1.0 - momentum) * mean[f] + momentum * batch_mean
+    var[f] = (1.0 - momentum) * var[f] + momentum * batch_var * n / max(n - 1, 1)
+
+
 @nb.njit(**_JIT)
 def _batch_norm_statistics(h, mean, var, training, momentum, eps, inv_std):
     """nn.BatchNorm1d's statistics of h (n, F): in training the batch mean (returned) and
@@ -182,10 +190,7 @@ def _batch_norm_statistics(h, mean, var, training, momentum, eps, inv_std):
                 dv = h[i, f] - mu[f]
                 acc[f] += dv * dv
         for f in range(F):
-            batch_var = acc[f] / n
-            inv_std[f] = 1.0 / math.sqrt(batch_var + eps)
-            mean[f] = (1.0 - momentum) * mean[f] + momentum * mu[f]
-            var[f] = (1.0 - momentum) * var[f] + momentum * batch_var * n / max(n - 1, 1)
+            _batch_norm_update(f, mu[f], acc[f] / n, n, mean, var, momentum, eps, inv_std)
     else:
         for f in range(F):
             mu[f] = mean[f]
@@ -293,6 +298,136 @@ def _digamma_ratio_rare(x, theta):
     return _digamma(float(x) + theta) - _digamma(float(theta))
 
 
+@nb.njit(inline="always", **_JIT)
+def _dispersion(log_theta):
+    """theta, 1 / theta (float32, exact exp: theta also enters lgamma and digamma), min log theta."""
+    G = log_theta.shape[0]
+    theta = np.empty(G, np.float32)
+    inv_theta = np.empty(G, np.float32)
+    for g in range(G):
+        theta[g] = math.exp(log_theta[g])
+        inv_theta[g] = 1.0 / theta[g]
+    return theta, inv_theta, log_theta.min()
+
+
+@nb.njit(inline="always", **_JIT)
+def _cell_softmax(hi, mu_g, inv_std, gamma, beta, library, theta, inv_theta, log_theta, log_theta_min,
+                  xh, t, pi, spi, kbuf):
+    """A cell's rows xhat (xh, may be hi), t = BN(h), p = softmax(t) (pi) and softplus(d) =
+    log(1 + mu / theta) (spi). Returns max t, log(l / sum exp(t - max t)) and the dense
+    part of the log-likelihood, -sum theta * softplus(d)."""
+    G = hi.shape[0]
+    for g in range(G):
+        xv = (hi[g] - mu_g[g]) * inv_std[g]
+        xh[g] = xv
+        t[g] = xv * gamma[g] + beta[g]
+    tmax = _max(t, spi)
+    for g in range(G):
+        pi[g] = t[g] - tmax
+    _exp_into(pi, pi, kbuf)
+    s = 0.0
+    for g in range(G):
+        s += pi[g]
+    inv_s = f32(1.0 / s)
+    log_l_over_s = library - math.log(s)  # log(l / s)
+    if library - log_theta_min < LINEAR_LIMIT:
+        scale = f32(math.exp(library))  # l: mu = l * p
+        for g in range(G):
+            pv = pi[g] * inv_s
+            pi[g] = pv
+            spi[g] = f32(1.0) + pv * scale * inv_theta[g]  # 1 + mu / theta
+        _log_into(spi, spi, kbuf)
+    else:  # mu / theta may pass float32's range: softplus(d) from d, in float64
+        for g in range(G):
+            pi[g] *= inv_s
+            spi[g] = _softplus(t[g] - tmax + log_l_over_s - log_theta[g])
+    dense = 0.0
+    for g in range(G):
+        dense -= theta[g] * spi[g]
+    return tmax, log_l_over_s, dense
+
+
+@nb.njit(inline="always", **_JIT)
+def _cell_nonzeros_ll(t, tmax, log_l_over_s, spi, log_theta, theta, ratio, start, stop, col, val):
+    """The nonzeros' part of a cell's log-likelihood: x * log sigmoid(d) + lgamma(x + theta)
+    - lgamma(theta), with d = t - tmax + log(l / s) - log theta and log sigmoid(d) = d - softplus(d)."""
+    nz = 0.0
+    rare = 0
+    for k in range(start, stop):
+        g = col[k]
+        x = val[k]
+        d = t[g] - tmax + log_l_over_s - log_theta[g]
+        xi = min(max(int(x), 0), TABLE - 1)
+        rare += xi != x
+        nz += x * (d - spi[g]) + ratio[xi, g]
+    if rare:  # counts off the table (kept out of the loop above: 2x faster)
+        nz += _lgamma_ratio_rare(start, stop, col, val, theta, ratio)
+    return nz
+
+
+@nb.njit(inline="always", **_JIT)
+def _cell_dense_grad(gi, library, theta, inv_theta, log_theta, log_theta_min, pi, gd):
+    """dll/dd times gi for every gene as if its count were 0: -gi * theta * sigmoid(d), into
+    gd. Returns whether the cell takes the float32 path, and l."""
+    G = pi.shape[0]
+    linear = library - log_theta_min < LINEAR_LIMIT
+    scale = f32(math.exp(library)) if linear else f32(0.0)
+    if linear:
+        for g in range(G):
+            r = pi[g] * scale * inv_theta[g]  # mu / theta
+            gd[g] = -gi * theta[g] * (r / (f32(1.0) + r))
+    else:
+        for g in range(G):
+            gd[g] = -gi * theta[g] * _sigmoid(_log_mu_over_theta(pi[g], library, log_theta[g]))
+    return linear, scale
+
+
+@nb.njit(inline="always", **_JIT)
+def _cell_nonzeros_grad(gi, linear, scale, library, theta, inv_theta, log_theta, ratio, start, stop, col, val,
+                        pi, gd, grad_log_theta):
+    """The nonzeros' gradient terms: x * (1 - sigmoid(d)) into gd, and theta * (digamma(x +
+    theta) - digamma(theta)) into grad_log_theta, each times gi."""
+    for k in range(start, stop):
+        g = col[k]
+        x = float(val[k])
+        if linear:
+            r = pi[g] * scale * inv_theta[g]
+            gd[g] += gi * x / (1.0 + r)  # x * (1 - sigmoid(d))
+        else:
+            gd[g] += gi * x * _sigmoid(-_log_mu_over_theta(pi[g], library, log_theta[g]))
+        xi = min(max(int(x), 0), TABLE - 1)
+        psi = ratio[xi, g] if xi == x else _digamma_ratio_rare(x, theta[g])
+        grad_log_theta[g] += gi * theta[g] * psi
+
+
+@nb.njit(inline="always", **_JIT)
+def _cell_grad_finish(gi, theta, pi, spi, xh, gd, acc_theta, acc_beta, acc_gamma):
+    """dll/dt = dll/dd - p * dll/dlibrary into gd and the per-gene sums; returns dll/dlibrary."""
+    G = pi.shape[0]
+    gl = 0.0
+    for g in range(G):
+        gl += gd[g]
+    glf = f32(gl)
+    gif = f32(gi)
+    for g in range(G):
+        acc_theta[g] += gif * theta[g] * spi[g] + gd[g]
+        gt = gd[g] - pi[g] * glf
+        gd[g] = gt
+        acc_beta[g] += gt
+        acc_gamma[g] += gt * xh[g]
+    return gl
+
+
+@nb.njit(inline="always", **_JIT)
+def _finish_backward(grad_h, xhat, gamma, inv_std, training, acc_theta, acc_beta, acc_gamma,
+                     grad_gamma, grad_beta, grad_log_theta):
+    for g in range(grad_h.shape[1]):
+        grad_log_theta[g] -= acc_theta[g]
+        grad_beta[g] = acc_beta[g]
+        grad_gamma[g] = acc_gamma[g]
+    _batch_norm_backward(grad_h, xhat, gamma, inv_std, training, acc_beta, acc_gamma)
+
+
 @nb.njit(**_JIT)
 def bn_softmax_nb_forward(
     h, gamma, beta, mean, var, training, momentum, eps, library, log_theta, row_start, col, val,
@@ -309,59 +444,14 @@ def bn_softmax_nb_forward(
     n, G = h.shape
     kbuf = np.empty(G, np.int32)
     mu_g = _batch_norm_statistics(h, mean, var, training, momentum, eps, inv_std)
-    theta = np.empty(G, np.float32)
-    inv_theta = np.empty(G, np.float32)
-    for g in range(G):
-        theta[g] = math.exp(log_theta[g])  # exact: theta also enters lgamma and digamma
-        inv_theta[g] = 1.0 / theta[g]
+    theta, inv_theta, log_theta_min = _dispersion(log_theta)
     ratio = _lgamma_ratio_table(theta, kbuf)
-    log_theta_min = log_theta.min()
     t = np.empty(G, np.float32)
     for i in range(n):
-        xh = xhat[i]
-        pi = p[i]
-        spi = sp[i]
-        for g in range(G):
-            xv = (h[i, g] - mu_g[g]) * inv_std[g]
-            xh[g] = xv
-            t[g] = xv * gamma[g] + beta[g]
-        tmax = _max(t, spi)
-        for g in range(G):
-            pi[g] = t[g] - tmax
-        _exp_into(pi, pi, kbuf)
-        s = 0.0
-        for g in range(G):
-            s += pi[g]
-        inv_s = f32(1.0 / s)
-        log_l_over_s = library[i] - math.log(s)  # log(l / s)
-        if library[i] - log_theta_min < LINEAR_LIMIT:
-            scale = f32(math.exp(library[i]))  # l: mu = l * p
-            for g in range(G):
-                pv = pi[g] * inv_s
-                pi[g] = pv
-                spi[g] = f32(1.0) + pv * scale * inv_theta[g]  # 1 + mu / theta
-            _log_into(spi, spi, kbuf)
-        else:  # mu / theta may pass float32's range: softplus(d) from d, in float64
-            for g in range(G):
-                pi[g] *= inv_s
-                spi[g] = _softplus(t[g] - tmax + log_l_over_s - log_theta[g])
-        dense = 0.0
-        for g in range(G):
-            dense -= theta[g] * spi[g]
-        # the nonzeros: x * log sigmoid(d) + lgamma(x + theta) - lgamma(theta), with
-        # d = t - tmax + log(l / s) - log theta and log sigmoid(d) = d - softplus(d)
-        nz = 0.0
-        rare = 0
-        for k in range(row_start[i], row_start[i + 1]):
-            g = col[k]
-            x = val[k]
-            d = t[g] - tmax + log_l_over_s - log_theta[g]
-            xi = min(max(int(x), 0), TABLE - 1)
-            rare += xi != x
-            nz += x * (d - spi[g]) + ratio[xi, g]
-        if rare:  # counts off the table (kept out of the loop above: 2x faster)
-            nz += _lgamma_ratio_rare(row_start[i], row_start[i + 1], col, val, theta, ratio)
-        ll[i] = dense + nz
+        tmax, log_l_over_s, dense = _cell_softmax(h[i], mu_g, inv_std, gamma, beta, library[i], theta, inv_theta,
+                                                  log_theta, log_theta_min, xhat[i], t, p[i], sp[i], kbuf)
+        ll[i] = dense + _cell_nonzeros_ll(t, tmax, log_l_over_s, sp[i], log_theta, theta, ratio, row_start[i],
+                                          row_start[i + 1], col, val)
 
 
 @nb.njit(**_JIT)
@@ -376,60 +466,77 @@ def bn_softmax_nb_backward(
     dll/dt = dll/dd - p * dll/dlibrary; log theta gets -dll/dd and its direct terms
     -theta * softplus(d) and theta * (digamma(x + theta) - digamma(theta)) at nonzeros."""
     n, G = xhat.shape
-    theta = np.empty(G, np.float32)
-    inv_theta = np.empty(G, np.float32)
     acc_theta = np.zeros(G)  # sum_i grad_i * (theta * softplus + dll/dd), dense part
     acc_beta = np.zeros(G)
     acc_gamma = np.zeros(G)
-    for g in range(G):
-        theta[g] = math.exp(log_theta[g])
-        inv_theta[g] = 1.0 / theta[g]
-        grad_log_theta[g] = 0.0
-    log_theta_min = log_theta.min()
+    theta, inv_theta, log_theta_min = _dispersion(log_theta)
+    grad_log_theta[:] = 0.0
     ratio = _digamma_ratio_table(theta)
     for i in range(n):
-        gi = grad[i]
-        linear = library[i] - log_theta_min < LINEAR_LIMIT
-        scale = f32(math.exp(library[i])) if linear else f32(0.0)
-        pi = p[i]
-        spi = sp[i]
-        gd = grad_h[i]  # used as the row buffer for dll/dd, then dll/dt
-        if linear:
-            for g in range(G):
-                r = pi[g] * scale * inv_theta[g]  # mu / theta
-                gd[g] = -gi * theta[g] * (r / (f32(1.0) + r))
-        else:
-            for g in range(G):
-                gd[g] = -gi * theta[g] * _sigmoid(_log_mu_over_theta(pi[g], library[i], log_theta[g]))
-        for k in range(row_start[i], row_start[i + 1]):
-            g = col[k]
-            x = float(val[k])
-            if linear:
-                r = pi[g] * scale * inv_theta[g]
-                gd[g] += gi * x / (1.0 + r)  # x * (1 - sigmoid(d))
-            else:
-                gd[g] += gi * x * _sigmoid(-_log_mu_over_theta(pi[g], library[i], log_theta[g]))
-            xi = min(max(int(x), 0), TABLE - 1)
-            psi = ratio[xi, g] if xi == x else _digamma_ratio_rare(x, theta[g])
-            grad_log_theta[g] += gi * theta[g] * psi
-        gl = 0.0
-        for g in range(G):
-            gl += gd[g]
-        grad_library[i] = gl
-        glf = f32(gl)
-        gif = f32(gi)
-        xh = xhat[i]
-        for g in range(G):
-            acc_theta[g] += gif * theta[g] * spi[g] + gd[g]
-            gt = gd[g] - pi[g] * glf
-            gd[g] = gt
-            acc_beta[g] += gt
-            acc_gamma[g] += gt * xh[g]
+        gi, pi, gd = grad[i], p[i], grad_h[i]
+        linear, scale = _cell_dense_grad(gi, library[i], theta, inv_theta, log_theta, log_theta_min, pi, gd)
+        _cell_nonzeros_grad(gi, linear, scale, library[i], theta, inv_theta, log_theta, ratio, row_start[i],
+                            row_start[i + 1], col, val, pi, gd, grad_log_theta)
+        grad_library[i] = _cell_grad_finish(gi, theta, pi, sp[i], xhat[i], gd, acc_theta, acc_beta, acc_gamma)
+    _finish_backward(grad_h, xhat, gamma, inv_std, training, acc_theta, acc_beta, acc_gamma,
+                     grad_gamma, grad_beta, grad_log_theta)
+
+
+@nb.njit(**_JIT)
+def bn_softmax_nb_train(
+    h, h_sum, h_sum_sq, gamma, beta, mean, var, momentum, eps, library, log_theta, row_start, col, val, grad,
+    ll, grad_h, grad_gamma, grad_beta, grad_library, grad_log_theta,
+):
+    """``bn_softmax_nb_forward`` in training mode and ``bn_softmax_nb_backward`` for upstream
+    gradient ``grad`` in one pass over the cells: each cell's softmax and softplus rows stay
+    in cache instead of three (n, G) arrays going to memory and back. The batch statistics
+    come from h's column sums and sums of squares (float64, (G,)), which the caller adds up
+    as it writes h. Overwrites h with xhat (no longer needed by the training step)."""
+    n, G = h.shape
+    kbuf = np.empty(G, np.int32)
+    inv_std = np.empty(G, np.float32)
+    mu_g = np.empty(G, np.float32)
     for g in range(G):
-        grad_log_theta[g] -= acc_theta[g]
-        grad_beta[g] = acc_beta[g]
-        grad_gamma[g] = acc_gamma[g]
-    _batch_norm_backward(grad_h, xhat, gamma, inv_std, training, acc_beta, acc_gamma)
+        batch_mean = h_sum[g] / n
+        mu_g[g] = batch_mean
+        _batch_norm_update(g, batch_mean, max(h_sum_sq[g] / n - batch_mean * batch_mean, 0.0), n, mean, var,
+                           momentum, eps, inv_std)
+    theta, inv_theta, log_theta_min = _dispersion(log_theta)
+    lg_ratio = _lgamma_ratio_table(theta, kbuf)
+    dg_ratio = _digamma_ratio_table(theta)
+    acc_theta = np.zeros(G)
+    acc_beta = np.zeros(G)
+    acc_gamma = np.zeros(G)
+    grad_log_theta[:] = 0.0
+    t, pi, spi = np.empty(G, np.float32), np.empty(G, np.float32), np.empty(G, np.float32)
+    for i in range(n):
+        start, stop, gi, gd = row_start[i], row_start[i + 1], grad[i], grad_h[i]
+        xh = h[i]  # xhat replaces h, element by element
+        tmax, log_l_over_s, dense = _cell_softmax(h[i], mu_g, inv_std, gamma, beta, library[i], theta, inv_theta,
+                                                  log_theta, log_theta_min, xh, t, pi, spi, kbuf)
+        linear, scale = _cell_dense_grad(gi, library[i], theta, inv_theta, log_theta, log_theta_min, pi, gd)
+        if linear:  # the forward's and the backward's terms of each nonzero in one loop
+            nz = 0.0
+            rare = 0
+            for k in range(start, stop):
+                g = col[k]
+                x = val[k]
+                xi = min(max(int(x), 0), TABLE - 1)
+                rare += xi != x
+                nz += x * (t[g] - tmax + log_l_over_s - log_theta[g] - spi[g]) + lg_ratio[xi, g]
+                gd[g] += gi * x / (f32(1.0) + pi[g] * scale * inv_theta[g])
+                psi = dg_ratio[xi, g] if xi == x else _digamma_ratio_rare(float(x), theta[g])
+                grad_log_theta[g] += gi * theta[g] * psi
+            if rare:
+                nz += _lgamma_ratio_rare(start, stop, col, val, theta, lg_ratio)
+        else:
+            nz = _cell_nonzeros_ll(t, tmax, log_l_over_s, spi, log_theta, theta, lg_ratio, start, stop, col, val)
+            _cell_nonzeros_grad(gi, linear, scale, library[i], theta, inv_theta, log_theta, dg_ratio, start, stop,
+                                col, val, pi, gd, grad_log_theta)
+        ll[i] = dense + nz
+        grad_library[i] = _cell_grad_finish(gi, theta, pi, spi, xh, gd, acc_theta, acc_beta, acc_gamma)
+    _finish_backward(grad_h, h, gamma, inv_std, True, acc_theta, acc_beta, acc_gamma,
+                     grad_gamma, grad_beta, grad_log_theta)
 
 
 _GOLDEN, _MASK32, _M1, _M2 = (np.uint64(c) for c in (0x9E3779B9, 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B))

@@ -19,8 +19,7 @@ import numpy as np
 
 from .cpu_kernels import (
     _JIT,
-    bn_softmax_nb_backward,
-    bn_softmax_nb_forward,
+    bn_softmax_nb_train,
     by_gene,
     encoder_block_backward_by_gene,
     encoder_block_forward,
@@ -83,9 +82,9 @@ def _heads_backward(a, w_mean, w_var, var, g_mean, g_var, g_a, g_w_mean, g_b_mea
 
 
 @nb.njit(**_JIT)
-def _decoder_product(zc, wd_t, bd, h):
+def _decoder_product(zc, wd_t, bd, h, h_sum, h_sum_sq):
     """h = zc wd_t (+ bd): zc (n, C), wd_t (C, G), bd (G,) or empty; four columns of zc per
-    pass over a row of h."""
+    pass over a row of h. Also h's column sums and sums of squares (float64), for its batch norm."""
     n, C = zc.shape
     G = wd_t.shape[1]
     has_bias = bd.shape[0] > 0
@@ -111,6 +110,10 @@ def _decoder_product(zc, wd_t, bd, h):
             for g in range(G):
                 hi[g] += z0 * w0[g]
             c += 1
+        for g in range(G):
+            v = float(hi[g])
+            h_sum[g] += v
+            h_sum_sq[g] += v * v
 
 
 @nb.njit(**_JIT)
@@ -214,12 +217,15 @@ def train_step(
         for c in range(K, C):
             zc[i, c] = cov[i, c - K]
     h = np.empty((n, G), f32)
-    _decoder_product(zc, wd_t, bd, h)
+    h_sum, h_sum_sq = np.zeros(G), np.zeros(G)
+    _decoder_product(zc, wd_t, bd, h, h_sum, h_sum_sq)
+    # the decoder's forward and backward in one pass (its upstream gradient is -1/n per cell)
+    inv_n = 1.0 / n
     ll = np.empty(n, f32)
-    xhat_d, p, sp = np.empty((n, G), f32), np.empty((n, G), f32), np.empty((n, G), f32)
-    inv_d = np.empty(G, f32)
-    bn_softmax_nb_forward(h, gd, betad, rmd, rvd, True, mom_d, bn_eps, library, log_theta, indptr, col, val,
-                          ll, xhat_d, p, sp, inv_d)
+    g_h = np.empty((n, G), f32)
+    g_library = np.empty(n, f32)
+    bn_softmax_nb_train(h, h_sum, h_sum_sq, gd, betad, rmd, rvd, mom_d, bn_eps, library, log_theta, indptr, col,
+                        val, np.full(n, f32(-inv_n)), ll, g_h, g_gd, g_betad, g_library, g_log_theta)
 
     # --- loss ------------------------------------------------------------------------------
     total = 0.0
@@ -242,13 +248,7 @@ def train_step(
         total += float(rec[i]) + kl_weight * float(kl_z[i]) + float(kl_l[i])
     loss = total / n
 
-    # --- backward: decoder -------------------------------------------------------------------
-    inv_n = 1.0 / n
-    grad_ll = np.full(n, f32(-inv_n))
-    g_h = np.empty((n, G), f32)
-    g_library = np.empty(n, f32)
-    bn_softmax_nb_backward(grad_ll, gd, True, library, log_theta, indptr, col, val, xhat_d, p, sp, inv_d,
-                           g_h, g_gd, g_betad, g_library, g_log_theta)
+    # --- backward: decoder product -------------------------------------------------------------
     g_z = np.empty((n, K), f32)
     _decoder_product_backward(g_h, zc, wd_t, K, g_wd, g_bd, g_z)
 

@@ -254,3 +254,48 @@ def test_diverged_parameters_give_a_nonfinite_loss_not_a_hang():
     assert not worker.is_alive(), "the compiled step did not return"
     out = result["out"]
     assert not torch.isfinite(out.loss + step.grad_norm())
+
+
+@pytest.mark.parametrize("huge_library", [False, True])
+def test_decoder_train_kernel_equals_forward_then_backward(huge_library):
+    """cpu_kernels.bn_softmax_nb_train (the step's one-pass decoder) gives the outputs of
+    bn_softmax_nb_forward followed by bn_softmax_nb_backward: log-likelihoods, running
+    statistics and every gradient, off-table counts and the float64 path for huge libraries
+    included."""
+    from ldvae import cpu_kernels as ck
+
+    rng = np.random.default_rng(4)
+    n, G = 12, 50
+    h = rng.normal(size=(n, G)).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 1.5, G).astype(np.float32), rng.normal(size=G).astype(np.float32)
+    log_theta = rng.normal(size=G).astype(np.float32)
+    library = rng.uniform(5, 9, n).astype(np.float32)
+    if huge_library:
+        library[3] = 120.0  # mu / theta beyond float32
+    dense = rng.negative_binomial(1, 0.3, size=(n, G)).astype(np.float32)
+    dense[0, 1], dense[2, 3] = 45.0, 900.0  # off the tables
+    x = sp.csr_matrix(dense)
+    ptr, col, val = x.indptr.astype(np.int64), x.indices.astype(np.int64), x.data.astype(np.float32)
+    grad = rng.normal(size=n).astype(np.float32)
+
+    def outputs(G=G):
+        return dict(ll=np.empty(n, np.float32), grad_h=np.empty((n, G), np.float32),
+                    grad_gamma=np.empty(G, np.float32), grad_beta=np.empty(G, np.float32),
+                    grad_library=np.empty(n, np.float32), grad_log_theta=np.empty(G, np.float32),
+                    mean=np.zeros(G, np.float32), var=np.ones(G, np.float32))
+
+    ref, got = outputs(), outputs()
+    xhat, p, s_p = (np.empty((n, G), np.float32) for _ in range(3))
+    inv_std = np.empty(G, np.float32)
+    ck.bn_softmax_nb_forward(h, gamma, beta, ref["mean"], ref["var"], True, 0.1, 1e-3, library, log_theta, ptr,
+                             col, val, ref["ll"], xhat, p, s_p, inv_std)
+    ck.bn_softmax_nb_backward(grad, gamma, True, library, log_theta, ptr, col, val, xhat, p, s_p, inv_std,
+                              ref["grad_h"], ref["grad_gamma"], ref["grad_beta"], ref["grad_library"],
+                              ref["grad_log_theta"])
+    sums = h.astype(np.float64).sum(0), (h.astype(np.float64) ** 2).sum(0)
+    ck.bn_softmax_nb_train(h.copy(), *sums, gamma, beta, got["mean"], got["var"], 0.1, 1e-3, library, log_theta, ptr,
+                           col, val, grad, got["ll"], got["grad_h"], got["grad_gamma"], got["grad_beta"],
+                           got["grad_library"], got["grad_log_theta"])
+    assert np.isfinite(ref["ll"]).all() and np.isfinite(ref["grad_h"]).all()
+    for key in ref:
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)  # float32 rounding
