@@ -504,9 +504,9 @@ def bn_softmax_nb_train(
     theta, inv_theta, log_theta_min = _dispersion(log_theta)
     lg_ratio = _lgamma_ratio_table(theta, kbuf)
     dg_ratio = _digamma_ratio_table(theta)
-    acc_theta = np.zeros(G)
-    acc_beta = np.zeros(G)
-    acc_gamma = np.zeros(G)
+    acc_theta = np.zeros(G, np.float32)
+    acc_beta = np.zeros(G, np.float32)
+    acc_gamma = np.zeros(G, np.float32)
     grad_log_theta[:] = 0.0
     t, pi, spi = np.empty(G, np.float32), np.empty(G, np.float32), np.empty(G, np.float32)
     for i in range(n):

@@ -55,30 +55,40 @@ def _heads_backward(a, w_mean, w_var, var, g_mean, g_var, g_a, g_w_mean, g_b_mea
     heads' weights and biases. g_var is turned into the gradient of the pre-exp value."""
     n, K = g_mean.shape
     H = a.shape[1]
-    for k in range(K):
-        g_b_mean[k] = 0.0
-        g_b_var[k] = 0.0
-        for j in range(H):
-            g_w_mean[k, j] = 0.0
-            g_w_var[k, j] = 0.0
+    g_pre = np.empty((n, K), np.float32)
     for i in range(n):
+        for k in range(K):
+            g_pre[i, k] = g_var[i, k] * (var[i, k] - VAR_EPS)  # var = exp(pre) + VAR_EPS
+    for i in range(n):  # g_a = g_mean w_mean + g_pre w_var
         gai = g_a[i]
-        ai = a[i]
         for j in range(H):
             gai[j] = 0.0
         for k in range(K):
             gm = g_mean[i, k]
-            gp = g_var[i, k] * (var[i, k] - VAR_EPS)  # var = exp(pre) + VAR_EPS
-            g_b_mean[k] += gm
-            g_b_var[k] += gp
+            gp = g_pre[i, k]
             wm = w_mean[k]
             wv = w_var[k]
-            gwm = g_w_mean[k]
-            gwv = g_w_var[k]
             for j in range(H):
                 gai[j] += gm * wm[j] + gp * wv[j]
+    for k in range(K):  # the weights' gradients, a row at a time
+        gwm = g_w_mean[k]
+        gwv = g_w_var[k]
+        for j in range(H):
+            gwm[j] = 0.0
+            gwv[j] = 0.0
+        sm = np.float32(0.0)
+        sv = np.float32(0.0)
+        for i in range(n):
+            gm = g_mean[i, k]
+            gp = g_pre[i, k]
+            sm += gm
+            sv += gp
+            ai = a[i]
+            for j in range(H):
                 gwm[j] += gm * ai[j]
                 gwv[j] += gp * ai[j]
+        g_b_mean[k] = sm
+        g_b_var[k] = sv
 
 
 @nb.njit(**_JIT)
