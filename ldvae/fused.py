@@ -341,8 +341,9 @@ class StepRunner:
     def __call__(self, parts: list[Tensor], kl_weights: list[float]):
         """Train on the minibatches ``parts`` (cell indices). Returns the number of steps
         completed (fewer than len(parts) when one became non-finite; the model then holds
-        the parameters and running statistics from before it) and each step's detached
-        (reconstruction, kl_z, kl_l, loss), the failed step's included."""
+        the parameters and running statistics from before it, and ``failed_loss`` is that
+        step's loss) and, over the completed steps, the per-cell reconstruction, kl_z and kl_l
+        and the loss summed over cells."""
         m, step = self.step.module, self.step
         sizes = [len(p) for p in parts]
         bounds = torch.zeros(len(parts) + 1, dtype=torch.int64)
@@ -380,10 +381,10 @@ class StepRunner:
         self.optimizer.advance(done)
         for bn in self.norms:
             bn.num_batches_tracked.add_(done)
-        ran = min(done + 1, len(parts))
-        terms = [(rec[a:b], kl_z[a:b], kl_l[a:b], losses[j].float())
-                 for j, (a, b) in enumerate(zip(bounds[:ran].tolist(), bounds[1 : ran + 1].tolist()))]
-        return done, terms
+        self.failed_loss = losses[done].float() if done < len(parts) else None
+        cells = int(bounds[done])
+        loss_sum = (losses[:done].float().double() * (bounds[1 : done + 1] - bounds[:done])).sum()
+        return done, (rec[:cells], kl_z[:cells], kl_l[:cells], loss_sum)
 
 
 class _AllCells:

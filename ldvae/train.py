@@ -197,12 +197,13 @@ class _DeferredInterrupt:
 
 
 def _epoch_sums(per_step: list[tuple[Tensor, Tensor, Tensor, Tensor]], device) -> Tensor:
-    """Sums over an epoch's cells of reconstruction, KL, ELBO and loss (float64, (4,))."""
+    """Sums over an epoch's cells of reconstruction, KL, ELBO and loss (float64, (4,)), from
+    (per-cell reconstruction, kl_z, kl_l, loss summed over the cells) of each step or run of steps."""
     if not per_step:
         return torch.zeros(4, device=device, dtype=torch.float64)
     rec = torch.cat([s[0] for s in per_step]).double().sum()
     kl = (torch.cat([s[1] for s in per_step]).double() + torch.cat([s[2] for s in per_step]).double()).sum()
-    loss = sum(s[3].double() * s[0].shape[0] for s in per_step)
+    loss = torch.stack([s[3].double() for s in per_step]).sum()
     return torch.stack([rec, kl, rec + kl, loss])
 
 
@@ -302,7 +303,10 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
         with guard:
             for epoch in range(first_epoch, last_epoch):
                 seed = _epoch_seed(config.seed, epoch)
-                torch.manual_seed(seed)
+                if device.type == "cpu":
+                    torch.default_generator.manual_seed(seed)  # torch.manual_seed also queues CUDA seeding
+                else:
+                    torch.manual_seed(seed)
                 gen = torch.Generator(device="cpu").manual_seed(seed)
                 per_step = []  # detached per-cell terms; summed once per epoch (fewer ops per step)
                 kl_weight = 1.0
@@ -317,10 +321,11 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                     done, terms = runner(chunk, weights)
                     state.step += done
                     in_step = False
-                    per_step += terms[:done]
+                    per_step.append(terms)
                     kl_weight = weights[done - 1] if done else kl_weight
                     if done < len(chunk):  # the runner left the parameters and buffers of the last good step
-                        raise NonFiniteLossError(_nonfinite_message(module, terms[done][3], epoch, start + done, config))
+                        raise NonFiniteLossError(_nonfinite_message(module, runner.failed_loss, epoch, start + done,
+                                                                    config))
                 for i, batch in enumerate(source.train_batches(gen) if runner is None else ()):
                     if guard.requested:
                         raise KeyboardInterrupt
@@ -342,7 +347,8 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                     optimizer.step()
                     state.step += 1
                     in_step = False
-                    per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(), out.loss.detach()))
+                    per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(),
+                                     out.loss.detach().double() * out.reconstruction.shape[0]))
                 state.epoch = epoch + 1
                 sums = _epoch_sums(per_step, device)
                 if comm is not None:
