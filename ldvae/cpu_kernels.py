@@ -721,9 +721,9 @@ def encoder_block_backward(
 
 
 @nb.njit(**_JIT)
-def gather_rows(indptr, indices, values, rows, n_genes):
-    """A minibatch of CSR rows: (row_pointer (n + 1,), row, col, flat = row * n_genes + col
-    (int64, (nnz,)), val and log1p(val) (float32, (nnz,))) for the cells ``rows``."""
+def gather_nonzeros(indptr, indices, values, rows):
+    """The CSR nonzeros of cells ``rows``: row pointer (n + 1,), gene (int64), count and
+    log1p(count) (float32, exact 1 + x for counts below 2^24)."""
     n = rows.shape[0]
     ptr = np.empty(n + 1, np.int64)
     ptr[0] = 0
@@ -731,21 +731,30 @@ def gather_rows(indptr, indices, values, rows, n_genes):
         r = rows[i]
         ptr[i + 1] = ptr[i] + indptr[r + 1] - indptr[r]
     nnz = ptr[n]
-    row = np.empty(nnz, np.int64)
     col = np.empty(nnz, np.int64)
-    flat = np.empty(nnz, np.int64)
     val = np.empty(nnz, np.float32)
     for i in range(n):
         src = indptr[rows[i]]
         dst = ptr[i]
         for k in range(ptr[i + 1] - dst):
-            g = indices[src + k]
-            row[dst + k] = i
-            col[dst + k] = g
-            flat[dst + k] = i * n_genes + g
+            col[dst + k] = indices[src + k]
             val[dst + k] = values[src + k]
     log1p = np.empty(nnz, np.float32)
     for k in range(nnz):
         log1p[k] = f32(1.0) + val[k]
-    _log_into(log1p, log1p, np.empty(nnz, np.int32))  # log(1 + x): exact 1 + x for counts below 2^24
+    _log_into(log1p, log1p, np.empty(nnz, np.int32))
+    return ptr, col, val, log1p
+
+
+@nb.njit(**_JIT)
+def gather_rows(indptr, indices, values, rows, n_genes):
+    """A minibatch of CSR rows: (row_pointer (n + 1,), row, col, flat = row * n_genes + col
+    (int64, (nnz,)), val and log1p(val) (float32, (nnz,))) for the cells ``rows``."""
+    ptr, col, val, log1p = gather_nonzeros(indptr, indices, values, rows)
+    row = np.empty(col.shape[0], np.int64)
+    flat = np.empty(col.shape[0], np.int64)
+    for i in range(rows.shape[0]):
+        for k in range(ptr[i], ptr[i + 1]):
+            row[k] = i
+            flat[k] = i * n_genes + col[k]
     return ptr, row, col, flat, val, log1p

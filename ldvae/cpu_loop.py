@@ -16,36 +16,10 @@ import math
 import numba as nb
 import numpy as np
 
-from .cpu_kernels import _JIT, _log_into
+from .cpu_kernels import _JIT, gather_nonzeros
 from .cpu_step import train_step_flat
 
 f32 = np.float32
-
-
-@nb.njit(**_JIT)
-def _gather(indptr, indices, values, rows):
-    """The CSR nonzeros of cells ``rows``: row pointer (n + 1,), gene (int64), count and
-    log1p(count) (float32)."""
-    n = rows.shape[0]
-    ptr = np.empty(n + 1, np.int64)
-    ptr[0] = 0
-    for i in range(n):
-        r = rows[i]
-        ptr[i + 1] = ptr[i] + indptr[r + 1] - indptr[r]
-    nnz = ptr[n]
-    col = np.empty(nnz, np.int64)
-    val = np.empty(nnz, np.float32)
-    for i in range(n):
-        src = indptr[rows[i]]
-        dst = ptr[i]
-        for k in range(ptr[i + 1] - dst):
-            col[dst + k] = indices[src + k]
-            val[dst + k] = values[src + k]
-    log1p = np.empty(nnz, np.float32)
-    for k in range(nnz):
-        log1p[k] = f32(1.0) + val[k]
-    _log_into(log1p, log1p, np.empty(nnz, np.int32))
-    return ptr, col, val, log1p
 
 
 @nb.njit(**_JIT)
@@ -106,7 +80,7 @@ def train_steps(
     for j in range(bounds.shape[0] - 1):
         a, b = bounds[j], bounds[j + 1]
         cells = rows[a:b]
-        ptr, col, val, log1p = _gather(indptr, indices, values, cells)
+        ptr, col, val, log1p = gather_nonzeros(indptr, indices, values, cells)
         n = b - a
         lt = np.empty(n, np.float32)
         lg = np.empty(n, np.float32)
