@@ -24,11 +24,17 @@ _JIT = dict(nogil=True, fastmath=True, cache=True, error_model="numpy")
 
 @nb.njit(inline="always", **_JIT)
 def _exp_into(x, out, kbuf):
-    """out[j] = exp(x[j]) for a contiguous float32 row (x may be out): a degree-7
+    """out[j] = exp(x[j]) for a contiguous float32 row (x may be out)."""
+    _exp_shifted_into(x, f32(0.0), out, kbuf)
+
+
+@nb.njit(inline="always", **_JIT)
+def _exp_shifted_into(x, shift, out, kbuf):
+    """out[j] = exp(x[j] - shift) for a contiguous float32 row (x may be out): a degree-7
     polynomial on [-ln2/2, ln2/2] scaled by 2^k through the exponent bits."""
     ob = out.view(np.int32)
     for j in range(x.shape[0]):
-        v = min(max(x[j], f32(-87.0)), f32(88.0))
+        v = min(max(x[j] - shift, f32(-87.0)), f32(88.0))
         k = np.floor(v * f32(1.4426950408889634) + f32(0.5))
         r = v - k * f32(0.693359375) - k * f32(-2.12194440e-4)
         p = f32(1.9875691500e-4)
@@ -322,9 +328,7 @@ def _cell_softmax(hi, mu_g, inv_std, gamma, beta, library, theta, inv_theta, log
         xh[g] = xv
         t[g] = xv * gamma[g] + beta[g]
     tmax = _max(t, spi)
-    for g in range(G):
-        pi[g] = t[g] - tmax
-    _exp_into(pi, pi, kbuf)
+    _exp_shifted_into(t, tmax, pi, kbuf)
     s = 0.0
     for g in range(G):
         s += pi[g]
