@@ -190,7 +190,7 @@ def _cache_index() -> str | None:
 def _note_first_compile() -> None:
     index = _cache_index()
     if index is not None and not os.path.exists(index):
-        logger.info("Compiling ldvae's CPU training step (numba): about 15 s on first use after an install "
+        logger.info("Compiling ldvae's CPU training step (numba): about 25 s on first use after an install "
                     "or upgrade, then cached in %s.", os.path.dirname(index))
 
 
