@@ -1,9 +1,13 @@
-"""The compiled CPU path (numba kernels in ``cpu_kernels`` and ``cpu_step``), seen from torch.
+"""The compiled CPU path (numba kernels in ``cpu_kernels``, ``cpu_step`` and ``cpu_loop``),
+seen from torch.
 
 - ``TrainStep``: a whole training step (loss, every gradient, batch-norm updates) in one
   call, for the default model (NB likelihood, one dispersion per gene, normal latent, one
   hidden layer, batch norm) with float32 CPU parameters; ``train.fit`` uses it when
   ``TrainStep.for_module`` accepts the module, and autograd otherwise.
+- ``StepRunner``: runs of those steps (gather, step, finiteness check, Adam) in one call,
+  for data in memory on the CPU; ``train.fit`` uses it when ``StepRunner.for_fit`` accepts
+  the step, optimizer and source, and steps one call at a time otherwise.
 - ``bn_softmax_nb`` and ``encoder_block``: autograd functions for the decoder's batch norm +
   softmax + NB likelihood and an encoder's first block, which ``LDVAEModule`` uses on CPU
   float32 tensors (queries, and the training of models ``TrainStep`` declines).
