@@ -54,8 +54,30 @@ def _adam(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weigh
 
 
 @nb.njit(**_JIT)
+def _covariate_columns(cells, batch, n_batch, cat, cat_sizes, cont, width):
+    """The decoder's covariate inputs of cells ``cells`` (n, width), laid out as
+    ``LDVAEModule.covariate_columns``: one-hot batch (when n_batch > 1), one-hot of each
+    categorical covariate with more than one category, then the continuous ones."""
+    n = cells.shape[0]
+    cv = np.zeros((n, width), np.float32)
+    for i in range(n):
+        r = cells[i]
+        c = 0
+        if n_batch > 1:
+            cv[i, c + batch[r]] = 1.0
+            c += n_batch
+        for j in range(cat_sizes.shape[0]):
+            if cat_sizes[j] > 1:
+                cv[i, c + cat[r, j]] = 1.0
+                c += cat_sizes[j]
+        for j in range(cont.shape[1]):
+            cv[i, c + j] = cont[r, j]
+    return cv
+
+
+@nb.njit(**_JIT)
 def train_steps(
-    indptr, indices, values, log_total, lgamma_x1, batch, cov, prior_means, prior_vars,
+    indptr, indices, values, log_total, lgamma_x1, batch, cat, cat_sizes, cont, prior_means, prior_vars,
     rows, bounds, noise_z, noise_l, seeds, kl_weights, momenta,
     params, grads, offsets, dims, rmz, rvz, rml, rvl, rmd, rvd, bn_eps, rate,
     exp_avg, exp_avg_sq, adam, rec, kl_z, kl_l, losses,
@@ -63,7 +85,8 @@ def train_steps(
     """Train on minibatch j = 0, 1, ... of cells ``rows[bounds[j]:bounds[j + 1]]``.
 
     Whole-dataset inputs: the CSR counts (indptr, indices, values) and per-cell log_total,
-    lgamma_x1, batch and decoder covariate columns ``cov`` (n_cells, C - K).
+    lgamma_x1, batch code, categorical covariate codes ``cat`` (n_cells, len(cat_sizes)) and
+    continuous covariates ``cont`` (the decoder's one-hot columns are made per minibatch).
     Per step j: noise rows bounds[j]:bounds[j + 1] of noise_z (cells, K) and noise_l,
     dropout seeds ``seeds[j]`` (z, l), ``kl_weights[j]`` and batch-norm ``momenta[j]``
     (z, l, decoder). ``adam``: (lr, beta1, beta2, eps, weight_decay, steps taken so far).
@@ -85,14 +108,12 @@ def train_steps(
         lt = np.empty(n, np.float32)
         lg = np.empty(n, np.float32)
         bt = np.empty(n, np.int64)
-        cv = np.empty((n, cov.shape[1]), np.float32)
         for i in range(n):
             r = cells[i]
             lt[i] = log_total[r]
             lg[i] = lgamma_x1[r]
             bt[i] = batch[r]
-            for c in range(cov.shape[1]):
-                cv[i, c] = cov[r, c]
+        cv = _covariate_columns(cells, batch, prior_means.shape[0], cat, cat_sizes, cont, dims[3] - dims[2])
         for s in range(6):
             saved[s][:] = live[s]
         loss = train_step_flat(

@@ -325,12 +325,15 @@ class StepRunner:
         m = step.module
         self.step, self.optimizer = step, optimizer
         self.norms = step.norms  # z, decoder[, l]
-        cov = m.covariate_columns(_AllCells(data))
-        cov = data.values.new_zeros(data.n_cells, 0) if cov is None else cov.float().contiguous()
-        self.arrays = tuple(t.numpy() for t in (
-            data.indptr, data.indices, data.values, data.log_total, data.lgamma_x1, data.batch, cov,
-            m.library_log_means, m.library_log_vars))
-        self._keep = cov  # the arrays above are views of it
+        n = data.n_cells
+        cat = np.zeros((n, 0), np.int64) if data.cat_covs is None else data.cat_covs.numpy()
+        cont = np.zeros((n, 0), np.float32) if data.cont_covs is None else data.cont_covs.numpy()
+        self.arrays = (
+            *(t.numpy() for t in (data.indptr, data.indices, data.values, data.log_total, data.lgamma_x1,
+                                  data.batch)),
+            cat, np.asarray(m.config.n_cats_per_cov, np.int64).reshape(-1), cont,
+            m.library_log_means.numpy(), m.library_log_vars.numpy(),
+        )
         self.rate_z = float(m.z_encoder.trunk[3].p)
         self.rate_l = None if m.l_encoder is None else float(m.l_encoder.trunk[3].p)
 
@@ -391,13 +394,6 @@ class StepRunner:
         cells = int(bounds[done])
         loss_sum = (losses[:done].float().double() * (bounds[1 : done + 1] - bounds[:done])).sum()
         return done, (rec[:cells], kl_z[:cells], kl_l[:cells], loss_sum)
-
-
-class _AllCells:
-    """Every cell's covariates, shaped as a CountBatch for ``LDVAEModule.covariate_columns``."""
-
-    def __init__(self, data):
-        self.batch, self.cat_covs, self.cont_covs = data.batch, data.cat_covs, data.cont_covs
 
 
 def _momenta(bn: nn.BatchNorm1d, steps: int) -> Tensor:

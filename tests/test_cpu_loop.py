@@ -40,7 +40,7 @@ def _fit(module, data, monkeypatch, runner: bool, **config):
     original = cpu_loop.train_steps
 
     def spy(*args):
-        calls.append(len(args[10]) - 1)  # steps asked of this call
+        calls.append(len(args[12]) - 1)  # steps asked of this call (argument 12: bounds)
         return original(*args)
 
     with monkeypatch.context() as m:
