@@ -681,7 +681,8 @@ def _encoder_grad_pre(grad, gamma, training, xhat, mult, inv_std, grad_bias, gra
 @nb.njit(**_JIT)
 def _weight_grad_by_gene(gy, ptr, rows, vals, grad_weight_t):
     """grad_weight_t[g] = sum over gene g's nonzeros of vals * gy[rows] (each row of the
-    gradient written once, four cells per pass)."""
+    gradient written once, four cells per pass). The loop has ``_sparse_product``'s shape;
+    one shared helper with its eight rows per pass made the training step 5 % slower."""
     H = gy.shape[1]
     for g in range(grad_weight_t.shape[0]):
         a = grad_weight_t[g]

@@ -136,11 +136,12 @@ def _stamp_caches() -> None:
     kernel in cpu_kernels.py would leave the cached cpu_step/cpu_loop functions that inline it
     stale. Key every cached function of the three files on all three."""
     import hashlib
+    import sys
     from pathlib import Path
 
     from . import cpu_kernels, cpu_step
 
-    modules = (cpu_kernels, cpu_step, __import__(__name__, fromlist=["_"]))
+    modules = (cpu_kernels, cpu_step, sys.modules[__name__])
     digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
     for module in modules:
         for obj in vars(module).values():

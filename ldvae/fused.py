@@ -349,9 +349,9 @@ class StepRunner:
     def __call__(self, parts: list[Tensor], kl_weights: list[float]):
         """Train on the minibatches ``parts`` (cell indices). Returns the number of steps
         completed (fewer than len(parts) when one became non-finite; the model then holds
-        the parameters and running statistics from before it, and ``failed_loss`` is that
-        step's loss) and, over the completed steps, the per-cell reconstruction, kl_z and kl_l
-        and the loss summed over cells."""
+        the parameters and running statistics from before it); over the completed steps, the
+        per-cell reconstruction, kl_z and kl_l and the loss summed over cells; and the loss of
+        the step that became non-finite (None when all completed)."""
         m, step = self.step.module, self.step
         sizes = [len(p) for p in parts]
         bounds = torch.zeros(len(parts) + 1, dtype=torch.int64)
@@ -390,10 +390,10 @@ class StepRunner:
         self.optimizer.advance(done)
         for bn in self.norms:
             bn.num_batches_tracked.add_(done)
-        self.failed_loss = losses[done].float() if done < len(parts) else None
+        failed_loss = losses[done].float() if done < len(parts) else None
         cells = int(bounds[done])
         loss_sum = (losses[:done].float().double() * (bounds[1 : done + 1] - bounds[:done])).sum()
-        return done, (rec[:cells], kl_z[:cells], kl_l[:cells], loss_sum)
+        return done, (rec[:cells], kl_z[:cells], kl_l[:cells], loss_sum), failed_loss
 
 
 def _momenta(bn: nn.BatchNorm1d, steps: int) -> Tensor:

@@ -310,45 +310,47 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                 gen = torch.Generator(device="cpu").manual_seed(seed)
                 per_step = []  # detached per-cell terms; summed once per epoch (fewer ops per step)
                 kl_weight = 1.0
-                parts = source.epoch_rows(gen) if runner is not None else []
-                for start in range(0, len(parts), runner.chunk if runner is not None else 1):
-                    if guard.requested:
-                        raise KeyboardInterrupt
-                    chunk = parts[start : start + runner.chunk]
-                    weights = [_kl_weight(state.step + j, state.warmup_steps) for j in range(len(chunk))]
-                    torch._foreach_copy_(last_good_buffers, buffers)
-                    in_step = True
-                    done, terms = runner(chunk, weights)
-                    state.step += done
-                    in_step = False
-                    per_step.append(terms)
-                    kl_weight = weights[done - 1] if done else kl_weight
-                    if done < len(chunk):  # the runner left the parameters and buffers of the last good step
-                        raise NonFiniteLossError(_nonfinite_message(module, runner.failed_loss, epoch, start + done,
-                                                                    config))
-                for i, batch in enumerate(source.train_batches(gen) if runner is None else ()):
-                    if guard.requested:
-                        raise KeyboardInterrupt
-                    kl_weight = _kl_weight(state.step, state.warmup_steps)
-                    torch._foreach_copy_(last_good_buffers, buffers)
-                    in_step = True
-                    if compiled_step is not None:  # the same loss and gradients, one compiled call
-                        out = compiled_step(batch, kl_weight)
-                    else:
-                        out = module.loss(batch, kl_weight)
-                        optimizer.zero_grad(set_to_none=True)
-                        out.loss.backward()
-                    if comm is not None:
-                        comm.sync(params, buffers)
-                    norm = _grad_norm(params) if compiled_step is None else compiled_step.grad_norm()
-                    if not bool(torch.isfinite(out.loss + norm)):
-                        torch._foreach_copy_(buffers, last_good_buffers)
-                        raise NonFiniteLossError(_nonfinite_message(module, out.loss, epoch, i, config))
-                    optimizer.step()
-                    state.step += 1
-                    in_step = False
-                    per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(),
-                                     out.loss.detach().double() * out.reconstruction.shape[0]))
+                if runner is not None:  # runs of up to runner.chunk steps, one compiled call each
+                    parts = source.epoch_rows(gen)
+                    for start in range(0, len(parts), runner.chunk):
+                        if guard.requested:
+                            raise KeyboardInterrupt
+                        chunk = parts[start : start + runner.chunk]
+                        weights = [_kl_weight(state.step + j, state.warmup_steps) for j in range(len(chunk))]
+                        torch._foreach_copy_(last_good_buffers, buffers)
+                        in_step = True
+                        done, terms, failed_loss = runner(chunk, weights)
+                        state.step += done
+                        in_step = False
+                        per_step.append(terms)
+                        kl_weight = weights[done - 1] if done else kl_weight
+                        if failed_loss is not None:  # the runner left the parameters and buffers of the last good step
+                            raise NonFiniteLossError(
+                                _nonfinite_message(module, failed_loss, epoch, start + done, config))
+                else:
+                    for i, batch in enumerate(source.train_batches(gen)):
+                        if guard.requested:
+                            raise KeyboardInterrupt
+                        kl_weight = _kl_weight(state.step, state.warmup_steps)
+                        torch._foreach_copy_(last_good_buffers, buffers)
+                        in_step = True
+                        if compiled_step is not None:  # the same loss and gradients, one compiled call
+                            out = compiled_step(batch, kl_weight)
+                        else:
+                            out = module.loss(batch, kl_weight)
+                            optimizer.zero_grad(set_to_none=True)
+                            out.loss.backward()
+                        if comm is not None:
+                            comm.sync(params, buffers)
+                        norm = _grad_norm(params) if compiled_step is None else compiled_step.grad_norm()
+                        if not bool(torch.isfinite(out.loss + norm)):
+                            torch._foreach_copy_(buffers, last_good_buffers)
+                            raise NonFiniteLossError(_nonfinite_message(module, out.loss, epoch, i, config))
+                        optimizer.step()
+                        state.step += 1
+                        in_step = False
+                        per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(),
+                                         out.loss.detach().double() * out.reconstruction.shape[0]))
                 state.epoch = epoch + 1
                 sums = _epoch_sums(per_step, device)
                 if comm is not None:
