@@ -89,6 +89,10 @@ def test_compiled_step_equals_module_loss_backward(case):
             assert float(p.grad.abs().max()) < 1e-5 * weight_scale, name
             continue
         scale = float(want.abs().max()) + 1e-3
+        if name.endswith(".bias") and name.replace("bias", "weight") in ref_grads:
+            # a bias gradient sums per-cell terms that can cancel: bound its rounding by their size,
+            # which the matching weight gradient shows, not by the (possibly tiny) sum
+            scale = max(scale, 0.05 * float(ref_grads[name.replace("bias", "weight")].abs().max()))
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=2e-5 * scale, msg=name)
     for name, value in _state(module).items():  # running statistics, batches tracked, parameters
         torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=1e-6, msg=name)
