@@ -116,8 +116,8 @@ def atomic_write_h5ad(adata, path: str | os.PathLike, **dataset_kwargs) -> None:
 
 
 class _FirstError:
-    """A file for h5py that keeps the first write error and then discards writes, so that
-    HDF5 can still close the file (on a failed write it otherwise floods stderr with
+    """An unbuffered file for h5py that keeps the first write error and then discards writes,
+    so that HDF5 can still close the file (on a failed write it otherwise floods stderr with
     errors from every open object and may crash at exit)."""
 
     def __init__(self, file):
@@ -125,26 +125,21 @@ class _FirstError:
         self.error: OSError | None = None
 
     def write(self, data) -> int:
-        if self.error is None:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while self.error is None and len(view):
             try:
-                return self._file.write(data)
+                view = view[self._file.write(view):]  # h5py ignores short writes: finish them here
             except OSError as err:
                 self.error = err
-        return len(data)
+        return size
 
-    def flush(self) -> None:
-        if self.error is None:
-            try:
-                self._file.flush()
-            except OSError as err:
-                self.error = err
-
-    def __getattr__(self, name):  # read, seek, tell, truncate
+    def __getattr__(self, name):  # read, seek, tell, truncate, flush
         return getattr(self._file, name)
 
 
 def _open_binary(path: Path):
-    return open(path, "w+b")
+    return open(path, "w+b", buffering=0)
 
 
 def write_h5ad(adata, path: str | os.PathLike, **dataset_kwargs) -> None:

@@ -426,16 +426,17 @@ def check_option(name: str, value, *, integer: bool = False, minimum: float | No
     if ok:
         return
     what = "an integer" if integer else "a finite number"
+    lo, hi = (f"{b:g}" if isinstance(b, float) else str(b) for b in (minimum, maximum))
     if minimum == 0 and exclusive and maximum is None:
         constraint = f"a positive {'integer' if integer else 'finite number'}"
     elif integer and minimum == 1 and maximum is None:
         constraint = "a positive integer"
     elif minimum is not None and maximum is not None:
-        constraint = f"{what} in {'(' if exclusive else '['}{minimum:g}, {maximum:g}]"
+        constraint = f"{what} in {'(' if exclusive else '['}{lo}, {hi}]"
     elif minimum is not None:
-        constraint = f"{what} {'>' if exclusive else '>='} {minimum:g}"
+        constraint = f"{what} {'>' if exclusive else '>='} {lo}"
     elif maximum is not None:
-        constraint = f"{what} <= {maximum:g}"
+        constraint = f"{what} <= {hi}"
     else:
         constraint = what
     flag = flag or "--" + name.replace("_", "-")
