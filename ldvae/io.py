@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import shutil
@@ -67,8 +66,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)
         if is_disk_full(err) and not isinstance(err, DiskFullError):
-            raise DiskFullError(f"No space left on the device holding {path.parent} while writing {path.name}.",
-                                path) from err
+            raise DiskFullError(f"No space left on device while writing {path}.", path) from err
         raise
     _fsync_dir(path.parent)
 
@@ -103,11 +101,8 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    # Serialized in memory first: torch's zip writer reports a full disk as a bare RuntimeError.
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
+        torch.save(obj, tmp)
 
 
 def atomic_write_h5ad(adata, path: str | os.PathLike, **dataset_kwargs) -> None:
