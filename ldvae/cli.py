@@ -3,7 +3,8 @@
 Every option is a parameter of the Python function it calls, spelled with dashes
 (``--n-top-genes`` → ``n_top_genes``). Bad input ends the command with exit status 1
 and one line on stderr (``--traceback`` shows the full error instead); usage errors
-exit with status 2 (argparse).
+exit with status 2 (argparse). Ctrl-C ends it with status 130, SIGTERM and SIGHUP with
+128 + the signal's number, each with one line, after the same clean-up as an error.
 
 Subcommands register themselves: a function ``add(subparsers)`` that adds one parser
 and sets ``handler`` (a function of the parsed arguments returning the exit status)
@@ -18,8 +19,11 @@ with ``parser.set_defaults(handler=...)``. Add one with :func:`register_subcomma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 from . import __version__
@@ -180,6 +184,39 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(text).split()) or type(err).__name__
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is so that it unwinds (and cleans up) as
+    after Ctrl-C. A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    takes it for an error."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _terminate(signum, frame) -> None:
+    for s in _STOP_SIGNALS:  # one is enough: let the clean-up finish
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """While active (main thread only), SIGTERM and SIGHUP raise :class:`Terminated`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _terminate) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ldvae`` console script; returns the exit status."""
     parser = build_parser()
@@ -196,10 +233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     try:
-        return args.handler(args)
+        with _stop_signals_raise():
+            return args.handler(args)
     except KeyboardInterrupt:
         print("ldvae: interrupted; no output directory was written.", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"ldvae: stopped by {signal.Signals(stop.signum).name}; no output directory was written.",
+              file=sys.stderr)
+        return 128 + stop.signum
     except Exception as err:  # bad input of any kind: one clear line, unless asked for more
         if args.traceback:
             raise

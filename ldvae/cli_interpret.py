@@ -14,10 +14,17 @@ from pathlib import Path
 from .cli import HelpFormatter, register_subcommand
 
 
-def _out_dir(path: str, overwrite: bool) -> Path:
+def _check_out_dir(path: str, overwrite: bool) -> Path:
+    """Refuse a non-empty ``--out-dir`` without ``--overwrite``, before any work."""
     d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise FileExistsError(f"--out-dir {d} exists and is not a directory. Choose another --out-dir.")
     if d.exists() and any(d.iterdir()) and not overwrite:
         raise FileExistsError(f"--out-dir {d} exists and is not empty. Choose another or pass --overwrite.")
+    return d
+
+
+def _out_dir(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -93,8 +100,16 @@ def _handle_factors(args: argparse.Namespace) -> int:
     from .interpret import covariate_effects, factor_deviance, ordered_loadings, plot_covariate_effects, plot_deviance
     from .interpret_report import interpretation_sections
 
+    from .workflow import check_option
+
+    for name in ("min_size", "max_size", "n_top"):
+        check_option(name, getattr(args, name), integer=True, minimum=1)
+    if args.max_size < args.min_size:
+        raise ValueError(f"max_size (--max-size) must be at least min_size (--min-size), got {args.max_size} "
+                         f"< {args.min_size}.")
+    d = _check_out_dir(args.out_dir, args.overwrite)
     model = _load_model(args.model_dir, args.adata, args.accelerator)
-    d = _out_dir(args.out_dir, args.overwrite)
+    _out_dir(d)
     deviance = factor_deviance(model)
     _write(d, "deviance.csv", deviance)
     _write(d, "ordered_loadings.csv", ordered_loadings(model, deviance).rename_axis("gene"))
@@ -144,6 +159,22 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "cuda"), default="auto", help="compute device")
 
 
+def _check_fit_options(args: argparse.Namespace) -> Path:
+    """The options of ``_fit_options`` (and the output directory), before any work."""
+    from .workflow import MAX_SEED, check_option
+
+    check_option("n_top_genes", args.n_top_genes, integer=True, minimum=0)
+    for seed in args.seeds:
+        check_option("seeds", seed, integer=True, minimum=0, maximum=MAX_SEED)
+    for name in ("n_jobs", "max_epochs"):
+        if getattr(args, name) is not None:
+            check_option(name, getattr(args, name), integer=True, minimum=1)
+    check_option("lr", args.lr, minimum=0, exclusive=True)
+    check_option("batch_size", args.batch_size, integer=True, minimum=1)
+    check_option("threshold", args.threshold, minimum=0, exclusive=True, maximum=1)
+    return _check_out_dir(args.out_dir, args.overwrite)
+
+
 def _prepared(args: argparse.Namespace):
     from .model import LinearSCVI
     from .readers import read_counts
@@ -181,12 +212,16 @@ def _handle_stability(args: argparse.Namespace) -> int:
     from .interpret_report import stability_section
     from .stability import factor_stability, fit_seeds, plot_stability
 
+    from .workflow import check_option
+
+    d = _check_fit_options(args)
+    check_option("n_latent", args.n_latent, integer=True, minimum=1)
     adata, train_kwargs = _prepared(args)
-    d = _out_dir(args.out_dir, args.overwrite)
     models = fit_seeds(adata, args.seeds, n_jobs=args.n_jobs, train_kwargs=train_kwargs,
                        n_latent=args.n_latent, gene_likelihood=args.gene_likelihood)
     result = factor_stability(models, threshold=args.threshold,
                               rotation=None if args.rotation == "none" else args.rotation)
+    _out_dir(d)
     _write(d, "stability.csv", result.factors)
     _write(d, "matches.csv", result.matches)
     _write(d, "consensus_loadings.csv", result.consensus.rename_axis("gene"))
@@ -221,11 +256,17 @@ def _handle_select_k(args: argparse.Namespace) -> int:
     from .interpret_report import select_k_section
     from .stability import plot_select_k, select_k
 
+    from .workflow import check_option
+
+    d = _check_fit_options(args)
+    for k in args.n_latents:
+        check_option("n_latents", k, integer=True, minimum=1)
+    check_option("n_mc_samples", args.n_mc_samples, integer=True, minimum=1)
     adata, train_kwargs = _prepared(args)
-    d = _out_dir(args.out_dir, args.overwrite)
     table = select_k(adata, args.n_latents, seeds=args.seeds, n_jobs=args.n_jobs, train_kwargs=train_kwargs,
                      threshold=args.threshold, n_mc_samples=args.n_mc_samples,
                      gene_likelihood=args.gene_likelihood)
+    _out_dir(d)
     _write(d, "select_k.csv", table)
     _save_figure(plot_select_k(table), d, "select_k.png")
     print(table.to_string(float_format="{:.3f}".format))

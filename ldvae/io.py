@@ -1,37 +1,72 @@
 """Files: every file the package writes goes to a temporary name beside its final
-name and is renamed into place, so a crash never leaves a truncated file there."""
+name and is renamed into place, so a crash never leaves a truncated file there.
+
+A full disk surfaces as one :class:`DiskFullError` naming the file, whatever wrote it
+(HDF5, torch, matplotlib). Temporary directories carry their owner's process id in
+their name, so that a later run can remove those of processes that died
+(:func:`owned_dir_name`, :func:`sweep_stale`) and never touch a live run's.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+class OutputError(OSError):
+    """An output cannot be written where asked; the message says where, why and what to do."""
+
+
+class DiskFullError(OutputError):
+    """The file system ran out of space (or quota) while writing ``path``."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` reports a full disk or quota (h5py and torch raise it without an errno)."""
+    if isinstance(err, DiskFullError):
+        return True
+    if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        return True
+    return isinstance(err, (OSError, RuntimeError)) and any(t in str(err) for t in _DISK_FULL_TEXT)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an unused temporary path beside ``path`` for the caller to write; on success
     flush it to disk and rename it to ``path``, on any failure (KeyboardInterrupt too)
-    remove it.
+    remove it. A full disk raises :class:`DiskFullError`.
 
     The temporary file is created by the writer, so it gets the usual permissions (umask);
     ``os.replace`` is atomic on POSIX and Windows, so ``path`` holds either the old or the
     complete new content, never a part.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp_path
         _fsync(tmp_path)
         os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(f"No space left on device while writing {path}.", path) from err
         raise
     _fsync_dir(path.parent)
 
@@ -70,6 +105,106 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
-def atomic_write_h5ad(adata, path: str | os.PathLike) -> None:
+def atomic_write_h5ad(adata, path: str | os.PathLike, **dataset_kwargs) -> None:
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        write_h5ad(adata, tmp, **dataset_kwargs)
+
+
+class _FirstError:
+    """An unbuffered file for h5py that keeps the first write error and then discards writes,
+    so that HDF5 can still close the file (on a failed write it otherwise floods stderr with
+    errors from every open object and may crash at exit)."""
+
+    def __init__(self, file):
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while self.error is None and len(view):
+            try:
+                view = view[self._file.write(view):]  # h5py ignores short writes: finish them here
+            except OSError as err:
+                self.error = err
+        return size
+
+    def __getattr__(self, name):  # read, seek, tell, truncate, flush
+        return getattr(self._file, name)
+
+
+def _open_binary(path: Path):
+    return open(path, "w+b", buffering=0)
+
+
+def write_h5ad(adata, path: str | os.PathLike, **dataset_kwargs) -> None:
+    """``adata.write_h5ad(path, **dataset_kwargs)``, except that a failed write raises its
+    ``OSError`` once and cleanly (``path`` is then incomplete; the caller removes it)."""
+    import h5py
+
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+
+    # as AnnData.write_h5ad does, so that the file reads back the same
+    adata.strings_to_categoricals()
+    if adata.raw is not None:
+        adata.strings_to_categoricals(adata.raw.var)
+    with _open_binary(Path(path)) as raw:
+        sink = _FirstError(raw)
+        try:
+            with h5py.File(sink, "w") as f:
+                write_elem(f, "/", adata, dataset_kwargs=dict(dataset_kwargs))
+        except Exception:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+        if sink.error is not None:
+            raise sink.error
+
+
+# --- temporary directories of a process ---------------------------------------------------------
+
+
+def owned_dir_name(stem: str) -> str:
+    """``<stem><pid>-<random>``: a temporary directory name that says which process owns it."""
+    return f"{stem}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner(name: str, stem: str) -> int | None:
+    pid = name[len(stem):].partition("-")[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale(directory: str | os.PathLike, stem: str) -> list[Path]:
+    """Remove the entries ``<stem><pid>-*`` of ``directory`` whose process ``pid`` is no
+    longer running (left by a run that was killed); returns what was removed. Entries
+    without a process id in their name are left alone."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(stem)]
+    except OSError:
+        return removed
+    for name in names:
+        entry = Path(directory) / name
+        pid = _owner(name, stem)
+        if pid is None or _alive(pid):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        if not entry.exists():
+            removed.append(entry)
+    return removed

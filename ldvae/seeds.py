@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+FITS_DIR_STEM = "ldvae-fits-"
+
 
 def _fit_one(adata, model_kwargs: dict, train_kwargs: dict, seed: int) -> LinearSCVI:
     from .model import LinearSCVI, settings
@@ -39,7 +43,16 @@ def _fit_one(adata, model_kwargs: dict, train_kwargs: dict, seed: int) -> Linear
     finally:
         settings.seed = previous
     model.train(**{**train_kwargs, "seed": int(seed), "progress_bar": False})
+    if model.train_state_.interrupted:  # Ctrl-C stops the fits, not only this one
+        raise KeyboardInterrupt
     return model
+
+
+def _exit_with(parent: int) -> None:
+    """Exit when the process ``parent`` is gone (killed): nobody would read the result."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _worker_main(directory: str, jobs: list[int]) -> None:
@@ -47,6 +60,9 @@ def _worker_main(directory: str, jobs: list[int]) -> None:
     one after another (one interpreter start and one read of the data for all of them)."""
     import anndata
 
+    # Ctrl-C is the parent's to handle: it stops the workers (they run in their own session).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     d = Path(directory)
     adata = None
     for job in jobs:
@@ -112,7 +128,7 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
     # Fresh interpreters started by path, not multiprocessing: no fork of torch's thread
     # pools, and scripts need no `if __name__ == "__main__"` guard. Worker w fits jobs
     # w, w + n_jobs, ... (fits of one call cost about the same).
-    with tempfile.TemporaryDirectory(prefix="ldvae-fits-") as tmp:
+    with _fits_dir() as tmp:
         d = Path(tmp)
         _write_jobs(d, adata, jobs, train_kwargs, threads)
         env = _worker_env(threads)
@@ -131,6 +147,14 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
         return [_rebuild(adata, kw, d / f"result{i}.pt") for i, (kw, _) in enumerate(jobs)]
 
 
+def _fits_dir() -> tempfile.TemporaryDirectory:
+    """The workers' files; named by this process's id, so a later run removes them if it is killed."""
+    from .io import sweep_stale
+
+    sweep_stale(tempfile.gettempdir(), FITS_DIR_STEM)
+    return tempfile.TemporaryDirectory(prefix=f"{FITS_DIR_STEM}{os.getpid()}-")
+
+
 def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict, threads: int) -> None:
     specs = []
     for kw, seed in jobs:
@@ -142,7 +166,9 @@ def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict
                 f"model and training arguments must be plain values (numbers, strings, lists, dicts) to "
                 f"reach worker processes ({err}); pass n_jobs=1 to fit in this process."
             ) from err
-    adata.write_h5ad(d / "adata.h5ad")
+    from .io import write_h5ad
+
+    write_h5ad(adata, d / "adata.h5ad")
     for i, text in enumerate(specs):
         (d / f"job{i}.json").write_text(text, encoding="utf-8")
 
@@ -157,13 +183,21 @@ def _worker_env(threads: int) -> dict:
 def _launch(d: Path, share: list[int], env: dict) -> subprocess.Popen:
     code = f"from ldvae.seeds import _worker_main; _worker_main({str(d)!r}, {share!r})"
     with open(d / f"worker{share[0]}.log", "wb") as log:
-        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
+        # A session of its own: a terminal's Ctrl-C or hang-up reaches the parent only,
+        # which then stops the workers itself (see _kill).
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log,
+                                start_new_session=True)
 
 
 def _check_exit(d: Path, jobs: list[tuple[dict, int]], share: list[int], proc: subprocess.Popen) -> None:
     if proc.returncode != 0:
         # the failed fit is the worker's first job without a result
         i = next((j for j in share if not (d / f"result{j}.pt").exists()), share[-1])
+        if proc.returncode < 0:  # killed from outside (e.g. out of memory), not a failed fit
+            raise RuntimeError(
+                f"The worker process fitting seed {jobs[i][1]} was killed by "
+                f"{signal.Signals(-proc.returncode).name}. Pass n_jobs=1 to fit in this process."
+            )
         lines = (d / f"worker{share[0]}.log").read_text(errors="replace").strip().splitlines()
         raise RuntimeError(
             f"The fit of seed {jobs[i][1]} ({jobs[i][0]}) failed in its worker process (exit code "
@@ -203,7 +237,7 @@ class BackgroundFits:
         self._adata = adata
         self._jobs = [(dict(model_kwargs), s) for s in _check_seeds(seeds, 1)]
         train_kwargs = dict(train_kwargs or {})
-        self._tmp = tempfile.TemporaryDirectory(prefix="ldvae-fits-")
+        self._tmp = _fits_dir()
         self._dir = Path(self._tmp.name)
         self._procs: list[subprocess.Popen] = []
         try:

@@ -4,22 +4,25 @@
 public functions too (:func:`prepare`, :func:`fit`, :func:`interpret`,
 :func:`write_outputs`), so a notebook can run them one by one.
 
-The output directory is built under a temporary name beside it and renamed into
-place only when every file is written: a failed or interrupted run leaves nothing
-at ``out_dir`` (and an existing ``out_dir`` is replaced only with ``overwrite=True``).
+The output directory is built under a temporary name beside it (created before any
+work, so an unwritable place fails at once) and renamed into place only when every file
+is written: a failed or interrupted run leaves nothing at ``out_dir``. An existing
+``out_dir`` is replaced only with ``overwrite=True``, and only if it holds nothing but an
+earlier run's outputs (see :func:`check_out_dir`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence, Union
+from typing import Callable, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -27,7 +30,17 @@ import scipy.sparse as sp
 
 from . import __version__
 from .data import SetupError, get_counts, validate_counts
-from .io import atomic_path, atomic_write_text
+from .io import (
+    DiskFullError,
+    OutputError,
+    atomic_path,
+    atomic_write_h5ad,
+    atomic_write_json,
+    atomic_write_text,
+    is_disk_full,
+    owned_dir_name,
+    sweep_stale,
+)
 from .model import LinearSCVI
 from .plotting import (
     latent_pairs,
@@ -89,7 +102,7 @@ def _torch_threads(n: int | None):
 
     before = torch.get_num_threads()
     if n is not None:
-        _check_positive("n_threads", n)
+        check_option("n_threads", n, integer=True, minimum=1)
         torch.set_num_threads(n)
     try:
         yield
@@ -132,9 +145,8 @@ def prepare(
             f"batch_key={batch_key!r} is not a column of adata.obs (columns: "
             f"{', '.join(map(repr, adata.obs.columns[:10])) or 'none'})."
         )
-    _check_positive("n_top_genes", n_top_genes)
-    if not target_sum > 0:
-        raise SetupError(f"target_sum must be positive, got {target_sum!r}.")
+    check_option("n_top_genes", n_top_genes, integer=True, minimum=1)
+    check_option("target_sum", target_sum, minimum=0, exclusive=True)
     counts = sp.csr_matrix(counts, dtype=np.float32)
     detected = int((counts.getnnz(axis=0) > 0).sum())
     if n_top_genes > detected:
@@ -347,8 +359,7 @@ def write_outputs(
     model.save(d / "model", overwrite=True)
     files["model"] = d / "model"
     files["results.h5ad"] = d / "results.h5ad"
-    with atomic_path(files["results.h5ad"]) as tmp:
-        adata.write_h5ad(tmp, compression="gzip")  # raw (all genes) and counts compress ~4x
+    atomic_write_h5ad(adata, files["results.h5ad"], compression="gzip")  # raw (all genes) and counts compress ~4x
 
     extra = [s(model, adata) if callable(s) else s for s in report_sections]
     source = adata.uns.get("source")
@@ -395,21 +406,162 @@ def _stability_plain(result: StabilityResult, seeds: Sequence[int]) -> dict:
 # --- the whole workflow ------------------------------------------------------------------------
 
 
-def _check_positive(name: str, value, kind=int) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer) if kind is int else (int, float))
-    if not ok or value <= 0:
-        raise SetupError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}.")
+def check_option(name: str, value, *, integer: bool = False, minimum: float | None = None,
+                 exclusive: bool = False, maximum: float | None = None, flag: str | None = None) -> None:
+    """Raise SetupError unless ``value`` is a finite number (an integer with ``integer=True``)
+    at least ``minimum`` (above it with ``exclusive=True``) and at most ``maximum``.
+
+    The message names the option (``name``, and its command-line ``flag``, by default
+    ``--`` and the name with dashes), the constraint and the value received.
+    """
+    if integer:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if exclusive else value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if ok:
+        return
+    what = "an integer" if integer else "a finite number"
+    lo, hi = (f"{b:g}" if isinstance(b, float) else str(b) for b in (minimum, maximum))
+    if minimum == 0 and exclusive and maximum is None:
+        constraint = f"a positive {'integer' if integer else 'finite number'}"
+    elif integer and minimum == 1 and maximum is None:
+        constraint = "a positive integer"
+    elif minimum is not None and maximum is not None:
+        constraint = f"{what} in {'(' if exclusive else '['}{lo}, {hi}]"
+    elif minimum is not None:
+        constraint = f"{what} {'>' if exclusive else '>='} {lo}"
+    elif maximum is not None:
+        constraint = f"{what} <= {hi}"
+    else:
+        constraint = what
+    flag = flag or "--" + name.replace("_", "-")
+    raise SetupError(f"{name} must be {constraint}, got {value!r} ({flag}).")
 
 
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """``out_dir`` as a Path; raises FileExistsError when it exists and ``overwrite`` is False."""
-    path = Path(out_dir)
-    if path.exists() and not overwrite:
+#: The file that marks a directory as written by run_workflow, with the list of what it holds.
+OUTPUT_MARKER = ".ldvae-output.json"
+MAX_SEED = 2**32 - 1  # numpy's RandomState (UMAP, Leiden) takes seeds below 2**32
+
+
+def _refuse(path: Path, why: str) -> None:
+    raise OutputError(f"Refusing to replace {str(path)!r} (--overwrite): {why}. "
+                      f"Choose a new --out-dir, e.g. {str(path / 'ldvae_out')!r}.")
+
+
+def _within(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, inputs: Sequence = ()) -> Path:
+    """``out_dir`` as a Path, if the workflow may write it.
+
+    A new directory is fine. An existing one needs ``overwrite=True``, and is then replaced
+    only if it is empty or holds nothing but what an earlier run wrote there (recorded in
+    its ``.ldvae-output.json``); never the file system root, the home or current
+    directory, a mount point, a symbolic link, or a directory holding one of ``inputs``
+    (paths the run reads). Raises FileExistsError or :class:`~ldvae.io.OutputError`.
+    """
+    path = Path(out_dir).expanduser()
+    if not os.path.lexists(path):
+        return path
+    if not overwrite:
         raise FileExistsError(f"Output directory {str(path)!r} already exists. Pass --overwrite (overwrite=True) "
                               "to replace it, or choose another --out-dir.")
-    if path.exists() and not path.is_dir():
+    if path.is_symlink():
+        _refuse(path, "it is a symbolic link")
+    if not path.is_dir():
         raise FileExistsError(f"Output path {str(path)!r} exists and is not a directory.")
+    real = path.resolve()
+    if real.parent == real:
+        _refuse(path, "it is the root of the file system")
+    if real == Path.home().resolve():
+        _refuse(path, "it is your home directory")
+    if _within(Path.cwd().resolve(), real):
+        _refuse(path, "it is, or holds, the current directory")
+    if os.path.ismount(real):
+        _refuse(path, "it is a mount point")
+    for item in inputs:
+        if item is not None and _within(Path(item).expanduser().resolve(), real):
+            _refuse(path, f"it holds the input {str(item)!r}")
+    entries = _entries(real)
+    if next(entries, None) is None:
+        return path
+    try:
+        written = set(json.loads((real / OUTPUT_MARKER).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        _refuse(path, f"it is not empty and was not written by ldvae (no {OUTPUT_MARKER} in it)")
+    foreign = next((e for e in _entries(real) if e not in written and e != OUTPUT_MARKER), None)
+    if foreign is not None:
+        _refuse(path, f"it holds files that ldvae did not write (first: {foreign!r})")
     return path
+
+
+def _entries(directory: Path) -> Iterator[str]:
+    """Relative paths (POSIX) of everything under ``directory``, lazily; links not followed."""
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            yield Path(os.path.relpath(os.path.join(root, name), directory)).as_posix()
+
+
+def _staging_dir(out_dir: Path) -> tuple[Path, list[Path]]:
+    """Create the directory the outputs are written into (renamed to ``out_dir`` at the end)
+    now, so that an unwritable place fails before any work; also the missing parents of
+    ``out_dir``, returned (deepest first) so that a failed run can remove them again."""
+    parent = Path(os.path.abspath(out_dir)).parent
+    made = []
+    p = parent
+    while not p.exists() and p.parent != p:
+        made.append(p)
+        p = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / owned_dir_name(f".{out_dir.name}.partial-")
+        staging.mkdir()
+    except OSError as err:
+        _remove_empty(made)
+        if is_disk_full(err):
+            raise DiskFullError(f"No space left on the device holding {parent}; nothing was written. "
+                                "Free some space or choose another --out-dir.", parent) from err
+        raise OutputError(f"Cannot write the output directory {str(out_dir)!r}: creating a directory in "
+                          f"{str(parent)!r} failed ({err.strerror or err}). Choose another --out-dir.") from err
+    return staging, made
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for d in directories:  # deepest first
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _mark_output(staging: Path) -> None:
+    written = sorted(_entries(staging))
+    atomic_write_json(staging / OUTPUT_MARKER, {"written_by": f"ldvae {__version__}", "files": written})
+
+
+def _check_workflow_options(options: dict) -> None:
+    """Every numeric option of :func:`run_workflow`, before any work."""
+    for name in ("n_top_genes", "n_latent", "max_epochs", "batch_size", "check_val_every_n_epoch"):
+        check_option(name, options[name], integer=True, minimum=1)
+    check_option("n_neighbors", options["n_neighbors"], integer=True, minimum=2)
+    check_option("n_top_loadings", options["n_top_loadings"], integer=True, minimum=1)
+    for name in ("target_sum", "lr", "leiden_resolution"):
+        check_option(name, options[name], minimum=0, exclusive=True)
+    check_option("umap_min_dist", options["umap_min_dist"], minimum=0, maximum=1)  # UMAP's spread is 1
+    if options["n_threads"] is not None:
+        check_option("n_threads", options["n_threads"], integer=True, minimum=1)
+    check_option("stability_seeds", options["stability_seeds"], integer=True, minimum=0)
+    check_option("seed", options["seed"], integer=True, minimum=0, maximum=MAX_SEED - options["stability_seeds"])
+    if options["n_top_loadings"] > options["n_top_genes"]:
+        raise SetupError(f"n_top_loadings={options['n_top_loadings']} is more than the {options['n_top_genes']} "
+                         "genes modelled (n_top_genes); ask for at most that many (--n-top-loadings).")
+    bad = [f for f in options["figure_formats"] if f not in FIGURE_FORMATS]
+    if bad:
+        raise SetupError(f"figure_formats: {bad[0]!r} is not one of {FIGURE_FORMATS}.")
 
 
 def run_workflow(
@@ -453,7 +605,9 @@ def run_workflow(
         An AnnData of raw counts (not modified), or a count file / 10x directory for
         :func:`ldvae.readers.read_counts` (with ``backup_url``, ``cache_dir``, ``sha256``).
     out_dir, overwrite
-        Output directory; an existing one is replaced only with ``overwrite=True``.
+        Output directory; an existing one is replaced only with ``overwrite=True``, and
+        only if it is empty or holds nothing but an earlier run's outputs (see
+        :func:`check_out_dir`).
     layer
         Where the raw counts are (default ``X``).
     batch_key
@@ -499,125 +653,126 @@ def run_workflow(
     import anndata
 
     started = time.perf_counter()
-    out_dir = check_out_dir(out_dir, overwrite)
-    for name in ("n_top_genes", "n_latent", "max_epochs", "batch_size", "check_val_every_n_epoch",
-                 "n_neighbors", "n_top_loadings"):
-        _check_positive(name, locals()[name])
-    for name in ("target_sum", "lr", "leiden_resolution"):
-        _check_positive(name, locals()[name], kind=float)
-    if n_threads is not None:
-        _check_positive("n_threads", n_threads)
-    if isinstance(stability_seeds, bool) or not isinstance(stability_seeds, (int, np.integer)) or stability_seeds < 0:
-        raise SetupError(f"stability_seeds must be a non-negative integer (0: no refits), got {stability_seeds!r}.")
-    bad = [f for f in figure_formats if f not in FIGURE_FORMATS]
-    if bad:
-        raise SetupError(f"figure_formats: {bad[0]!r} is not one of {FIGURE_FORMATS}.")
-
-    if isinstance(adata_or_path, anndata.AnnData):
-        raw, input_name = adata_or_path, "AnnData in memory"
-    else:
-        raw = read_counts(adata_or_path, backup_url=backup_url, cache_dir=cache_dir, sha256=sha256,
-                          progress_bar=progress_bar)
-        input_name = str(adata_or_path) if adata_or_path is not None else str(backup_url)
-    missing = [c for c in color_by if c not in raw.obs.columns]
-    if missing:
-        raise SetupError(f"color_by={missing[0]!r} is not a column of adata.obs "
-                         f"(columns: {', '.join(map(repr, raw.obs.columns[:10])) or 'none'}).")
-    if raw.n_obs <= n_neighbors:
-        raise SetupError(f"n_neighbors={n_neighbors} needs more cells than that; the data has {raw.n_obs}.")
-
-    import torch
-
-    with _torch_threads(n_threads):
-        with _keep_torch_threads():
-            adata = prepare(raw, layer=layer, target_sum=target_sum, n_top_genes=n_top_genes,
-                            hvg_flavor=hvg_flavor, batch_key=batch_key)
-        train = dict(max_epochs=max_epochs, lr=lr, batch_size=batch_size,
-                     check_val_every_n_epoch=check_val_every_n_epoch, accelerator=accelerator)
-        extra_seeds = [seed + i for i in range(1, stability_seeds + 1)]
-        background = None
-        if extra_seeds and not uses_gpu(accelerator):
-            # Started before the main fit so that they run beside it on the other cores.
-            LinearSCVI.setup_anndata(adata, layer="counts", batch_key=batch_key)
-            background = BackgroundFits(adata, extra_seeds, train_kwargs=train, n_latent=n_latent,
-                                        gene_likelihood=gene_likelihood)
-        with background or contextlib.nullcontext():
-            t0 = time.perf_counter()
-            # An explicit n_threads holds for training too (it otherwise picks its own count).
-            model = fit(adata, batch_key=batch_key, n_latent=n_latent, gene_likelihood=gene_likelihood, seed=seed,
-                        progress_bar=progress_bar, threads=n_threads, **train)
-            train_seconds = time.perf_counter() - t0
-            with _keep_torch_threads():
-                interpret(model, adata, n_neighbors=n_neighbors, umap_min_dist=umap_min_dist,
-                          leiden_resolution=leiden_resolution, seed=seed)
-            stability = None
-            if extra_seeds:
-                t0 = time.perf_counter()
-                refits = background.result() if background is not None else fit_seeds(
-                    adata, extra_seeds, train_kwargs=train, n_latent=n_latent, gene_likelihood=gene_likelihood)
-                stability = factor_stability([model, *refits], reference=0)
-                logger.info("%d of %d factors reproducible across %d seeds (waited %.1f s for the refits)",
-                            int(stability.factors["stable"].sum()), n_latent, stability_seeds + 1,
-                            time.perf_counter() - t0)
-
-        hist = model.history
-        lib = np.asarray(adata.layers["counts"].sum(axis=1)).ravel()
-        raw_lib = np.asarray(get_counts(raw, layer).sum(axis=1)).ravel()
-        data = {
-            "input": input_name,
-            "cells": int(adata.n_obs),
-            "genes in input": int(raw.n_vars),
-            "highly variable genes modelled": int(adata.n_vars),
-            "cells dropped (no counts in the selected genes)": int(raw.n_obs - adata.n_obs),
-            "median counts per cell (all genes)": float(np.median(raw_lib)),
-            "median counts per cell (modelled genes)": float(np.median(lib)),
-            "batches": int(adata.obs[batch_key].nunique()) if batch_key else 1,
-            "Leiden clusters": int(adata.obs["leiden"].nunique()),
-        }
-        if isinstance(raw.uns.get("source"), str):
-            data["source"] = raw.uns["source"]
-        settings = {
-            "counts": f"layers[{layer!r}]" if layer else "X",
-            "batch_key": batch_key or "none",
-            "target_sum": float(target_sum),
-            "hvg_flavor": hvg_flavor,
-            "n_top_genes": int(n_top_genes),
-            "n_latent": int(n_latent),
-            "gene_likelihood": gene_likelihood,
-            "max_epochs": int(max_epochs),
-            "epochs trained": int(model.train_state_.epoch),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "check_val_every_n_epoch": int(check_val_every_n_epoch),
-            "seed": int(seed),
-            "device": str(model.device),
-            "torch CPU threads": int(torch.get_num_threads()),
-            "training time (s)": round(train_seconds, 1),
-            "final elbo_train": float(hist["elbo_train"].iloc[-1, 0]) if "elbo_train" in hist else float("nan"),
-            "final elbo_validation": float(hist["elbo_validation"].iloc[-1, 0]) if "elbo_validation" in hist
-            else float("nan"),
-            "stability_seeds": int(stability_seeds),
-            "n_neighbors": int(n_neighbors),
-            "umap_min_dist": float(umap_min_dist),
-            "leiden_resolution": float(leiden_resolution),
-            "ldvae version": __version__,
-        }
-        adata.uns[WORKFLOW_KEY] = {"settings": settings, "data": data, "history": _history_plain(hist)}
-        if stability is not None:
-            adata.uns[WORKFLOW_KEY]["stability"] = _stability_plain(stability, [seed, *extra_seeds])
-        if isinstance(raw.uns.get("source"), dict):
-            adata.uns["source"] = dict(raw.uns["source"])
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent.resolve()))
+    _check_workflow_options(locals())
+    inputs = [] if isinstance(adata_or_path, anndata.AnnData) else [adata_or_path, cache_dir]
+    out_dir = check_out_dir(out_dir, overwrite, inputs=inputs)
+    target = Path(os.path.abspath(out_dir))
+    for kind in ("partial", "old"):  # left by runs that were killed
+        sweep_stale(target.parent, f".{target.name}.{kind}-")
+    staging, made = _staging_dir(out_dir)
     try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the output directory should not be
+        if isinstance(adata_or_path, anndata.AnnData):
+            raw, input_name = adata_or_path, "AnnData in memory"
+        else:
+            raw = read_counts(adata_or_path, backup_url=backup_url, cache_dir=cache_dir, sha256=sha256,
+                              progress_bar=progress_bar)
+            input_name = str(adata_or_path) if adata_or_path is not None else str(backup_url)
+        missing = [c for c in color_by if c not in raw.obs.columns]
+        if missing:
+            raise SetupError(f"color_by={missing[0]!r} is not a column of adata.obs "
+                             f"(columns: {', '.join(map(repr, raw.obs.columns[:10])) or 'none'}).")
+        if raw.n_obs <= n_neighbors:
+            raise SetupError(f"n_neighbors={n_neighbors} needs more cells than that; the data has {raw.n_obs}.")
+
+        import torch
+
+        with _torch_threads(n_threads):
+            with _keep_torch_threads():
+                adata = prepare(raw, layer=layer, target_sum=target_sum, n_top_genes=n_top_genes,
+                                hvg_flavor=hvg_flavor, batch_key=batch_key)
+            if n_top_loadings > adata.n_vars:
+                raise SetupError(f"n_top_loadings={n_top_loadings} is more than the {adata.n_vars} genes "
+                                 "selected to model; ask for at most that many (--n-top-loadings).")
+            train = dict(max_epochs=max_epochs, lr=lr, batch_size=batch_size,
+                         check_val_every_n_epoch=check_val_every_n_epoch, accelerator=accelerator)
+            extra_seeds = [seed + i for i in range(1, stability_seeds + 1)]
+            background = None
+            if extra_seeds and not uses_gpu(accelerator):
+                # Started before the main fit so that they run beside it on the other cores.
+                LinearSCVI.setup_anndata(adata, layer="counts", batch_key=batch_key)
+                background = BackgroundFits(adata, extra_seeds, train_kwargs=train, n_latent=n_latent,
+                                            gene_likelihood=gene_likelihood)
+            with background or contextlib.nullcontext():
+                t0 = time.perf_counter()
+                # An explicit n_threads holds for training too (it otherwise picks its own count).
+                model = fit(adata, batch_key=batch_key, n_latent=n_latent, gene_likelihood=gene_likelihood,
+                            seed=seed, progress_bar=progress_bar, threads=n_threads, **train)
+                if model.train_state_.interrupted:  # Ctrl-C: training stopped early, at a step boundary
+                    raise KeyboardInterrupt
+                train_seconds = time.perf_counter() - t0
+                with _keep_torch_threads():
+                    interpret(model, adata, n_neighbors=n_neighbors, umap_min_dist=umap_min_dist,
+                              leiden_resolution=leiden_resolution, seed=seed)
+                stability = None
+                if extra_seeds:
+                    t0 = time.perf_counter()
+                    refits = background.result() if background is not None else fit_seeds(
+                        adata, extra_seeds, train_kwargs=train, n_latent=n_latent, gene_likelihood=gene_likelihood)
+                    stability = factor_stability([model, *refits], reference=0)
+                    logger.info("%d of %d factors reproducible across %d seeds (waited %.1f s for the refits)",
+                                int(stability.factors["stable"].sum()), n_latent, stability_seeds + 1,
+                                time.perf_counter() - t0)
+
+            hist = model.history
+            lib = np.asarray(adata.layers["counts"].sum(axis=1)).ravel()
+            raw_lib = np.asarray(get_counts(raw, layer).sum(axis=1)).ravel()
+            data = {
+                "input": input_name,
+                "cells": int(adata.n_obs),
+                "genes in input": int(raw.n_vars),
+                "highly variable genes modelled": int(adata.n_vars),
+                "cells dropped (no counts in the selected genes)": int(raw.n_obs - adata.n_obs),
+                "median counts per cell (all genes)": float(np.median(raw_lib)),
+                "median counts per cell (modelled genes)": float(np.median(lib)),
+                "batches": int(adata.obs[batch_key].nunique()) if batch_key else 1,
+                "Leiden clusters": int(adata.obs["leiden"].nunique()),
+            }
+            if isinstance(raw.uns.get("source"), str):
+                data["source"] = raw.uns["source"]
+            settings = {
+                "counts": f"layers[{layer!r}]" if layer else "X",
+                "batch_key": batch_key or "none",
+                "target_sum": float(target_sum),
+                "hvg_flavor": hvg_flavor,
+                "n_top_genes": int(n_top_genes),
+                "n_latent": int(n_latent),
+                "gene_likelihood": gene_likelihood,
+                "max_epochs": int(max_epochs),
+                "epochs trained": int(model.train_state_.epoch),
+                "lr": float(lr),
+                "batch_size": int(batch_size),
+                "check_val_every_n_epoch": int(check_val_every_n_epoch),
+                "seed": int(seed),
+                "device": str(model.device),
+                "torch CPU threads": int(torch.get_num_threads()),
+                "training time (s)": round(train_seconds, 1),
+                "final elbo_train": float(hist["elbo_train"].iloc[-1, 0]) if "elbo_train" in hist else float("nan"),
+                "final elbo_validation": float(hist["elbo_validation"].iloc[-1, 0]) if "elbo_validation" in hist
+                else float("nan"),
+                "stability_seeds": int(stability_seeds),
+                "n_neighbors": int(n_neighbors),
+                "umap_min_dist": float(umap_min_dist),
+                "leiden_resolution": float(leiden_resolution),
+                "ldvae version": __version__,
+            }
+            adata.uns[WORKFLOW_KEY] = {"settings": settings, "data": data, "history": _history_plain(hist)}
+            if stability is not None:
+                adata.uns[WORKFLOW_KEY]["stability"] = _stability_plain(stability, [seed, *extra_seeds])
+            if isinstance(raw.uns.get("source"), dict):
+                adata.uns["source"] = dict(raw.uns["source"])
         staged = write_outputs(model, adata, staging, n_top_loadings=n_top_loadings, color_by=list(color_by),
                                figure_formats=figure_formats, title=title or f"LDVAE report: {input_name}",
                                report_sections=report_sections, stability=stability)
-        _move_into_place(staging, out_dir, overwrite)
-    except BaseException:
+        _mark_output(staging)
+        _move_into_place(staging, out_dir, overwrite, inputs)
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(made)
+        if is_disk_full(err):
+            name = err.path.name if isinstance(err, DiskFullError) else "the outputs"
+            raise DiskFullError(f"No space left on the device holding {str(out_dir)!r} while writing {name}; "
+                                "nothing was written. Free some space or choose another --out-dir.",
+                                target) from err
         raise
     files = {k: out_dir / v.relative_to(staging) for k, v in staged.items()}
     logger.info("workflow finished in %.1f s; report: %s", time.perf_counter() - started, files["report"])
@@ -625,13 +780,19 @@ def run_workflow(
                           top_genes=top_genes(loadings_frame(adata), n_top_loadings), stability=stability)
 
 
-def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished staging directory to ``out_dir``; an old one is removed only after."""
-    if out_dir.exists():
-        check_out_dir(out_dir, overwrite)
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent.resolve()))
-        os.replace(out_dir, trash / "old")
+def _move_into_place(staging: Path, out_dir: Path, overwrite: bool, inputs: Sequence = ()) -> None:
+    """Rename the finished staging directory to ``out_dir``; an old one (checked again, as it
+    may have changed during the run) is moved aside first and removed only after."""
+    if not os.path.lexists(out_dir):
         os.replace(staging, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
+        return
+    check_out_dir(out_dir, overwrite, inputs=inputs)
+    target = Path(os.path.abspath(out_dir))
+    trash = target.parent / owned_dir_name(f".{target.name}.old-")
+    os.replace(out_dir, trash)
+    try:
         os.replace(staging, out_dir)
+    except BaseException:
+        os.replace(trash, out_dir)  # put the old one back
+        raise
+    shutil.rmtree(trash, ignore_errors=True)

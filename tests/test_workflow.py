@@ -158,7 +158,7 @@ def test_stability_of_the_workflow_factors(finished):
 
 
 def test_stability_seeds_must_be_a_count(counts_adata, tmp_path):
-    match = r"stability_seeds must be a non-negative integer \(0: no refits\), got -1"
+    match = r"stability_seeds must be an integer >= 0, got -1 \(--stability-seeds\)"
     with pytest.raises(ldvae.SetupError, match=match):
         workflow.run_workflow(counts_adata, out_dir=tmp_path / "o", stability_seeds=-1, **FAST)
     assert list(tmp_path.iterdir()) == []
@@ -203,16 +203,16 @@ def test_loadings_frame_needs_results(counts_adata):
 
 def test_refuses_to_overwrite_and_replaces_when_asked(counts_adata, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
+    workflow.run_workflow(counts_adata, out_dir=out, **FAST)
+    (out / "report.html").write_text("old report")
     with pytest.raises(FileExistsError, match="already exists. Pass --overwrite"):
         workflow.run_workflow(counts_adata, out_dir=out, **FAST)
-    assert (out / "keep.txt").exists()
+    assert (out / "report.html").read_text() == "old report"
     workflow.run_workflow(counts_adata, out_dir=out, overwrite=True, report_sections=[
         ("Extra pair", "<p>pair-section</p>"),
         lambda model, adata: ("From a function", f"<p>{model.init_params_['n_latent']} factors</p>"),
     ], **FAST)
-    assert not (out / "keep.txt").exists() and (out / "report.html").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     html = (out / "report.html").read_text()
     assert "<h2>Extra pair</h2><p>pair-section</p>" in html
     assert "<h2>From a function</h2><p>4 factors</p>" in html
@@ -234,7 +234,7 @@ def test_bad_options_fail_before_any_work(counts_adata, tmp_path):
         workflow.run_workflow(counts_adata, out_dir=tmp_path / "o", figure_formats=("jpg",), **FAST)
     with pytest.raises(ldvae.SetupError, match=r"color_by='cell_type' is not a column of adata.obs"):
         workflow.run_workflow(counts_adata, out_dir=tmp_path / "o", color_by=["cell_type"], **FAST)
-    with pytest.raises(ldvae.SetupError, match=r"lr must be a positive number, got -1"):
+    with pytest.raises(ldvae.SetupError, match=r"lr must be a positive finite number, got -1 \(--lr\)"):
         workflow.run_workflow(counts_adata, out_dir=tmp_path / "o", **{**FAST, "lr": -1})
     assert list(tmp_path.iterdir()) == []
 
