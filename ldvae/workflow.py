@@ -245,8 +245,9 @@ def _explain_loess_failure(counts, batches, batch_key: str | None, hvg_flavor: s
             where = "the cells" if batch_key is None else f"batch {name!r} of batch_key={batch_key!r} ({n} cells)"
             raise SetupError(
                 f"hvg_flavor={hvg_flavor!r}: the loess fit of gene variance on gene mean failed for {where}: "
-                f"too many genes share the same mean ({_one_line_error(fit_err)}). Merge small batches, leave out "
-                "batch_key (--batch-key), or pass hvg_flavor='seurat' (--hvg-flavor seurat)."
+                f"too many genes share the same mean, as rare genes in few cells do ({_one_line_error(fit_err)}). "
+                "Drop rare genes first (sc.pp.filter_genes(adata, min_cells=10)), merge small batches, leave "
+                "out batch_key (--batch-key), or pass hvg_flavor='seurat' (--hvg-flavor seurat)."
             ) from err
 
 
