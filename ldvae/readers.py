@@ -288,22 +288,38 @@ def check_file(path: str | os.PathLike, fmt: str, *, name: str | None = None) ->
         except Exception as err:  # h5py raises OSError, KeyError, ... on damaged files
             return f"not readable as HDF5: {_describe_start(path)}{' '.join(str(err).split())[:120]}"
         return f"no top-level {missing[0]!r} group" if missing else None
-    if name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as fh:
-                head = fh.read(1024)
-                while fh.read(1 << 20):
-                    pass
-        except (OSError, EOFError, zlib.error) as err:
-            return f"not a complete gzip stream: {_describe_start(path)}{' '.join(str(err).split())[:120]}"
-    else:
-        with open(path, "rb") as fh:
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
             head = fh.read(1024)
-    start = head.lstrip()[:15].lower()
-    if start.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
-        return f"it is an HTML/XML page starting {head.lstrip()[:40]!r}, e.g. an error or login page"
-    if fmt == "mtx" and not head.startswith(b"%%MatrixMarket"):
-        return f"no Matrix Market header; it starts {head[:40]!r}"
+            start = head.lstrip()[:15].lower()
+            if start.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+                return f"it is an HTML/XML page starting {head.lstrip()[:40]!r}, e.g. an error or login page"
+            if fmt == "mtx" and not head.startswith(b"%%MatrixMarket"):
+                return f"no Matrix Market header; it starts {head[:40]!r}"
+            fh.seek(0)
+            return _check_lines(fh, fmt)
+    except (OSError, EOFError, zlib.error) as err:
+        return f"not a complete gzip stream: {_describe_start(path)}{' '.join(str(err).split())[:120]}"
+
+
+def _check_lines(fh, fmt: str) -> str | None:
+    """Read a text file to its end: a Matrix Market file has the entries its size line
+    announces; a csv file ends in a whole line with as many fields as its header."""
+    if fmt == "mtx":
+        lines = (line for line in fh if not line.startswith(b"%") and line.strip())
+        size = next(lines, b"").split()
+        n_lines = sum(1 for _ in lines)
+        expected = int(size[2]) if len(size) == 3 else int(size[0]) * int(size[1]) if len(size) == 2 else None
+        if expected is not None and n_lines != expected:
+            return f"{n_lines} entries of the {expected} its size line announces"
+        return None
+    first = fh.readline()
+    last = first
+    for line in fh:
+        last = line
+    if not last.endswith(b"\n") or last.count(b",") != first.count(b","):
+        return f"its last line is cut short ({last[-40:]!r})"
     return None
 
 

@@ -167,3 +167,194 @@ def test_cli_loess_failure_in_a_small_batch_names_it(tmp_path):
                      r"'small' of batch_key='plate' \(20 cells\): too many genes share the same mean.*Drop rare genes first",
                      line), line
     assert _digest(path) == digest and sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+# --- downloads ----------------------------------------------------------------------------------
+
+
+class _Server:
+    """Serves ``files`` (name -> bytes) on 127.0.0.1 without Content-Length (the body ends when
+    the connection closes). ``mode[name]``: "cut" sends half the bytes, "html" an HTML error
+    page with status 200, "stall" the first 64 kB and then waits for ``release``."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.mode: dict[str, str] = {}
+        self.release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                body = server.files[name]
+                mode = server.mode.get(name)
+                if mode == "html":
+                    body = b"<!DOCTYPE html><html><body><h1>Service unavailable</h1></body></html>"
+                self.send_response(200)
+                self.end_headers()
+                if mode == "stall":
+                    self.wfile.write(body[: 1 << 16])
+                    self.wfile.flush()
+                    server.release.wait(60)
+                    return
+                self.wfile.write(body[: len(body) // 2] if mode == "cut" else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = _Server()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def payloads(tmp_path_factory) -> dict[str, bytes]:
+    """The same counts as .h5ad, .csv.gz, .csv and .mtx."""
+    import scipy.io
+
+    d = tmp_path_factory.mktemp("payloads")
+    adata = _counts(100, 30)
+    adata.write_h5ad(d / "x.h5ad")
+    with gzip.open(d / "x.csv.gz", "wt") as fh:
+        adata.to_df().to_csv(fh)
+    adata.to_df().to_csv(d / "x.csv")
+    scipy.io.mmwrite(d / "x.mtx", adata.X)
+    return {suffix: (d / f"x{suffix}").read_bytes() for suffix in (".h5ad", ".csv.gz", ".csv", ".mtx")}
+
+
+def _files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".csv.gz", ".csv", ".mtx"])
+@pytest.mark.parametrize("mode", ["cut", "html"])
+def test_bad_download_is_not_cached_and_a_later_good_one_is(server, payloads, tmp_path, suffix, mode):
+    name = f"{mode}{suffix}"
+    server.files[name] = payloads[suffix]
+    server.mode[name] = mode
+    (tmp_path / "keep.txt").write_text("mine")
+    target = tmp_path / "cache" / "sub" / name
+    expected = {".h5ad": r"not readable as HDF5", ".csv.gz": r"not a complete gzip stream",
+                ".csv": r"its last line is cut short", ".mtx": r"\d+ entries of the \d+ its size line announces"}
+    if mode == "html":
+        expected = dict.fromkeys(expected, r"HTML")
+    with pytest.raises(ReadError, match=rf"^Download of {re.escape(server.url)}/{name} is not a complete \w+ file "
+                                        rf"\(.*{expected[suffix]}.*\)\. Nothing was kept; check the URL"):
+        read_counts(target, backup_url=f"{server.url}/{name}", progress_bar=False)
+    assert _files_under(tmp_path) == ["keep.txt"]  # no file, no temporary, no folder made for it
+    server.mode.pop(name)  # the server is fixed
+    adata = read_counts(target, backup_url=f"{server.url}/{name}", progress_bar=False)
+    assert adata.shape == (100, 30) and target.is_file()
+
+
+def test_cut_file_is_refused_by_its_checksum(server, payloads, tmp_path):
+    server.files["sum.mtx"] = payloads[".mtx"]
+    server.mode["sum.mtx"] = "cut"
+    digest = hashlib.sha256(payloads[".mtx"]).hexdigest()
+    with pytest.raises(ReadError, match=rf"has SHA-256 [0-9a-f]{{64}}, expected {digest}\. Nothing was kept"):
+        download(f"{server.url}/sum.mtx", tmp_path / "a" / "sum.mtx", sha256=digest, progress_bar=False)
+    assert _files_under(tmp_path) == []
+
+
+def test_cached_copy_that_fails_the_checksum_is_downloaded_again(server, payloads, tmp_path, caplog):
+    server.files["good.h5ad"] = payloads[".h5ad"]
+    target = tmp_path / "good.h5ad"
+    target.write_bytes(b"<html>old poisoned copy</html>")
+    digest = hashlib.sha256(payloads[".h5ad"]).hexdigest()
+    adata = read_counts(target, backup_url=f"{server.url}/good.h5ad", sha256=digest, progress_bar=False)
+    assert adata.shape == (100, 30) and _digest(target) == digest
+    assert re.search(rf"has SHA-256 [0-9a-f]{{64}}, expected {digest}; downloading it again", caplog.text)
+    # without a checksum, a cached copy that is not a complete file of its format is fetched again too
+    target.write_bytes(payloads[".h5ad"][:5000])
+    assert read_counts(target, backup_url=f"{server.url}/good.h5ad", progress_bar=False).shape == (100, 30)
+    assert _digest(target) == digest and _files_under(tmp_path) == ["good.h5ad"]
+
+
+def test_local_file_with_wrong_checksum_is_refused(payloads, tmp_path):
+    path = tmp_path / "mine.h5ad"
+    path.write_bytes(payloads[".h5ad"])
+    with pytest.raises(ReadError, match=r"'.*mine.h5ad' has SHA-256 [0-9a-f]{64}, expected 0{64}\. Pass the file"):
+        read_counts(path, sha256="0" * 64)
+    assert path.read_bytes() == payloads[".h5ad"]
+
+
+def test_failed_download_removes_only_the_folders_it_made(server, tmp_path):
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(ReadError, match=r"HTTP 404|failed"):
+        download(f"{server.url}/absent.h5ad", tmp_path / "existing" / "new" / "deeper" / "x.h5ad",
+                 progress_bar=False)
+    assert _files_under(tmp_path) == ["existing"]
+
+
+def test_interrupt_during_download_leaves_nothing(server, payloads, tmp_path, monkeypatch):
+    """An exception of any kind (as SIGTERM becomes under the CLI) raised while reading the
+    response removes the temporary file and the folders made for it."""
+    import http.client
+
+    server.files["big.h5ad"] = payloads[".h5ad"]
+    read = http.client.HTTPResponse.read
+
+    def read_then_stop(self, *args):
+        if any(p.suffix == ".tmp" for p in (tmp_path / "new").glob(".*")):
+            raise SystemExit(143)
+        return read(self, *args)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read", read_then_stop)
+    with pytest.raises(SystemExit):
+        download(f"{server.url}/big.h5ad", tmp_path / "new" / "big.h5ad", progress_bar=False)
+    assert _files_under(tmp_path) == []
+
+
+def test_sigterm_during_download_leaves_nothing(server, payloads, tmp_path):
+    """A child process whose SIGTERM handler raises SystemExit (as the CLI's does) is stopped
+    while the server stalls mid-body: no temporary file, no folder made for it."""
+    server.files["slow.h5ad"] = payloads[".h5ad"] * 4
+    server.mode["slow.h5ad"] = "stall"
+    target = tmp_path / "made" / "slow.h5ad"
+    code = textwrap.dedent(f"""
+        import signal, sys
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+        from ldvae.readers import download
+        download({server.url + '/slow.h5ad'!r}, {str(target)!r}, progress_bar=False)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(target.parent.glob(".slow.h5ad.*.tmp")):  # opened once the headers came
+            assert time.monotonic() < deadline and child.poll() is None, child.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.2)  # into the read of the stalled body
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(60) == 143
+    finally:
+        if child.poll() is None:
+            child.kill()
+        server.release.set()
+    assert _files_under(tmp_path) == []
+
+
+def test_temporaries_of_dead_downloads_are_swept(server, payloads, tmp_path):
+    server.files["s.h5ad"] = payloads[".h5ad"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".s.h5ad.{dead.pid}.0123456789ab.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live = tmp_path / f".s.h5ad.{os.getpid()}.0123456789ab.tmp"  # a download of a running process
+    live.write_bytes(b"y")
+    other = tmp_path / f".other.h5ad.{dead.pid}.0123456789ab.tmp"  # another file's: not this download's
+    other.write_bytes(b"z")
+    download(f"{server.url}/s.h5ad", tmp_path / "s.h5ad", progress_bar=False)
+    assert _files_under(tmp_path) == sorted([live.name, other.name, "s.h5ad"])
