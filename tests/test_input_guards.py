@@ -358,3 +358,66 @@ def test_temporaries_of_dead_downloads_are_swept(server, payloads, tmp_path):
     other.write_bytes(b"z")
     download(f"{server.url}/s.h5ad", tmp_path / "s.h5ad", progress_bar=False)
     assert _files_under(tmp_path) == sorted([live.name, other.name, "s.h5ad"])
+
+
+# --- dense counts on disk -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dense_and_sparse_stores(tmp_path_factory):
+    """The same 600 cells x 30 genes (2 batches) with counts in X: CSR .h5ad, dense .h5ad and
+    dense .zarr; the dense reads come in slabs of 7 rows (a chunk spans several)."""
+    d = tmp_path_factory.mktemp("dense")
+    adata = ldvae.simulate(600, 30, 3, n_batches=2, seed=5)
+    del adata.layers["counts"]
+    adata.X = sp.csr_matrix(adata.X)
+    adata.write_h5ad(d / "sparse.h5ad")
+    dense = adata.copy()
+    dense.X = adata.X.toarray()
+    dense.write_h5ad(d / "dense.h5ad")
+    dense.write_zarr(d / "dense.zarr")
+    return d
+
+
+@pytest.mark.parametrize("name", ["dense.h5ad", "dense.zarr"])
+def test_dense_counts_on_disk_train_and_scan_as_sparse(dense_and_sparse_stores, name, monkeypatch):
+    from ldvae import stream
+
+    monkeypatch.setattr(stream.DiskDense, "SLAB_VALUES", 7 * 30)
+    monkeypatch.setattr(stream, "CHUNK_SIZE", 64)
+    d = dense_and_sparse_stores
+    digest = {p: _digest(p) for p in d.rglob("*") if p.is_file()}
+
+    def fit(path):
+        adata = ad.read_h5ad(path, backed="r") if name.endswith(".h5ad") else stream.read_backed(path)
+        assert stream.counts_on_disk(adata, {})
+        ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
+        stats = stream.scan_counts(adata, genes=True, batch=pd.Categorical(adata.obs["batch"]).codes, n_batch=2)
+        hvg = stream.highly_variable_genes(adata, 10, batch_key="batch", inplace=False)
+        model = ldvae.LinearSCVI(adata, n_latent=2)
+        model.train(max_epochs=2, batch_size=50, progress_bar=False, accelerator="cpu", seed=0)
+        return adata, stats, hvg, model
+
+    _, s_stats, s_hvg, s_model = fit(d / "sparse.h5ad")
+    dense, d_stats, d_hvg, d_model = fit(d / name)
+    assert d_stats.n_empty == s_stats.n_empty
+    np.testing.assert_array_equal(d_stats.gene_sum, s_stats.gene_sum)
+    np.testing.assert_array_equal(d_stats.log_total_sum, s_stats.log_total_sum)
+    pd.testing.assert_frame_equal(d_hvg, s_hvg)
+    np.testing.assert_array_equal(d_model.history["elbo_train"].to_numpy(), s_model.history["elbo_train"].to_numpy())
+    np.testing.assert_array_equal(d_model.get_latent_representation(), s_model.get_latent_representation())
+    # a query without a streaming path reads the dense counts into memory
+    pd.testing.assert_frame_equal(d_model.get_factor_deviance(dense), s_model.get_factor_deviance())
+    assert {p: _digest(p) for p in d.rglob("*") if p.is_file()} == digest
+
+
+def test_dense_counts_on_disk_are_validated_naming_the_cell(tmp_path):
+    x = np.ones((50, 6), dtype=np.float32)
+    x[37, 4] = 0.5
+    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(50)]),
+                       var=pd.DataFrame(index=[f"g{i}" for i in range(6)]))
+    adata.write_h5ad(tmp_path / "bad.h5ad")
+    backed = ad.read_h5ad(tmp_path / "bad.h5ad", backed="r")
+    with pytest.raises(SetupError, match=r"non-integer values \(first: 0.5 at cell 'c37', gene 'g4'\)"):
+        ldvae.LinearSCVI.setup_anndata(backed)
+    assert "ldvae_setup" not in backed.uns
