@@ -421,3 +421,93 @@ def test_dense_counts_on_disk_are_validated_naming_the_cell(tmp_path):
     with pytest.raises(SetupError, match=r"non-integer values \(first: 0.5 at cell 'c37', gene 'g4'\)"):
         ldvae.LinearSCVI.setup_anndata(backed)
     assert "ldvae_setup" not in backed.uns
+
+
+# --- strings that look like mathtext in figures --------------------------------------------------
+
+# Malformed mathtext ("$\frac{$") fails to draw unless shown as plain text; the others would be typeset.
+MATH_LIKE = ["$\\alpha$", "a$b$c", "$\\frac{$", "cost $5", "$x$ and $", "$"]
+
+
+@pytest.fixture(scope="module")
+def mathy():
+    """A model fitted on genes, batches and obs columns named with '$', its results written."""
+    adata = ldvae.simulate(300, 30, 3, n_batches=2, seed=2)
+    adata.var_names = MATH_LIKE + list(adata.var_names[len(MATH_LIKE):])
+    adata.obs["batch"] = pd.Categorical(np.where(pd.Categorical(adata.obs["batch"]).codes == 0, "$b_0$", "b$1"))
+    adata.obs["type $t$"] = pd.Categorical(np.where(np.arange(300) % 2, "$\\frac{$", "a$b$c"))
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = ldvae.LinearSCVI(adata, n_latent=3)
+    model.train(max_epochs=2, progress_bar=False, accelerator="cpu")
+    model.write_results(adata, obs_columns=True)
+    adata.obsm["X_umap"] = np.random.default_rng(0).normal(size=(300, 2))
+    return model, adata
+
+
+def _texts(fig) -> set[str]:
+    from matplotlib.text import Text
+
+    return {t.get_text() for t in fig.findobj(Text)}
+
+
+def _renders(fig) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figures_show_math_like_names_as_written(mathy):
+    from ldvae import plotting
+
+    model, adata = mathy
+    figures = {
+        "heatmap": (plotting.loadings_heatmap(adata, n_genes=15), MATH_LIKE),
+        "bars": (plotting.top_genes_bars(adata, n_genes=15), MATH_LIKE),
+        "umap": (plotting.umap(adata, color=["type $t$", "batch"]), ["type $t$", "$\\frac{$", "a$b$c", "$b_0$", "b$1"]),
+        "pairs": (plotting.latent_pairs(adata, color="type $t$"), ["type $t$", "$\\frac{$", "a$b$c"]),
+        "curves": (plotting.training_curves(model.history), ["Training curves"]),
+    }
+    for name, (fig, strings) in figures.items():
+        _renders(fig)
+        missing = set(strings) - _texts(fig)
+        assert not missing, f"{name}: {missing}"
+
+
+def test_numeric_tick_labels_keep_mathtext_on_log_axes():
+    from matplotlib.figure import Figure
+
+    from ldvae.plotting import plain_text
+
+    fig = Figure()
+    ax = fig.subplots()
+    ax.plot([1, 10, 100], [1, 2, 3])
+    ax.set_xscale("log")
+    ax.set_title("a$b$c")
+    plain_text(fig)
+    _renders(fig)
+    assert not ax.title.get_parse_math()
+    assert all(t.get_parse_math() for t in ax.get_xticklabels())
+
+
+def test_report_figures_show_math_like_names_as_written(mathy, tmp_path, monkeypatch):
+    from ldvae import interpret_report
+    from ldvae.stability import factor_stability
+
+    model, _ = mathy
+    drawn = []
+    real = interpret_report.plain_text
+    monkeypatch.setattr(interpret_report, "plain_text", lambda fig: drawn.append(fig) or real(fig))
+    loadings = model.get_loadings()
+    top = list(loadings.iloc[:, 0].nlargest(8).index)  # enriched on factor 0, so the figure shows the sets
+    gmt = tmp_path / "sets.gmt"
+    gmt.write_text("".join(f"set {name}\tdescription\t" + "\t".join(top) + "\n" for name in MATH_LIKE))
+    sections = [
+        interpret_report.deviance_section(model),
+        interpret_report.covariate_section(model, n_genes=30),
+        interpret_report.enrichment_section(gmt, n=6)(model),
+        interpret_report.stability_section(factor_stability([loadings, loadings * 1.01])),
+    ]
+    assert all("data:image/png;base64," in html for _, html in sections)
+    covariates = _texts(drawn[1])
+    assert set(MATH_LIKE) <= covariates and {"$b_0$", "b$1"} <= covariates
+    assert {f"set {name}" for name in MATH_LIKE} <= _texts(drawn[2])
