@@ -511,3 +511,26 @@ def test_report_figures_show_math_like_names_as_written(mathy, tmp_path, monkeyp
     covariates = _texts(drawn[1])
     assert set(MATH_LIKE) <= covariates and {"$b_0$", "b$1"} <= covariates
     assert {f"set {name}" for name in MATH_LIKE} <= _texts(drawn[2])
+
+
+def test_cli_download_of_an_html_page_is_one_line_and_leaves_nothing(server, payloads, tmp_path, capsys):
+    server.files["page.h5ad"] = payloads[".h5ad"]
+    server.mode["page.h5ad"] = "html"
+    code, err = _run(capsys, "run", tmp_path / "cache" / "page.h5ad", "--backup-url", f"{server.url}/page.h5ad",
+                     "--out-dir", tmp_path / "out", *FAST)
+    assert code == 1
+    line = _one_error_line(err)
+    assert line.startswith(f"ldvae: error: Download of {server.url}/page.h5ad is not a complete h5ad file (")
+    assert "HTML" in line and _files_under(tmp_path) == []
+
+
+def test_cli_run_with_math_like_gene_names_draws_every_figure(tmp_path, capsys):
+    adata = _counts(200, 40)
+    adata.var_names = MATH_LIKE + list(adata.var_names[len(MATH_LIKE):])
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    code, err = _run(capsys, "run", path, "--out-dir", tmp_path / "out", *FAST, "--n-top-genes", "40")
+    assert code == 0, err
+    loadings = pd.read_csv(tmp_path / "out" / "loadings.csv", index_col=0)
+    assert set(MATH_LIKE) <= set(loadings.index)
+    assert len(list((tmp_path / "out" / "figures").glob("*.png"))) == 6
