@@ -269,7 +269,8 @@ def check_file(path: str | os.PathLike, fmt: str, *, name: str | None = None) ->
 
     HDF5 formats (h5ad, 10x h5, loom) must open with h5py and hold their top-level groups;
     a ``.gz`` name must be a gzip stream that decompresses to its end; text formats (csv,
-    mtx) must not be an HTML page, and mtx must start with the Matrix Market header.
+    mtx) must not be an HTML page; an mtx file must start with the Matrix Market header
+    and hold the entries its size line announces; a csv file must end in a whole line.
     ``name`` is the file name that tells gzip (default: ``path``'s).
     """
     path = Path(path)
@@ -300,6 +301,8 @@ def check_file(path: str | os.PathLike, fmt: str, *, name: str | None = None) ->
             fh.seek(0)
             return _check_lines(fh, fmt)
     except (OSError, EOFError, zlib.error) as err:
+        if opener is open:
+            raise
         return f"not a complete gzip stream: {_describe_start(path)}{' '.join(str(err).split())[:120]}"
 
 
@@ -310,9 +313,10 @@ def _check_lines(fh, fmt: str) -> str | None:
         lines = (line for line in fh if not line.startswith(b"%") and line.strip())
         size = next(lines, b"").split()
         n_lines = sum(1 for _ in lines)
-        expected = int(size[2]) if len(size) == 3 else int(size[0]) * int(size[1]) if len(size) == 2 else None
-        if expected is not None and n_lines != expected:
-            return f"{n_lines} entries of the {expected} its size line announces"
+        if len(size) != 3 or not size[2].isdigit():  # (rows, columns, entries) of the coordinate layout
+            return None
+        if n_lines != int(size[2]):
+            return f"{n_lines} entries of the {int(size[2])} its size line announces"
         return None
     first = fh.readline()
     last = first

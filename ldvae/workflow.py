@@ -123,6 +123,14 @@ def prepare(
     A new AnnData, genes subset to the highly variable ones, with ``X`` (log1p of
     normalized counts), ``layers["counts"]``, ``raw`` (all genes, log-normalized),
     ``var["highly_variable"]`` and the other HVG columns, ``uns["log1p"]``, ``uns["hvg"]``.
+
+    Raises
+    ------
+    SetupError
+        Counts that are not raw counts; a ``batch_key`` column that is absent, has missing
+        values or a batch of one cell; for the ``seurat_v3`` flavors, fewer than
+        ``MIN_VARYING_GENES`` genes varying in a batch, or a loess fit that fails (checked
+        before scanpy, whose loess crashes the process on such input).
     """
     import scanpy as sc
 

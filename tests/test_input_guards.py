@@ -80,8 +80,9 @@ def _with_batches(values) -> ad.AnnData:
 @pytest.mark.parametrize(
     ("values", "match"),
     [
-        (["p1"] * 199 + ["p2"], r"batch_key='plate': 1 batch\(es\) of adata.obs\['plate'\] have a single cell "
-                                r"\(first: 'p2'\).*needs at least 2\. Merge or drop those cells, or leave out batch_key"),
+        (["p1"] * 199 + ["p2"],
+         r"batch_key='plate': 1 batch\(es\) of adata.obs\['plate'\] have a single cell "
+         r"\(first: 'p2'\).*needs at least 2\. Merge or drop those cells, or leave out batch_key"),
         ([np.nan] * 200, r"batch_key='plate': 200 cells have a missing value in adata.obs\['plate'\] "
                          r"\(first: cell 'cell0'\)\. Fill or drop them\."),
         (["p1"] * 7 + [None] + ["p2"] * 190 + [np.nan, "p1"],
@@ -164,8 +165,8 @@ def test_cli_loess_failure_in_a_small_batch_names_it(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = _one_error_line(proc.stderr)
     assert re.search(r"hvg_flavor='seurat_v3': the loess fit of gene variance on gene mean failed for batch "
-                     r"'small' of batch_key='plate' \(20 cells\): too many genes share the same mean.*Drop rare genes first",
-                     line), line
+                     r"'small' of batch_key='plate' \(20 cells\): too many genes share the same mean.*"
+                     r"Drop rare genes first", line), line
     assert _digest(path) == digest and sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
 
 
