@@ -136,6 +136,7 @@ def prepare(
 
     counts = get_counts(adata, layer)
     validate_counts(adata, counts, layer)
+    batches = _hvg_batches(adata, batch_key)
     _check_positive("n_top_genes", n_top_genes)
     if not target_sum > 0:
         raise SetupError(f"target_sum must be positive, got {target_sum!r}.")
@@ -146,7 +147,6 @@ def prepare(
             f"n_top_genes={n_top_genes} but only {detected} of the {adata.n_vars} genes have any counts; "
             f"ask for at most {detected} highly variable genes (--n-top-genes)."
         )
-    batches = _hvg_batches(adata, batch_key)
     if hvg_flavor.startswith("seurat_v3"):
         _check_loess_points(counts, batches, batch_key, hvg_flavor)
     out = adata.copy()
