@@ -135,12 +135,21 @@ def _obs_column(adata, key: str, arg: str) -> pd.Series:
 
 
 def _categories(col: pd.Series, key: str, arg: str) -> list[str]:
-    if col.isna().any():
-        n = int(col.isna().sum())
-        raise SetupError(f"{arg}={key!r}: {n} cells have a missing value in adata.obs[{key!r}]. Fill or drop them.")
+    missing = col.isna().to_numpy()
+    if missing.any():
+        raise SetupError(
+            f"{arg}={key!r}: {int(missing.sum())} cells have a missing value in adata.obs[{key!r}] "
+            f"(first: cell {str(col.index[missing.argmax()])!r}). Fill or drop them."
+        )
     if isinstance(col.dtype, pd.CategoricalDtype):
         return [str(c) for c in col.cat.categories]
     return sorted({str(v) for v in col})
+
+
+def obs_categories(adata, key: str, arg: str) -> list[str]:
+    """The categories of ``adata.obs[key]`` (as strings, in code order); SetupError naming ``arg``
+    when the column is absent or has missing values."""
+    return _categories(_obs_column(adata, key, arg), key, arg)
 
 
 def _codes(col: pd.Series, categories: list[str], key: str) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 
+from .plotting import plain_text
 from .report import figure_html, note_html, table_html
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ Section = tuple[str, str]
 
 
 def _figure(fig, caption: str) -> str:
+    plain_text(fig)  # gene names, gene-set names and levels may hold '$'
     with tempfile.TemporaryDirectory(prefix="ldvae-fig-") as tmp:
         path = Path(tmp) / "figure.png"
         fig.savefig(path, dpi=110)

@@ -30,7 +30,7 @@ from .data import (
     validate_counts,
 )
 from .module import LDVAEModule, ModuleConfig
-from .stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk
+from .stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk, read_into_memory
 from .train import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint, split_indices
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class LinearSCVI:
         layer = self.setup_.get("layer")
         mat = get_counts(adata, layer)
         if is_on_disk(mat):  # a query without a streaming path loads the counts
-            mat = mat.to_memory()
+            mat = read_into_memory(mat)
         validate_counts(adata, mat, layer)
         csr = to_csr(mat)
         empty = int((np.diff(csr.indptr) == 0).sum())

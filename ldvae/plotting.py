@@ -8,7 +8,8 @@ on a ``results.h5ad`` read back from disk as well as on a live AnnData.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import functools
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,40 @@ from .results import result_keys
 
 # Figures are built with the object API (Figure, not pyplot), so no backend or global
 # state is touched: the workflow runs headless and in threads.
+
+
+def plain_text(fig: Figure) -> Figure:
+    """Show every string of ``fig`` as written, never as mathtext or LaTeX: gene names,
+    categories, column names and titles may hold ``$`` (``$\\alpha$``, ``a$b``), which
+    matplotlib would otherwise typeset or fail to draw. Numeric tick labels keep the
+    default, as their formatters may write mathtext (``10^{2}`` on a log axis)."""
+    import matplotlib as mpl
+    from matplotlib.text import Text
+    from matplotlib.ticker import LogFormatter, ScalarFormatter
+
+    numeric = (ScalarFormatter, LogFormatter)
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+        text.set_usetex(False)
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for which in ("major", "minor"):
+                formatter = axis.get_major_formatter() if which == "major" else axis.get_minor_formatter()
+                if isinstance(formatter, numeric):
+                    for text in axis.get_ticklabels(which=which):
+                        text.set_parse_math(mpl.rcParams["text.parse_math"])
+            axis.get_offset_text().set_parse_math(mpl.rcParams["text.parse_math"])
+    return fig
+
+
+def _plain(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+    """A figure function whose figure shows its strings as written (:func:`plain_text`)."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs) -> Figure:
+        return plain_text(draw(*args, **kwargs))
+
+    return wrapper
 
 
 def loadings_frame(adata, key_added: str = "ldvae") -> pd.DataFrame:
@@ -115,6 +150,7 @@ def _category_colors(n: int) -> list:
     return [base[i % len(base)] for i in range(n)]
 
 
+@_plain
 def training_curves(history: Mapping[str, pd.DataFrame], *, skip_first: int = 1) -> Figure:
     """Training and validation ELBO (per cell) by epoch.
 
@@ -155,6 +191,7 @@ def history_from_adata(adata, key: str = "ldvae_workflow") -> dict[str, pd.DataF
     }
 
 
+@_plain
 def latent_pairs(adata, *, key_added: str = "ldvae", color: str | None = None, ncols: int = 3) -> Figure:
     """Scatter panels of latent dimension pairs Z_0/Z_1, Z_2/Z_3, … (the tutorial's figure).
 
@@ -187,6 +224,7 @@ def _is_categorical(values: pd.Series) -> bool:
     return isinstance(values.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(values)
 
 
+@_plain
 def loadings_heatmap(adata, *, key_added: str = "ldvae", n_genes: int = 5) -> Figure:
     """Heatmap of the loadings of each factor's ``n_genes`` most negative and positive genes."""
     loadings = loadings_frame(adata, key_added)
@@ -204,6 +242,7 @@ def loadings_heatmap(adata, *, key_added: str = "ldvae", n_genes: int = 5) -> Fi
     return fig
 
 
+@_plain
 def top_genes_bars(adata, *, key_added: str = "ldvae", n_genes: int = 5, ncols: int = 5) -> Figure:
     """One bar chart per factor: its ``n_genes`` most negative and most positive genes."""
     loadings = loadings_frame(adata, key_added)
@@ -220,6 +259,7 @@ def top_genes_bars(adata, *, key_added: str = "ldvae", n_genes: int = 5, ncols: 
     return fig
 
 
+@_plain
 def umap(adata, *, color: Sequence[str], ncols: int = 4) -> Figure:
     """UMAP panels (``obsm["X_umap"]``), one per obs column in ``color`` (categorical or numeric)."""
     if "X_umap" not in adata.obsm:

@@ -1,7 +1,8 @@
 """Out of core: train and query a model on counts that stay on disk.
 
 Counts on disk are a CSR matrix in anndata's on-disk layout (``data``, ``indices``,
-``indptr``) inside an ``.h5ad`` (HDF5) or ``.zarr`` store. Open one as an AnnData whose
+``indptr``), or a dense cells x genes array (read a block of rows at a time and made CSR
+block by block), inside an ``.h5ad`` (HDF5) or ``.zarr`` store. Open one as an AnnData whose
 ``X`` stays on disk, then use the usual API::
 
     adata = anndata.read_h5ad("atlas.h5ad", backed="r")     # counts in X
@@ -60,8 +61,8 @@ PREFETCH = 1  # buffers prepared ahead by the background thread
 
 
 def read_backed(path: str | os.PathLike, *, layer: str | None = None):
-    """An AnnData whose ``X`` is the CSR count matrix of an ``.h5ad`` or ``.zarr`` store,
-    left on disk.
+    """An AnnData whose ``X`` is the count matrix (CSR or dense) of an ``.h5ad`` or ``.zarr``
+    store, left on disk.
 
     Only ``obs``, ``var`` and ``uns`` are read into memory (``anndata.read_h5ad(path,
     backed="r")`` would also load every layer, and has no zarr counterpart).
@@ -93,18 +94,20 @@ def read_backed(path: str | os.PathLike, *, layer: str | None = None):
         raise SetupError(f"{path} has no {key!r} (layers: {have}). Pass the layer holding raw counts.")
     group = root[key]
     encoding = group.attrs.get("encoding-type", "array")
-    if encoding != "csr_matrix":
+    if encoding not in ("csr_matrix", "array"):
         raise SetupError(
-            f"{path}:{key} is stored as {encoding!r}; streaming needs CSR (cells are rows). Rewrite it once: "
-            "adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(...)."
+            f"{path}:{key} is stored as {encoding!r}; streaming needs CSR (cells are rows) or a dense array. "
+            "Rewrite it once: adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(...)."
         )
     read = ad.io.read_elem
     uns = read(root["uns"]) if "uns" in root else {}
-    return ad.AnnData(X=ad.io.sparse_dataset(group), obs=read(root["obs"]), var=read(root["var"]), uns=uns)
+    X = group if encoding == "array" else ad.io.sparse_dataset(group)
+    return ad.AnnData(X=X, obs=read(root["obs"]), var=read(root["var"]), uns=uns)
 
 
 def is_on_disk(mat) -> bool:
-    """True for a sparse matrix left on disk by anndata (backed mode or :func:`read_backed`)."""
+    """True for counts left on disk by anndata (backed mode or :func:`read_backed`): a CSR
+    matrix, or a dense array (an HDF5 dataset or a zarr array, read a block of rows at a time)."""
     from anndata.abc import CSCDataset, CSRDataset
 
     if isinstance(mat, CSCDataset):
@@ -112,7 +115,24 @@ def is_on_disk(mat) -> bool:
             "The counts on disk are CSC (genes are columns of contiguous storage); streaming cells needs CSR. "
             "Rewrite the file once with adata.X = scipy.sparse.csr_matrix(adata.X)."
         )
-    return isinstance(mat, CSRDataset)
+    return isinstance(mat, CSRDataset) or _is_dense_on_disk(mat)
+
+
+def _is_dense_on_disk(mat) -> bool:
+    import h5py
+
+    if isinstance(mat, h5py.Dataset):
+        return True
+    try:
+        import zarr
+    except ImportError:
+        return False
+    return isinstance(mat, zarr.Array)
+
+
+def read_into_memory(mat):
+    """Counts on disk read into memory: scipy CSR (sparse on disk) or NumPy (dense on disk)."""
+    return np.asarray(mat[()]) if _is_dense_on_disk(mat) else mat.to_memory()
 
 
 def counts_on_disk(adata, setup: dict) -> bool:
@@ -120,7 +140,70 @@ def counts_on_disk(adata, setup: dict) -> bool:
     return is_on_disk(get_counts(adata, setup.get("layer")))
 
 
-class DiskCSR:
+def open_on_disk(mat) -> "DiskCSR | DiskDense":
+    """Row access to counts on disk (see :func:`is_on_disk`), giving float32 CSR either way."""
+    return DiskDense(mat) if _is_dense_on_disk(mat) else DiskCSR(mat)
+
+
+class _DiskRows:
+    """Cells of a matrix on disk as float32 CSR; subclasses read contiguous ``rows``."""
+
+    shape: tuple[int, int]
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        raise NotImplementedError
+
+    def take(self, rows: np.ndarray, max_gap: int = 64) -> sp.csr_matrix:
+        """Cells ``rows`` (any order, repeats allowed) as :meth:`rows` gives them. Sorted
+        rows fewer than ``max_gap`` apart share one contiguous read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        if rows[-1] - rows[0] == rows.size - 1 and (np.diff(rows) == 1).all():
+            return self.rows(int(rows[0]), int(rows[-1]) + 1)
+        order = np.argsort(rows, kind="stable")
+        ascending = rows[order]
+        runs = np.split(ascending, np.flatnonzero(np.diff(ascending) > max_gap) + 1)
+        parts = [self.rows(int(run[0]), int(run[-1]) + 1)[run - run[0]] for run in runs]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return sp.vstack(parts, format="csr")[inverse]
+
+
+class DiskDense(_DiskRows):
+    """Contiguous row ranges of a dense cells x genes array on disk (an HDF5 dataset or a zarr
+    array), read in slabs of at most ``SLAB_VALUES`` values and stored as CSR slab by slab, so
+    that a dense read never holds more than one slab."""
+
+    SLAB_VALUES = 1 << 23
+
+    def __init__(self, mat):
+        if len(mat.shape) != 2:
+            raise SetupError(f"The counts on disk have shape {tuple(mat.shape)}; expected cells x genes.")
+        self.array = mat
+        self.shape = tuple(int(s) for s in mat.shape)
+        self.slab = max(1, self.SLAB_VALUES // max(self.shape[1], 1))  # rows per read
+
+    def _slabs(self, start: int, stop: int) -> Iterator[np.ndarray]:
+        for a in range(start, stop, self.slab):
+            yield np.asarray(self.array[a : min(a + self.slab, stop)])
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Cells ``[start, stop)`` as float32 CSR with sorted indices and no stored zeros."""
+        parts = [sp.csr_matrix(block.astype(np.float32, copy=False)) for block in self._slabs(start, stop)]
+        if not parts:
+            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        csr = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+        csr.eliminate_zeros()
+        return csr
+
+    def row_totals(self, start: int, stop: int) -> np.ndarray:
+        """Total counts of cells ``[start, stop)``, float64."""
+        parts = [block.sum(axis=1, dtype=np.float64) for block in self._slabs(start, stop)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+class DiskCSR(_DiskRows):
     """Contiguous row ranges of a CSR matrix on disk. ``indptr`` (8 bytes a cell) is held in
     memory; ``data`` and ``indices`` are read range by range."""
 
@@ -140,22 +223,6 @@ class DiskCSR:
         csr.sum_duplicates()  # no-op (one O(nnz) check) for canonical files
         csr.eliminate_zeros()
         return csr
-
-    def take(self, rows: np.ndarray, max_gap: int = 64) -> sp.csr_matrix:
-        """Cells ``rows`` (any order, repeats allowed) as :meth:`rows` gives them. Sorted
-        rows fewer than ``max_gap`` apart share one contiguous read."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size == 0:
-            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
-        if rows[-1] - rows[0] == rows.size - 1 and (np.diff(rows) == 1).all():
-            return self.rows(int(rows[0]), int(rows[-1]) + 1)
-        order = np.argsort(rows, kind="stable")
-        ascending = rows[order]
-        runs = np.split(ascending, np.flatnonzero(np.diff(ascending) > max_gap) + 1)
-        parts = [self.rows(int(run[0]), int(run[-1]) + 1)[run - run[0]] for run in runs]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(order.size)
-        return sp.vstack(parts, format="csr")[inverse]
 
     def row_totals(self, start: int, stop: int) -> np.ndarray:
         """Total counts of cells ``[start, stop)`` (reads ``data`` only), float64."""
@@ -258,7 +325,7 @@ def scan_counts(
         Cells read at a time.
     """
     mat = get_counts(adata, layer)
-    disk = DiskCSR(mat)
+    disk = open_on_disk(mat)
     n, n_genes = disk.shape
     batch = np.zeros(n, dtype=np.int64) if batch is None else np.asarray(batch)
     rank, world, comm = _shard()
@@ -385,7 +452,7 @@ def highly_variable_genes(
         means[s] = mean
 
     # Second pass: sums of counts clipped per gene and batch (zeros stay zero).
-    disk = DiskCSR(get_counts(adata, layer))
+    disk = open_on_disk(get_counts(adata, layer))
     rank, world, comm = _shard()
     start, stop = shard_rows(disk.shape[0], rank, world)
     c1 = np.zeros((n_batch, n_genes))
@@ -477,7 +544,7 @@ class StreamingSource:
 
     def __init__(
         self,
-        disk: DiskCSR,
+        disk: DiskCSR | DiskDense,
         cov: Covariates,
         train_idx: np.ndarray,
         val_idx: np.ndarray,
@@ -526,7 +593,7 @@ class StreamingSource:
     @classmethod
     def from_adata(cls, adata, setup: dict, train_idx, val_idx, batch_size: int, **kwargs) -> "StreamingSource":
         """The source for an AnnData set up for ldvae whose counts stay on disk."""
-        return cls(DiskCSR(get_counts(adata, setup.get("layer"))), read_covariates(adata, setup),
+        return cls(open_on_disk(get_counts(adata, setup.get("layer"))), read_covariates(adata, setup),
                    train_idx, val_idx, batch_size, **kwargs)
 
     # --- buffers ---------------------------------------------------------------------------
@@ -618,7 +685,7 @@ class DiskCells:
     def __init__(self, adata, setup: dict, device: torch.device):
         self.adata = adata
         self.layer = setup.get("layer")
-        self.disk = DiskCSR(get_counts(adata, self.layer))
+        self.disk = open_on_disk(get_counts(adata, self.layer))
         self.cov = read_covariates(adata, setup)
         self.device = device
         self.n_cells = self.disk.shape[0]

@@ -164,10 +164,10 @@ def test_streaming_validation_names_the_bad_cell(tmp_path):
 def test_read_backed_errors(stores, tmp_path):
     with pytest.raises(SetupError, match=r"has no 'layers/counts' .*Pass the layer holding raw counts"):
         stream.read_backed(stores["h5ad"], layer="counts")
-    dense = ad.AnnData(X=np.ones((5, 3), dtype=np.float32))
-    dense.write_h5ad(tmp_path / "dense.h5ad")
-    with pytest.raises(SetupError, match=r"stored as 'array'; streaming needs CSR"):
-        stream.read_backed(tmp_path / "dense.h5ad")
+    csc = ad.AnnData(X=sp.csc_matrix(np.ones((5, 3), dtype=np.float32)))
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(SetupError, match=r"stored as 'csc_matrix'; streaming needs CSR \(cells are rows\) or a dense"):
+        stream.read_backed(tmp_path / "csc.h5ad")
 
 
 def test_streaming_hvg_matches_scanpy_seurat_v3(stores):

@@ -1,0 +1,537 @@
+"""Hostile input is refused with one clear line and leaves nothing behind: bad batch columns
+and gene sets too small for the HVG fit (refused before scanpy, whose loess crashes the
+process), downloads that are truncated, HTML pages or interrupted, dense counts on disk,
+and user strings that matplotlib would read as mathtext."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import ldvae
+from ldvae import cli
+from ldvae.data import SetupError
+from ldvae.readers import ReadError, download, read_counts
+from ldvae.workflow import MIN_VARYING_GENES, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--n-top-genes", "20", "--n-latent", "3", "--max-epochs", "2", "--check-val-every-n-epoch", "1",
+        "--n-neighbors", "10", "--no-progress-bar"]
+
+
+def _counts(n_cells: int = 200, n_genes: int = 40, seed: int = 3) -> ad.AnnData:
+    sim = ldvae.simulate(n_cells, n_genes, 3, seed=seed)
+    return ad.AnnData(X=sp.csr_matrix(sim.layers["counts"], dtype=np.float32),
+                      obs=pd.DataFrame(index=sim.obs_names), var=pd.DataFrame(index=sim.var_names))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = cli.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("ldvae: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# --- batch columns and the HVG fit ------------------------------------------------------------
+
+
+@pytest.fixture
+def no_scanpy_hvg(monkeypatch):
+    """scanpy's HVG step must not be reached: its loess crashes the process on these inputs."""
+    import scanpy as sc
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scanpy's highly_variable_genes was called")
+
+    monkeypatch.setattr(sc.pp, "highly_variable_genes", refuse)
+
+
+def _with_batches(values) -> ad.AnnData:
+    adata = _counts(len(values))
+    adata.obs["plate"] = pd.Series(values, index=adata.obs_names, dtype=object)
+    return adata
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        (["p1"] * 199 + ["p2"],
+         r"batch_key='plate': 1 batch\(es\) of adata.obs\['plate'\] have a single cell "
+         r"\(first: 'p2'\).*needs at least 2\. Merge or drop those cells, or leave out batch_key"),
+        ([np.nan] * 200, r"batch_key='plate': 200 cells have a missing value in adata.obs\['plate'\] "
+                         r"\(first: cell 'cell0'\)\. Fill or drop them\."),
+        (["p1"] * 7 + [None] + ["p2"] * 190 + [np.nan, "p1"],
+         r"batch_key='plate': 2 cells have a missing value in adata.obs\['plate'\] \(first: cell 'cell7'\)"),
+    ],
+    ids=["one-cell batch", "all missing", "some missing"],
+)
+def test_bad_batch_column_is_refused_before_scanpy(no_scanpy_hvg, values, match):
+    adata = _with_batches(values)
+    before = adata.copy()
+    with pytest.raises(SetupError, match=match):
+        prepare(adata, n_top_genes=10, batch_key="plate")
+    assert adata.obs.equals(before.obs) and (adata.X != before.X).nnz == 0 and not adata.uns
+
+
+def test_absent_batch_column_is_refused(no_scanpy_hvg):
+    with pytest.raises(SetupError, match=r"batch_key='plate' is not a column of adata.obs \(columns: none\)"):
+        prepare(_counts(), n_top_genes=10, batch_key="plate")
+
+
+def test_setup_anndata_refuses_missing_batches_naming_the_first_cell():
+    adata = _with_batches(["a"] * 50 + [np.nan] + ["b"] * 149)
+    with pytest.raises(SetupError, match=r"batch_key='plate': 1 cells have a missing value .*first: cell 'cell50'"):
+        ldvae.LinearSCVI.setup_anndata(adata, batch_key="plate")
+    assert "ldvae_setup" not in adata.uns
+
+
+@pytest.mark.parametrize("n_genes", [2, 3, MIN_VARYING_GENES - 1])
+def test_too_few_varying_genes_for_the_loess_are_refused_before_scanpy(no_scanpy_hvg, n_genes):
+    adata = _counts(100)[:, :n_genes].copy()
+    with pytest.raises(SetupError, match=rf"hvg_flavor='seurat_v3' fits a loess curve .* at least "
+                                         rf"{MIN_VARYING_GENES} genes whose counts vary across the cells; only "
+                                         rf"{n_genes} do\. Pass more genes, or hvg_flavor='seurat'"):
+        prepare(adata, n_top_genes=n_genes)
+
+
+def test_a_batch_with_too_few_varying_genes_is_named(no_scanpy_hvg):
+    adata = _with_batches(["big"] * 196 + ["tiny"] * 4)
+    adata.X[196:] = 0
+    adata.X[196:, :3] = np.array([[1], [2], [3], [4]])  # 3 genes vary in batch 'tiny'
+    adata.X = sp.csr_matrix(adata.X)
+    with pytest.raises(SetupError, match=r"vary across the cells of batch 'tiny' \(batch_key='plate'\); only 3 do\. "
+                                         r"Merge that batch with another"):
+        prepare(adata, n_top_genes=10, batch_key="plate")
+
+
+def test_smallest_fittable_gene_set_and_two_cell_batch_pass():
+    out = prepare(_counts(100)[:, :MIN_VARYING_GENES].copy(), n_top_genes=MIN_VARYING_GENES)
+    assert out.n_vars == MIN_VARYING_GENES
+    out = prepare(_with_batches(["a", "a"] + ["b"] * 198), n_top_genes=10, batch_key="plate")
+    assert out.n_vars == 10
+
+
+def test_cli_one_cell_batch_is_one_line_and_input_intact(tmp_path, capsys):
+    adata = _with_batches(["p1"] * 199 + ["p2"])
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    digest = _digest(path)
+    code, err = _run(capsys, "run", path, "--out-dir", tmp_path / "out", "--batch-key", "plate", *FAST)
+    assert code == 1
+    assert re.search(r"ldvae: error: batch_key='plate': 1 batch\(es\) .* single cell \(first: 'p2'\)",
+                     _one_error_line(err))
+    assert _digest(path) == digest and sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+def test_cli_loess_failure_in_a_small_batch_names_it(tmp_path):
+    """A 20-cell batch of real data passes the counts-only checks, but its genes share too few
+    distinct means for the loess; the run (in a child process: a crash there would not take the
+    test run down) ends with the batch named."""
+    demo = ldvae.read_demo()
+    demo.obs["plate"] = ["small"] * 20 + ["big"] * (demo.n_obs - 20)
+    path = tmp_path / "in.h5ad"
+    demo.write_h5ad(path)
+    digest = _digest(path)
+    code = ("import sys; from ldvae import cli; "
+            f"sys.exit(cli.main(['run', {str(path)!r}, '--out-dir', {str(tmp_path / 'out')!r}, "
+            f"'--batch-key', 'plate', *{FAST!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = _one_error_line(proc.stderr)
+    assert re.search(r"hvg_flavor='seurat_v3': the loess fit of gene variance on gene mean failed for batch "
+                     r"'small' of batch_key='plate' \(20 cells\): too many genes share the same mean.*"
+                     r"Drop rare genes first", line), line
+    assert _digest(path) == digest and sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+# --- downloads ----------------------------------------------------------------------------------
+
+
+class _Server:
+    """Serves ``files`` (name -> bytes) on 127.0.0.1 without Content-Length (the body ends when
+    the connection closes). ``mode[name]``: "cut" sends half the bytes, "html" an HTML error
+    page with status 200, "stall" the first 64 kB and then waits for ``release``."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.mode: dict[str, str] = {}
+        self.release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                body = server.files[name]
+                mode = server.mode.get(name)
+                if mode == "html":
+                    body = b"<!DOCTYPE html><html><body><h1>Service unavailable</h1></body></html>"
+                self.send_response(200)
+                self.end_headers()
+                if mode == "stall":
+                    self.wfile.write(body[: 1 << 16])
+                    self.wfile.flush()
+                    server.release.wait(60)
+                    return
+                self.wfile.write(body[: len(body) // 2] if mode == "cut" else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = _Server()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def payloads(tmp_path_factory) -> dict[str, bytes]:
+    """The same counts as .h5ad, .csv.gz, .csv and .mtx."""
+    import scipy.io
+
+    d = tmp_path_factory.mktemp("payloads")
+    adata = _counts(100, 30)
+    adata.write_h5ad(d / "x.h5ad")
+    with gzip.open(d / "x.csv.gz", "wt") as fh:
+        adata.to_df().to_csv(fh)
+    adata.to_df().to_csv(d / "x.csv")
+    scipy.io.mmwrite(d / "x.mtx", adata.X)
+    return {suffix: (d / f"x{suffix}").read_bytes() for suffix in (".h5ad", ".csv.gz", ".csv", ".mtx")}
+
+
+def _files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".csv.gz", ".csv", ".mtx"])
+@pytest.mark.parametrize("mode", ["cut", "html"])
+def test_bad_download_is_not_cached_and_a_later_good_one_is(server, payloads, tmp_path, suffix, mode):
+    name = f"{mode}{suffix}"
+    server.files[name] = payloads[suffix]
+    server.mode[name] = mode
+    (tmp_path / "keep.txt").write_text("mine")
+    target = tmp_path / "cache" / "sub" / name
+    expected = {".h5ad": r"not readable as HDF5", ".csv.gz": r"not a complete gzip stream",
+                ".csv": r"its last line is cut short", ".mtx": r"\d+ entries of the \d+ its size line announces"}
+    if mode == "html":
+        expected = dict.fromkeys(expected, r"HTML")
+    with pytest.raises(ReadError, match=rf"^Download of {re.escape(server.url)}/{name} is not a complete \w+ file "
+                                        rf"\(.*{expected[suffix]}.*\)\. Nothing was kept; check the URL"):
+        read_counts(target, backup_url=f"{server.url}/{name}", progress_bar=False)
+    assert _files_under(tmp_path) == ["keep.txt"]  # no file, no temporary, no folder made for it
+    server.mode.pop(name)  # the server is fixed
+    adata = read_counts(target, backup_url=f"{server.url}/{name}", progress_bar=False)
+    assert adata.shape == (100, 30) and target.is_file()
+
+
+def test_cut_file_is_refused_by_its_checksum(server, payloads, tmp_path):
+    server.files["sum.mtx"] = payloads[".mtx"]
+    server.mode["sum.mtx"] = "cut"
+    digest = hashlib.sha256(payloads[".mtx"]).hexdigest()
+    with pytest.raises(ReadError, match=rf"has SHA-256 [0-9a-f]{{64}}, expected {digest}\. Nothing was kept"):
+        download(f"{server.url}/sum.mtx", tmp_path / "a" / "sum.mtx", sha256=digest, progress_bar=False)
+    assert _files_under(tmp_path) == []
+
+
+def test_cached_copy_that_fails_the_checksum_is_downloaded_again(server, payloads, tmp_path, caplog):
+    server.files["good.h5ad"] = payloads[".h5ad"]
+    target = tmp_path / "good.h5ad"
+    target.write_bytes(b"<html>old poisoned copy</html>")
+    digest = hashlib.sha256(payloads[".h5ad"]).hexdigest()
+    adata = read_counts(target, backup_url=f"{server.url}/good.h5ad", sha256=digest, progress_bar=False)
+    assert adata.shape == (100, 30) and _digest(target) == digest
+    assert re.search(rf"has SHA-256 [0-9a-f]{{64}}, expected {digest}; downloading it again", caplog.text)
+    # without a checksum, a cached copy that is not a complete file of its format is fetched again too
+    target.write_bytes(payloads[".h5ad"][:5000])
+    assert read_counts(target, backup_url=f"{server.url}/good.h5ad", progress_bar=False).shape == (100, 30)
+    assert _digest(target) == digest and _files_under(tmp_path) == ["good.h5ad"]
+
+
+def test_local_file_with_wrong_checksum_is_refused(payloads, tmp_path):
+    path = tmp_path / "mine.h5ad"
+    path.write_bytes(payloads[".h5ad"])
+    with pytest.raises(ReadError, match=r"'.*mine.h5ad' has SHA-256 [0-9a-f]{64}, expected 0{64}\. Pass the file"):
+        read_counts(path, sha256="0" * 64)
+    assert path.read_bytes() == payloads[".h5ad"]
+
+
+def test_failed_download_removes_only_the_folders_it_made(server, tmp_path):
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(ReadError, match=r"HTTP 404|failed"):
+        download(f"{server.url}/absent.h5ad", tmp_path / "existing" / "new" / "deeper" / "x.h5ad",
+                 progress_bar=False)
+    assert _files_under(tmp_path) == ["existing"]
+
+
+def test_interrupt_during_download_leaves_nothing(server, payloads, tmp_path, monkeypatch):
+    """An exception of any kind (as SIGTERM becomes under the CLI) raised while reading the
+    response removes the temporary file and the folders made for it."""
+    import http.client
+
+    server.files["big.h5ad"] = payloads[".h5ad"]
+    read = http.client.HTTPResponse.read
+
+    def read_then_stop(self, *args):
+        if any(p.suffix == ".tmp" for p in (tmp_path / "new").glob(".*")):
+            raise SystemExit(143)
+        return read(self, *args)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read", read_then_stop)
+    with pytest.raises(SystemExit):
+        download(f"{server.url}/big.h5ad", tmp_path / "new" / "big.h5ad", progress_bar=False)
+    assert _files_under(tmp_path) == []
+
+
+def test_sigterm_during_download_leaves_nothing(server, payloads, tmp_path):
+    """A child process whose SIGTERM handler raises SystemExit (as the CLI's does) is stopped
+    while the server stalls mid-body: no temporary file, no folder made for it."""
+    server.files["slow.h5ad"] = payloads[".h5ad"] * 4
+    server.mode["slow.h5ad"] = "stall"
+    target = tmp_path / "made" / "slow.h5ad"
+    code = textwrap.dedent(f"""
+        import signal, sys
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+        from ldvae.readers import download
+        download({server.url + '/slow.h5ad'!r}, {str(target)!r}, progress_bar=False)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(target.parent.glob(".slow.h5ad.*.tmp")):  # opened once the headers came
+            assert time.monotonic() < deadline and child.poll() is None, child.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.2)  # into the read of the stalled body
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(60) == 143
+    finally:
+        if child.poll() is None:
+            child.kill()
+        server.release.set()
+    assert _files_under(tmp_path) == []
+
+
+def test_temporaries_of_dead_downloads_are_swept(server, payloads, tmp_path):
+    server.files["s.h5ad"] = payloads[".h5ad"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".s.h5ad.{dead.pid}.0123456789ab.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live = tmp_path / f".s.h5ad.{os.getpid()}.0123456789ab.tmp"  # a download of a running process
+    live.write_bytes(b"y")
+    other = tmp_path / f".other.h5ad.{dead.pid}.0123456789ab.tmp"  # another file's: not this download's
+    other.write_bytes(b"z")
+    download(f"{server.url}/s.h5ad", tmp_path / "s.h5ad", progress_bar=False)
+    assert _files_under(tmp_path) == sorted([live.name, other.name, "s.h5ad"])
+
+
+# --- dense counts on disk -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dense_and_sparse_stores(tmp_path_factory):
+    """The same 600 cells x 30 genes (2 batches) with counts in X: CSR .h5ad, dense .h5ad and
+    dense .zarr; the dense reads come in slabs of 7 rows (a chunk spans several)."""
+    d = tmp_path_factory.mktemp("dense")
+    adata = ldvae.simulate(600, 30, 3, n_batches=2, seed=5)
+    del adata.layers["counts"]
+    adata.X = sp.csr_matrix(adata.X)
+    adata.write_h5ad(d / "sparse.h5ad")
+    dense = adata.copy()
+    dense.X = adata.X.toarray()
+    dense.write_h5ad(d / "dense.h5ad")
+    dense.write_zarr(d / "dense.zarr")
+    return d
+
+
+@pytest.mark.parametrize("name", ["dense.h5ad", "dense.zarr"])
+def test_dense_counts_on_disk_train_and_scan_as_sparse(dense_and_sparse_stores, name, monkeypatch):
+    from ldvae import stream
+
+    monkeypatch.setattr(stream.DiskDense, "SLAB_VALUES", 7 * 30)
+    monkeypatch.setattr(stream, "CHUNK_SIZE", 64)
+    d = dense_and_sparse_stores
+    digest = {p: _digest(p) for p in d.rglob("*") if p.is_file()}
+
+    def fit(path):
+        adata = ad.read_h5ad(path, backed="r") if name.endswith(".h5ad") else stream.read_backed(path)
+        assert stream.counts_on_disk(adata, {})
+        ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
+        stats = stream.scan_counts(adata, genes=True, batch=pd.Categorical(adata.obs["batch"]).codes, n_batch=2)
+        hvg = stream.highly_variable_genes(adata, 10, batch_key="batch", inplace=False)
+        model = ldvae.LinearSCVI(adata, n_latent=2)
+        model.train(max_epochs=2, batch_size=50, progress_bar=False, accelerator="cpu", seed=0)
+        return adata, stats, hvg, model
+
+    _, s_stats, s_hvg, s_model = fit(d / "sparse.h5ad")
+    dense, d_stats, d_hvg, d_model = fit(d / name)
+    assert d_stats.n_empty == s_stats.n_empty
+    np.testing.assert_array_equal(d_stats.gene_sum, s_stats.gene_sum)
+    np.testing.assert_array_equal(d_stats.log_total_sum, s_stats.log_total_sum)
+    pd.testing.assert_frame_equal(d_hvg, s_hvg)
+    np.testing.assert_array_equal(d_model.history["elbo_train"].to_numpy(), s_model.history["elbo_train"].to_numpy())
+    np.testing.assert_array_equal(d_model.get_latent_representation(), s_model.get_latent_representation())
+    # a query without a streaming path reads the dense counts into memory
+    pd.testing.assert_frame_equal(d_model.get_factor_deviance(dense), s_model.get_factor_deviance())
+    assert {p: _digest(p) for p in d.rglob("*") if p.is_file()} == digest
+
+
+def test_dense_counts_on_disk_are_validated_naming_the_cell(tmp_path):
+    x = np.ones((50, 6), dtype=np.float32)
+    x[37, 4] = 0.5
+    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(50)]),
+                       var=pd.DataFrame(index=[f"g{i}" for i in range(6)]))
+    adata.write_h5ad(tmp_path / "bad.h5ad")
+    backed = ad.read_h5ad(tmp_path / "bad.h5ad", backed="r")
+    with pytest.raises(SetupError, match=r"non-integer values \(first: 0.5 at cell 'c37', gene 'g4'\)"):
+        ldvae.LinearSCVI.setup_anndata(backed)
+    assert "ldvae_setup" not in backed.uns
+
+
+# --- strings that look like mathtext in figures --------------------------------------------------
+
+# Malformed mathtext ("$\frac{$") fails to draw unless shown as plain text; the others would be typeset.
+MATH_LIKE = ["$\\alpha$", "a$b$c", "$\\frac{$", "cost $5", "$x$ and $", "$"]
+
+
+@pytest.fixture(scope="module")
+def mathy():
+    """A model fitted on genes, batches and obs columns named with '$', its results written."""
+    adata = ldvae.simulate(300, 30, 3, n_batches=2, seed=2)
+    adata.var_names = MATH_LIKE + list(adata.var_names[len(MATH_LIKE):])
+    adata.obs["batch"] = pd.Categorical(np.where(pd.Categorical(adata.obs["batch"]).codes == 0, "$b_0$", "b$1"))
+    adata.obs["type $t$"] = pd.Categorical(np.where(np.arange(300) % 2, "$\\frac{$", "a$b$c"))
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = ldvae.LinearSCVI(adata, n_latent=3)
+    model.train(max_epochs=2, progress_bar=False, accelerator="cpu")
+    model.write_results(adata, obs_columns=True)
+    adata.obsm["X_umap"] = np.random.default_rng(0).normal(size=(300, 2))
+    return model, adata
+
+
+def _texts(fig) -> set[str]:
+    from matplotlib.text import Text
+
+    return {t.get_text() for t in fig.findobj(Text)}
+
+
+def _renders(fig) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figures_show_math_like_names_as_written(mathy):
+    from ldvae import plotting
+
+    model, adata = mathy
+    figures = {
+        "heatmap": (plotting.loadings_heatmap(adata, n_genes=15), MATH_LIKE),
+        "bars": (plotting.top_genes_bars(adata, n_genes=15), MATH_LIKE),
+        "umap": (plotting.umap(adata, color=["type $t$", "batch"]), ["type $t$", "$\\frac{$", "a$b$c", "$b_0$", "b$1"]),
+        "pairs": (plotting.latent_pairs(adata, color="type $t$"), ["type $t$", "$\\frac{$", "a$b$c"]),
+        "curves": (plotting.training_curves(model.history), ["Training curves"]),
+    }
+    for name, (fig, strings) in figures.items():
+        _renders(fig)
+        missing = set(strings) - _texts(fig)
+        assert not missing, f"{name}: {missing}"
+
+
+def test_numeric_tick_labels_keep_mathtext_on_log_axes():
+    from matplotlib.figure import Figure
+
+    from ldvae.plotting import plain_text
+
+    fig = Figure()
+    ax = fig.subplots()
+    ax.plot([1, 10, 100], [1, 2, 3])
+    ax.set_xscale("log")
+    ax.set_title("a$b$c")
+    plain_text(fig)
+    _renders(fig)
+    assert not ax.title.get_parse_math()
+    assert all(t.get_parse_math() for t in ax.get_xticklabels())
+
+
+def test_report_figures_show_math_like_names_as_written(mathy, tmp_path, monkeypatch):
+    from ldvae import interpret_report
+    from ldvae.stability import factor_stability
+
+    model, _ = mathy
+    drawn = []
+    real = interpret_report.plain_text
+    monkeypatch.setattr(interpret_report, "plain_text", lambda fig: drawn.append(fig) or real(fig))
+    loadings = model.get_loadings()
+    top = list(loadings.iloc[:, 0].nlargest(8).index)  # enriched on factor 0, so the figure shows the sets
+    gmt = tmp_path / "sets.gmt"
+    gmt.write_text("".join(f"set {name}\tdescription\t" + "\t".join(top) + "\n" for name in MATH_LIKE))
+    sections = [
+        interpret_report.deviance_section(model),
+        interpret_report.covariate_section(model, n_genes=30),
+        interpret_report.enrichment_section(gmt, n=6)(model),
+        interpret_report.stability_section(factor_stability([loadings, loadings * 1.01])),
+    ]
+    assert all("data:image/png;base64," in html for _, html in sections)
+    covariates = _texts(drawn[1])
+    assert set(MATH_LIKE) <= covariates and {"$b_0$", "b$1"} <= covariates
+    assert {f"set {name}" for name in MATH_LIKE} <= _texts(drawn[2])
+
+
+def test_cli_download_of_an_html_page_is_one_line_and_leaves_nothing(server, payloads, tmp_path, capsys):
+    server.files["page.h5ad"] = payloads[".h5ad"]
+    server.mode["page.h5ad"] = "html"
+    code, err = _run(capsys, "run", tmp_path / "cache" / "page.h5ad", "--backup-url", f"{server.url}/page.h5ad",
+                     "--out-dir", tmp_path / "out", *FAST)
+    assert code == 1
+    line = _one_error_line(err)
+    assert line.startswith(f"ldvae: error: Download of {server.url}/page.h5ad is not a complete h5ad file (")
+    assert "HTML" in line and _files_under(tmp_path) == []
+
+
+def test_cli_run_with_math_like_gene_names_draws_every_figure(tmp_path, capsys):
+    adata = _counts(200, 40)
+    adata.var_names = MATH_LIKE + list(adata.var_names[len(MATH_LIKE):])
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    code, err = _run(capsys, "run", path, "--out-dir", tmp_path / "out", *FAST, "--n-top-genes", "40")
+    assert code == 0, err
+    loadings = pd.read_csv(tmp_path / "out" / "loadings.csv", index_col=0)
+    assert set(MATH_LIKE) <= set(loadings.index)
+    assert len(list((tmp_path / "out" / "figures").glob("*.png"))) == 6
