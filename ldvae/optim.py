@@ -1,4 +1,8 @@
-"""The optimizer of the training loop: Adam with scvi-tools' settings, as torch's fused kernel."""
+"""The optimizer of the training loop: Adam with scvi-tools' settings, as torch's fused kernel.
+
+``step`` refuses an update that makes a parameter non-finite (a finite gradient times a
+huge learning rate can overflow): it puts the parameters and Adam's state back as they
+were and returns False, so the training loop keeps the last good step."""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class FusedAdam:
         self._flat_source = None  # (flat parameters, flat gradients), see use_flat
         self._flat = None  # (flat parameters, gradients, exp_avg, exp_avg_sq, the gradient views)
         self._set_up = False  # states complete and (where possible) flat
+        self._spare: list[Tensor] = []  # copies of the state before a step (see _Rollback)
 
     @property
     def params(self) -> list[Tensor]:
@@ -99,24 +104,29 @@ class FusedAdam:
         self._flat = (flat, flat_grad, *moments, [p.grad for p in params])
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One Adam step; False (nothing changed) when it would make a parameter non-finite."""
         if not self._set_up or len(self.state) < len(self.params):
             self._init_state()
             self._set_up = True
         if self._flat is not None and all(p.grad is g for p, g in zip(self.params, self._flat[4])):
             # every parameter, gradient and moment a view of one flat tensor; the steps are equal
             steps = [self.state[p]["step"] for p in self.params]
-            torch._foreach_add_(steps, 1)
-            self._fused(*([t] for t in self._flat[:4]), steps[:1])
-            return
+            flat, flat_grad, exp_avg, exp_avg_sq = self._flat[:4]
+            with _Rollback([flat, exp_avg, exp_avg_sq, *steps], [flat], self._spare) as update:
+                torch._foreach_add_(steps, 1)
+                self._fused([flat], [flat_grad], [exp_avg], [exp_avg_sq], steps[:1])
+            return update.ok
         params = [p for p in self.params if p.grad is not None]
         if not params:
-            return
+            return True
         states = [self.state[p] for p in params]
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        self._fused(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], steps)
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        with _Rollback([*params, *exp_avgs, *exp_avg_sqs, *steps], params, self._spare) as update:
+            torch._foreach_add_(steps, 1)
+            self._fused(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps)
+        return update.ok
 
     def _fused(self, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         group = self.param_groups[0]
@@ -165,10 +175,63 @@ class FusedAdam:
         self._flat = None
 
 
+class _Rollback:
+    """Copies of ``tensors`` taken on entry (into ``spare``, a list reused from step to
+    step) and put back on exit when ``watched`` (some of them) hold a non-finite value;
+    ``ok`` says which happened."""
+
+    def __init__(self, tensors: list[Tensor], watched: list[Tensor], spare: list[Tensor]):
+        self.tensors, self.watched, self.saved = tensors, watched, spare
+        self.ok = True
+
+    def __enter__(self):
+        if len(self.saved) == len(self.tensors) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            for a, b in zip(self.saved, self.tensors)
+        ):
+            torch._foreach_copy_(self.saved, self.tensors)
+        else:
+            self.saved[:] = [t.clone() for t in self.tensors]
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.ok = _all_finite(self.watched)
+            if not self.ok:
+                torch._foreach_copy_(self.tensors, self.saved)
+        return False
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    # the largest magnitude of each tensor: NaN and inf propagate, and it cannot overflow
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
+
+
+class _CheckedAdam(torch.optim.Adam):
+    """torch's Adam (parameters that are not all float32 on one device) with
+    ``FusedAdam.step``'s refusal of a non-finite update."""
+
+    @torch.no_grad()
+    def step(self) -> bool:  # type: ignore[override]
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        saved_params = [p.clone() for p in params]
+        saved_state = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
+                       for p, s in self.state.items()}
+        super().step()
+        if not params or _all_finite(params):
+            return True
+        torch._foreach_copy_(params, saved_params)
+        self.state.clear()
+        self.state.update(saved_state)
+        return False
+
+
 def adam(params: list[Tensor], config):
     """Adam with scvi-tools' settings (``config``: a ``train.TrainConfig``): ``FusedAdam``
-    when every parameter is float32 on one device (CPU or CUDA), torch's Adam otherwise."""
+    when every parameter is float32 on one device (CPU or CUDA), torch's Adam otherwise.
+    Both ``step`` methods return False, changing nothing, for an update that would make a
+    parameter non-finite."""
     kwargs = dict(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     if len({p.device for p in params}) == 1 and all(p.dtype == torch.float32 for p in params):
         return FusedAdam(params, **kwargs)
-    return torch.optim.Adam(params, **kwargs)
+    return _CheckedAdam(params, **kwargs)

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,8 @@ HISTORY_KEYS = (
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or its gradient became NaN/inf; the model keeps its last good parameters."""
+    """The loss or its gradient became NaN/inf, or an update would have made a parameter
+    NaN/inf; the model keeps its last good parameters."""
 
 
 @dataclass
@@ -181,7 +183,9 @@ class _DeferredInterrupt:
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # A process started with Ctrl-C ignored (a background job) keeps ignoring it.
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
@@ -290,13 +294,17 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     last_epoch = first_epoch + config.max_epochs
     val_every = config.check_val_every_n_epoch or (1 if config.early_stopping else None)
     module.train()
+    # A bar redrawn on every update suits a terminal; in a log file (CI, a batch job) it is
+    # thousands of lines, so there progress is a log line every tenth of the fit.
+    on_terminal = _stderr_is_terminal()
     bar = tqdm(
         total=config.max_epochs,
         desc="Training",
         unit="epoch",
-        disable=not config.progress_bar,
+        disable=not (config.progress_bar and on_terminal),
         dynamic_ncols=True,
     )
+    log_every = max(config.max_epochs // 10, 1) if config.progress_bar and not on_terminal else 0
     guard = _DeferredInterrupt()
     in_step = False  # True between the buffer snapshot and the end of an optimizer step
     try:
@@ -319,14 +327,14 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                         weights = [_kl_weight(state.step + j, state.warmup_steps) for j in range(len(chunk))]
                         torch._foreach_copy_(last_good_buffers, buffers)
                         in_step = True
-                        done, terms, failed_loss = runner(chunk, weights)
+                        done, terms, failed = runner(chunk, weights)
                         state.step += done
                         in_step = False
                         per_step.append(terms)
                         kl_weight = weights[done - 1] if done else kl_weight
-                        if failed_loss is not None:  # the runner left the parameters and buffers of the last good step
+                        if failed is not None:  # the runner left the state of the last good step
                             raise NonFiniteLossError(
-                                _nonfinite_message(module, failed_loss, epoch, start + done, config))
+                                _nonfinite_message(module, failed, epoch, start + done, config))
                 else:
                     for i, batch in enumerate(source.train_batches(gen)):
                         if guard.requested:
@@ -345,8 +353,11 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                         norm = _grad_norm(params) if compiled_step is None else compiled_step.grad_norm()
                         if not bool(torch.isfinite(out.loss + norm)):
                             torch._foreach_copy_(buffers, last_good_buffers)
-                            raise NonFiniteLossError(_nonfinite_message(module, out.loss, epoch, i, config))
-                        optimizer.step()
+                            what = "loss" if not bool(torch.isfinite(out.loss)) else "gradient"
+                            raise NonFiniteLossError(_nonfinite_message(module, what, epoch, i, config))
+                        if not optimizer.step():  # refused: parameters and Adam's state as before it
+                            torch._foreach_copy_(buffers, last_good_buffers)
+                            raise NonFiniteLossError(_nonfinite_message(module, "update", epoch, i, config))
                         state.step += 1
                         in_step = False
                         per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(),
@@ -379,6 +390,10 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                         is_last = True
                 bar.set_postfix(postfix)
                 bar.update(1)
+                done_epochs = epoch + 1 - first_epoch
+                if log_every and (done_epochs % log_every == 0 or is_last):
+                    logger.info("Training: epoch %d of %d, %s.", done_epochs, config.max_epochs,
+                                ", ".join(f"{k}={v}" for k, v in postfix.items()))
                 writes = comm is None or comm.is_main
                 if config.checkpoint_dir and writes and (state.epoch % config.checkpoint_every_n_epochs == 0 or is_last):
                     state.optimizer_state = optimizer.state_dict()
@@ -452,14 +467,23 @@ def _should_stop(state: TrainState, value: float, config: TrainConfig) -> bool:
     return state.epochs_since_best >= config.early_stopping_patience
 
 
-def _nonfinite_message(module: LDVAEModule, loss: Tensor, epoch: int, step: int, config: TrainConfig) -> str:
-    what = "loss" if not torch.isfinite(loss) else "gradient"
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
+
+
+def _nonfinite_message(module: LDVAEModule, what: str, epoch: int, step: int, config: TrainConfig) -> str:
+    """``what``: ``"loss"``, ``"gradient"`` or ``"update"`` (an optimizer step that would make
+    a parameter non-finite)."""
     hints = [f"lower the learning rate (lr={config.lr:g})"]
-    if not module.config.use_observed_lib_size:
+    if what != "update" and not module.config.use_observed_lib_size:
         hints.insert(0, "use_observed_lib_size=True (a learned library size is the usual cause on data "
                         "with extreme library sizes)")
+    subject = "parameters after the optimizer's update" if what == "update" else f"training {what}"
     return (
-        f"The training {what} became non-finite at epoch {epoch + 1}, step {step + 1} of that epoch. "
+        f"The {subject} became non-finite at epoch {epoch + 1}, step {step + 1} of that epoch. "
         f"The model keeps the parameters of the last good step. Try: {'; or '.join(hints)}; and check the "
         "input for extreme counts."
     )
