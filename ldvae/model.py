@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Literal, Sequence
@@ -63,6 +64,31 @@ _CHOICES = {
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_number(name: str, value, *, zero_allowed: bool = False) -> None:
+    """A finite real number > 0 (>= 0 with ``zero_allowed``)."""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(value)
+        and (value > 0 or (zero_allowed and value == 0))
+    )
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}.")
+
+
+def _check_plan(plan: dict) -> None:
+    """The optimizer and KL warm-up settings of ``train``, before any step uses them."""
+    for name in ("lr", "eps"):
+        if name in plan:
+            _check_number(name, plan[name])
+    if "weight_decay" in plan:
+        _check_number("weight_decay", plan["weight_decay"], zero_allowed=True)
+    for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup"):
+        value = plan.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}.")
 
 
 def resolve_device(accelerator: str = "auto", device: int | str | None = None) -> torch.device:
@@ -291,7 +317,8 @@ class LinearSCVI:
         train_size, validation_size
             Fractions of cells for training and validation (scvi-tools' split, seeded).
         batch_size
-            Cells per minibatch.
+            Cells per minibatch, at least 2 (batch normalization needs two cells); a last
+            minibatch of one cell joins the one before it.
         early_stopping
             Stop when ``elbo_validation`` has not improved for ``early_stopping_patience`` epochs.
         check_val_every_n_epoch
@@ -301,7 +328,8 @@ class LinearSCVI:
         lr
             Shortcut for ``plan_kwargs={"lr": ...}``.
         progress_bar
-            Show a progress bar (``enable_progress_bar=False`` is accepted too).
+            Show a progress bar when stderr is a terminal, else log a line (epoch, ELBO) every
+            tenth of the epochs; False: neither (``enable_progress_bar=False`` is accepted too).
         seed
             Random seed of splitting and training; default ``ldvae.settings.seed``.
         checkpoint_dir, checkpoint_every_n_epochs
@@ -331,7 +359,16 @@ class LinearSCVI:
             raise ValueError("Only optimizer='Adam' is supported.")
         if lr is not None:
             plan["lr"] = lr
+        _check_plan(plan)
         _check_positive_int("batch_size", batch_size)
+        if batch_size < 2:
+            raise ValueError(
+                f"batch_size must be at least 2, got {batch_size}: batch normalization computes each "
+                "minibatch's mean and variance over its cells, which one cell cannot give."
+            )
+        _check_positive_int("early_stopping_patience", early_stopping_patience)
+        if check_val_every_n_epoch is not None:
+            _check_positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
         n = self.adata.n_obs
         if max_epochs is None:
             max_epochs = int(min(400, round(20000 / n * 400)))
