@@ -778,7 +778,7 @@ class LinearSCVI:
         """Save to ``dir_path``: ``ldvae_model.json`` (settings, genes, categories, history,
         versions, the SHA-256 of the weights), ``model_state.pt`` (weights) and, with
         ``save_anndata``, ``adata.h5ad``. Each file is written atomically; the JSON last."""
-        from .io import atomic_torch_save, atomic_write_h5ad, atomic_write_json
+        from .io import atomic_torch_save, atomic_write_json
 
         d = Path(dir_path)
         p = prefix or ""
@@ -806,7 +806,7 @@ class LinearSCVI:
         # written last, catches corruption that would otherwise load as wrong weights.
         meta["weights_sha256"] = _sha256(d / f"{p}{MODEL_WEIGHTS}")
         if save_anndata:
-            atomic_write_h5ad(self.adata, d / f"{p}{ADATA_FILE}")
+            _write_h5ad_untouched(self.adata, d / f"{p}{ADATA_FILE}")
         atomic_write_json(d / f"{p}{MODEL_JSON}", meta)
 
     @classmethod
@@ -875,6 +875,28 @@ class LinearSCVI:
             f"LinearSCVI(n_latent={p['n_latent']}, n_hidden={p['n_hidden']}, gene_likelihood={p['gene_likelihood']!r}, "
             f"dispersion={p['dispersion']!r}) on {len(self.var_names_)} genes, {self.n_batch} batch(es); {status}"
         )
+
+
+def _write_h5ad_untouched(adata, path: Path) -> None:
+    """Write ``adata`` to ``path`` atomically without changing it: anndata's writer turns
+    string columns of obs and var into categoricals in place, so it writes an AnnData that
+    shares the matrices but holds its own copies of obs and var."""
+    import anndata
+
+    from .io import atomic_path
+
+    if adata.isbacked:  # its matrices stay on disk: write with the columns as they are
+        with atomic_path(path) as tmp:
+            adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
+        return
+    out = anndata.AnnData(
+        X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=dict(adata.uns), obsm=dict(adata.obsm),
+        varm=dict(adata.varm), layers=dict(adata.layers), obsp=dict(adata.obsp), varp=dict(adata.varp),
+    )
+    if adata.raw is not None:
+        out.raw = anndata.AnnData(X=adata.raw.X, obs=out.obs[[]], var=adata.raw.var.copy(), varm=dict(adata.raw.varm))
+    with atomic_path(path) as tmp:
+        out.write_h5ad(tmp)
 
 
 def _sha256(path: Path) -> str:
