@@ -6,6 +6,8 @@ were and returns False, so the training loop keeps the last good step."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -146,21 +148,12 @@ class FusedAdam:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A state dict of this class or of ``torch.optim.Adam`` over the same parameters."""
-        groups = state_dict.get("param_groups", [])
-        if len(groups) != 1 or len(groups[0].get("params", ())) != len(self.params):
-            raise ValueError(
-                f"the optimizer state has {sum(len(g.get('params', ())) for g in groups)} parameters in "
-                f"{len(groups)} groups; this model has {len(self.params)} in one group"
-            )
-        saved = groups[0]
+        check_state_dict(state_dict, self.params)
+        saved = state_dict["param_groups"][0]
         position = {i: k for k, i in enumerate(saved["params"])}
         state = {}
         for i, s in state_dict.get("state", {}).items():
             p = self.params[position[i]]
-            for key in ("exp_avg", "exp_avg_sq"):
-                if s[key].shape != p.shape:
-                    raise ValueError(f"optimizer state {key} of parameter {i} has shape "
-                                     f"{tuple(s[key].shape)}; the parameter has {tuple(p.shape)}")
             state[p] = {
                 "step": torch.as_tensor(s["step"], dtype=torch.float32, device=p.device).clone(),
                 "exp_avg": s["exp_avg"].to(p.device, p.dtype).clone(memory_format=torch.preserve_format),
@@ -173,6 +166,45 @@ class FusedAdam:
             if key in saved:
                 group[key] = tuple(saved[key]) if key == "betas" else saved[key]
         self._flat = None
+
+
+def check_state_dict(state_dict, params: list[Tensor]) -> None:
+    """That ``state_dict`` is an Adam state over ``params`` (one group, moments of the
+    parameters' shapes, finite); a ValueError saying what is wrong otherwise."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("the optimizer state has no list of parameter groups")
+    indices = groups[0].get("params") if len(groups) == 1 else None
+    if not isinstance(indices, list) or len(indices) != len(params):
+        n = sum(len(g.get("params", ())) for g in groups if isinstance(g.get("params", ()), (list, tuple)))
+        raise ValueError(f"the optimizer state has {n} parameters in {len(groups)} groups; "
+                         f"this model has {len(params)} in one group")
+    if sorted(i for i in indices if isinstance(i, int)) != sorted(range(len(params))):
+        raise ValueError(f"the optimizer state's parameter indices {indices[:10]} are not 0 to {len(params) - 1}")
+    betas = groups[0].get("betas", (0.9, 0.999))
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"the optimizer state's betas are {betas!r}, expected two numbers in [0, 1)")
+    state = state_dict.get("state", {})
+    if not isinstance(state, dict):
+        raise ValueError("the optimizer state's 'state' is not a dict")
+    position = {i: k for k, i in enumerate(indices)}
+    for i, s in state.items():
+        if i not in position or not isinstance(s, dict):
+            raise ValueError(f"the optimizer state has an entry for unknown parameter {i!r}")
+        p = params[position[i]]
+        step = s.get("step")
+        if not isinstance(step, (Tensor, int, float)) or not math.isfinite(float(step)) or float(step) < 0:
+            raise ValueError(f"the optimizer state's step of parameter {i} is {step!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = s.get(key)
+            if not isinstance(t, Tensor):
+                raise ValueError(f"optimizer state {key} of parameter {i} is missing or not a tensor")
+            if t.shape != p.shape:
+                raise ValueError(f"optimizer state {key} of parameter {i} has shape "
+                                 f"{tuple(t.shape)}; the parameter has {tuple(p.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"optimizer state {key} of parameter {i} holds non-finite values")
 
 
 class _Rollback:
