@@ -33,7 +33,9 @@ def _all_finite(loss, grads):
     return not bad
 
 
-@nb.njit(**_JIT)
+# fastmath without its finite-math flags: with them the compiler may assume the new values
+# are never inf or NaN and fold the check away
+@nb.njit(**{**_JIT, "fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"}})
 def _adam(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, old_p, old_m, old_v):
     """One Adam step (torch.optim.Adam's update, L2 weight decay) over flat float32 arrays;
     ``step`` counts this one (1 for the first). Returns False when the update made a
@@ -47,8 +49,8 @@ def _adam(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weigh
     inv_bias2_sqrt = f32(1.0 / bias2_sqrt)
     b1, b2, e, wd = f32(beta1), f32(beta2), f32(eps), f32(weight_decay)
     c1, c2 = f32(1.0 - beta1), f32(1.0 - beta2)
-    bits = params.view(np.int32)
-    bad = False
+    largest = f32(np.finfo(np.float32).max)
+    ok = True
     for i in range(params.shape[0]):
         p = params[i]
         g = grads[i] + wd * p
@@ -59,14 +61,14 @@ def _adam(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weigh
         old_p[i] = p
         exp_avg[i] = m
         exp_avg_sq[i] = v
-        params[i] = p - step_size * m / (np.sqrt(v) * inv_bias2_sqrt + e)
-        # from the bits: under fastmath the compiler may fold a float test for NaN away
-        bad |= (bits[i] & 0x7F800000) == 0x7F800000
-    if bad:
+        new = p - step_size * m / (np.sqrt(v) * inv_bias2_sqrt + e)
+        params[i] = new
+        ok &= abs(new) <= largest  # False for inf and NaN
+    if not ok:
         params[:] = old_p
         exp_avg[:] = old_m
         exp_avg_sq[:] = old_v
-    return not bad
+    return ok
 
 
 @nb.njit(**_JIT)
