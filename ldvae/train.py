@@ -530,7 +530,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or corrupted file, or one holding pickled objects
-        raise ValueError(f"{path} is not a readable ldvae checkpoint ({type(err).__name__}: {err}).") from err
+        raise ModelFileError(f"{path} is not a readable ldvae checkpoint ({type(err).__name__}: {err}).") from err
     if not isinstance(payload, dict) or payload.get("format") != "ldvae-checkpoint":
         raise ModelFileError(f"{path} is not an ldvae checkpoint.")
     version = payload.get("format_version")
