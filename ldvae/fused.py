@@ -348,10 +348,11 @@ class StepRunner:
 
     def __call__(self, parts: list[Tensor], kl_weights: list[float]):
         """Train on the minibatches ``parts`` (cell indices). Returns the number of steps
-        completed (fewer than len(parts) when one became non-finite; the model then holds
-        the parameters and running statistics from before it); over the completed steps, the
-        per-cell reconstruction, kl_z and kl_l and the loss summed over cells; and the loss of
-        the step that became non-finite (None when all completed)."""
+        completed (fewer than len(parts) when one became non-finite; the model and optimizer
+        then hold the state from before it); over the completed steps, the per-cell
+        reconstruction, kl_z and kl_l and the loss summed over cells; and what became
+        non-finite in the failed step, ``"loss"``, ``"gradient"`` or ``"update"`` (None when
+        all completed)."""
         m, step = self.step.module, self.step
         sizes = [len(p) for p in parts]
         bounds = torch.zeros(len(parts) + 1, dtype=torch.int64)
@@ -377,6 +378,7 @@ class StepRunner:
                             dtype=torch.float64)
         rec, kl_z, kl_l = torch.empty(total), torch.empty(total), torch.empty(total)
         losses = torch.empty(len(parts), dtype=torch.float64)
+        failure = np.zeros(1, np.int64)
         zbn, dbn = self.norms[0], self.norms[1]
         done = cpu_loop.train_steps(
             *self.arrays, torch.cat(parts).numpy(), bounds.numpy(), noise_z.numpy(), noise_l.numpy(),
@@ -385,15 +387,17 @@ class StepRunner:
             zbn.running_mean.numpy(), zbn.running_var.numpy(), step.l_stats[0].numpy(), step.l_stats[1].numpy(),
             dbn.running_mean.numpy(), dbn.running_var.numpy(), float(dbn.eps), self.rate_z,
             moments[0].numpy(), moments[1].numpy(), adam.numpy(),
-            rec.numpy(), kl_z.numpy(), kl_l.numpy(), losses.numpy(),
+            rec.numpy(), kl_z.numpy(), kl_l.numpy(), losses.numpy(), failure,
         )
         self.optimizer.advance(done)
         for bn in self.norms:
             bn.num_batches_tracked.add_(done)
-        failed_loss = losses[done].float() if done < len(parts) else None
+        failed = None
+        if done < len(parts):
+            failed = "update" if failure[0] == 2 else "loss" if not np.isfinite(float(losses[done])) else "gradient"
         cells = int(bounds[done])
         loss_sum = (losses[:done].float().double() * (bounds[1 : done + 1] - bounds[:done])).sum()
-        return done, (rec[:cells], kl_z[:cells], kl_l[:cells], loss_sum), failed_loss
+        return done, (rec[:cells], kl_z[:cells], kl_l[:cells], loss_sum), failed
 
 
 def _momenta(bn: nn.BatchNorm1d, steps: int) -> Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Literal, Sequence
@@ -31,7 +32,18 @@ from .data import (
 )
 from .module import LDVAEModule, ModuleConfig
 from .stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk, read_into_memory
-from .train import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint, split_indices
+from .optim import check_state_dict
+from .train import (
+    InMemorySource,
+    ModelFileError,
+    TrainConfig,
+    TrainState,
+    check_history,
+    check_weights,
+    fit,
+    load_checkpoint,
+    split_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +75,52 @@ _CHOICES = {
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_number(name: str, value, *, zero_allowed: bool = False) -> None:
+    """A finite real number > 0 (>= 0 with ``zero_allowed``)."""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(value)
+        and (value > 0 or (zero_allowed and value == 0))
+    )
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}.")
+
+
+def _check_plan(plan: dict) -> None:
+    """The optimizer and KL warm-up settings of ``train``, before any step uses them."""
+    for name in ("lr", "eps"):
+        if name in plan:
+            _check_number(name, plan[name])
+    if "weight_decay" in plan:
+        _check_number("weight_decay", plan["weight_decay"], zero_allowed=True)
+    for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup"):
+        value = plan.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}.")
+
+
+_BOOL_PARAMS = ("use_observed_lib_size", "use_batch_norm", "bias")
+
+
+def _check_init_params(params: dict) -> None:
+    """The constructor's settings (those present in ``params``): a ValueError naming the
+    first invalid one."""
+    for name in ("n_hidden", "n_latent", "n_layers"):
+        if name in params:
+            _check_positive_int(name, params[name])
+    if "dropout_rate" in params:
+        rate = params["dropout_rate"]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {rate!r}.")
+    for name, allowed in _CHOICES.items():
+        if name in params and params[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {params[name]!r}.")
+    for name in _BOOL_PARAMS:
+        if name in params and not isinstance(params[name], bool):
+            raise ValueError(f"{name} must be True or False, got {params[name]!r}.")
 
 
 def resolve_device(accelerator: str = "auto", device: int | str | None = None) -> torch.device:
@@ -126,13 +184,10 @@ class LinearSCVI:
     ):
         if model_kwargs:
             raise TypeError(f"LinearSCVI got unexpected keyword arguments: {sorted(model_kwargs)}.")
-        for name in ("n_hidden", "n_latent", "n_layers"):
-            _check_positive_int(name, locals()[name])
-        if not 0.0 <= float(dropout_rate) < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
-        for name, allowed in _CHOICES.items():
-            if locals()[name] not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {locals()[name]!r}.")
+        _check_init_params(dict(
+            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
+            dispersion=dispersion, gene_likelihood=gene_likelihood, latent_distribution=latent_distribution,
+        ))
         self.init_params_ = dict(
             n_hidden=int(n_hidden),
             n_latent=int(n_latent),
@@ -291,7 +346,8 @@ class LinearSCVI:
         train_size, validation_size
             Fractions of cells for training and validation (scvi-tools' split, seeded).
         batch_size
-            Cells per minibatch.
+            Cells per minibatch, at least 2 (batch normalization needs two cells); a last
+            minibatch of one cell joins the one before it.
         early_stopping
             Stop when ``elbo_validation`` has not improved for ``early_stopping_patience`` epochs.
         check_val_every_n_epoch
@@ -301,7 +357,8 @@ class LinearSCVI:
         lr
             Shortcut for ``plan_kwargs={"lr": ...}``.
         progress_bar
-            Show a progress bar (``enable_progress_bar=False`` is accepted too).
+            Show a progress bar when stderr is a terminal, else log a line (epoch, ELBO) every
+            tenth of the epochs; False: neither (``enable_progress_bar=False`` is accepted too).
         seed
             Random seed of splitting and training; default ``ldvae.settings.seed``.
         checkpoint_dir, checkpoint_every_n_epochs
@@ -331,7 +388,16 @@ class LinearSCVI:
             raise ValueError("Only optimizer='Adam' is supported.")
         if lr is not None:
             plan["lr"] = lr
+        _check_plan(plan)
         _check_positive_int("batch_size", batch_size)
+        if batch_size < 2:
+            raise ValueError(
+                f"batch_size must be at least 2, got {batch_size}: batch normalization computes each "
+                "minibatch's mean and variance over its cells, which one cell cannot give."
+            )
+        _check_positive_int("early_stopping_patience", early_stopping_patience)
+        if check_val_every_n_epoch is not None:
+            _check_positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
         n = self.adata.n_obs
         if max_epochs is None:
             max_epochs = int(min(400, round(20000 / n * 400)))
@@ -373,14 +439,22 @@ class LinearSCVI:
         )
         state = self.train_state_ or TrainState()
         if payload is not None:
-            try:
-                self.module.load_state_dict(payload["module_state"])
-            except RuntimeError as err:
-                raise ValueError(
+            # every check first: a checkpoint that does not fit leaves the model as it was
+            def mismatch(key, detail):
+                return ModelFileError(
                     f"The checkpoint {resume_from} was written by a model with other settings or genes "
-                    f"({err}). Resume with the LinearSCVI settings and data it was trained with."
-                ) from err
-            state = TrainState(**payload["train_state"])
+                    f"({detail}). Resume with the LinearSCVI settings and data it was trained with."
+                )
+
+            check_weights(payload["module_state"], self.module.state_dict(), mismatch)
+            resumed = TrainState(**payload["train_state"])
+            if resumed.optimizer_state is not None:
+                try:
+                    check_state_dict(resumed.optimizer_state, [p for p in self.module.parameters() if p.requires_grad])
+                except ValueError as err:
+                    raise ModelFileError(f"The checkpoint {resume_from} is damaged: {err}.") from err
+            self.module.load_state_dict(payload["module_state"])
+            state = resumed
             state.interrupted = False
             config.max_epochs = max(max_epochs - state.epoch, 0)
             logger.info("Resuming from epoch %d (%d steps) of %s.", state.epoch, state.step, resume_from)
@@ -741,7 +815,7 @@ class LinearSCVI:
         """Save to ``dir_path``: ``ldvae_model.json`` (settings, genes, categories, history,
         versions, the SHA-256 of the weights), ``model_state.pt`` (weights) and, with
         ``save_anndata``, ``adata.h5ad``. Each file is written atomically; the JSON last."""
-        from .io import atomic_torch_save, atomic_write_h5ad, atomic_write_json
+        from .io import atomic_torch_save, atomic_write_json
 
         d = Path(dir_path)
         p = prefix or ""
@@ -769,7 +843,7 @@ class LinearSCVI:
         # written last, catches corruption that would otherwise load as wrong weights.
         meta["weights_sha256"] = _sha256(d / f"{p}{MODEL_WEIGHTS}")
         if save_anndata:
-            atomic_write_h5ad(self.adata, d / f"{p}{ADATA_FILE}")
+            _write_h5ad_untouched(self.adata, d / f"{p}{ADATA_FILE}")
         atomic_write_json(d / f"{p}{MODEL_JSON}", meta)
 
     @classmethod
@@ -782,10 +856,18 @@ class LinearSCVI:
         prefix: str | None = None,
     ) -> "LinearSCVI":
         """Load a model saved with :meth:`save`. ``adata`` must have the model's genes (in order)
-        and only known categories; without ``adata`` the saved ``adata.h5ad`` is used."""
+        and only known categories; without ``adata`` the saved ``adata.h5ad`` is used.
+
+        Every field of the JSON and the stored weights' keys, shapes and values are checked
+        before anything is built (a ModelFileError naming the field, its value and the file);
+        ``adata.uns["ldvae_setup"]`` is written only when the whole load succeeded."""
         d = Path(dir_path)
         p = prefix or ""
-        meta = _read_model_json(d / f"{p}{MODEL_JSON}")
+        json_path = d / f"{p}{MODEL_JSON}"
+        meta = _read_model_json(json_path)
+        weights = d / f"{p}{MODEL_WEIGHTS}"
+        state = _read_weights(weights, meta, json_path)
+        target = resolve_device(accelerator, device if isinstance(device, int) else None)
         if adata is None:
             path = d / f"{p}{ADATA_FILE}"
             if not path.exists():
@@ -807,28 +889,15 @@ class LinearSCVI:
         read_covariates(adata, saved_setup)  # unknown categories fail here, naming the first
         n_batch = model.n_batch
         model.module = LDVAEModule(model._module_config(), torch.zeros(n_batch), torch.ones(n_batch))
-        weights = d / f"{p}{MODEL_WEIGHTS}"
-        expected = meta.get("weights_sha256")
-        if expected is not None and weights.is_file() and _sha256(weights) != expected:
-            raise ValueError(
-                f"{weights} does not match the checksum recorded in {p}{MODEL_JSON}: it is corrupted or was "
-                "replaced after saving. Save the model again from a trained instance."
-            )
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.module.load_state_dict(state)
-        except FileNotFoundError:
-            raise
-        except Exception as err:
-            raise ValueError(f"{weights} is not a readable ldvae weights file ({type(err).__name__}: {err}).") from err
-        if record_setup:  # only once every check passed: a failed load leaves adata untouched
-            adata.uns["ldvae_setup"] = saved_setup
+        model.module.load_state_dict(state)  # keys, shapes and dtypes checked by _read_weights
         model.module.eval()
-        model.device = resolve_device(accelerator, device if isinstance(device, int) else None)
+        model.device = target
         model.module.to(model.device)
         ts = meta.get("train_state")
         model.train_state_ = None if ts is None else TrainState(**ts)
         model.is_trained_ = bool(meta.get("is_trained"))
+        if record_setup:  # only once everything succeeded: a failed load leaves adata untouched
+            adata.uns["ldvae_setup"] = saved_setup
         return model
 
     def __repr__(self) -> str:
@@ -840,6 +909,28 @@ class LinearSCVI:
         )
 
 
+def _write_h5ad_untouched(adata, path: Path) -> None:
+    """Write ``adata`` to ``path`` atomically without changing it: anndata's writer turns
+    string columns of obs and var into categoricals in place, so it writes an AnnData that
+    shares the matrices but holds its own copies of obs and var."""
+    import anndata
+
+    from .io import atomic_path
+
+    if adata.isbacked:  # its matrices stay on disk: write with the columns as they are
+        with atomic_path(path) as tmp:
+            adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
+        return
+    out = anndata.AnnData(
+        X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=dict(adata.uns), obsm=dict(adata.obsm),
+        varm=dict(adata.varm), layers=dict(adata.layers), obsp=dict(adata.obsp), varp=dict(adata.varp),
+    )
+    if adata.raw is not None:
+        out.raw = anndata.AnnData(X=adata.raw.X, obs=out.obs[[]], var=adata.raw.var.copy(), varm=dict(adata.raw.varm))
+    with atomic_path(path) as tmp:
+        out.write_h5ad(tmp)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -849,21 +940,177 @@ def _sha256(path: Path) -> str:
 
 
 def _read_model_json(path: Path) -> dict:
+    """The model JSON written by ``save``, every field checked (ModelFileError naming it)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; is {path.parent} a directory written by model.save()?")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a valid ldvae model file (corrupted or truncated JSON: {err}).") from err
+        raise ModelFileError(f"{path} is not a valid ldvae model file (corrupted or truncated JSON: {err}).") from err
     if not isinstance(meta, dict) or meta.get("format") != "ldvae-model":
-        raise ValueError(f"{path} is not an ldvae model file.")
+        raise ModelFileError(f"{path} is not an ldvae model file.")
     version = meta.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
+        raise ModelFileError(
             f"{path} was written in model format version {version!r}; this ldvae ({__version__}) reads "
             f"up to version {FORMAT_VERSION}. Upgrade ldvae to load it."
         )
     missing = [k for k in ("init_params", "setup", "var_names") if not isinstance(meta.get(k), (dict, list))]
     if missing:
-        raise ValueError(f"{path} is not a valid ldvae model file (corrupted: missing or invalid {missing}).")
+        raise ModelFileError(f"{path} is not a valid ldvae model file (corrupted: missing or invalid {missing}).")
+    _check_meta(meta, path)
     return meta
+
+
+_META_KEYS = {"format", "format_version", "ldvae_version", "torch_version", "init_params", "setup", "var_names",
+              "n_cells", "is_trained", "train_state", "weights_sha256"}
+_INIT_PARAMS = {"n_hidden", "n_latent", "n_layers", "dropout_rate", *_CHOICES, *_BOOL_PARAMS}
+_TRAIN_STATE_KEYS = {"epoch", "step", "warmup_steps", "history"}
+
+
+def _damaged(path: Path, field: str, value, want: str) -> ModelFileError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return ModelFileError(f"{path} is damaged: {field} must be {want}, got {shown}. Save the model again.")
+
+
+def _is_str_list(value, *, nonempty: bool = False) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value) and (bool(value) or not nonempty)
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    extra = sorted(set(meta) - _META_KEYS)
+    if extra:
+        raise _damaged(path, "the top level", extra, f"only the keys {sorted(_META_KEYS)}")
+    params = meta["init_params"]
+    if not isinstance(params, dict) or set(params) != _INIT_PARAMS:
+        got = sorted(params) if isinstance(params, dict) else params
+        raise _damaged(path, "init_params", got, f"the keys {sorted(_INIT_PARAMS)}")
+    try:
+        _check_init_params(params)
+    except ValueError as err:  # the constructor's message, naming the setting and its value
+        raise ModelFileError(f"{path} is damaged: init_params.{err} Save the model again.") from err
+    setup = meta["setup"]
+    if not isinstance(setup, dict):
+        raise _damaged(path, "setup", setup, "a dict")
+    _check_setup(setup, path)
+    if params["dispersion"] == "gene-label" and "labels_key" not in setup:
+        raise _damaged(path, "init_params.dispersion", "gene-label", "labels recorded in setup")
+    if not _is_str_list(meta["var_names"], nonempty=True):
+        raise _damaged(path, "var_names", meta["var_names"], "a non-empty list of gene names")
+    n_cells = meta.get("n_cells", 0)
+    if isinstance(n_cells, bool) or not isinstance(n_cells, int) or n_cells < 0:
+        raise _damaged(path, "n_cells", n_cells, "an integer >= 0")
+    if not isinstance(meta.get("is_trained", False), bool):
+        raise _damaged(path, "is_trained", meta["is_trained"], "true or false")
+    for key in ("ldvae_version", "torch_version"):
+        if not isinstance(meta.get(key, ""), str):
+            raise _damaged(path, key, meta[key], "a version string")
+    digest = meta.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        raise _damaged(path, "weights_sha256", digest, "null or a SHA-256 hex digest")
+    ts = meta.get("train_state")
+    if ts is not None:
+        if not isinstance(ts, dict) or set(ts) != _TRAIN_STATE_KEYS:
+            got = sorted(ts) if isinstance(ts, dict) else ts
+            raise _damaged(path, "train_state", got, f"null or the keys {sorted(_TRAIN_STATE_KEYS)}")
+        for key in ("epoch", "step", "warmup_steps"):
+            if isinstance(ts[key], bool) or not isinstance(ts[key], int) or ts[key] < 0:
+                raise _damaged(path, f"train_state.{key}", ts[key], "an integer >= 0")
+        check_history(ts["history"], lambda field, value, want: _damaged(path, f"train_state[{field}]", value, want))
+
+
+def _check_setup(setup: dict, path: Path) -> None:
+    """``setup_anndata``'s record as saved: the keys it writes, with their types."""
+    known = {"layer", "batch_key", "batch_categories", "labels_key", "label_categories",
+             "categorical_covariate_keys", "categorical_covariate_categories", "continuous_covariate_keys"}
+    extra = sorted(set(setup) - known)
+    if extra:
+        raise _damaged(path, "setup", extra, f"only the keys {sorted(known)}")
+    for key in ("layer", "batch_key", "labels_key"):
+        if key in setup and not isinstance(setup[key], str):
+            raise _damaged(path, f"setup.{key}", setup[key], "a string")
+    for key, categories in (("batch_key", "batch_categories"), ("labels_key", "label_categories")):
+        if (key in setup) != (categories in setup):
+            raise _damaged(path, "setup", sorted(setup), f"{key} and {categories} together")
+        if categories in setup and not _is_str_list(setup[categories], nonempty=True):
+            raise _damaged(path, f"setup.{categories}", setup[categories], "a non-empty list of strings")
+    for key in ("categorical_covariate_keys", "continuous_covariate_keys"):
+        if key in setup and not _is_str_list(setup[key]):
+            raise _damaged(path, f"setup.{key}", setup[key], "a list of obs column names")
+    cats = setup.get("categorical_covariate_categories", {})
+    keys = setup.get("categorical_covariate_keys", [])
+    if not isinstance(cats, dict) or sorted(cats) != sorted(keys) or not all(
+        _is_str_list(v, nonempty=True) for v in cats.values()
+    ):
+        raise _damaged(path, "setup.categorical_covariate_categories", cats,
+                       "a non-empty list of strings for each of categorical_covariate_keys")
+
+
+def _read_weights(weights: Path, meta: dict, json_path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``weights``, checked against the checksum in the JSON and against
+    the keys, shapes and dtypes that the JSON's settings imply. The implied shapes come from
+    a module on torch's meta device (no memory), built only once every size the JSON
+    gives is within what the stored tensors can hold."""
+    expected = meta.get("weights_sha256")
+    if expected is not None and weights.is_file() and _sha256(weights) != expected:
+        raise ModelFileError(
+            f"{weights} does not match the checksum recorded in {json_path.name}: it is corrupted or was "
+            "replaced after saving. Save the model again from a trained instance."
+        )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ModelFileError(
+            f"{weights} is not a readable ldvae weights file ({type(err).__name__}: {err}).") from err
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ModelFileError(f"{weights} is not a readable ldvae weights file (not a dict of named tensors).")
+    params = meta["init_params"]
+    largest = max((t.numel() for t in state.values()), default=0)
+    for name, bound in (("n_hidden", largest), ("n_latent", largest), ("n_layers", len(state))):
+        if params[name] > bound:
+            raise ModelFileError(
+                f"init_params.{name}={params[name]} in {json_path} does not match the weights in {weights.name} "
+                f"(their {len(state)} tensors hold at most {largest} values each). The JSON was edited or "
+                "belongs to another model; save the model again."
+            )
+    setup = meta["setup"]
+    cats = setup.get("categorical_covariate_categories", {})
+    n_batch = len(setup.get("batch_categories", ["0"]))
+    config = ModuleConfig(
+        n_genes=len(meta["var_names"]),
+        n_batch=n_batch,
+        n_labels=len(setup.get("label_categories", ["0"])),
+        n_cats_per_cov=tuple(len(cats[k]) for k in setup.get("categorical_covariate_keys", [])),
+        n_continuous_cov=len(setup.get("continuous_covariate_keys", [])),
+        **params,
+    )
+    means, variances = torch.zeros(n_batch), torch.ones(n_batch)  # on the CPU: the module reads their mean
+    with torch.device("meta"):
+        reference = LDVAEModule(config, means, variances).state_dict()
+    sizes = {
+        "init_params.n_hidden": config.n_hidden,
+        "init_params.n_latent": config.n_latent,
+        "var_names (the number of genes)": config.n_genes,
+        "setup.batch_categories (the number of batches)": config.n_batch,
+        "setup.label_categories (the number of labels)": config.n_labels,
+    }
+
+    def mismatch(key, detail):
+        field = ""
+        if key is not None and state[key].dim() == reference[key].dim():
+            for got, want in zip(state[key].shape, reference[key].shape):
+                name = next((n for n, v in sizes.items() if v == want), None) if got != want else None
+                if name is not None:
+                    field = f" {name}={want} in {json_path.name} disagrees with them;"
+                    break
+        return ModelFileError(
+            f"{weights} does not fit {json_path} ({detail}):{field or ' the settings disagree with them;'} "
+            "the files belong to different models or one was edited. Save the model again."
+        )
+
+    check_weights(state, reference, mismatch)
+    return state

@@ -1,6 +1,12 @@
-"""The optimizer of the training loop: Adam with scvi-tools' settings, as torch's fused kernel."""
+"""The optimizer of the training loop: Adam with scvi-tools' settings, as torch's fused kernel.
+
+``step`` refuses an update that makes a parameter non-finite (a finite gradient times a
+huge learning rate can overflow): it puts the parameters and Adam's state back as they
+were and returns False, so the training loop keeps the last good step."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -29,6 +35,7 @@ class FusedAdam:
         self._flat_source = None  # (flat parameters, flat gradients), see use_flat
         self._flat = None  # (flat parameters, gradients, exp_avg, exp_avg_sq, the gradient views)
         self._set_up = False  # states complete and (where possible) flat
+        self._spare: list[Tensor] = []  # copies of the state before a step (see _Rollback)
 
     @property
     def params(self) -> list[Tensor]:
@@ -99,24 +106,29 @@ class FusedAdam:
         self._flat = (flat, flat_grad, *moments, [p.grad for p in params])
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One Adam step; False (nothing changed) when it would make a parameter non-finite."""
         if not self._set_up or len(self.state) < len(self.params):
             self._init_state()
             self._set_up = True
         if self._flat is not None and all(p.grad is g for p, g in zip(self.params, self._flat[4])):
             # every parameter, gradient and moment a view of one flat tensor; the steps are equal
             steps = [self.state[p]["step"] for p in self.params]
-            torch._foreach_add_(steps, 1)
-            self._fused(*([t] for t in self._flat[:4]), steps[:1])
-            return
+            flat, flat_grad, exp_avg, exp_avg_sq = self._flat[:4]
+            with _Rollback([flat, exp_avg, exp_avg_sq, *steps], [flat], self._spare) as update:
+                torch._foreach_add_(steps, 1)
+                self._fused([flat], [flat_grad], [exp_avg], [exp_avg_sq], steps[:1])
+            return update.ok
         params = [p for p in self.params if p.grad is not None]
         if not params:
-            return
+            return True
         states = [self.state[p] for p in params]
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        self._fused(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], steps)
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        with _Rollback([*params, *exp_avgs, *exp_avg_sqs, *steps], params, self._spare) as update:
+            torch._foreach_add_(steps, 1)
+            self._fused(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps)
+        return update.ok
 
     def _fused(self, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         group = self.param_groups[0]
@@ -136,21 +148,12 @@ class FusedAdam:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A state dict of this class or of ``torch.optim.Adam`` over the same parameters."""
-        groups = state_dict.get("param_groups", [])
-        if len(groups) != 1 or len(groups[0].get("params", ())) != len(self.params):
-            raise ValueError(
-                f"the optimizer state has {sum(len(g.get('params', ())) for g in groups)} parameters in "
-                f"{len(groups)} groups; this model has {len(self.params)} in one group"
-            )
-        saved = groups[0]
+        check_state_dict(state_dict, self.params)
+        saved = state_dict["param_groups"][0]
         position = {i: k for k, i in enumerate(saved["params"])}
         state = {}
         for i, s in state_dict.get("state", {}).items():
             p = self.params[position[i]]
-            for key in ("exp_avg", "exp_avg_sq"):
-                if s[key].shape != p.shape:
-                    raise ValueError(f"optimizer state {key} of parameter {i} has shape "
-                                     f"{tuple(s[key].shape)}; the parameter has {tuple(p.shape)}")
             state[p] = {
                 "step": torch.as_tensor(s["step"], dtype=torch.float32, device=p.device).clone(),
                 "exp_avg": s["exp_avg"].to(p.device, p.dtype).clone(memory_format=torch.preserve_format),
@@ -165,10 +168,102 @@ class FusedAdam:
         self._flat = None
 
 
+def check_state_dict(state_dict, params: list[Tensor]) -> None:
+    """That ``state_dict`` is an Adam state over ``params`` (one group, moments of the
+    parameters' shapes, finite); a ValueError saying what is wrong otherwise."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("the optimizer state has no list of parameter groups")
+    indices = groups[0].get("params") if len(groups) == 1 else None
+    if not isinstance(indices, list) or len(indices) != len(params):
+        n = sum(len(g.get("params", ())) for g in groups if isinstance(g.get("params", ()), (list, tuple)))
+        raise ValueError(f"the optimizer state has {n} parameters in {len(groups)} groups; "
+                         f"this model has {len(params)} in one group")
+    if sorted(i for i in indices if isinstance(i, int)) != sorted(range(len(params))):
+        raise ValueError(f"the optimizer state's parameter indices {indices[:10]} are not 0 to {len(params) - 1}")
+    betas = groups[0].get("betas", (0.9, 0.999))
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"the optimizer state's betas are {betas!r}, expected two numbers in [0, 1)")
+    state = state_dict.get("state", {})
+    if not isinstance(state, dict):
+        raise ValueError("the optimizer state's 'state' is not a dict")
+    position = {i: k for k, i in enumerate(indices)}
+    for i, s in state.items():
+        if i not in position or not isinstance(s, dict):
+            raise ValueError(f"the optimizer state has an entry for unknown parameter {i!r}")
+        p = params[position[i]]
+        step = s.get("step")
+        if not isinstance(step, (Tensor, int, float)) or not math.isfinite(float(step)) or float(step) < 0:
+            raise ValueError(f"the optimizer state's step of parameter {i} is {step!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = s.get(key)
+            if not isinstance(t, Tensor):
+                raise ValueError(f"optimizer state {key} of parameter {i} is missing or not a tensor")
+            if t.shape != p.shape:
+                raise ValueError(f"optimizer state {key} of parameter {i} has shape "
+                                 f"{tuple(t.shape)}; the parameter has {tuple(p.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"optimizer state {key} of parameter {i} holds non-finite values")
+
+
+class _Rollback:
+    """Copies of ``tensors`` taken on entry (into ``spare``, a list reused from step to
+    step) and put back on exit when ``watched`` (some of them) hold a non-finite value;
+    ``ok`` says which happened."""
+
+    def __init__(self, tensors: list[Tensor], watched: list[Tensor], spare: list[Tensor]):
+        self.tensors, self.watched, self.saved = tensors, watched, spare
+        self.ok = True
+
+    def __enter__(self):
+        if len(self.saved) == len(self.tensors) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            for a, b in zip(self.saved, self.tensors)
+        ):
+            torch._foreach_copy_(self.saved, self.tensors)
+        else:
+            self.saved[:] = [t.clone() for t in self.tensors]
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.ok = _all_finite(self.watched)
+            if not self.ok:
+                torch._foreach_copy_(self.tensors, self.saved)
+        return False
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    # the largest magnitude of each tensor: NaN and inf propagate, and it cannot overflow
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
+
+
+class _CheckedAdam(torch.optim.Adam):
+    """torch's Adam (parameters that are not all float32 on one device) with
+    ``FusedAdam.step``'s refusal of a non-finite update."""
+
+    @torch.no_grad()
+    def step(self) -> bool:  # type: ignore[override]
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        saved_params = [p.clone() for p in params]
+        saved_state = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
+                       for p, s in self.state.items()}
+        super().step()
+        if not params or _all_finite(params):
+            return True
+        torch._foreach_copy_(params, saved_params)
+        self.state.clear()
+        self.state.update(saved_state)
+        return False
+
+
 def adam(params: list[Tensor], config):
     """Adam with scvi-tools' settings (``config``: a ``train.TrainConfig``): ``FusedAdam``
-    when every parameter is float32 on one device (CPU or CUDA), torch's Adam otherwise."""
+    when every parameter is float32 on one device (CPU or CUDA), torch's Adam otherwise.
+    Both ``step`` methods return False, changing nothing, for an update that would make a
+    parameter non-finite."""
     kwargs = dict(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     if len({p.device for p in params}) == 1 and all(p.dtype == torch.float32 for p in params):
         return FusedAdam(params, **kwargs)
-    return torch.optim.Adam(params, **kwargs)
+    return _CheckedAdam(params, **kwargs)

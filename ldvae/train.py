@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,13 @@ HISTORY_KEYS = (
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or its gradient became NaN/inf; the model keeps its last good parameters."""
+    """The loss or its gradient became NaN/inf, or an update would have made a parameter
+    NaN/inf; the model keeps its last good parameters."""
+
+
+class ModelFileError(ValueError):
+    """A saved model or checkpoint is damaged, foreign, or disagrees with itself or with
+    the model it is loaded into; nothing was changed."""
 
 
 @dataclass
@@ -181,7 +188,9 @@ class _DeferredInterrupt:
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # A process started with Ctrl-C ignored (a background job) keeps ignoring it.
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
@@ -290,13 +299,17 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     last_epoch = first_epoch + config.max_epochs
     val_every = config.check_val_every_n_epoch or (1 if config.early_stopping else None)
     module.train()
+    # A bar redrawn on every update suits a terminal; in a log file (CI, a batch job) it is
+    # thousands of lines, so there progress is a log line every tenth of the fit.
+    on_terminal = _stderr_is_terminal()
     bar = tqdm(
         total=config.max_epochs,
         desc="Training",
         unit="epoch",
-        disable=not config.progress_bar,
+        disable=not (config.progress_bar and on_terminal),
         dynamic_ncols=True,
     )
+    log_every = max(config.max_epochs // 10, 1) if config.progress_bar and not on_terminal else 0
     guard = _DeferredInterrupt()
     in_step = False  # True between the buffer snapshot and the end of an optimizer step
     try:
@@ -319,14 +332,14 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                         weights = [_kl_weight(state.step + j, state.warmup_steps) for j in range(len(chunk))]
                         torch._foreach_copy_(last_good_buffers, buffers)
                         in_step = True
-                        done, terms, failed_loss = runner(chunk, weights)
+                        done, terms, failed = runner(chunk, weights)
                         state.step += done
                         in_step = False
                         per_step.append(terms)
                         kl_weight = weights[done - 1] if done else kl_weight
-                        if failed_loss is not None:  # the runner left the parameters and buffers of the last good step
+                        if failed is not None:  # the runner left the state of the last good step
                             raise NonFiniteLossError(
-                                _nonfinite_message(module, failed_loss, epoch, start + done, config))
+                                _nonfinite_message(module, failed, epoch, start + done, config))
                 else:
                     for i, batch in enumerate(source.train_batches(gen)):
                         if guard.requested:
@@ -345,8 +358,11 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                         norm = _grad_norm(params) if compiled_step is None else compiled_step.grad_norm()
                         if not bool(torch.isfinite(out.loss + norm)):
                             torch._foreach_copy_(buffers, last_good_buffers)
-                            raise NonFiniteLossError(_nonfinite_message(module, out.loss, epoch, i, config))
-                        optimizer.step()
+                            what = "loss" if not bool(torch.isfinite(out.loss)) else "gradient"
+                            raise NonFiniteLossError(_nonfinite_message(module, what, epoch, i, config))
+                        if not optimizer.step():  # refused: parameters and Adam's state as before it
+                            torch._foreach_copy_(buffers, last_good_buffers)
+                            raise NonFiniteLossError(_nonfinite_message(module, "update", epoch, i, config))
                         state.step += 1
                         in_step = False
                         per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(),
@@ -379,6 +395,10 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                         is_last = True
                 bar.set_postfix(postfix)
                 bar.update(1)
+                done_epochs = epoch + 1 - first_epoch
+                if log_every and (done_epochs % log_every == 0 or is_last):
+                    logger.info("Training: epoch %d of %d, %s.", done_epochs, config.max_epochs,
+                                ", ".join(f"{k}={v}" for k, v in postfix.items()))
                 writes = comm is None or comm.is_main
                 if config.checkpoint_dir and writes and (state.epoch % config.checkpoint_every_n_epochs == 0 or is_last):
                     state.optimizer_state = optimizer.state_dict()
@@ -452,14 +472,23 @@ def _should_stop(state: TrainState, value: float, config: TrainConfig) -> bool:
     return state.epochs_since_best >= config.early_stopping_patience
 
 
-def _nonfinite_message(module: LDVAEModule, loss: Tensor, epoch: int, step: int, config: TrainConfig) -> str:
-    what = "loss" if not torch.isfinite(loss) else "gradient"
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
+
+
+def _nonfinite_message(module: LDVAEModule, what: str, epoch: int, step: int, config: TrainConfig) -> str:
+    """``what``: ``"loss"``, ``"gradient"`` or ``"update"`` (an optimizer step that would make
+    a parameter non-finite)."""
     hints = [f"lower the learning rate (lr={config.lr:g})"]
-    if not module.config.use_observed_lib_size:
+    if what != "update" and not module.config.use_observed_lib_size:
         hints.insert(0, "use_observed_lib_size=True (a learned library size is the usual cause on data "
                         "with extreme library sizes)")
+    subject = "parameters after the optimizer's update" if what == "update" else f"training {what}"
     return (
-        f"The training {what} became non-finite at epoch {epoch + 1}, step {step + 1} of that epoch. "
+        f"The {subject} became non-finite at epoch {epoch + 1}, step {step + 1} of that epoch. "
         f"The model keeps the parameters of the last good step. Try: {'; or '.join(hints)}; and check the "
         "input for extreme counts."
     )
@@ -501,13 +530,91 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or corrupted file, or one holding pickled objects
-        raise ValueError(f"{path} is not a readable ldvae checkpoint ({type(err).__name__}: {err}).") from err
+        raise ModelFileError(f"{path} is not a readable ldvae checkpoint ({type(err).__name__}: {err}).") from err
     if not isinstance(payload, dict) or payload.get("format") != "ldvae-checkpoint":
-        raise ValueError(f"{path} is not an ldvae checkpoint.")
+        raise ModelFileError(f"{path} is not an ldvae checkpoint.")
     version = payload.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise ValueError(
+        raise ModelFileError(
             f"{path} was written in checkpoint format version {version!r}; this ldvae reads up to version "
             f"{CHECKPOINT_VERSION}. Resume it with the ldvae version that wrote it."
         )
+    _check_checkpoint(payload, path)
     return payload
+
+
+_CHECKPOINT_KEYS = {"format", "format_version", "module_state", "train_state", "train_config"}
+
+
+def _check_checkpoint(payload: dict, path: Path) -> None:
+    """Every field of a checkpoint, before any of it is applied (ModelFileError naming it)."""
+
+    def bad(field: str, value, want: str):
+        shown = repr(value) if not isinstance(value, (dict, list, Tensor)) else type(value).__name__
+        return ModelFileError(f"{path} is damaged: {field} must be {want}, got {shown[:80]}.")
+
+    if set(payload) != _CHECKPOINT_KEYS:
+        extra, missing = sorted(set(payload) - _CHECKPOINT_KEYS), sorted(_CHECKPOINT_KEYS - set(payload))
+        raise ModelFileError(f"{path} is damaged: unexpected keys {extra}, missing keys {missing}.")
+    weights = payload["module_state"]
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                for k, v in weights.items()):
+        raise bad("module_state", weights, "a dict of named tensors")
+    ts = payload["train_state"]
+    fields = {f.name for f in TrainState.__dataclass_fields__.values()}
+    if not isinstance(ts, dict) or set(ts) != fields:
+        got = sorted(ts) if isinstance(ts, dict) else ts
+        raise ModelFileError(f"{path} is damaged: train_state has the keys {got}, expected {sorted(fields)}.")
+    for key in ("epoch", "step", "warmup_steps", "epochs_since_best"):
+        if isinstance(ts[key], bool) or not isinstance(ts[key], int) or ts[key] < 0:
+            raise bad(f"train_state[{key!r}]", ts[key], "an integer >= 0")
+    if not isinstance(ts["best_val"], (int, float)) or isinstance(ts["best_val"], bool) or math.isnan(ts["best_val"]):
+        raise bad("train_state['best_val']", ts["best_val"], "a number")
+    if not isinstance(ts["interrupted"], bool):
+        raise bad("train_state['interrupted']", ts["interrupted"], "True or False")
+    check_history(ts["history"], lambda field, value, want: bad(f"train_state[{field}]", value, want))
+    if ts["optimizer_state"] is not None and not isinstance(ts["optimizer_state"], dict):
+        raise bad("train_state['optimizer_state']", ts["optimizer_state"], "None or a dict")
+    config = payload["train_config"]
+    known = set(TrainConfig.__dataclass_fields__)
+    if not isinstance(config, dict) or not set(config) <= known:
+        got = sorted(set(config) - known) if isinstance(config, dict) else config
+        raise ModelFileError(f"{path} is damaged: train_config has unknown keys {got}.")
+    seed = config.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("train_config['seed']", seed, "an integer")
+
+
+def check_history(history, bad) -> None:
+    """A training history as saved: ``{metric: [[epoch, value], ...]}``; ``bad(field, value,
+    want)`` makes the error to raise."""
+    if not isinstance(history, dict):
+        raise bad("'history'", history, "a dict")
+    for key, rows in history.items():
+        if not isinstance(key, str) or not isinstance(rows, list):
+            raise bad(f"'history'][{key!r}", rows, "a list of [epoch, value] pairs")
+        for row in rows:
+            if not (isinstance(row, (list, tuple)) and len(row) == 2
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)):
+                raise bad(f"'history'][{key!r}", row, "[epoch, value] pairs of numbers")
+
+
+def check_weights(state: dict, reference: dict[str, Tensor], fail) -> None:
+    """That ``state`` (a loaded state dict) has exactly the keys, shapes and dtypes of
+    ``reference`` (a module's, possibly on the meta device) and finite values; ``fail(key,
+    detail)`` makes the error to raise."""
+    missing = [k for k in reference if k not in state]
+    extra = [k for k in state if k not in reference]
+    if missing or extra:
+        raise fail(None, f"missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+    for key, want in reference.items():
+        got = state[key]
+        if not isinstance(got, Tensor):
+            raise fail(key, f"{key} is a {type(got).__name__}, not a tensor")
+        if got.shape != want.shape:
+            raise fail(key, f"{key} has shape {tuple(got.shape)}, the model's has {tuple(want.shape)}")
+        if got.dtype != want.dtype:
+            raise fail(key, f"{key} has dtype {got.dtype}, the model's has {want.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            n = int((~torch.isfinite(got)).sum())
+            raise fail(key, f"{key} holds {n} non-finite values (NaN or inf)")

@@ -122,8 +122,9 @@ def test_compiled_adam_takes_torchs_steps():
     m, v = torch.zeros(1000), torch.zeros(1000)
     for step in range(1, 6):
         grad.copy_(torch.randn(1000, generator=gen) * 10 ** (step - 3))
-        cpu_loop._adam(mine.numpy(), grad.numpy(), m.numpy(), v.numpy(), float(step), 1e-2, 0.9, 0.999,
-                       0.01, 1e-3)
+        scratch = [np.empty(1000, np.float32) for _ in range(3)]
+        assert cpu_loop._adam(mine.numpy(), grad.numpy(), m.numpy(), v.numpy(), float(step), 1e-2, 0.9, 0.999,
+                              0.01, 1e-3, *scratch)
         ref.step()
         torch.testing.assert_close(mine, flat, rtol=1e-5, atol=1e-6)  # float32 rounding apart
     state = ref.state[param]

@@ -515,7 +515,7 @@ def test_weights_with_pickled_objects_are_refused(saved, adata):
 def test_weights_of_another_model(saved, adata):
     torch.save({"w": torch.zeros(3)}, saved / "model_state.pt")
     _edit_json(saved / "ldvae_model.json", weights_sha256=None)  # reach torch.load
-    with pytest.raises(ValueError, match=r"not a readable ldvae weights file \(RuntimeError: Error\(s\) in loading"):
+    with pytest.raises(ValueError, match=r"does not match the weights in model_state.pt .*belongs to another model"):
         ldvae.LinearSCVI.load(saved, adata=adata)
 
 
