@@ -9,7 +9,7 @@ from .data import SetupError  # noqa: E402
 from .model import LinearSCVI, NotTrainedError, settings  # noqa: E402
 from .results import result_keys, write_results  # noqa: E402
 from .simulate import simulate  # noqa: E402
-from .train import NonFiniteLossError  # noqa: E402
+from .train import ModelFileError, NonFiniteLossError  # noqa: E402
 
 # The workflow pulls in scanpy; import it on first use so ``import ldvae`` stays light.
 _LAZY = {"run_workflow": ("workflow", "run_workflow"), "read_counts": ("readers", "read_counts"),
@@ -30,6 +30,7 @@ __all__ = [
     "read_counts",
     "read_demo",
     "run_workflow",
+    "ModelFileError",
     "NonFiniteLossError",
     "NotTrainedError",
     "SetupError",
