@@ -23,14 +23,67 @@ f32 = np.float32
 
 
 @nb.njit(**_JIT)
-def _all_finite(loss, grads):
-    """Whether loss[0] (float64) and every gradient (float32) are finite, from their bits:
-    under fastmath the compiler may assume a float is never NaN and fold a float test away."""
-    bad = (loss.view(np.int64)[0] & 0x7FF0000000000000) == 0x7FF0000000000000
-    bits = grads.view(np.int32)
+def _largest_bits(a):
+    """The bits of the largest |a[i]| of a float32 array: a positive float's bits order as
+    its value does, and inf and NaN come above every finite value. An integer maximum
+    (unlike a float one) vectorizes, and fastmath cannot fold it away."""
+    bits = a.view(np.int32)
+    top = np.int32(0)
     for i in range(bits.shape[0]):
-        bad |= (bits[i] & 0x7F800000) == 0x7F800000
-    return not bad
+        b = bits[i] & 0x7FFFFFFF
+        top = b if b > top else top
+    return top
+
+
+@nb.njit(**_JIT)
+def _largest(a):
+    """The largest |a[i]| of a finite float32 array, as float64."""
+    return float(np.array([_largest_bits(a)], np.int32).view(np.float32)[0])
+
+
+@nb.njit(**_JIT)
+def _largest_gradient(loss, grads):
+    """The largest |gradient| (float64), or -1.0 when loss[0] (float64) or a gradient is not finite."""
+    if (loss.view(np.int64)[0] & 0x7FF0000000000000) == 0x7FF0000000000000:
+        return -1.0
+    top = _largest_bits(grads)
+    if top >= 0x7F800000:
+        return -1.0
+    return float(np.array([top], np.int32).view(np.float32)[0])
+
+
+@nb.njit(**_JIT)
+def _adam_unchecked(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    """``_adam`` for an update known to stay finite (see ``_update_bounds``): no copies, no check."""
+    bias1 = 1.0 - beta1**step
+    bias2_sqrt = math.sqrt(1.0 - beta2**step)
+    step_size = f32(lr / bias1)
+    inv_bias2_sqrt = f32(1.0 / bias2_sqrt)
+    b2, e, wd = f32(beta2), f32(eps), f32(weight_decay)
+    c1, c2 = f32(1.0 - beta1), f32(1.0 - beta2)
+    for i in range(params.shape[0]):
+        g = grads[i] + wd * params[i]
+        m = exp_avg[i] + c1 * (g - exp_avg[i])
+        v = b2 * exp_avg_sq[i] + c2 * g * g
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        params[i] -= step_size * m / (np.sqrt(v) * inv_bias2_sqrt + e)
+
+
+@nb.njit(**{**_JIT, "fastmath": False})  # scalar; its comparisons must see inf as inf
+def _update_bounds(largest_p, largest_m, largest_v, largest_g, step, lr, beta1, beta2, eps, weight_decay):
+    """Upper bounds on the largest |parameter|, |exp_avg| and exp_avg_sq after an Adam step,
+    from bounds before it: with g = grad + wd * p, |m'| <= beta1 |m| + (1 - beta1) |g|,
+    v' <= beta2 v + (1 - beta2) g^2, and the update is at most lr / (1 - beta1^step) |m'| / eps.
+    In float64. The first of the four results is False when one could come near float32's
+    largest value (3.4e38)."""
+    limit = 1e37  # a wide margin for float32 rounding
+    g = largest_g + weight_decay * largest_p
+    m = beta1 * largest_m + (1.0 - beta1) * g
+    v = beta2 * largest_v + (1.0 - beta2) * g * g
+    ratio = m / eps
+    p = largest_p + lr / (1.0 - beta1**step) * ratio
+    return g < 1e18 and m < limit and v < limit and ratio < limit and p < limit, p, m, v
 
 
 # fastmath without its finite-math flags: with them the compiler may assume the new values
@@ -119,6 +172,7 @@ def train_steps(
     lr, beta1, beta2, eps, weight_decay, taken = adam[0], adam[1], adam[2], adam[3], adam[4], adam[5]
     saved = (rmz.copy(), rvz.copy(), rml.copy(), rvl.copy(), rmd.copy(), rvd.copy())
     old_p, old_m, old_v = np.empty_like(params), np.empty_like(exp_avg), np.empty_like(exp_avg_sq)
+    largest_p, largest_m, largest_v = _largest(params), _largest(exp_avg), _largest(exp_avg_sq)
     live = (rmz, rvz, rml, rvl, rmd, rvd)
     for j in range(bounds.shape[0] - 1):
         a, b = bounds[j], bounds[j + 1]
@@ -144,11 +198,21 @@ def train_steps(
         )
         losses[j] = loss
         failure[0] = 0
-        if not _all_finite(losses[j : j + 1], grads):
+        largest_g = _largest_gradient(losses[j : j + 1], grads)
+        step = taken + j + 1
+        if largest_g < 0.0:
             failure[0] = 1
-        elif not _adam(params, grads, exp_avg, exp_avg_sq, taken + j + 1, lr, beta1, beta2, eps, weight_decay,
-                       old_p, old_m, old_v):
-            failure[0] = 2
+        else:
+            bounded, bound_p, bound_m, bound_v = _update_bounds(largest_p, largest_m, largest_v, largest_g, step, lr, beta1,
+                                                       beta2, eps, weight_decay)
+            if bounded:  # surely finite: the plain update, and the bounds carried forward
+                _adam_unchecked(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+                largest_p, largest_m, largest_v = bound_p, bound_m, bound_v
+            elif _adam(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
+                       old_p, old_m, old_v):  # could overflow: checked element by element, exact maxima again
+                largest_p, largest_m, largest_v = _largest(params), _largest(exp_avg), _largest(exp_avg_sq)
+            else:
+                failure[0] = 2
         if failure[0]:
             for s in range(6):
                 live[s][:] = saved[s]

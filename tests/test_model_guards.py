@@ -311,6 +311,34 @@ def test_compiled_adam_undoes_an_overflowing_update():
     assert not np.array_equal(params[:-1], before[0][:-1])
 
 
+def test_compiled_adam_skips_its_checks_only_while_bounds_keep_the_update_finite():
+    rng = np.random.default_rng(1)
+    p, g, m = (rng.normal(size=4096).astype(np.float32) for _ in range(3))
+    v = np.abs(rng.normal(size=4096)).astype(np.float32)
+    settings = (7.0, 5e-3, 0.9, 0.999, 1e-8, 1e-6)
+    largest = [float(np.abs(a).max()) for a in (p, m, v, g)]
+    assert [cpu_loop._largest(a) for a in (p, m, v)] == largest[:3]
+    assert cpu_loop._largest_gradient(np.zeros(1), g) == largest[3]
+    g_bad = g.copy()
+    g_bad[7] = np.nan
+    assert cpu_loop._largest_gradient(np.zeros(1), g_bad) == -1.0
+    assert cpu_loop._largest_gradient(np.array([np.inf]), g) == -1.0
+    bounded, *bounds = cpu_loop._update_bounds(*largest, *settings)
+    assert bounded
+    checked = [a.copy() for a in (p, g, m, v)]
+    fast = [a.copy() for a in (p, g, m, v)]
+    assert cpu_loop._adam(*checked, *settings, *[np.empty(4096, np.float32) for _ in range(3)])
+    cpu_loop._adam_unchecked(*fast, *settings)
+    for got, want in zip(fast, checked):  # the same update, to rounding (the two compile differently)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for bound, a in zip(bounds, (fast[0], fast[2], fast[3])):  # true upper bounds, and finite
+        assert float(np.abs(a).max()) <= bound < 1e37
+    # bounds that could reach float32's largest value send the step to the checked update
+    assert cpu_loop._update_bounds(*largest[:3], 1e20, *settings)[0] is False  # g^2 would overflow
+    assert cpu_loop._update_bounds(*largest, 7.0, 1e32, 0.9, 0.999, 1e-8, 0.0)[0] is False  # lr
+    assert cpu_loop._update_bounds(3e37, *largest[1:], *settings)[0] is False  # a parameter near the edge
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_optimizers_refuse_an_overflowing_first_step_and_keep_their_state(dtype):
     params = [torch.nn.Parameter(torch.randn(5, 3, dtype=dtype)), torch.nn.Parameter(torch.randn(4, dtype=dtype))]
