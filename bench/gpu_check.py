@@ -38,7 +38,7 @@ def _adata(n_cells: int, library: float = 150.0, seed: int = 0):
     import pandas as pd
     import scipy.sparse as sp
 
-    from ldvae.simulate import make_truth, simulate_chunks
+    from ldvae.data.simulate import make_truth, simulate_chunks
 
     truth = make_truth(1000, 10, n_batches=2, seed=seed)
     chunks = list(simulate_chunks(truth, n_cells, log_library_mean=float(np.log(library)), seed=seed))
@@ -98,7 +98,7 @@ def fit(device: torch.device, epochs: int) -> dict:
 
 def speed(device: torch.device, n_cells: int) -> dict:
     import ldvae
-    from ldvae.train import InMemorySource, TrainConfig, fit as fit_loop, split_indices
+    from ldvae.train.loop import InMemorySource, TrainConfig, fit as fit_loop, split_indices
 
     adata = _adata(n_cells, library=150.0)
     ldvae.LinearSCVI.setup_anndata(adata, layer="counts")

@@ -40,7 +40,7 @@ def generate(path: Path, n_cells: int, chunk_size: int = 5000, seed: int = 0) ->
     import h5py
     import pandas as pd
 
-    from ldvae.simulate import make_truth, simulate_chunks
+    from ldvae.data.simulate import make_truth, simulate_chunks
 
     path.parent.mkdir(parents=True, exist_ok=True)
     truth = make_truth(N_GENES, N_LATENT, n_batches=N_BATCHES, seed=seed)

@@ -28,7 +28,7 @@ def simulated_adata(n_cells: int, seed: int = 0):
     import anndata as ad
     import scipy.sparse as sp
 
-    from ldvae.simulate import make_truth, simulate_chunks
+    from ldvae.data.simulate import make_truth, simulate_chunks
 
     truth = make_truth(N_GENES, 10, seed=seed)
     chunks = [c for c, _, _ in simulate_chunks(truth, n_cells, log_library_mean=np.log(LIBRARY), seed=seed)]

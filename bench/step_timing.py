@@ -29,7 +29,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     import ldvae
-    from ldvae.train import InMemorySource, TrainConfig, fit, split_indices
+    from ldvae.train.loop import InMemorySource, TrainConfig, fit, split_indices
 
     adata = load_tutorial_hvg()
     ldvae.LinearSCVI.setup_anndata(adata, layer="counts")

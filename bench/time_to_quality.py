@@ -37,7 +37,7 @@ def main() -> None:
     import torch
 
     import ldvae
-    from ldvae.train import InMemorySource, TrainConfig, TrainState, evaluate, fit, split_indices
+    from ldvae.train.loop import InMemorySource, TrainConfig, TrainState, evaluate, fit, split_indices
 
     lr = args.lr or 5e-3 * math.sqrt(args.batch_size / 128)
     adata = load_tutorial_hvg()
@@ -71,7 +71,7 @@ def main() -> None:
                 reached = time.perf_counter() - t0
                 break
     else:  # one fit, as a user runs it; the clock stops at the first validation at the target
-        import ldvae.train as train_module
+        import ldvae.train.loop as train_module
 
         class Reached(Exception):
             pass

@@ -25,8 +25,8 @@ import pandas as pd
 import scanpy as sc
 
 import ldvae
-from ldvae.interpret import factor_deviance, ordered_latent, ordered_loadings
-from ldvae.stability import factor_stability, fit_seeds, rotated_latent
+from ldvae.factors.interpret import factor_deviance, ordered_latent, ordered_loadings
+from ldvae.factors.stability import factor_stability, fit_seeds, rotated_latent
 
 DATA = "/work/shared/data/pbmc3k_10x_raw_seurat_labels.h5ad"
 

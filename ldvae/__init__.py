@@ -5,15 +5,19 @@
 
 __version__ = "0.1.0"
 
-from .data import SetupError  # noqa: E402
+from . import _compat  # noqa: E402
+
+_compat.install()
+
+from .data.contract import SetupError  # noqa: E402
 from .model import LinearSCVI, NotTrainedError, settings  # noqa: E402
-from .results import result_keys, write_results  # noqa: E402
-from .simulate import simulate  # noqa: E402
-from .train import ModelFileError, NonFiniteLossError  # noqa: E402
+from .data.results import result_keys, write_results  # noqa: E402
+from .data.simulate import simulate  # noqa: E402
+from .train.loop import ModelFileError, NonFiniteLossError  # noqa: E402
 
 # The workflow pulls in scanpy; import it on first use so ``import ldvae`` stays light.
-_LAZY = {"run_workflow": ("workflow", "run_workflow"), "read_counts": ("readers", "read_counts"),
-         "read_demo": ("readers", "read_demo")}
+_LAZY = {"run_workflow": ("workflow.pipeline", "run_workflow"), "read_counts": ("data.readers", "read_counts"),
+         "read_demo": ("data.readers", "read_demo")}
 
 
 def __getattr__(name: str):

@@ -4,7 +4,7 @@ Launch one process per GPU (or CPU worker) with ``torchrun``::
 
     torchrun --nproc_per_node=4 -m ldvae.distributed atlas.h5ad run/ --batch-key batch --max-epochs 20
 
-Each rank streams its own contiguous block of cells from the file (``ldvae.stream``);
+Each rank streams its own contiguous block of cells from the file (``ldvae.data.stream``);
 after every backward pass the gradients, and the batch-norm running statistics, are
 averaged over ranks with one ``all_reduce``, so all ranks take the same optimizer step
 and keep identical parameters. Training and validation sums are added over ranks before
@@ -129,7 +129,7 @@ class Communicator:
 
 def init(*, check_sync: bool = False, backend: str | None = None) -> Communicator:
     """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``...) and make it the one ``ldvae.stream`` shards over.
+    ``MASTER_ADDR``...) and make it the one ``ldvae.data.stream`` shards over.
 
     Returns the communicator; its ``device`` is this rank's GPU (``LOCAL_RANK``) with
     NCCL, or the CPU with gloo.
@@ -194,7 +194,7 @@ def fit_distributed(
     Returns the fitted model (the same parameters on every rank).
     """
     from . import LinearSCVI
-    from .stream import read_backed, shard_rows
+    from .data.stream import read_backed, shard_rows
 
     comm = init(check_sync=check_sync)
     adata = read_backed(path, layer=layer)
@@ -216,7 +216,7 @@ def fit_distributed(
         logger.info(msg)
         if out_dir is not None:
             model.save(out_dir, overwrite=overwrite)
-    # One name for all ranks (not ldvae.io.atomic_path's per-process one).
+    # One name for all ranks (not ldvae.util.io.atomic_path's per-process one).
     tmp = None if latent_out is None else Path(latent_out).parent / f".{Path(latent_out).name}.ranks.tmp"
     if comm.is_main and tmp is not None:
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, so that ldvae.stream sees the communicator it sets.
+    # Run the imported module's main, so that ldvae.data.stream sees the communicator it sets.
     from ldvae.distributed import main as _main
 
     sys.exit(_main())

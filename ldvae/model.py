@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .data import (
+from .data.contract import (
     CountData,
     SetupError,
     check_not_view,
@@ -30,10 +30,10 @@ from .data import (
     to_csr,
     validate_counts,
 )
-from .module import LDVAEModule, ModuleConfig
-from .stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk, read_into_memory
-from .optim import check_state_dict
-from .train import (
+from .nn.module import LDVAEModule, ModuleConfig
+from .data.stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk, read_into_memory
+from .train.optim import check_state_dict
+from .train.loop import (
     InMemorySource,
     ModelFileError,
     TrainConfig,
@@ -206,7 +206,7 @@ class LinearSCVI:
             raise ValueError("dispersion='gene-label' needs labels: run setup_anndata(..., labels_key=...).")
         self.var_names_ = pd.Index(adata.var_names.astype(str))
         self._data_cache: tuple[int, CountData] | None = None
-        if counts_on_disk(adata, self.setup_):  # backed AnnData: one streaming pass (ldvae.stream)
+        if counts_on_disk(adata, self.setup_):  # backed AnnData: one streaming pass (ldvae.data.stream)
             means, variances = library_prior_on_disk(adata, self.setup_, self.n_batch)
         else:
             csr, cov = self._read(adata)
@@ -230,7 +230,7 @@ class LinearSCVI:
     ) -> None:
         """Check raw counts and covariates; record the choices in ``adata.uns["ldvae_setup"]``.
 
-        See :func:`ldvae.data.setup_anndata` for the fields written.
+        See :func:`ldvae.data.contract.setup_anndata` for the fields written.
         """
         setup_anndata(
             adata,
@@ -459,7 +459,7 @@ class LinearSCVI:
             config.max_epochs = max(max_epochs - state.epoch, 0)
             logger.info("Resuming from epoch %d (%d steps) of %s.", state.epoch, state.step, resume_from)
         self.module.to(self.device)
-        if counts_on_disk(self.adata, self.setup_):  # backed AnnData: stream chunks (ldvae.stream)
+        if counts_on_disk(self.adata, self.setup_):  # backed AnnData: stream chunks (ldvae.data.stream)
             source = StreamingSource.from_adata(self.adata, self.setup_, train_idx, val_idx, batch_size,
                                                 device=self.device)
         else:
@@ -522,7 +522,7 @@ class LinearSCVI:
         is written there (complete, or not at all) and returned as a read-only memory map.
         Counts on disk (backed ``.h5ad``, ``.zarr``) are read minibatch by minibatch.
         """
-        from .posterior import get_latent_representation
+        from .query.posterior import get_latent_representation
 
         return get_latent_representation(self, adata, indices, give_mean, mc_samples, batch_size, return_dist,
                                          out=out)
@@ -626,7 +626,7 @@ class LinearSCVI:
             so it need not fit in memory. With counts on disk, the counts are read the same
             way; ``return_numpy=False`` is refused.
         """
-        from .posterior import get_normalized_expression
+        from .query.posterior import get_normalized_expression
 
         return get_normalized_expression(
             self, adata, indices, transform_batch, gene_list, library_size, n_samples, n_samples_overall,
@@ -653,7 +653,7 @@ class LinearSCVI:
         filter_outlier_cells: bool = False,
         **kwargs,
     ) -> pd.DataFrame:
-        """Bayesian differential expression between two groups of cells (see :mod:`ldvae.de`).
+        """Bayesian differential expression between two groups of cells (see :mod:`ldvae.query.de`).
 
         Parameters
         ----------
@@ -692,7 +692,7 @@ class LinearSCVI:
         One row per gene and comparison, sorted by ``proba_de`` (change) or ``bayes_factor``
         (vanilla), with ``comparison``, ``group1`` and ``group2`` columns for group queries.
         """
-        from .de import differential_expression
+        from .query.de import differential_expression
 
         return differential_expression(
             self, adata, groupby, group1, group2, idx1, idx2, mode, delta, batch_size, all_stats,
@@ -702,7 +702,7 @@ class LinearSCVI:
     def get_elbo(self, adata=None, indices=None, batch_size: int | None = None, *, return_mean: bool = True):
         """The evidence lower bound per cell, E_q[log p(x | z, l)] - KL(q || prior), averaged
         over cells (one posterior draw per cell). Not negated: higher is better."""
-        from .posterior import get_elbo
+        from .query.posterior import get_elbo
 
         return get_elbo(self, adata, indices, batch_size, return_mean)
 
@@ -712,7 +712,7 @@ class LinearSCVI:
         """``{"reconstruction_loss": value}``: log p(x | z, l) at one posterior draw, averaged over
         cells (per cell with ``return_mean=False``). As scvi-tools 1.0/1.1 and its docstring say,
         not negated: higher is better, so it is minus the training history's reconstruction loss."""
-        from .posterior import get_reconstruction_error
+        from .query.posterior import get_reconstruction_error
 
         return get_reconstruction_error(self, adata, indices, batch_size, return_mean)
 
@@ -723,7 +723,7 @@ class LinearSCVI:
         """Importance-sampled log p(x): log of the mean over ``n_mc_samples`` draws from q of
         p(x, z, l) / q(z, l | x), averaged over cells. A tighter bound than the ELBO that rises
         towards log p(x) as ``n_mc_samples`` grows. Higher is better."""
-        from .posterior import get_marginal_ll
+        from .query.posterior import get_marginal_ll
 
         return get_marginal_ll(self, adata, indices, n_mc_samples, batch_size, return_mean)
 
@@ -740,7 +740,7 @@ class LinearSCVI:
         AnnData written there (cell and gene names as obs and var) and that ``X`` is
         returned left on disk (an anndata CSR dataset; slice it to read rows).
         """
-        from .posterior import posterior_predictive_sample
+        from .query.posterior import posterior_predictive_sample
 
         return posterior_predictive_sample(self, adata, indices, n_samples, gene_list, batch_size, out=out)
 
@@ -753,7 +753,7 @@ class LinearSCVI:
         (n_samples, n_cells, n_genes) for ``n_samples > 1`` unless ``give_mean``. With
         ``out`` (a directory) each is written to ``out/<key>.npy`` minibatch by minibatch
         and returned as a read-only memory map."""
-        from .posterior import get_likelihood_parameters
+        from .query.posterior import get_likelihood_parameters
 
         return get_likelihood_parameters(self, adata, indices, n_samples, give_mean, batch_size, out=out)
 
@@ -762,7 +762,7 @@ class LinearSCVI:
     ) -> np.ndarray:
         """Library size l per cell, (n_cells, 1): the posterior mean exp(m + v/2) of q(l | x), or
         with ``give_mean=False`` one draw (the observed total count when the library is observed)."""
-        from .posterior import get_latent_library_size
+        from .query.posterior import get_latent_library_size
 
         return get_latent_library_size(self, adata, indices, give_mean, batch_size)
 
@@ -780,7 +780,7 @@ class LinearSCVI:
         ``rna_size_factor`` (the rate itself for Poisson), over cells and ``n_samples`` draws;
         averaged over the batches of ``transform_batch``. Dense (n_cells * n_samples, n_genes)
         draws are held while it computes."""
-        from .posterior import get_feature_correlation_matrix
+        from .query.posterior import get_feature_correlation_matrix
 
         return get_feature_correlation_matrix(
             self, adata, indices, n_samples, batch_size, rna_size_factor, transform_batch, correlation_type
@@ -789,8 +789,8 @@ class LinearSCVI:
     def get_factor_deviance(self, adata=None, indices=None, *, batch_size: int | None = None) -> pd.DataFrame:
         """Deviance explained per factor on the count scale, factors ordered by it, with the
         sign that makes each factor's largest loading positive. See
-        :func:`ldvae.interpret.factor_deviance`; the loadings are not changed."""
-        from .interpret import factor_deviance
+        :func:`ldvae.factors.interpret.factor_deviance`; the loadings are not changed."""
+        from .factors.interpret import factor_deviance
 
         return factor_deviance(self, adata, indices, batch_size=batch_size)
 
@@ -798,9 +798,9 @@ class LinearSCVI:
     def write_results(self, adata=None, *, key_added: str = "ldvae", obs_columns: bool = False, copy: bool = False):
         """Write latent means, loadings and parameters into ``adata`` (scanpy style).
 
-        See :func:`ldvae.results.write_results` for the fields written.
+        See :func:`ldvae.data.results.write_results` for the fields written.
         """
-        from .results import write_results
+        from .data.results import write_results
 
         return write_results(self, adata, key_added=key_added, obs_columns=obs_columns, copy=copy)
 
@@ -815,7 +815,7 @@ class LinearSCVI:
         """Save to ``dir_path``: ``ldvae_model.json`` (settings, genes, categories, history,
         versions, the SHA-256 of the weights), ``model_state.pt`` (weights) and, with
         ``save_anndata``, ``adata.h5ad``. Each file is written atomically; the JSON last."""
-        from .io import atomic_torch_save, atomic_write_json
+        from .util.io import atomic_torch_save, atomic_write_json
 
         d = Path(dir_path)
         p = prefix or ""
@@ -915,7 +915,7 @@ def _write_h5ad_untouched(adata, path: Path) -> None:
     shares the matrices but holds its own copies of obs and var."""
     import anndata
 
-    from .io import atomic_path
+    from .util.io import atomic_path
 
     if adata.isbacked:  # its matrices stay on disk: write with the columns as they are
         with atomic_path(path) as tmp:

@@ -15,8 +15,8 @@ import pytest
 import scipy.sparse as sp
 
 import ldvae
-from ldvae import cli
-from ldvae.readers import ReadError, download, read_counts, read_file
+from ldvae.cli import app as cli
+from ldvae.data.readers import ReadError, download, read_counts, read_file
 
 FAST = ["--n-top-genes", "40", "--n-latent", "4", "--max-epochs", "3", "--check-val-every-n-epoch", "1",
         "--n-neighbors", "10", "--no-progress-bar"]
@@ -329,7 +329,7 @@ def test_help_lists_every_option_with_default(command, capsys):
 def test_every_flag_is_a_workflow_parameter():
     import inspect
 
-    from ldvae.workflow import run_workflow
+    from ldvae.workflow.pipeline import run_workflow
 
     params = set(inspect.signature(run_workflow).parameters)
     run = _subparsers(cli.build_parser())["run"]
@@ -344,7 +344,7 @@ def test_every_flag_is_a_workflow_parameter():
 
 
 def test_demo_data_is_small_and_attributed():
-    from ldvae.readers import DEMO_FILE, read_demo
+    from ldvae.data.readers import DEMO_FILE, read_demo
 
     assert DEMO_FILE.stat().st_size < 3_000_000
     demo = read_demo()

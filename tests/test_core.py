@@ -10,8 +10,8 @@ import torch
 from conftest import fit_small
 
 import ldvae
-from ldvae.simulate import canonical_correlations
-from ldvae.train import HISTORY_KEYS
+from ldvae.data.simulate import canonical_correlations
+from ldvae.train.loop import HISTORY_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_lr_is_honoured(small_adata):
 def test_fit_threads_one_for_small_steps_and_restored(small_adata, monkeypatch):
     """Small minibatches train on one intra-op thread (``threads=N`` overrides); the
     caller's setting comes back afterwards."""
-    from ldvae.module import LDVAEModule
+    from ldvae.nn.module import LDVAEModule
 
     ldvae.LinearSCVI.setup_anndata(small_adata, layer="counts")
     seen = []

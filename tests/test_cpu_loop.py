@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldvae import cpu_loop, fused
-from ldvae.optim import FusedAdam
-from ldvae.train import InMemorySource, NonFiniteLossError, TrainConfig, TrainState, fit
+from ldvae.cpu import loop as cpu_loop
+from ldvae.cpu import fused
+from ldvae.train.optim import FusedAdam
+from ldvae.train.loop import InMemorySource, NonFiniteLossError, TrainConfig, TrainState, fit
 
 from test_cpu_step import N_CELLS, _data, _module
 
@@ -273,7 +274,8 @@ def test_cached_compiled_code_is_keyed_on_every_kernel_file():
     import hashlib
     from pathlib import Path
 
-    from ldvae import cpu_kernels, cpu_step
+    from ldvae.cpu import kernels as cpu_kernels
+    from ldvae.cpu import step as cpu_step
 
     sources = b"".join(Path(m.__file__).read_bytes() for m in (cpu_kernels, cpu_step, cpu_loop))
     digest = hashlib.sha256(sources).hexdigest()

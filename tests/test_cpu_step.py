@@ -10,10 +10,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ldvae import fused
-from ldvae.data import CountData, Covariates, to_csr
-from ldvae.module import LDVAEModule, ModuleConfig
-from ldvae.train import InMemorySource, TrainConfig, fit
+from ldvae.cpu import fused
+from ldvae.data.contract import CountData, Covariates, to_csr
+from ldvae.nn.module import LDVAEModule, ModuleConfig
+from ldvae.train.loop import InMemorySource, TrainConfig, fit
 
 N_CELLS, N_GENES = 40, 60
 
@@ -178,7 +178,7 @@ def test_flat_adam_takes_torch_adams_steps():
     """With the compiled step's flat parameters, Adam runs as one kernel over one tensor
     (moments re-homed as views): the same updates as torch's plain Adam, and a state dict
     that loads back."""
-    from ldvae.optim import FusedAdam
+    from ldvae.train.optim import FusedAdam
 
     module = _module(dropout_rate=0.0)
     reference = [p.detach().clone().requires_grad_() for p in module.parameters()]
@@ -212,7 +212,7 @@ def test_first_compile_is_announced(monkeypatch, tmp_path, caplog):
     """Without numba's cache (first use after an install) the ~15 s compile is logged."""
     import logging
 
-    caplog.set_level(logging.INFO, logger="ldvae.fused")
+    caplog.set_level(logging.INFO, logger="ldvae.cpu.fused")
     monkeypatch.setattr(fused, "_cache_index", lambda: str(tmp_path / "absent.nbi"))
     fused.TrainStep.for_module(_module())
     assert any("Compiling ldvae's CPU training step" in r.getMessage() for r in caplog.records)
@@ -266,7 +266,7 @@ def test_decoder_train_kernel_equals_forward_then_backward(huge_library):
     bn_softmax_nb_forward followed by bn_softmax_nb_backward: log-likelihoods, running
     statistics and every gradient, off-table counts and the float64 path for huge libraries
     included."""
-    from ldvae import cpu_kernels as ck
+    from ldvae.cpu import kernels as ck
 
     rng = np.random.default_rng(4)
     n, G = 12, 50

@@ -1,4 +1,4 @@
-"""The compiled CPU path of the training step (``ldvae.fused`` over ``ldvae.cpu_kernels``:
+"""The compiled CPU path of the training step (``ldvae.cpu.fused`` over ``ldvae.cpu.kernels``:
 the decoder's batch norm + softmax + NB likelihood, and the encoders' first block) equals
 the torch path it replaces: its float32 exp/log and float64 lgamma/digamma are accurate, and
 the module's loss, every parameter gradient, the batch norms' running statistics and a short
@@ -16,9 +16,10 @@ import torch
 from scipy import special
 
 from conftest import fit_small
-from ldvae import cpu_kernels, fused
-from ldvae.data import CountData, Covariates, to_csr
-from ldvae.module import LDVAEModule, ModuleConfig
+from ldvae.cpu import kernels as cpu_kernels
+from ldvae.cpu import fused
+from ldvae.data.contract import CountData, Covariates, to_csr
+from ldvae.nn.module import LDVAEModule, ModuleConfig
 
 N_CELLS, N_GENES, N_BATCH = 48, 200, 3
 
@@ -250,7 +251,7 @@ def test_bn_softmax_nb_accuracy_against_float64(log_theta_center, lib_center):
     ll = fused.bn_softmax_nb(h, bn, lib, log_theta, indptr, col, val)
     grads = torch.autograd.grad((ll * w).sum(), inputs)
     ins64 = [t.detach().double().requires_grad_() for t in (h, lib, log_theta)]
-    from ldvae.likelihoods import nb_log_prob_softmax
+    from ldvae.nn.likelihoods import nb_log_prob_softmax
 
     ll64 = nb_log_prob_softmax(bn64(ins64[0]), ins64[1], ins64[2], row, col, flat, val.double())
     grads64 = torch.autograd.grad((ll64 * w.double()).sum(), [ins64[0], bn64.weight, bn64.bias, ins64[1], ins64[2]])
@@ -277,7 +278,7 @@ def test_bn_softmax_nb_huge_mean_over_theta(library):
     lib = torch.full((n,), library, requires_grad=True)
     ll = fused.bn_softmax_nb(h, bn, lib, log_theta, indptr, col, val)
     (g,) = torch.autograd.grad(ll.sum(), lib)
-    from ldvae.likelihoods import nb_log_prob_softmax
+    from ldvae.nn.likelihoods import nb_log_prob_softmax
 
     lib_t = lib.detach().clone().requires_grad_()
     ll_t = nb_log_prob_softmax(bn(h), lib_t, log_theta, row, col, flat, val)

@@ -26,10 +26,10 @@ import pytest
 import scipy.sparse as sp
 
 import ldvae
-from ldvae import cli
-from ldvae.data import SetupError
-from ldvae.readers import ReadError, download, read_counts
-from ldvae.workflow import MIN_VARYING_GENES, prepare
+from ldvae.cli import app as cli
+from ldvae.data.contract import SetupError
+from ldvae.data.readers import ReadError, download, read_counts
+from ldvae.workflow.pipeline import MIN_VARYING_GENES, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--n-top-genes", "20", "--n-latent", "3", "--max-epochs", "2", "--check-val-every-n-epoch", "1",
@@ -327,7 +327,7 @@ def test_sigterm_during_download_leaves_nothing(server, payloads, tmp_path):
     code = textwrap.dedent(f"""
         import signal, sys
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
-        from ldvae.readers import download
+        from ldvae.data.readers import download
         download({server.url + '/slow.h5ad'!r}, {str(target)!r}, progress_bar=False)
     """)
     child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -382,7 +382,7 @@ def dense_and_sparse_stores(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["dense.h5ad", "dense.zarr"])
 def test_dense_counts_on_disk_train_and_scan_as_sparse(dense_and_sparse_stores, name, monkeypatch):
-    from ldvae import stream
+    from ldvae.data import stream
 
     monkeypatch.setattr(stream.DiskDense, "SLAB_VALUES", 7 * 30)
     monkeypatch.setattr(stream, "CHUNK_SIZE", 64)
@@ -458,7 +458,7 @@ def _renders(fig) -> None:
 
 
 def test_figures_show_math_like_names_as_written(mathy):
-    from ldvae import plotting
+    from ldvae.workflow import plotting
 
     model, adata = mathy
     figures = {
@@ -477,7 +477,7 @@ def test_figures_show_math_like_names_as_written(mathy):
 def test_numeric_tick_labels_keep_mathtext_on_log_axes():
     from matplotlib.figure import Figure
 
-    from ldvae.plotting import plain_text
+    from ldvae.workflow.plotting import plain_text
 
     fig = Figure()
     ax = fig.subplots()
@@ -491,8 +491,8 @@ def test_numeric_tick_labels_keep_mathtext_on_log_axes():
 
 
 def test_report_figures_show_math_like_names_as_written(mathy, tmp_path, monkeypatch):
-    from ldvae import interpret_report
-    from ldvae.stability import factor_stability
+    from ldvae.workflow import interpret_report
+    from ldvae.factors.stability import factor_stability
 
     model, _ = mathy
     drawn = []

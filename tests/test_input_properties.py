@@ -25,7 +25,7 @@ from hypothesis.extra import numpy as hnp
 
 import ldvae
 from ldvae import SetupError
-from ldvae.data import validate_counts
+from ldvae.data.contract import validate_counts
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -19,8 +19,8 @@ from conftest import fit_small
 from matplotlib.figure import Figure
 
 import ldvae
-from ldvae.enrichment import _mann_whitney, factor_enrichment, plot_enrichment, read_gmt, top_sets
-from ldvae.interpret import (
+from ldvae.factors.enrichment import _mann_whitney, factor_enrichment, plot_enrichment, read_gmt, top_sets
+from ldvae.factors.interpret import (
     covariate_effects,
     factor_deviance,
     ordered_latent,
@@ -30,7 +30,7 @@ from ldvae.interpret import (
     reorder_factors,
     sign_convention,
 )
-from ldvae.stability import (
+from ldvae.factors.stability import (
     BackgroundFits,
     _column_correlations,
     factor_stability,
@@ -469,7 +469,7 @@ def test_figures_are_returned_not_shown(reference, stability):
 
 
 def test_report_sections(small_model, stability, tmp_path):
-    from ldvae.interpret_report import interpretation_sections, stability_section
+    from ldvae.workflow.interpret_report import interpretation_sections, stability_section
 
     gmt = _gmt(tmp_path, {"S": [f"gene{i}" for i in range(10)]})
     sections = [s(small_model, small_model.adata) for s in interpretation_sections(gmt=gmt)]
@@ -482,7 +482,7 @@ def test_report_sections(small_model, stability, tmp_path):
 
 
 def test_cli_factors(small_model, tmp_path, capsys):
-    from ldvae.cli import main
+    from ldvae.cli.app import main
 
     small_model.save(tmp_path / "model", save_anndata=True)
     gmt = _gmt(tmp_path, {"S": [f"gene{i}" for i in range(10)]})
@@ -497,14 +497,14 @@ def test_cli_factors(small_model, tmp_path, capsys):
 
 
 def test_cli_lists_the_interpretation_subcommands():
-    from ldvae.cli import build_parser
+    from ldvae.cli.app import build_parser
 
     text = build_parser().format_help()
     assert all(name in text for name in ("factors", "stability", "select-k"))
 
 
 def test_cli_stability_with_varimax(tmp_path, capsys):
-    from ldvae.cli import main
+    from ldvae.cli.app import main
 
     path = tmp_path / "counts.h5ad"
     ldvae.simulate(200, 30, 2, seed=3).write_h5ad(path)

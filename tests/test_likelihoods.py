@@ -10,11 +10,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ldvae.data import CountData, Covariates, to_csr
-from ldvae.likelihoods import dense_log_prob, nb_log_prob, poisson_log_prob, zinb_log_prob
-from ldvae.module import LDVAEModule, ModuleConfig
-from ldvae.optim import adam
-from ldvae.train import TrainConfig
+from ldvae.data.contract import CountData, Covariates, to_csr
+from ldvae.nn.likelihoods import dense_log_prob, nb_log_prob, poisson_log_prob, zinb_log_prob
+from ldvae.nn.module import LDVAEModule, ModuleConfig
+from ldvae.train.optim import adam
+from ldvae.train.loop import TrainConfig
 
 N_CELLS, N_GENES = 37, 23
 
@@ -169,7 +169,7 @@ def test_fused_softmax_nb_loss_equals_autograd_path(dispersion, use_batch_norm, 
         cov = module.covariate_columns(b)
         if fused:
             zc = module.decoder_input(inf.z, cov)
-            from ldvae.likelihoods import nb_log_prob_softmax
+            from ldvae.nn.likelihoods import nb_log_prob_softmax
 
             ll = nb_log_prob_softmax(module.decode_logits(zc), inf.library, module.log_theta(zc, b.batch, b.label),
                                      b.row, b.col, b.flat, b.val)

@@ -23,9 +23,11 @@ import pytest
 import torch
 
 import ldvae
-from ldvae import cpu_loop, fused, train
-from ldvae.optim import FusedAdam, adam
-from ldvae.train import ModelFileError, NonFiniteLossError, TrainConfig, load_checkpoint, minibatches
+from ldvae.cpu import loop as cpu_loop
+from ldvae.cpu import fused
+from ldvae.train import loop as train
+from ldvae.train.optim import FusedAdam, adam
+from ldvae.train.loop import ModelFileError, NonFiniteLossError, TrainConfig, load_checkpoint, minibatches
 
 N_CELLS, N_GENES = 200, 30  # 180 training cells
 
@@ -434,7 +436,7 @@ _SIGINT_SCRIPT = textwrap.dedent(
     """
     import os, signal
     import ldvae
-    from ldvae.train import InMemorySource
+    from ldvae.train.loop import InMemorySource
     a = ldvae.simulate(200, 30, 2, seed=3)
     ldvae.LinearSCVI.setup_anndata(a, layer="counts")
     m = ldvae.LinearSCVI(a, n_latent=2, n_hidden=16)

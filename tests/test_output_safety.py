@@ -21,7 +21,7 @@ import pytest
 import scipy.sparse as sp
 
 import ldvae
-from ldvae import cli
+from ldvae.cli import app as cli
 
 FAST = ["--n-top-genes", "40", "--n-latent", "4", "--max-epochs", "2", "--check-val-every-n-epoch", "1",
         "--n-neighbors", "10", "--no-progress-bar", "--stability-seeds", "0"]
@@ -268,7 +268,7 @@ class _FillsUp:
 
 
 def test_full_disk_while_writing_results_is_one_line_and_leaves_nothing(counts, tmp_path, capfd, monkeypatch):
-    from ldvae import io
+    from ldvae.util import io
 
     real = io._open_binary
     monkeypatch.setattr(io, "_open_binary", lambda path: _FillsUp(real(path), 20_000))
@@ -310,7 +310,9 @@ def _env() -> dict:
 _SCRIPT = """
 import sys, time
 from pathlib import Path
-from ldvae import cli, io, workflow
+from ldvae.cli import app as cli
+from ldvae.util import io
+from ldvae.workflow import pipeline as workflow
 
 def stall(*args, **kwargs):
     if sys.argv[1] == "h5ad":

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 import ldvae
-from ldvae.simulate import make_truth
+from ldvae.data.simulate import make_truth
 
 from conftest import fit_small
 
@@ -166,7 +166,7 @@ def test_batch_corrected_de(batch_model):
 
 
 def test_fdr_calls_are_the_largest_set_under_target():
-    from ldvae.de import fdr_calls
+    from ldvae.query.de import fdr_calls
 
     p = pd.Series([0.99, 0.5, 0.97, 0.2, 0.95], index=list("abcde"))
     called = fdr_calls(p, 0.05)
@@ -348,9 +348,9 @@ def test_query_errors(batch_model, call, error, match):
 
 
 def test_3d_samples_need_recent_scipy(batch_model, monkeypatch):
-    import ldvae.posterior
+    import ldvae.query.posterior
 
-    monkeypatch.setattr(ldvae.posterior, "_scipy_version", lambda: (1, 14))
+    monkeypatch.setattr(ldvae.query.posterior, "_scipy_version", lambda: (1, 14))
     with pytest.raises(RuntimeError, match=r"needs scipy >= 1.15 \(this is \(1, 14\)\).*n_samples=1"):
         batch_model.posterior_predictive_sample(n_samples=2)
     assert batch_model.posterior_predictive_sample(indices=[0]).shape == (1, 40)

@@ -22,10 +22,10 @@ import scipy.sparse as sp
 import torch
 
 import ldvae
-from ldvae import fused
-from ldvae.data import CountData
-from ldvae.module import LDVAEModule
-from ldvae.train import InMemorySource, NonFiniteLossError, load_checkpoint
+from ldvae.cpu import fused
+from ldvae.data.contract import CountData
+from ldvae.nn.module import LDVAEModule
+from ldvae.train.loop import InMemorySource, NonFiniteLossError, load_checkpoint
 
 N_CELLS, N_GENES = 200, 30  # 180 training cells: 2 steps per epoch at batch_size=128
 

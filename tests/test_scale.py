@@ -25,9 +25,9 @@ import scipy.sparse as sp
 import torch
 
 import ldvae
-from ldvae import stream
-from ldvae.data import SetupError
-from ldvae.train import minibatches, split_indices
+from ldvae.data import stream
+from ldvae.data.contract import SetupError
+from ldvae.train.loop import minibatches, split_indices
 
 FIT = dict(max_epochs=120, lr=3e-3, train_size=0.7, check_val_every_n_epoch=10, seed=0,
            progress_bar=False, accelerator="cpu")

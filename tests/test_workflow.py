@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 
 import ldvae
-from ldvae import workflow
-from ldvae.plotting import (
+from ldvae.workflow import pipeline as workflow
+from ldvae.workflow.plotting import (
     history_from_adata,
     latent_pairs,
     loadings_frame,
@@ -20,7 +20,7 @@ from ldvae.plotting import (
     training_curves,
     umap,
 )
-from ldvae.report import build_report
+from ldvae.workflow.report import build_report
 
 FAST = dict(n_top_genes=40, n_latent=4, max_epochs=3, check_val_every_n_epoch=1, n_neighbors=10, progress_bar=False)
 

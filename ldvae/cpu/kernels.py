@@ -8,7 +8,7 @@ log are float32 polynomials that the compiler vectorizes (relative error below 3
 
 Numba comes with scanpy (and pynndescent/umap); the kernels compile once per machine
 (cached beside this file, or in numba's user cache when that is read-only) on first use.
-``ldvae.fused`` wraps them as a torch autograd function.
+``ldvae.cpu.fused`` wraps them as a torch autograd function.
 """
 
 from __future__ import annotations

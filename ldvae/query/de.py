@@ -29,7 +29,7 @@ import torch
 from .posterior import batch_codes, normalized_expression, querying, start
 
 if TYPE_CHECKING:
-    from .model import LinearSCVI
+    from ..model import LinearSCVI
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def differential_expression(
     codes1 = batch_codes(model, all_batches if batchid1 is None else batchid1) if batch_correction else [None]
     codes2 = batch_codes(model, all_batches if batchid2 is None else batchid2) if batch_correction else [None]
     data, _, size = start(model, adata, None, batch_size)
-    from .model import settings
+    from ..model import settings
 
     rng = np.random.default_rng(settings.seed)
     tables = []

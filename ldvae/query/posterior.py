@@ -3,7 +3,7 @@
 Every query streams over cells in minibatches gathered on the model's device, so no
 dense cells x genes tensor larger than a minibatch exists unless the result itself is
 dense (normalized expression, likelihood parameters, correlation matrices). When the
-counts stay on disk (a backed ``.h5ad`` or ``.zarr``, see ``ldvae.stream``) the same
+counts stay on disk (a backed ``.h5ad`` or ``.zarr``, see ``ldvae.data.stream``) the same
 minibatches are read from disk one ahead, and the dense results can be written to disk
 with ``out=``, so neither the counts nor a cells x genes result need fit in memory. Each
 public function except the latent representation runs under a fixed random seed
@@ -30,12 +30,12 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from .data import CountData
-from .module import CountBatch, Generative, Inference, latent_estimate
-from .stream import DiskCells, Output, SparseOutput, fill, minibatches_of, query_cells
+from ..data.contract import CountData
+from ..nn.module import CountBatch, Generative, Inference, latent_estimate
+from ..data.stream import DiskCells, Output, SparseOutput, fill, minibatches_of, query_cells
 
 if TYPE_CHECKING:
-    from .model import LinearSCVI
+    from ..model import LinearSCVI
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -46,7 +46,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 @contextlib.contextmanager
 def querying(model: LinearSCVI):
     """Run a query without gradients under ``ldvae.settings.seed``, leaving the global torch RNG as it was."""
-    from .model import settings
+    from ..model import settings
 
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

@@ -67,9 +67,9 @@ def dict_html(items: Mapping[str, object]) -> str:
 
 
 def top_genes_wide(table: pd.DataFrame, stability: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The long top-genes table (see :func:`ldvae.plotting.top_genes`) as one row per factor:
+    """The long top-genes table (see :func:`ldvae.workflow.plotting.top_genes`) as one row per factor:
     ``negative`` and ``positive`` genes with loadings, largest magnitude first. With
-    ``stability`` (the ``factors`` table of :func:`ldvae.stability.factor_stability`, indexed
+    ``stability`` (the ``factors`` table of :func:`ldvae.factors.stability.factor_stability`, indexed
     by factor), also its ``stability`` and ``reproducible`` ("yes"/"no") per factor."""
     rows = []
     for factor, group in table.groupby("factor", sort=False):
@@ -107,7 +107,7 @@ def build_report(
     figures
         ``(caption, path)`` pairs; each image is read and embedded (PNG, SVG or JPEG).
     top_genes
-        The long top-genes table of :func:`ldvae.plotting.top_genes`.
+        The long top-genes table of :func:`ldvae.workflow.plotting.top_genes`.
     factor_stability
         Per-factor stability (``StabilityResult.factors``): adds ``stability`` and
         ``reproducible`` columns to the top-genes table.

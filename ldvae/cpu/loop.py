@@ -16,8 +16,8 @@ import math
 import numba as nb
 import numpy as np
 
-from .cpu_kernels import _JIT, gather_nonzeros
-from .cpu_step import train_step_flat
+from .kernels import _JIT, gather_nonzeros
+from .step import train_step_flat
 
 f32 = np.float32
 
@@ -228,7 +228,7 @@ def _stamp_caches() -> None:
     import sys
     from pathlib import Path
 
-    from . import cpu_kernels, cpu_step
+    from . import kernels as cpu_kernels, step as cpu_step
 
     modules = (cpu_kernels, cpu_step, sys.modules[__name__])
     digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 ENABLED = os.environ.get("LDVAE_FUSED", "1") != "0"
 
 try:  # numba is installed with scanpy; without it every model takes the torch path
-    from . import cpu_kernels, cpu_loop, cpu_step
+    from . import kernels as cpu_kernels, loop as cpu_loop, step as cpu_step
 except ImportError:  # pragma: no cover
     cpu_kernels = cpu_loop = cpu_step = None
 
@@ -276,7 +276,7 @@ class TrainStep:
 
 
     def __call__(self, b, kl_weight: float):
-        from .module import LossOutput
+        from ..nn.module import LossOutput
 
         m = self.module
         n = b.n_cells

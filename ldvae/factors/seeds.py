@@ -4,7 +4,7 @@
 sampling all follow the seed); :class:`BackgroundFits` starts such fits in worker
 processes and lets this process keep working (the workflow's refits beside its own fit).
 Each worker trains with one torch thread; results come back as saved weights and training
-state, which the parent loads into models on its own AnnData. Used by ``ldvae.stability``.
+state, which the parent loads into models on its own AnnData. Used by ``ldvae.factors.stability``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .model import LinearSCVI
+    from ..model import LinearSCVI
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ FITS_DIR_STEM = "ldvae-fits-"
 
 
 def _fit_one(adata, model_kwargs: dict, train_kwargs: dict, seed: int) -> LinearSCVI:
-    from .model import LinearSCVI, settings
+    from ..model import LinearSCVI, settings
 
     previous = settings.seed
     settings.seed = int(seed)  # the weights' initialization follows the seed too
@@ -81,8 +81,8 @@ def _worker_main(directory: str, jobs: list[int]) -> None:
 
 
 def _rebuild(adata, model_kwargs: dict, path: Path) -> LinearSCVI:
-    from .model import LinearSCVI
-    from .train import TrainState
+    from ..model import LinearSCVI
+    from ..train.loop import TrainState
 
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model = LinearSCVI(adata, **model_kwargs)
@@ -114,7 +114,7 @@ def _default_n_jobs(n_fits: int, train_kwargs: dict) -> int:
 
 
 def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwargs: dict) -> list[LinearSCVI]:
-    from .data import get_setup
+    from ..data.contract import get_setup
 
     get_setup(adata)  # fail here, once, if setup_anndata was not run
     n_jobs = _default_n_jobs(len(jobs), train_kwargs) if n_jobs is None else n_jobs
@@ -149,7 +149,7 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
 
 def _fits_dir() -> tempfile.TemporaryDirectory:
     """The workers' files; named by this process's id, so a later run removes them if it is killed."""
-    from .io import sweep_stale
+    from ..util.io import sweep_stale
 
     sweep_stale(tempfile.gettempdir(), FITS_DIR_STEM)
     return tempfile.TemporaryDirectory(prefix=f"{FITS_DIR_STEM}{os.getpid()}-")
@@ -166,7 +166,7 @@ def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict
                 f"model and training arguments must be plain values (numbers, strings, lists, dicts) to "
                 f"reach worker processes ({err}); pass n_jobs=1 to fit in this process."
             ) from err
-    from .io import write_h5ad
+    from ..util.io import write_h5ad
 
     write_h5ad(adata, d / "adata.h5ad")
     for i, text in enumerate(specs):
@@ -174,14 +174,14 @@ def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict
 
 
 def _worker_env(threads: int) -> dict:
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     return env
 
 
 def _launch(d: Path, share: list[int], env: dict) -> subprocess.Popen:
-    code = f"from ldvae.seeds import _worker_main; _worker_main({str(d)!r}, {share!r})"
+    code = f"from ldvae.factors.seeds import _worker_main; _worker_main({str(d)!r}, {share!r})"
     with open(d / f"worker{share[0]}.log", "wb") as log:
         # A session of its own: a terminal's Ctrl-C or hang-up reaches the parent only,
         # which then stops the workers itself (see _kill).
@@ -231,7 +231,7 @@ class BackgroundFits:
 
     def __init__(self, adata, seeds: Sequence[int], *, train_kwargs: dict | None = None, threads: int = 1,
                  **model_kwargs):
-        from .data import get_setup
+        from ..data.contract import get_setup
 
         get_setup(adata)
         self._adata = adata

@@ -110,8 +110,8 @@ def factor_enrichment(
     ----------
     model_or_loadings
         A trained :class:`ldvae.LinearSCVI`, or a loadings DataFrame (genes x factors), e.g.
-        :func:`ldvae.interpret.ordered_loadings` or consensus loadings of
-        :func:`ldvae.stability.factor_stability`.
+        :func:`ldvae.factors.interpret.ordered_loadings` or consensus loadings of
+        :func:`ldvae.factors.stability.factor_stability`.
     gene_sets
         A GMT file path, or a mapping of set name -> genes.
     min_size, max_size

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .results import result_keys
+from ..data.results import result_keys
 
 # Figures are built with the object API (Figure, not pyplot), so no backend or global
 # state is touched: the workflow runs headless and in threads.

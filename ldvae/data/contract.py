@@ -23,8 +23,8 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from . import fused
-from .module import CountBatch, gene_order
+from ..cpu import fused
+from ..nn.module import CountBatch, gene_order
 
 SETUP_KEY = "ldvae_setup"
 MAX_COUNT = 1e9  # per cell and gene; far above any sequencing count, far below float32 overflow

@@ -29,12 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .module import Generative
+from ..nn.module import Generative
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .model import LinearSCVI
+    from ..model import LinearSCVI
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ SATURATED_ZI_LOGIT = -30.0  # zero-inflation switched off (sigmoid(-30) ~ 1e-13)
 
 
 def _check_model(model, where: str) -> None:
-    from .model import LinearSCVI
+    from ..model import LinearSCVI
 
     if not isinstance(model, LinearSCVI):
         raise TypeError(f"{where} needs a trained ldvae.LinearSCVI, got {type(model).__name__}.")
@@ -137,7 +137,7 @@ def factor_deviance(
         held-out cells.
     rotation
         An orthogonal K x K matrix R (e.g. one of ``StabilityResult.rotations`` of
-        :func:`ldvae.stability.factor_stability` with ``rotation="varimax"``): score the
+        :func:`ldvae.factors.stability.factor_stability` with ``rotation="varimax"``): score the
         rotated factors ``V_k``, whose loadings are ``W @ R`` and latent ``z @ R``, instead
         of the model's own. Removing ``V_k`` removes the component of z along R[:, k]. Needs
         ``latent_distribution="normal"``.

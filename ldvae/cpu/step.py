@@ -17,7 +17,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .cpu_kernels import (
+from .kernels import (
     _JIT,
     bn_softmax_nb_train,
     by_gene,

@@ -34,11 +34,11 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from .io import atomic_path
+from ..util.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
-DEMO_FILE = Path(__file__).parent / "data" / "pbmc3k_demo.h5ad"
+DEMO_FILE = Path(__file__).parent / "pbmc3k_demo.h5ad"
 DEMO_ATTRIBUTION = "Data: 10x Genomics, CC BY 4.0 (3k PBMCs from a Healthy Donor)"
 FORMATS = ("h5ad", "10x-h5", "10x-mtx", "loom", "mtx", "csv")
 
@@ -184,7 +184,7 @@ def _make_parents(folder: Path) -> list[Path]:
 
 
 def _sweep_stale_temporaries(dest: Path) -> None:
-    """Remove ``ldvae.io.atomic_path`` temporaries of ``dest`` (``.NAME.PID.HEX.tmp``) whose
+    """Remove ``ldvae.util.io.atomic_path`` temporaries of ``dest`` (``.NAME.PID.HEX.tmp``) whose
     process no longer runs: a download killed outright cannot remove its own."""
     prefix = f".{dest.name}."
     for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):

@@ -1,7 +1,7 @@
 """The interpretation subcommands of ``ldvae``: ``factors``, ``stability`` and ``select-k``.
 
-Each is a thin layer over public functions (:mod:`ldvae.interpret`,
-:mod:`ldvae.stability`, :mod:`ldvae.enrichment`, :mod:`ldvae.interpret_report`); each
+Each is a thin layer over public functions (:mod:`ldvae.factors.interpret`,
+:mod:`ldvae.factors.stability`, :mod:`ldvae.factors.enrichment`, :mod:`ldvae.workflow.interpret_report`); each
 writes CSV tables, PNG figures and a self-contained ``report.html`` into ``--out-dir``.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import HelpFormatter, register_subcommand
+from .app import HelpFormatter, register_subcommand
 
 
 def _check_out_dir(path: str, overwrite: bool) -> Path:
@@ -30,7 +30,7 @@ def _out_dir(d: Path) -> Path:
 
 
 def _write(d: Path, name: str, frame, *, index: bool = True) -> None:
-    from .io import atomic_write_text
+    from ..util.io import atomic_write_text
 
     atomic_write_text(d / name, frame.to_csv(index=index))
 
@@ -40,8 +40,8 @@ def _save_figure(fig, d: Path, name: str) -> None:
 
 
 def _write_report(d: Path, title: str, summary: dict, settings: dict, sections: list) -> Path:
-    from .io import atomic_write_text
-    from .report import build_report
+    from ..util.io import atomic_write_text
+    from ..workflow.report import build_report
 
     text = build_report(title=title, data_summary=summary, settings=settings, figures=[], extra_sections=sections)
     atomic_write_text(d / "report.html", text)
@@ -75,7 +75,7 @@ def add_factors(subparsers) -> None:
 
 
 def _load_model(model_dir: str, adata_path: str | None, accelerator: str):
-    from .model import LinearSCVI
+    from ..model import LinearSCVI
 
     adata = None
     if adata_path is not None:
@@ -96,11 +96,11 @@ def _load_model(model_dir: str, adata_path: str | None, accelerator: str):
 
 
 def _handle_factors(args: argparse.Namespace) -> int:
-    from .enrichment import factor_enrichment, plot_enrichment, top_sets
-    from .interpret import covariate_effects, factor_deviance, ordered_loadings, plot_covariate_effects, plot_deviance
-    from .interpret_report import interpretation_sections
+    from ..factors.enrichment import factor_enrichment, plot_enrichment, top_sets
+    from ..factors.interpret import covariate_effects, factor_deviance, ordered_loadings, plot_covariate_effects, plot_deviance
+    from ..workflow.interpret_report import interpretation_sections
 
-    from .workflow import check_option
+    from ..workflow.pipeline import check_option
 
     for name in ("min_size", "max_size", "n_top"):
         check_option(name, getattr(args, name), integer=True, minimum=1)
@@ -161,7 +161,7 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
 
 def _check_fit_options(args: argparse.Namespace) -> Path:
     """The options of ``_fit_options`` (and the output directory), before any work."""
-    from .workflow import MAX_SEED, check_option
+    from ..workflow.pipeline import MAX_SEED, check_option
 
     check_option("n_top_genes", args.n_top_genes, integer=True, minimum=0)
     for seed in args.seeds:
@@ -176,9 +176,9 @@ def _check_fit_options(args: argparse.Namespace) -> Path:
 
 
 def _prepared(args: argparse.Namespace):
-    from .model import LinearSCVI
-    from .readers import read_counts
-    from .workflow import prepare
+    from ..model import LinearSCVI
+    from ..data.readers import read_counts
+    from ..workflow.pipeline import prepare
 
     raw = read_counts(args.input, progress_bar=False)
     if args.n_top_genes > 0:
@@ -209,10 +209,10 @@ def add_stability(subparsers) -> None:
 
 
 def _handle_stability(args: argparse.Namespace) -> int:
-    from .interpret_report import stability_section
-    from .stability import factor_stability, fit_seeds, plot_stability
+    from ..workflow.interpret_report import stability_section
+    from ..factors.stability import factor_stability, fit_seeds, plot_stability
 
-    from .workflow import check_option
+    from ..workflow.pipeline import check_option
 
     d = _check_fit_options(args)
     check_option("n_latent", args.n_latent, integer=True, minimum=1)
@@ -253,10 +253,10 @@ def add_select_k(subparsers) -> None:
 
 
 def _handle_select_k(args: argparse.Namespace) -> int:
-    from .interpret_report import select_k_section
-    from .stability import plot_select_k, select_k
+    from ..workflow.interpret_report import select_k_section
+    from ..factors.stability import plot_select_k, select_k
 
-    from .workflow import check_option
+    from ..workflow.pipeline import check_option
 
     d = _check_fit_options(args)
     for k in args.n_latents:

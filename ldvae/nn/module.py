@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused
+from ..cpu import fused
 from .likelihoods import nb_log_prob, nb_log_prob_softmax, poisson_log_prob, zinb_log_prob
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]

@@ -1,8 +1,8 @@
 """Report sections for the interpretation tools: ``(title, html)`` pairs, or callables
-``(model, adata) -> (title, html)``, as :func:`ldvae.workflow.run_workflow` takes them in
-``report_sections`` and :func:`ldvae.report.build_report` in ``extra_sections``::
+``(model, adata) -> (title, html)``, as :func:`ldvae.workflow.pipeline.run_workflow` takes them in
+``report_sections`` and :func:`ldvae.workflow.report.build_report` in ``extra_sections``::
 
-    from ldvae.interpret_report import interpretation_sections, stability_section
+    from ldvae.workflow.interpret_report import interpretation_sections, stability_section
     run_workflow(path, out_dir="out", report_sections=interpretation_sections(gmt="h.gmt"))
 """
 
@@ -19,8 +19,8 @@ from .plotting import plain_text
 from .report import figure_html, note_html, table_html
 
 if TYPE_CHECKING:
-    from .model import LinearSCVI
-    from .stability import StabilityResult
+    from ..model import LinearSCVI
+    from ..factors.stability import StabilityResult
 
 Section = tuple[str, str]
 
@@ -37,7 +37,7 @@ def _figure(fig, caption: str) -> str:
 
 def deviance_section(model: LinearSCVI, adata=None) -> Section:
     """Deviance explained per factor (table and bar chart), on the model's training cells."""
-    from .interpret import factor_deviance, plot_deviance
+    from ..factors.interpret import factor_deviance, plot_deviance
 
     table = factor_deviance(model)
     total = table.attrs["fraction_explained"]
@@ -55,7 +55,7 @@ def deviance_section(model: LinearSCVI, adata=None) -> Section:
 
 def covariate_section(model: LinearSCVI, adata=None, n_genes: int = 10) -> Section:
     """Batch and covariate effects of the decoder: the largest per level, and a heatmap."""
-    from .interpret import covariate_effects, plot_covariate_effects
+    from ..factors.interpret import covariate_effects, plot_covariate_effects
 
     effects = covariate_effects(model)
     if effects.empty:
@@ -71,7 +71,7 @@ def covariate_section(model: LinearSCVI, adata=None, n_genes: int = 10) -> Secti
 
 def enrichment_section(gene_sets: str | os.PathLike, *, n: int = 3) -> Callable[[LinearSCVI, object], Section]:
     """A section builder testing the model's loadings against the gene sets of a GMT file."""
-    from .enrichment import factor_enrichment, plot_enrichment, top_sets
+    from ..factors.enrichment import factor_enrichment, plot_enrichment, top_sets
 
     def build(model: LinearSCVI, adata=None) -> Section:
         table = factor_enrichment(model, gene_sets)
@@ -93,9 +93,9 @@ def enrichment_section(gene_sets: str | os.PathLike, *, n: int = 3) -> Callable[
 def stability_section(result: StabilityResult, *, figure: str | os.PathLike | None = None) -> Section:
     """Per-factor stability across seeds (table and figure) from :func:`factor_stability`.
 
-    ``figure``: a PNG of :func:`ldvae.stability.plot_stability` already written (drawn here
+    ``figure``: a PNG of :func:`ldvae.factors.stability.plot_stability` already written (drawn here
     when omitted)."""
-    from .stability import plot_stability
+    from ..factors.stability import plot_stability
 
     f = result.factors
     table = pd.concat([f, result.matches.add_prefix("match_")], axis=1).reset_index()
@@ -114,8 +114,8 @@ def stability_section(result: StabilityResult, *, figure: str | os.PathLike | No
 
 
 def select_k_section(table: pd.DataFrame) -> Section:
-    """Held-out ELBO and stability against K from :func:`ldvae.stability.select_k`."""
-    from .stability import plot_select_k
+    """Held-out ELBO and stability against K from :func:`ldvae.factors.stability.select_k`."""
+    from ..factors.stability import plot_select_k
 
     nll = ""
     if "nll_validation" in table:

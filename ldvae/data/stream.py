@@ -6,7 +6,7 @@ block by block), inside an ``.h5ad`` (HDF5) or ``.zarr`` store. Open one as an A
 ``X`` stays on disk, then use the usual API::
 
     adata = anndata.read_h5ad("atlas.h5ad", backed="r")     # counts in X
-    adata = ldvae.stream.read_backed("atlas.zarr", layer="counts")  # .h5ad or .zarr, any layer
+    adata = ldvae.data.stream.read_backed("atlas.zarr", layer="counts")  # .h5ad or .zarr, any layer
     ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")  # streaming validation pass
     model = ldvae.LinearSCVI(adata, n_latent=10)                # streaming library-prior pass
     model.train(max_epochs=20)                                  # StreamingSource below
@@ -44,11 +44,11 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .data import CountData, Covariates, SetupError, get_counts, read_covariates, validate_counts
-from .io import atomic_path
-from .module import CountBatch
-from .prefetch import prefetched
-from .train import minibatches
+from .contract import CountData, Covariates, SetupError, get_counts, read_covariates, validate_counts
+from ..util.io import atomic_path
+from ..nn.module import CountBatch
+from ..util.prefetch import prefetched
+from ..train.loop import minibatches
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
 
 def _shard() -> tuple[int, int, object | None]:
     """(rank, world size, communicator) of the running distributed job, or (0, 1, None)."""
-    from .distributed import current
+    from ..distributed import current
 
     comm = current()
     return (0, 1, None) if comm is None else (comm.rank, comm.world_size, comm)
@@ -284,7 +284,7 @@ class CountStats:
         return mean, var
 
     def library_prior(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-batch mean and variance of log total counts, as ``ldvae.data.library_prior``."""
+        """Per-batch mean and variance of log total counts, as ``ldvae.data.contract.library_prior``."""
         n = self.n_cells.astype(np.float64)
         safe = np.maximum(n, 1.0)
         means = np.where(n > 0, self.log_total_sum / safe, 0.0)
@@ -304,7 +304,7 @@ def scan_counts(
     chunk_size: int = 8 * CHUNK_SIZE,
 ) -> CountStats:
     """One streaming pass over the counts on disk: checks every stored value (the messages
-    of ``ldvae.data.validate_counts``, naming the first bad cell of this rank's block) and
+    of ``ldvae.data.contract.validate_counts``, naming the first bad cell of this rank's block) and
     sums per batch the log library sizes and, with ``genes``, per-gene counts and squares.
 
     Parameters
@@ -680,7 +680,7 @@ class StreamingSource:
 
 class DiskCells:
     """The cells of an AnnData whose counts stay on disk, read for a posterior query one
-    minibatch at a time (``ldvae.posterior`` asks :func:`minibatches_of` for them)."""
+    minibatch at a time (``ldvae.query.posterior`` asks :func:`minibatches_of` for them)."""
 
     def __init__(self, adata, setup: dict, device: torch.device):
         self.adata = adata
@@ -740,7 +740,7 @@ def minibatches_of(cells: CountData | DiskCells, rows: torch.Tensor, size: int) 
 class Output:
     """A query result of known ``shape``, filled block after block along ``axis`` by
     :func:`fill`: in memory, or with ``out`` in that ``.npy`` file, filled in place under a
-    temporary name, renamed when complete (``ldvae.io.atomic_path``) and returned as a
+    temporary name, renamed when complete (``ldvae.util.io.atomic_path``) and returned as a
     read-only memory map, so the result need not fit in memory."""
 
     def __init__(self, shape: tuple[int, ...], *, axis: int = 0, out: str | os.PathLike | None = None):

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .data import SetupError, plain
+from .contract import SetupError, plain
 
 logger = logging.getLogger(__name__)
 

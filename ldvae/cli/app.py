@@ -1,4 +1,4 @@
-"""The ``ldvae`` command: a thin layer over :func:`ldvae.workflow.run_workflow`.
+"""The ``ldvae`` command: a thin layer over :func:`ldvae.workflow.pipeline.run_workflow`.
 
 Every option is a parameter of the Python function it calls, spelled with dashes
 (``--n-top-genes`` → ``n_top_genes``). Bad input ends the command with exit status 1
@@ -26,7 +26,7 @@ import sys
 import threading
 from typing import Callable, Sequence
 
-from . import __version__
+from .. import __version__
 
 SUBCOMMANDS: list[Callable] = []
 DEMO_EPOCHS = 250  # the tutorial's count: 1000 cells train it in ~35 s on one busy core
@@ -104,8 +104,8 @@ _WORKFLOW_PARAMS = (
 
 
 def _run_and_report(source, args: argparse.Namespace, **extra) -> int:
-    from .interpret_report import interpretation_sections
-    from .workflow import format_top_genes, run_workflow
+    from ..workflow.interpret_report import interpretation_sections
+    from ..workflow.pipeline import format_top_genes, run_workflow
 
     kwargs = {name: getattr(args, name) for name in _WORKFLOW_PARAMS}
     kwargs["report_sections"] = interpretation_sections()  # deviance explained, covariate effects
@@ -156,7 +156,7 @@ def add_demo(subparsers) -> None:
 
 
 def _handle_demo(args: argparse.Namespace) -> int:
-    from .readers import read_demo
+    from ..data.readers import read_demo
 
     if args.title is None:
         args.title = "LDVAE report: pbmc3k demo (1000 cells)"
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     parser.add_argument("--traceback", action="store_true", help="on error, show the full traceback")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    from . import cli_interpret  # noqa: F401  (registers factors, stability, select-k)
+    from . import interpret as cli_interpret  # noqa: F401  (registers factors, stability, select-k)
 
     for add in SUBCOMMANDS:
         add(subparsers)

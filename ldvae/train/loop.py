@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import fused
-from .data import CountData
-from .module import CountBatch, LDVAEModule
+from ..cpu import fused
+from ..data.contract import CountData
+from ..nn.module import CountBatch, LDVAEModule
 from .optim import adam
-from .prefetch import prefetched
+from ..util.prefetch import prefetched
 
 logger = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ CHECKPOINT_VERSION = 1
 
 def save_checkpoint(directory: Path, module: LDVAEModule, state: TrainState, config: TrainConfig) -> Path:
     """Write model, optimizer, history and counters atomically to ``directory/checkpoint.pt``."""
-    from .io import atomic_torch_save
+    from ..util.io import atomic_torch_save
 
     directory.mkdir(parents=True, exist_ok=True)
     payload = {

@@ -10,7 +10,7 @@ With ``rotation="varimax"`` each run's loadings are first rotated by their own
 :func:`varimax` rotation, since the prior N(0, I) leaves the factors' rotation free.
 ``select_k`` fits a range of ``n_latent`` and reports the held-out ELBO and the held-out
 marginal log-likelihood (importance sampling) of the validation cells and the stability
-against K. The fits themselves run in ``ldvae.seeds`` (worker processes on CPU).
+against K. The fits themselves run in ``ldvae.factors.seeds`` (worker processes on CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .seeds import BackgroundFits, _check_seeds, _fit_many, fit_seeds, uses_gpu 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .model import LinearSCVI
+    from ..model import LinearSCVI
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class StabilityResult:
 
 
 def _loadings_list(runs) -> list[pd.DataFrame]:
-    from .model import LinearSCVI
+    from ..model import LinearSCVI
 
     out = []
     for i, run in enumerate(runs):

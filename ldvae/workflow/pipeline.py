@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from . import __version__
-from .data import SetupError, get_counts, obs_categories, validate_counts
-from .io import (
+from .. import __version__
+from ..data.contract import SetupError, get_counts, obs_categories, validate_counts
+from ..util.io import (
     DiskFullError,
     OutputError,
     atomic_path,
@@ -41,7 +41,7 @@ from .io import (
     owned_dir_name,
     sweep_stale,
 )
-from .model import LinearSCVI
+from ..model import LinearSCVI
 from .plotting import (
     latent_pairs,
     loadings_frame,
@@ -51,11 +51,11 @@ from .plotting import (
     training_curves,
     umap,
 )
-from .readers import read_counts
+from ..data.readers import read_counts
 from .report import build_report
-from .results import result_keys
-from .seeds import BackgroundFits, fit_seeds, uses_gpu
-from .stability import StabilityResult, factor_stability
+from ..data.results import result_keys
+from ..factors.seeds import BackgroundFits, fit_seeds, uses_gpu
+from ..factors.stability import StabilityResult, factor_stability
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def fit(
     """``setup_anndata(adata, layer="counts", batch_key=...)``, then a trained ``LinearSCVI``
     (``threads``: torch CPU threads while training, see :meth:`LinearSCVI.train`).
 
-    Writes ``adata.uns["ldvae_setup"]`` (see :func:`ldvae.data.setup_anndata`).
+    Writes ``adata.uns["ldvae_setup"]`` (see :func:`ldvae.data.contract.setup_anndata`).
     """
     LinearSCVI.setup_anndata(adata, layer="counts", batch_key=batch_key)
     model = LinearSCVI(adata, n_latent=n_latent, gene_likelihood=gene_likelihood)
@@ -328,7 +328,7 @@ def interpret(
     Writes
     ------
     obsm["X_ldvae"], varm["ldvae_loadings"], uns["ldvae"], obs["Z_0"] … obs["Z_{K-1}"]
-        See :func:`ldvae.results.write_results`.
+        See :func:`ldvae.data.results.write_results`.
     uns["neighbors"], obsp["distances"], obsp["connectivities"]
         ``sc.pp.neighbors(use_rep="X_ldvae", n_neighbors=...)``.
     obsm["X_umap"], uns["umap"]
@@ -350,7 +350,7 @@ def interpret(
 
 
 def format_top_genes(table: pd.DataFrame) -> str:
-    """The tutorial's "Top loadings by magnitude" printout of a :func:`~ldvae.plotting.top_genes` table:
+    """The tutorial's "Top loadings by magnitude" printout of a :func:`~ldvae.workflow.plotting.top_genes` table:
     per factor, the most negative genes, then the most positive (each ending at the extreme)."""
     rule = "-" * 88
     lines = ["Top loadings by magnitude", rule]
@@ -402,7 +402,7 @@ def write_outputs(
     ``model/`` (:meth:`LinearSCVI.save`), ``figures/<name>.png`` (and SVG/PDF on request)
     and ``report.html`` (figures embedded). ``adata`` must hold the results of :func:`interpret`
     and ``adata.uns["ldvae_workflow"]`` the settings and data summary. With ``stability``
-    (:func:`ldvae.stability.factor_stability` of this model, as reference, and refits), also
+    (:func:`ldvae.factors.stability.factor_stability` of this model, as reference, and refits), also
     ``factor_stability.csv``, ``figures/factor_stability.png``, a stability section and a
     stability column in the report's top-genes table.
 
@@ -445,7 +445,7 @@ def write_outputs(
     stability_sections = []
     if stability is not None:
         from .interpret_report import stability_section
-        from .stability import plot_stability
+        from ..factors.stability import plot_stability
 
         files["factor_stability.csv"] = d / "factor_stability.csv"
         atomic_write_text(files["factor_stability.csv"], stability_table(stability).to_csv())
@@ -561,7 +561,7 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, inputs: Sequen
     only if it is empty or holds nothing but what an earlier run wrote there (recorded in
     its ``.ldvae-output.json``); never the file system root, the home or current
     directory, a mount point, a symbolic link, or a directory holding one of ``inputs``
-    (paths the run reads). Raises FileExistsError or :class:`~ldvae.io.OutputError`.
+    (paths the run reads). Raises FileExistsError or :class:`~ldvae.util.io.OutputError`.
     """
     path = Path(out_dir).expanduser()
     if not os.path.lexists(path):
@@ -700,7 +700,7 @@ def run_workflow(
     ----------
     adata_or_path
         An AnnData of raw counts (not modified), or a count file / 10x directory for
-        :func:`ldvae.readers.read_counts` (with ``backup_url``, ``cache_dir``, ``sha256``).
+        :func:`ldvae.data.readers.read_counts` (with ``backup_url``, ``cache_dir``, ``sha256``).
     out_dir, overwrite
         Output directory; an existing one is replaced only with ``overwrite=True``, and
         only if it is empty or holds nothing but an earlier run's outputs (see
@@ -725,10 +725,10 @@ def run_workflow(
         Report title.
     report_sections
         Extra report sections: ``(title, html)`` pairs, or functions of ``(model, adata)``
-        returning one (see :mod:`ldvae.report`).
+        returning one (see :mod:`ldvae.workflow.report`).
     stability_seeds
         Extra fits, with seeds ``seed + 1 … seed + stability_seeds``, whose factors are
-        matched to the main model's (:func:`ldvae.stability.factor_stability`, the main
+        matched to the main model's (:func:`ldvae.factors.stability.factor_stability`, the main
         model as reference). On CPU they run in worker processes (one torch thread each)
         while the main model trains; on a GPU one after another after it. Adds
         ``factor_stability.csv``, a figure, a report section and a ``stability`` column
@@ -745,7 +745,7 @@ def run_workflow(
     ``settings``, ``data`` (summary), ``history`` (per metric: ``epoch``, ``value``) and,
     with ``stability_seeds``, ``stability`` (``factor``, ``stability``, ``min_correlation``,
     ``stable``, ``threshold``, ``seeds``); the result's ``stability`` attribute holds the
-    :class:`~ldvae.stability.StabilityResult`.
+    :class:`~ldvae.factors.stability.StabilityResult`.
     """
     import anndata
 

@@ -1,0 +1,1 @@
+"""The model in pure torch: encoders, the linear decoder and the count likelihoods."""

@@ -1,0 +1,1 @@
+"""Posterior queries and differential expression over a trained module and its data."""

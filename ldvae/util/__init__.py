@@ -1,0 +1,1 @@
+"""Layer-free helpers: atomic file writing and background prefetching."""
