@@ -3,7 +3,7 @@
 ``import ldvae`` then use ``ldvae.LinearSCVI`` exactly as ``scvi.model.LinearSCVI``.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from . import _compat  # noqa: E402
 

@@ -193,7 +193,7 @@ def fit_distributed(
 
     Returns the fitted model (the same parameters on every rank).
     """
-    from . import LinearSCVI
+    from .model import LinearSCVI
     from .data.stream import read_backed, shard_rows
 
     comm = init(check_sync=check_sync)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from . import settings
+    from .model import settings
 
     settings.seed = args.seed
     try:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
+from ._version import __version__
 from .data.contract import (
     CountData,
     SetupError,

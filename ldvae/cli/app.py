@@ -26,7 +26,7 @@ import sys
 import threading
 from typing import Callable, Sequence
 
-from .. import __version__
+from .._version import __version__
 
 SUBCOMMANDS: list[Callable] = []
 DEMO_EPOCHS = 250  # the tutorial's count: 1000 cells train it in ~35 s on one busy core

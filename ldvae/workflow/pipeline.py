@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .. import __version__
+from .._version import __version__
 from ..data.contract import SetupError, get_counts, obs_categories, validate_counts
 from ..util.io import (
     DiskFullError,
