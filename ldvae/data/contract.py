@@ -24,14 +24,11 @@ import torch
 from torch import Tensor
 
 from ..cpu import fused
+from ..util.checks import SetupError
 from ..nn.module import CountBatch, gene_order
 
 SETUP_KEY = "ldvae_setup"
 MAX_COUNT = 1e9  # per cell and gene; far above any sequencing count, far below float32 overflow
-
-
-class SetupError(ValueError):
-    """Bad input to setup_anndata, the model or a query; the message says how to fix it."""
 
 
 # --- validation ---------------------------------------------------------------------

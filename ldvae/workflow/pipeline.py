@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._version import __version__
+from ..util.checks import check_number
 from ..data.contract import SetupError, get_counts, obs_categories, validate_counts
 from ..util.io import (
     DiskFullError,
@@ -503,41 +504,10 @@ def _stability_plain(result: StabilityResult, seeds: Sequence[int]) -> dict:
 # --- the whole workflow ------------------------------------------------------------------------
 
 
-def check_option(name: str, value, *, integer: bool = False, minimum: float | None = None,
-                 exclusive: bool = False, maximum: float | None = None, flag: str | None = None) -> None:
-    """Raise SetupError unless ``value`` is a finite number (an integer with ``integer=True``)
-    at least ``minimum`` (above it with ``exclusive=True``) and at most ``maximum``.
-
-    The message names the option (``name``, and its command-line ``flag``, by default
-    ``--`` and the name with dashes), the constraint and the value received.
-    """
-    if integer:
-        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-            and math.isfinite(value)
-    if ok and minimum is not None:
-        ok = value > minimum if exclusive else value >= minimum
-    if ok and maximum is not None:
-        ok = value <= maximum
-    if ok:
-        return
-    what = "an integer" if integer else "a finite number"
-    lo, hi = (f"{b:g}" if isinstance(b, float) else str(b) for b in (minimum, maximum))
-    if minimum == 0 and exclusive and maximum is None:
-        constraint = f"a positive {'integer' if integer else 'finite number'}"
-    elif integer and minimum == 1 and maximum is None:
-        constraint = "a positive integer"
-    elif minimum is not None and maximum is not None:
-        constraint = f"{what} in {'(' if exclusive else '['}{lo}, {hi}]"
-    elif minimum is not None:
-        constraint = f"{what} {'>' if exclusive else '>='} {lo}"
-    elif maximum is not None:
-        constraint = f"{what} <= {hi}"
-    else:
-        constraint = what
-    flag = flag or "--" + name.replace("_", "-")
-    raise SetupError(f"{name} must be {constraint}, got {value!r} ({flag}).")
+def check_option(name: str, value, *, flag: str | None = None, **constraint) -> None:
+    """``check_number`` for an option of the workflow, named with its command-line flag
+    (by default ``--`` and the name with dashes)."""
+    check_number(name, value, flag=flag or "--" + name.replace("_", "-"), **constraint)
 
 
 #: The file that marks a directory as written by run_workflow, with the list of what it holds.
