@@ -1,4 +1,4 @@
-"""The core of issue 2: recovery of known loadings, the API, determinism, save/load."""
+"""The core model: recovery of known loadings, the API, determinism, save/load."""
 
 from __future__ import annotations
 

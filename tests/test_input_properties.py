@@ -1,4 +1,4 @@
-"""Issue 7: input validation under fuzzing.
+"""Input validation under fuzzing.
 
 Arbitrary small AnnData objects (random dtypes, dense/CSR/CSC/COO storage, NaN, inf,
 negative and non-integer entries, empty cells and genes, random obs columns and keys) go

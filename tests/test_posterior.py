@@ -1,4 +1,4 @@
-"""Posterior queries (issue 4): planted DE is found, bounds are ordered, normalized expression
+"""Posterior queries: planted DE is found, bounds are ordered, normalized expression
 and samples agree with the likelihood, counterfactual batches move by the batch coefficients,
 and every bad input gets its message."""
 

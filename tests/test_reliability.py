@@ -1,4 +1,4 @@
-"""Issue 7: training that survives faults, files that are never half-written.
+"""Training that survives faults, files that are never half-written.
 
 Each test injects one fault (a NaN in the data path, a huge learning rate, Ctrl-C, a
 crash between checkpoint writes, a damaged model file) and checks the documented
