@@ -1,4 +1,5 @@
-"""``fused.StepRunner`` (``cpu_loop.train_steps``): many training steps per compiled call.
+"""Many training steps per compiled call: ``ldvae.cpu.fused.StepRunner`` over
+``ldvae.cpu.loop.train_steps``.
 
 It must train exactly as fit's one-step-per-call loop does (same randomness, same steps,
 same optimizer and batch-norm state), and handle the same faults: a non-finite loss or

@@ -1,4 +1,4 @@
-"""The compiled training step (``fused.TrainStep`` over ``cpu_step.train_step``) equals
+"""The compiled training step (``fused.TrainStep`` over ``ldvae.cpu.step.train_step``) equals
 ``module.loss(b).backward()`` on the fused module path: the same loss, per-cell terms,
 gradients and batch-norm statistics from the same seed (dropout masks included), for
 every model it accepts; it declines the others; ``fit`` uses it and trains the same."""

@@ -3,7 +3,7 @@ choosing K, gene-set enrichment, covariate effects, their report sections and CL
 
 The fitted models are shared through module-scoped fixtures; the seeds are fitted in two
 worker processes, so this file also exercises the parallel path of ``fit_seeds``. Seed
-counts are multiples of the two workers where the assertions allow, so no round of fits
+counts are multiples of the two workers where the assertions allow, so no wave of fits
 leaves a core idle.
 """
 
