@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..query.target import query_batch_size, rows_of
 from .seeds import BackgroundFits, _check_seeds, _fit_many, fit_seeds, uses_gpu  # noqa: F401 (public here too)
 
 if TYPE_CHECKING:
@@ -313,14 +314,15 @@ def heldout_elbo(model: LinearSCVI, *, n_samples: int = 10, seed: int = 0) -> np
     val = _validation_cells(model, "ELBO")
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
-    module = model.module
+    fitted = model._fitted()
+    module = fitted.module
     was_training = module.training
     module.eval()
-    data = model._data()
+    data = fitted.cells(None, False)
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for rows in torch.split(model._rows(data, val), model._query_batch_size(None)):
+        for rows in torch.split(rows_of(data.n_cells, val, fitted.device), query_batch_size(None, fitted.n_genes)):
             b = data.gather(rows)
             total = sum(module.loss(b).elbo.double() for _ in range(n_samples))
             out.append((total / n_samples).cpu().numpy())
