@@ -25,6 +25,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..query.target import query_batch_size, rows_of
+from ..util.checks import positive_int
 from .seeds import BackgroundFits, _check_seeds, _fit_many, fit_seeds, uses_gpu  # noqa: F401 (public here too)
 
 if TYPE_CHECKING:
@@ -312,20 +313,17 @@ def heldout_elbo(model: LinearSCVI, *, n_samples: int = 10, seed: int = 0) -> np
     """Per-cell negative ELBO of the model's validation cells (lower is better), averaged
     over ``n_samples`` draws of z and l, lgamma(x + 1) included; (n_validation_cells,)."""
     val = _validation_cells(model, "ELBO")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+    positive_int("n_samples", n_samples)
     fitted = model._fitted()
-    module = fitted.module
-    was_training = module.training
+    module, was_training = fitted.module, fitted.module.training
     module.eval()
     data = fitted.cells(None, False)
+    rows = rows_of(data.n_cells, val, fitted.device)
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for rows in torch.split(rows_of(data.n_cells, val, fitted.device), query_batch_size(None, fitted.n_genes)):
-            b = data.gather(rows)
-            total = sum(module.loss(b).elbo.double() for _ in range(n_samples))
-            out.append((total / n_samples).cpu().numpy())
+        for b in map(data.gather, torch.split(rows, query_batch_size(None, fitted.n_genes))):
+            out.append((sum(module.loss(b).elbo.double() for _ in range(n_samples)) / n_samples).cpu().numpy())
     module.train(was_training)
     return np.concatenate(out)
 
@@ -409,8 +407,7 @@ def select_k(
     if "n_latent" in model_kwargs:
         raise TypeError("select_k sets n_latent itself; pass the candidates as n_latents=[...].")
     seeds = _check_seeds(seeds, 2)
-    if isinstance(n_mc_samples, bool) or not isinstance(n_mc_samples, (int, np.integer)) or n_mc_samples < 1:
-        raise ValueError(f"n_mc_samples must be a positive integer, got {n_mc_samples!r}.")
+    positive_int("n_mc_samples", n_mc_samples)
     train_kwargs = dict(train_kwargs or {})
     jobs = [({**model_kwargs, "n_latent": k}, s) for k in ks for s in seeds]
     models = _fit_many(adata, jobs, n_jobs, train_kwargs)

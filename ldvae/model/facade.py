@@ -320,11 +320,7 @@ class LinearSCVI(Queries):
             state = resume_state(self.module, payload, resume_from)
             config.max_epochs = max(max_epochs - state.epoch, 0)
         self.module.to(self.device)
-        if counts_on_disk(self.adata, self.setup_):  # backed AnnData: stream chunks (ldvae.data.stream)
-            source = StreamingSource.from_adata(self.adata, self.setup_, train_idx, val_idx, batch_size,
-                                                device=self.device)
-        else:
-            source = InMemorySource(self._data(), train_idx, val_idx, batch_size)
+        source = self._source(train_idx, val_idx, batch_size)
         try:
             fit(self.module, source, config, state)
         finally:
@@ -333,6 +329,13 @@ class LinearSCVI(Queries):
             self.train_state_ = state
             self.train_indices_, self.validation_indices_ = train_idx, val_idx
             self.is_trained_ = state.step > 0
+
+    def _source(self, train_idx, val_idx, batch_size: int):
+        """The minibatches of a fit: streamed chunks of a backed AnnData, else counts on the device."""
+        if counts_on_disk(self.adata, self.setup_):
+            return StreamingSource.from_adata(self.adata, self.setup_, train_idx, val_idx, batch_size,
+                                              device=self.device)
+        return InMemorySource(self._data(), train_idx, val_idx, batch_size)
 
     def _split(self, train_size: float, validation_size: float | None, seed: int, batch_size: int):
         """Training and validation cells (scvi-tools' seeded split); at least two training cells."""

@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 
 from ..util.settings import settings
-from .posterior import batch_codes, get_latent_representation, normalized_expression
-from .target import Fitted, querying, start
+from .posterior import get_latent_representation, normalized_expression
+from .target import Fitted, batch_codes, querying, start
 
 
 logger = logging.getLogger(__name__)

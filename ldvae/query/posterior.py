@@ -33,54 +33,13 @@ from ..data.contract import CountData
 from ..nn.module import CountBatch, Generative, Inference, latent_estimate
 from ..data.stream import Output, SparseOutput, fill, minibatches_of
 from ..util.checks import positive_int
-from .target import Fitted, query_batch_size, querying, start
+from .target import Fitted, batch_codes, gene_mask, obs_names, query_batch_size, querying, start
 
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
 # --- shared helpers --------------------------------------------------------------------------
-
-
-def obs_names(fitted: Fitted, adata, rows: Tensor) -> pd.Index:
-    names = (fitted.adata if adata is None else adata).obs_names
-    return pd.Index(names[rows.cpu().numpy()])
-
-
-def gene_mask(fitted: Fitted, gene_list: Sequence[str] | None) -> np.ndarray | None:
-    """Boolean mask over the model's genes (in model order), or None for all genes."""
-    if gene_list is None:
-        return None
-    if isinstance(gene_list, str):
-        gene_list = [gene_list]
-    wanted = pd.Index([str(g) for g in gene_list])
-    missing = wanted.difference(fitted.var_names)
-    if len(missing):
-        raise ValueError(
-            f"gene_list has {len(missing)} gene(s) the model does not have (first: {missing[0]!r}). "
-            "Pass names from model.var_names_."
-        )
-    return np.asarray(fitted.var_names.isin(wanted))
-
-
-def batch_codes(fitted: Fitted, transform_batch) -> list[int | None]:
-    """Batch codes for ``transform_batch``: None (each cell's own batch), a category or a list."""
-    if transform_batch is None:
-        return [None]
-    values = [transform_batch] if isinstance(transform_batch, (str, int, np.integer)) else list(transform_batch)
-    categories = [str(c) for c in fitted.setup.get("batch_categories", ["0"])]
-    codes: list[int | None] = []
-    for v in values:
-        if v is None:
-            codes.append(None)
-        elif str(v) in categories:
-            codes.append(categories.index(str(v)))
-        else:
-            raise ValueError(
-                f"transform_batch={v!r} is not a batch category of the model (categories: {categories[:10]}). "
-                "Pass one of them, a list of them, or None for each cell's observed batch."
-            )
-    return codes
 
 
 def sample_latents(inf: Inference, n_samples: int) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -87,6 +87,47 @@ def start(fitted: Fitted, adata, indices, batch_size: int | None, per_row: int =
     if batch_size is None:
         size = max(size // per_row, 1)
     return data, rows, size
+
+
+def obs_names(fitted: Fitted, adata, rows: torch.Tensor) -> pd.Index:
+    names = (fitted.adata if adata is None else adata).obs_names
+    return pd.Index(names[rows.cpu().numpy()])
+
+
+def gene_mask(fitted: Fitted, gene_list: Sequence[str] | None) -> np.ndarray | None:
+    """Boolean mask over the model's genes (in model order), or None for all genes."""
+    if gene_list is None:
+        return None
+    if isinstance(gene_list, str):
+        gene_list = [gene_list]
+    wanted = pd.Index([str(g) for g in gene_list])
+    missing = wanted.difference(fitted.var_names)
+    if len(missing):
+        raise ValueError(
+            f"gene_list has {len(missing)} gene(s) the model does not have (first: {missing[0]!r}). "
+            "Pass names from model.var_names_."
+        )
+    return np.asarray(fitted.var_names.isin(wanted))
+
+
+def batch_codes(fitted: Fitted, transform_batch) -> list[int | None]:
+    """Batch codes for ``transform_batch``: None (each cell's own batch), a category or a list."""
+    if transform_batch is None:
+        return [None]
+    values = [transform_batch] if isinstance(transform_batch, (str, int, np.integer)) else list(transform_batch)
+    categories = [str(c) for c in fitted.setup.get("batch_categories", ["0"])]
+    codes: list[int | None] = []
+    for v in values:
+        if v is None:
+            codes.append(None)
+        elif str(v) in categories:
+            codes.append(categories.index(str(v)))
+        else:
+            raise ValueError(
+                f"transform_batch={v!r} is not a batch category of the model (categories: {categories[:10]}). "
+                "Pass one of them, a list of them, or None for each cell's observed batch."
+            )
+    return codes
 
 
 def decoder_scale(module: LDVAEModule) -> torch.Tensor:
