@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..query.deviance import check_rotation as _check_rotation  # noqa: F401 (used by stability)
 from ..query.deviance import factor_deviance as deviance_table
-from ..query.deviance import sign_convention
+from ..query.deviance import sign_convention  # noqa: F401 (public here too)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
     from ..model import LinearSCVI
 
 logger = logging.getLogger(__name__)
+
 
 def _check_model(model, where: str) -> None:
     from ..model import LinearSCVI

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..query.deviance import check_rotation, sign_convention
 from ..query.target import query_batch_size, rows_of
 from ..util.checks import positive_int
 from .seeds import BackgroundFits, _check_seeds, _fit_many, fit_seeds, uses_gpu  # noqa: F401 (public here too)
@@ -236,8 +237,6 @@ def factor_stability(
             counts[k] += 1
     others = np.delete(corr, reference, axis=1)
     consensus = aligned_sum / counts[None, :]
-    from .interpret import sign_convention
-
     consensus = pd.DataFrame(consensus, index=frames[reference].index.copy(), columns=names)
     consensus = consensus * sign_convention(consensus).to_numpy()[None, :]
     factors = pd.DataFrame(
@@ -265,8 +264,6 @@ def factor_stability(
 def _varimax_frame(loadings: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """Varimax-rotated loadings named ``V_k``, by decreasing sum of squares, largest entry
     positive; and the rotation (K x K) that gives them: ``rotated = loadings @ rotation``."""
-    from .interpret import sign_convention
-
     rotated, rot = varimax(loadings)
     order = np.argsort(-(rotated**2).sum(axis=0), kind="stable")
     rotated, rot = rotated[:, order], rot[:, order]
@@ -284,10 +281,10 @@ def rotated_latent(model: LinearSCVI, rotation: np.ndarray, adata=None) -> pd.Da
     ``rotation`` is one of ``StabilityResult.rotations`` (the one of this model's run);
     with it, the decoder's log-rate is unchanged: W z = (W R)(R^T z).
     """
-    from .interpret import _check_model, _check_rotation
+    from .interpret import _check_model
 
     _check_model(model, "rotated_latent")
-    rotation = _check_rotation(model, rotation)
+    rotation = check_rotation(model._fitted(), rotation)
     k = rotation.shape[0]
     target = model.adata if adata is None else adata
     z = model.get_latent_representation(adata) @ rotation  # (n_cells, K)
