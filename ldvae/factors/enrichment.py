@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control, norm, rankdata, tiecorrect
 
+from ..util.checks import positive_int
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -129,9 +131,8 @@ def factor_enrichment(
         sorted by factor (in the loadings' column order), direction and rank. ``attrs``
         records the sets tested and skipped.
     """
-    for name, value in (("min_size", min_size), ("max_size", max_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    positive_int("min_size", min_size)
+    positive_int("max_size", max_size)
     if min_size > max_size:
         raise ValueError(f"min_size ({min_size}) must not exceed max_size ({max_size}).")
     loadings = _as_loadings(model_or_loadings)

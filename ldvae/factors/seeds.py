@@ -60,7 +60,7 @@ def _worker_main(directory: str, jobs: list[int]) -> None:
     one after another (one interpreter start and one read of the data for all of them)."""
     import anndata
 
-    # Ctrl-C is the parent's to handle: it stops the workers (they run in their own session).
+    # Ctrl-C is the parent's to handle: it stops the workers (they run detached from the terminal).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     d = Path(directory)
@@ -70,9 +70,9 @@ def _worker_main(directory: str, jobs: list[int]) -> None:
         torch.set_num_threads(spec["threads"])
         adata = anndata.read_h5ad(d / "adata.h5ad") if adata is None else adata
         model = _fit_one(adata, spec["model_kwargs"], spec["train_kwargs"], spec["seed"])
+        model.save(d / f"model{job}", overwrite=True)
         ts = model.train_state_
-        payload = {
-            "module_state": {k: v.detach().cpu() for k, v in model.module.state_dict().items()},
+        payload = {  # what the saved model leaves out: the optimizer's state and the split
             "train_state": {f.name: getattr(ts, f.name) for f in fields(ts)},
             "train_indices": torch.as_tensor(np.asarray(model.train_indices_)),
             "validation_indices": torch.as_tensor(np.asarray(model.validation_indices_)),
@@ -80,18 +80,18 @@ def _worker_main(directory: str, jobs: list[int]) -> None:
         torch.save(payload, d / f"result{job}.pt")
 
 
-def _rebuild(adata, model_kwargs: dict, path: Path) -> LinearSCVI:
+def _rebuild(adata, path: Path) -> LinearSCVI:
+    """The model a worker fitted: loaded (and checked) as ``LinearSCVI.load`` loads any saved
+    model, then given the training state and split that the worker wrote beside it."""
     from ..model import LinearSCVI
     from ..train.loop import TrainState
 
+    job = path.stem.removeprefix("result")
+    model = LinearSCVI.load(path.parent / f"model{job}", adata=adata, accelerator="cpu")
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = LinearSCVI(adata, **model_kwargs)
-    model.module.load_state_dict(payload["module_state"])
-    model.module.eval()
     model.train_state_ = TrainState(**payload["train_state"])
     model.train_indices_ = payload["train_indices"].numpy()
     model.validation_indices_ = payload["validation_indices"].numpy()
-    model.is_trained_ = model.train_state_.step > 0
     return model
 
 
@@ -144,7 +144,7 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
                 time.sleep(0.05)
         finally:
             _kill(procs)
-        return [_rebuild(adata, kw, d / f"result{i}.pt") for i, (kw, _) in enumerate(jobs)]
+        return [_rebuild(adata, d / f"result{i}.pt") for i in range(len(jobs))]
 
 
 def _fits_dir() -> tempfile.TemporaryDirectory:
@@ -183,7 +183,7 @@ def _worker_env(threads: int) -> dict:
 def _launch(d: Path, share: list[int], env: dict) -> subprocess.Popen:
     code = f"from ldvae.factors.seeds import _worker_main; _worker_main({str(d)!r}, {share!r})"
     with open(d / f"worker{share[0]}.log", "wb") as log:
-        # A session of its own: a terminal's Ctrl-C or hang-up reaches the parent only,
+        # Detached from the terminal: its Ctrl-C or hang-up reaches the parent only,
         # which then stops the workers itself (see _kill).
         return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log,
                                 start_new_session=True)
@@ -255,7 +255,7 @@ class BackgroundFits:
             for i, proc in enumerate(self._procs):
                 proc.wait()
                 _check_exit(self._dir, self._jobs, [i], proc)
-            return [_rebuild(self._adata, kw, self._dir / f"result{i}.pt") for i, (kw, _) in enumerate(self._jobs)]
+            return [_rebuild(self._adata, self._dir / f"result{i}.pt") for i in range(len(self._jobs))]
         finally:
             self.close()
 

@@ -24,6 +24,9 @@ import pandas as pd
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..query.deviance import check_rotation, sign_convention
+from ..query.target import query_batch_size, rows_of
+from ..util.checks import positive_int
 from .seeds import BackgroundFits, _check_seeds, _fit_many, fit_seeds, uses_gpu  # noqa: F401 (public here too)
 
 if TYPE_CHECKING:
@@ -234,8 +237,6 @@ def factor_stability(
             counts[k] += 1
     others = np.delete(corr, reference, axis=1)
     consensus = aligned_sum / counts[None, :]
-    from .interpret import sign_convention
-
     consensus = pd.DataFrame(consensus, index=frames[reference].index.copy(), columns=names)
     consensus = consensus * sign_convention(consensus).to_numpy()[None, :]
     factors = pd.DataFrame(
@@ -263,8 +264,6 @@ def factor_stability(
 def _varimax_frame(loadings: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """Varimax-rotated loadings named ``V_k``, by decreasing sum of squares, largest entry
     positive; and the rotation (K x K) that gives them: ``rotated = loadings @ rotation``."""
-    from .interpret import sign_convention
-
     rotated, rot = varimax(loadings)
     order = np.argsort(-(rotated**2).sum(axis=0), kind="stable")
     rotated, rot = rotated[:, order], rot[:, order]
@@ -282,10 +281,10 @@ def rotated_latent(model: LinearSCVI, rotation: np.ndarray, adata=None) -> pd.Da
     ``rotation`` is one of ``StabilityResult.rotations`` (the one of this model's run);
     with it, the decoder's log-rate is unchanged: W z = (W R)(R^T z).
     """
-    from .interpret import _check_model, _check_rotation
+    from .interpret import _check_model
 
     _check_model(model, "rotated_latent")
-    rotation = _check_rotation(model, rotation)
+    rotation = check_rotation(model._fitted(), rotation)
     k = rotation.shape[0]
     target = model.adata if adata is None else adata
     z = model.get_latent_representation(adata) @ rotation  # (n_cells, K)
@@ -311,19 +310,17 @@ def heldout_elbo(model: LinearSCVI, *, n_samples: int = 10, seed: int = 0) -> np
     """Per-cell negative ELBO of the model's validation cells (lower is better), averaged
     over ``n_samples`` draws of z and l, lgamma(x + 1) included; (n_validation_cells,)."""
     val = _validation_cells(model, "ELBO")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
-    module = model.module
-    was_training = module.training
+    positive_int("n_samples", n_samples)
+    fitted = model._fitted()
+    module, was_training = fitted.module, fitted.module.training
     module.eval()
-    data = model._data()
+    data = fitted.cells(None, False)
+    rows = rows_of(data.n_cells, val, fitted.device)
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for rows in torch.split(model._rows(data, val), model._query_batch_size(None)):
-            b = data.gather(rows)
-            total = sum(module.loss(b).elbo.double() for _ in range(n_samples))
-            out.append((total / n_samples).cpu().numpy())
+        for b in map(data.gather, torch.split(rows, query_batch_size(None, fitted.n_genes))):
+            out.append((sum(module.loss(b).elbo.double() for _ in range(n_samples)) / n_samples).cpu().numpy())
     module.train(was_training)
     return np.concatenate(out)
 
@@ -407,8 +404,7 @@ def select_k(
     if "n_latent" in model_kwargs:
         raise TypeError("select_k sets n_latent itself; pass the candidates as n_latents=[...].")
     seeds = _check_seeds(seeds, 2)
-    if isinstance(n_mc_samples, bool) or not isinstance(n_mc_samples, (int, np.integer)) or n_mc_samples < 1:
-        raise ValueError(f"n_mc_samples must be a positive integer, got {n_mc_samples!r}.")
+    positive_int("n_mc_samples", n_mc_samples)
     train_kwargs = dict(train_kwargs or {})
     jobs = [({**model_kwargs, "n_latent": k}, s) for k in ks for s in seeds]
     models = _fit_many(adata, jobs, n_jobs, train_kwargs)

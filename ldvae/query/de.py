@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .posterior import batch_codes, normalized_expression, querying, start
+from ..util.settings import settings
+from .posterior import get_latent_representation, normalized_expression
+from .target import Fitted, batch_codes, querying, start
 
-if TYPE_CHECKING:
-    from ..model import LinearSCVI
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,9 @@ def _comparisons(adata, groupby, group1, group2, idx1, idx2) -> list[tuple]:
     return out
 
 
-def _raw_properties(model: LinearSCVI, data, rows: torch.Tensor, size: int) -> dict[str, np.ndarray]:
+def _raw_properties(fitted: Fitted, data, rows: torch.Tensor, size: int) -> dict[str, np.ndarray]:
     """Per-gene mean count, fraction of nonzero counts and mean count per 10^4 (streamed)."""
-    g = len(model.var_names_)
+    g = len(fitted.var_names)
     total = torch.zeros(3, g, dtype=torch.float64, device=data.device)
     for r in torch.split(rows, size):
         b = data.gather(r)
@@ -110,10 +110,10 @@ def _raw_properties(model: LinearSCVI, data, rows: torch.Tensor, size: int) -> d
     return {"raw_mean": mean, "non_zeros_proportion": nonzero, "raw_normalized_mean": normalized}
 
 
-def _filter_outliers(model: LinearSCVI, adata, cells: np.ndarray) -> np.ndarray:
+def _filter_outliers(fitted: Fitted, adata, cells: np.ndarray) -> np.ndarray:
     from sklearn.covariance import EllipticEnvelope
 
-    reps = model.get_latent_representation(adata, indices=cells)
+    reps = get_latent_representation(fitted, adata, cells)
     try:
         keep = EllipticEnvelope().fit_predict(reps) == 1
     except ValueError:
@@ -122,7 +122,7 @@ def _filter_outliers(model: LinearSCVI, adata, cells: np.ndarray) -> np.ndarray:
     return cells[keep]
 
 
-def _sample_scales(model, data, cells: np.ndarray, codes, n_total: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample_scales(fitted: Fitted, data, cells: np.ndarray, codes, n_total: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """``n_total`` posterior draws of rho from random cells, split evenly over ``codes``:
     scales (n_draws, n_genes) float32 and the batch code of each draw (-1: observed batch)."""
     per_code = max(n_total // len(codes), 2)
@@ -130,7 +130,7 @@ def _sample_scales(model, data, cells: np.ndarray, codes, n_total: int, size: in
     scales, ids = [], []
     for code in codes:
         rows = cells_t[torch.randint(len(cells), (per_code,), device=data.device)]
-        s = normalized_expression(model, data, rows, size, codes=[code], mask=None, library_size=1, n_samples=1)[0]
+        s = normalized_expression(fitted, data, rows, size, codes=[code], mask=None, library_size=1, n_samples=1)[0]
         scales.append(s.astype(np.float32))
         ids.append(np.full(per_code, -1 if code is None else code))
     return np.concatenate(scales), np.concatenate(ids)
@@ -228,7 +228,7 @@ def _bayes_factors(s1, s2, b1, b2, mode, delta, batch_correction, opts, rng, zer
 
 
 def differential_expression(
-    model: LinearSCVI,
+    fitted: Fitted,
     adata=None,
     groupby: str | None = None,
     group1=None,
@@ -264,38 +264,37 @@ def differential_expression(
         raise ValueError(f"test_mode must be 'two' or 'three', got {opts['test_mode']!r}.")
     if not batch_correction and (batchid1 is not None or batchid2 is not None):
         raise ValueError("batchid1/batchid2 choose the batches to decode in; they need batch_correction=True.")
-    ad = model.adata if adata is None else adata
+    ad = fitted.adata if adata is None else adata
     comparisons = _comparisons(ad, groupby, group1, group2, idx1, idx2)
-    all_batches = list(model.setup_.get("batch_categories", ["0"]))
-    codes1 = batch_codes(model, all_batches if batchid1 is None else batchid1) if batch_correction else [None]
-    codes2 = batch_codes(model, all_batches if batchid2 is None else batchid2) if batch_correction else [None]
-    data, _, size = start(model, adata, None, batch_size)
-    from ..model import settings
+    all_batches = list(fitted.setup.get("batch_categories", ["0"]))
+    codes1 = batch_codes(fitted, all_batches if batchid1 is None else batchid1) if batch_correction else [None]
+    codes2 = batch_codes(fitted, all_batches if batchid2 is None else batchid2) if batch_correction else [None]
+    data, _, size = start(fitted, adata, None, batch_size)
 
     rng = np.random.default_rng(settings.seed)
     tables = []
-    with querying(model):
+    with querying(fitted.device):
         for name1, name2, m1, m2 in comparisons:
             cells1, cells2 = np.flatnonzero(m1), np.flatnonzero(m2)
             for cells, what in ((cells1, "group1/idx1"), (cells2, "group2/idx2 (or the rest)")):
                 if cells.size == 0:
                     raise ValueError(f"{what} selects no cells; DE needs cells in both groups.")
             if filter_outlier_cells:
-                cells1, cells2 = _filter_outliers(model, adata, cells1), _filter_outliers(model, adata, cells2)
+                cells1, cells2 = _filter_outliers(fitted, adata, cells1), _filter_outliers(fitted, adata, cells2)
             if not silent:
                 logger.info("DE %s (%d cells) vs %s (%d cells)", name1 or "idx1", len(cells1), name2 or "idx2",
                             len(cells2))
-            s1, b1 = _sample_scales(model, data, cells1, codes1, opts["n_samples_overall"], size)
-            s2, b2 = _sample_scales(model, data, cells2, codes2, opts["n_samples_overall"], size)
-            raw1 = _raw_properties(model, data, torch.as_tensor(cells1, device=data.device), size)
-            raw2 = _raw_properties(model, data, torch.as_tensor(cells2, device=data.device), size)
+            s1, b1 = _sample_scales(fitted, data, cells1, codes1, opts["n_samples_overall"], size)
+            s2, b2 = _sample_scales(fitted, data, cells2, codes2, opts["n_samples_overall"], size)
+            raw1 = _raw_properties(fitted, data, torch.as_tensor(cells1, device=data.device), size)
+            raw2 = _raw_properties(fitted, data, torch.as_tensor(cells2, device=data.device), size)
             zero1 = raw1["raw_mean"] < opts["threshold_counts"]
             zero2 = raw2["raw_mean"] < opts["threshold_counts"]
             info = _bayes_factors(s1, s2, b1, b2, mode, delta, batch_correction, opts, rng, zero1, zero2)
             if all_stats:
                 for key in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
                     info[f"{key}1"], info[f"{key}2"] = raw1[key], raw2[key]
-            res = pd.DataFrame(info, index=model.var_names_.copy())
+            res = pd.DataFrame(info, index=fitted.var_names.copy())
             res = res.sort_values(by="proba_de" if mode == "change" else "bayes_factor", ascending=False)
             if mode == "change":
                 res[f"is_de_fdr_{fdr_target}"] = fdr_calls(res["proba_de"], float(fdr_target))

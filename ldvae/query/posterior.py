@@ -17,12 +17,11 @@ dispersion, ``pi`` the zero-inflation probability.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,91 +31,15 @@ from torch import Tensor
 
 from ..data.contract import CountData
 from ..nn.module import CountBatch, Generative, Inference, latent_estimate
-from ..data.stream import DiskCells, Output, SparseOutput, fill, minibatches_of, query_cells
+from ..data.stream import Output, SparseOutput, fill, minibatches_of
+from ..util.checks import positive_int
+from .target import Fitted, batch_codes, gene_mask, obs_names, query_batch_size, querying, start
 
-if TYPE_CHECKING:
-    from ..model import LinearSCVI
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
 # --- shared helpers --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def querying(model: LinearSCVI):
-    """Run a query without gradients under ``ldvae.settings.seed``, leaving the global torch RNG as it was."""
-    from ..model import settings
-
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(settings.seed)
-        with torch.no_grad():
-            yield
-
-
-def check_n(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
-
-
-def start(model: LinearSCVI, adata, indices, batch_size: int | None, per_row: int = 1, *, streamed: bool = False):
-    """The data, the selected rows (a device tensor) and the rows per minibatch of a query.
-
-    ``per_row`` is how many decoded copies of each cell a minibatch holds (samples), so the
-    default batch size keeps the dense work per minibatch bounded. The data is a
-    ``CountData`` in memory; with ``streamed``, counts on disk stay there (a
-    ``stream.DiskCells``: iterate it with ``minibatches_of``)."""
-    model._check_trained()
-    model.module.eval()
-    data: CountData | DiskCells = query_cells(model, adata) if streamed else model._data(adata)
-    rows = model._rows(data, indices)
-    size = model._query_batch_size(batch_size)
-    if batch_size is None:
-        size = max(size // per_row, 1)
-    return data, rows, size
-
-
-def obs_names(model: LinearSCVI, adata, rows: Tensor) -> pd.Index:
-    names = (model.adata if adata is None else adata).obs_names
-    return pd.Index(names[rows.cpu().numpy()])
-
-
-def gene_mask(model: LinearSCVI, gene_list: Sequence[str] | None) -> np.ndarray | None:
-    """Boolean mask over the model's genes (in model order), or None for all genes."""
-    if gene_list is None:
-        return None
-    if isinstance(gene_list, str):
-        gene_list = [gene_list]
-    wanted = pd.Index([str(g) for g in gene_list])
-    missing = wanted.difference(model.var_names_)
-    if len(missing):
-        raise ValueError(
-            f"gene_list has {len(missing)} gene(s) the model does not have (first: {missing[0]!r}). "
-            "Pass names from model.var_names_."
-        )
-    return np.asarray(model.var_names_.isin(wanted))
-
-
-def batch_codes(model: LinearSCVI, transform_batch) -> list[int | None]:
-    """Batch codes for ``transform_batch``: None (each cell's own batch), a category or a list."""
-    if transform_batch is None:
-        return [None]
-    values = [transform_batch] if isinstance(transform_batch, (str, int, np.integer)) else list(transform_batch)
-    categories = [str(c) for c in model.setup_.get("batch_categories", ["0"])]
-    codes: list[int | None] = []
-    for v in values:
-        if v is None:
-            codes.append(None)
-        elif str(v) in categories:
-            codes.append(categories.index(str(v)))
-        else:
-            raise ValueError(
-                f"transform_batch={v!r} is not a batch category of the model (categories: {categories[:10]}). "
-                "Pass one of them, a list of them, or None for each cell's observed batch."
-            )
-    return codes
 
 
 def sample_latents(inf: Inference, n_samples: int) -> tuple[Tensor, Tensor]:
@@ -146,7 +69,7 @@ def tile(b: CountBatch, reps: int) -> CountBatch:
     )
 
 
-def decode(model: LinearSCVI, b: CountBatch, z: Tensor, library: Tensor, code: int | None = None) -> Generative:
+def decode(fitted: Fitted, b: CountBatch, z: Tensor, library: Tensor, code: int | None = None) -> Generative:
     """p(x | z, l) for a minibatch ``b`` whose cells are repeated along z's leading rows.
 
     ``z`` (m * n_cells, K) and ``library`` (m * n_cells,) hold m draws per cell, draw-major;
@@ -155,7 +78,7 @@ def decode(model: LinearSCVI, b: CountBatch, z: Tensor, library: Tensor, code: i
     bt = tile(b, reps) if reps > 1 else b
     if code is not None:
         bt = replace(bt, batch=torch.full_like(bt.batch, code))
-    return model.module.generative(z, library, model.module.covariate_columns(bt), bt.batch, bt.label)
+    return fitted.module.generative(z, library, fitted.module.covariate_columns(bt), bt.batch, bt.label)
 
 
 def theta_of(gen: Generative, shape: torch.Size) -> Tensor | None:
@@ -167,16 +90,16 @@ def theta_of(gen: Generative, shape: torch.Size) -> Tensor | None:
 
 @torch.no_grad()
 def get_latent_representation(
-    model: LinearSCVI, adata=None, indices=None, give_mean: bool = True, mc_samples: int = 5000,
+    fitted: Fitted, adata=None, indices=None, give_mean: bool = True, mc_samples: int = 5000,
     batch_size: int | None = None, return_dist: bool = False, *, out: str | Path | None = None,
 ):
     """See :meth:`ldvae.LinearSCVI.get_latent_representation`. Not seeded: with
     ``give_mean=False`` every call draws afresh from the global torch generator."""
     if out is not None and return_dist:
         raise ValueError("out= writes the latent representation; it cannot be combined with return_dist=True.")
-    data, rows, size = start(model, adata, indices, batch_size, streamed=True)
-    shape = (rows.shape[0], model.init_params_["n_latent"])
-    ln = model.init_params_["latent_distribution"] == "ln"
+    data, rows, size = start(fitted, adata, indices, batch_size, streamed=True)
+    shape = (rows.shape[0], fitted.config.n_latent)
+    ln = fitted.config.latent_distribution == "ln"
     if return_dist:
         outputs = {"mean": Output(shape), "variance": Output(shape)}
     else:
@@ -184,7 +107,7 @@ def get_latent_representation(
 
     def blocks():
         for b in minibatches_of(data, rows, size):
-            inf = model.module.inference(b, use_mean=True)
+            inf = fitted.module.inference(b, use_mean=True)
             if return_dist:
                 yield {"mean": inf.qz_m.cpu().numpy(), "variance": inf.qz_v.cpu().numpy()}
             else:
@@ -199,35 +122,35 @@ def get_latent_representation(
 
 
 def expression_batches(
-    model: LinearSCVI, batches: Iterator[CountBatch], *, codes: list[int | None], mask: np.ndarray | None,
+    fitted: Fitted, batches: Iterator[CountBatch], *, codes: list[int | None], mask: np.ndarray | None,
     library_size: float | str, n_samples: int,
 ) -> Iterator[np.ndarray]:
     """Normalized expression of each minibatch (no seeding): (n_samples, n_cells, n_genes)."""
     latent = library_size == "latent"
-    keep = None if mask is None else torch.as_tensor(mask, device=model.device)
+    keep = None if mask is None else torch.as_tensor(mask, device=fitted.device)
     for b in batches:
-        inf = model.module.inference(b, use_mean=True)
+        inf = fitted.module.inference(b, use_mean=True)
         z, library = sample_latents(inf, n_samples)  # (S, n, K), (S, n)
         acc = 0.0
         for code in codes:
-            gen = decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1), code)
+            gen = decode(fitted, b, z.reshape(-1, z.shape[-1]), library.reshape(-1), code)
             value = gen.log_mu.exp() if latent else gen.log_rho.exp() * float(library_size)  # (S * n, G)
             acc = acc + (value if keep is None else value[:, keep])
         yield (acc / len(codes)).reshape(n_samples, b.n_cells, -1).cpu().numpy()
 
 
 def normalized_expression(
-    model: LinearSCVI, data: CountData, rows: Tensor, size: int, *, codes: list[int | None],
+    fitted: Fitted, data: CountData, rows: Tensor, size: int, *, codes: list[int | None],
     mask: np.ndarray | None, library_size: float | str, n_samples: int,
 ) -> np.ndarray:
     """Core of :func:`get_normalized_expression` (no seeding), in memory: (n_samples, n_rows, n_genes)."""
-    blocks = expression_batches(model, minibatches_of(data, rows, size), codes=codes, mask=mask,
+    blocks = expression_batches(fitted, minibatches_of(data, rows, size), codes=codes, mask=mask,
                                 library_size=library_size, n_samples=n_samples)
     return np.concatenate(list(blocks), axis=1)
 
 
 def get_normalized_expression(
-    model: LinearSCVI,
+    fitted: Fitted,
     adata=None,
     indices=None,
     transform_batch=None,
@@ -242,7 +165,7 @@ def get_normalized_expression(
     out: str | Path | None = None,
 ) -> np.ndarray | pd.DataFrame:
     """See :meth:`ldvae.LinearSCVI.get_normalized_expression`."""
-    n_samples = check_n("n_samples", n_samples)
+    n_samples = positive_int("n_samples", n_samples)
     if out is not None and return_numpy is False:
         raise ValueError(
             "out= writes the expression into a .npy file and returns it as an array; it cannot be a DataFrame. "
@@ -254,7 +177,7 @@ def get_normalized_expression(
     )):
         raise ValueError(f"library_size must be a positive number or 'latent', got {library_size!r}.")
     if n_samples_overall is not None:
-        n_samples_overall = check_n("n_samples_overall", n_samples_overall)
+        n_samples_overall = positive_int("n_samples_overall", n_samples_overall)
         if n_samples != 1:
             raise ValueError(
                 f"n_samples_overall={n_samples_overall} draws one sample from each of that many cells; "
@@ -267,15 +190,15 @@ def get_normalized_expression(
                 "array of shape (n_samples, n_cells, n_genes).", UserWarning, stacklevel=3,
             )
         return_numpy = True
-    codes = batch_codes(model, transform_batch)
-    mask = gene_mask(model, gene_list)
-    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples, streamed=True)
-    n_genes = len(model.var_names_) if mask is None else int(mask.sum())
-    with querying(model):
+    codes = batch_codes(fitted, transform_batch)
+    mask = gene_mask(fitted, gene_list)
+    data, rows, size = start(fitted, adata, indices, batch_size, per_row=n_samples, streamed=True)
+    n_genes = len(fitted.var_names) if mask is None else int(mask.sum())
+    with querying(fitted.device):
         if n_samples_overall is not None:
             pick = torch.randint(rows.shape[0], (n_samples_overall,), device=rows.device)
             rows = rows[pick]
-        blocks = expression_batches(model, minibatches_of(data, rows, size), codes=codes, mask=mask,
+        blocks = expression_batches(fitted, minibatches_of(data, rows, size), codes=codes, mask=mask,
                                     library_size=library_size, n_samples=n_samples)  # (S, n, G) each
         if return_mean or n_samples == 1:
             output = Output((rows.shape[0], n_genes), out=out)
@@ -285,30 +208,30 @@ def get_normalized_expression(
             expr = fill({"x": output}, ({"x": e} for e in blocks))["x"]
     if return_numpy or out is not None:
         return expr
-    genes = model.var_names_ if mask is None else model.var_names_[mask]
-    return pd.DataFrame(expr, index=obs_names(model, adata, rows), columns=genes.copy())
+    genes = fitted.var_names if mask is None else fitted.var_names[mask]
+    return pd.DataFrame(expr, index=obs_names(fitted, adata, rows), columns=genes.copy())
 
 
 # --- ELBO, reconstruction error, marginal likelihood -------------------------------------------
 
 
-def _per_cell(model: LinearSCVI, adata, indices, batch_size, fn) -> np.ndarray:
-    data, rows, size = start(model, adata, indices, batch_size, streamed=True)
-    with querying(model):
+def _per_cell(fitted: Fitted, adata, indices, batch_size, fn) -> np.ndarray:
+    data, rows, size = start(fitted, adata, indices, batch_size, streamed=True)
+    with querying(fitted.device):
         return torch.cat([fn(b).cpu() for b in minibatches_of(data, rows, size)]).double().numpy()
 
 
-def get_elbo(model: LinearSCVI, adata=None, indices=None, batch_size=None, return_mean: bool = True):
+def get_elbo(fitted: Fitted, adata=None, indices=None, batch_size=None, return_mean: bool = True):
     """See :meth:`ldvae.LinearSCVI.get_elbo`."""
-    elbo = -_per_cell(model, adata, indices, batch_size, lambda b: model.module.loss(b).elbo)
+    elbo = -_per_cell(fitted, adata, indices, batch_size, lambda b: fitted.module.loss(b).elbo)
     return float(elbo.mean()) if return_mean else elbo
 
 
 def get_reconstruction_error(
-    model: LinearSCVI, adata=None, indices=None, batch_size=None, return_mean: bool = True
+    fitted: Fitted, adata=None, indices=None, batch_size=None, return_mean: bool = True
 ) -> dict:
     """See :meth:`ldvae.LinearSCVI.get_reconstruction_error`."""
-    ll = -_per_cell(model, adata, indices, batch_size, lambda b: model.module.loss(b).reconstruction)
+    ll = -_per_cell(fitted, adata, indices, batch_size, lambda b: fitted.module.loss(b).reconstruction)
     return {"reconstruction_loss": float(ll.mean()) if return_mean else ll}
 
 
@@ -316,9 +239,9 @@ def _normal_log_prob(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return -0.5 * (_LOG_2PI + var.log() + (x - mean).square() / var)
 
 
-def _log_weights(model: LinearSCVI, b: CountBatch, inf: Inference, reps: int) -> Tensor:
+def _log_weights(fitted: Fitted, b: CountBatch, inf: Inference, reps: int) -> Tensor:
     """log p(x, z, l) - log q(z, l | x) for ``reps`` draws per cell, (reps, n_cells)."""
-    module = model.module
+    module = fitted.module
     z, library = sample_latents(inf, reps)  # (reps, n, K), (reps, n)
     bt = tile(b, reps) if reps > 1 else b
     gen = module.generative(z.reshape(-1, z.shape[-1]), library.reshape(-1), module.covariate_columns(bt),
@@ -335,23 +258,23 @@ def _log_weights(model: LinearSCVI, b: CountBatch, inf: Inference, reps: int) ->
 
 
 def get_marginal_ll(
-    model: LinearSCVI, adata=None, indices=None, n_mc_samples: int = 1000, batch_size=None, return_mean: bool = True
+    fitted: Fitted, adata=None, indices=None, n_mc_samples: int = 1000, batch_size=None, return_mean: bool = True
 ):
     """See :meth:`ldvae.LinearSCVI.get_marginal_ll`."""
-    n_mc_samples = check_n("n_mc_samples", n_mc_samples)
-    budget = model._query_batch_size(None) * len(model.var_names_)  # dense entries per decode
+    n_mc_samples = positive_int("n_mc_samples", n_mc_samples)
+    budget = query_batch_size(None, fitted.n_genes) * len(fitted.var_names)  # dense entries per decode
 
     def per_batch(b: CountBatch) -> Tensor:
-        inf = model.module.inference(b, use_mean=True)
+        inf = fitted.module.inference(b, use_mean=True)
         chunk = int(np.clip(budget // (b.n_cells * b.n_genes), 1, n_mc_samples))
         parts = []
         for done in range(0, n_mc_samples, chunk):
-            parts.append(_log_weights(model, b, inf, min(chunk, n_mc_samples - done)))
+            parts.append(_log_weights(fitted, b, inf, min(chunk, n_mc_samples - done)))
         log_w = torch.cat(parts).double()  # (n_mc_samples, n)
         # log (1/S) sum_s w_s, the importance-sampled estimate of log p(x)
         return torch.logsumexp(log_w, 0) - math.log(n_mc_samples)
 
-    ll = _per_cell(model, adata, indices, batch_size, per_batch)
+    ll = _per_cell(fitted, adata, indices, batch_size, per_batch)
     return float(ll.mean()) if return_mean else ll
 
 
@@ -359,13 +282,13 @@ def get_marginal_ll(
 
 
 def likelihood_batches(
-    model: LinearSCVI, batches: Iterator[CountBatch], keys: list[str], n_samples: int
+    fitted: Fitted, batches: Iterator[CountBatch], keys: list[str], n_samples: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """Parameters ``keys`` of p(x | z, l) at posterior draws, per minibatch (no seeding):
     each (n_samples, n_cells, n_genes)."""
     for b in batches:
-        z, library = sample_latents(model.module.inference(b, use_mean=True), n_samples)
-        gen = decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1))
+        z, library = sample_latents(fitted.module.inference(b, use_mean=True), n_samples)
+        gen = decode(fitted, b, z.reshape(-1, z.shape[-1]), library.reshape(-1))
         mean = gen.log_mu.exp()
         values = {"mean": mean, "dispersions": theta_of(gen, mean.shape),
                   "dropout": None if gen.zi_logits is None else torch.sigmoid(gen.zi_logits)}
@@ -373,16 +296,16 @@ def likelihood_batches(
 
 
 def get_likelihood_parameters(
-    model: LinearSCVI, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False, batch_size=None,
+    fitted: Fitted, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False, batch_size=None,
     *, out: str | Path | None = None,
 ) -> dict[str, np.ndarray]:
     """See :meth:`ldvae.LinearSCVI.get_likelihood_parameters`."""
-    n_samples = check_n("n_samples", n_samples)
-    lik = model.init_params_["gene_likelihood"]
-    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples, streamed=True)
+    n_samples = positive_int("n_samples", n_samples)
+    lik = fitted.config.gene_likelihood
+    data, rows, size = start(fitted, adata, indices, batch_size, per_row=n_samples, streamed=True)
     keys = ["mean"] + (["dispersions"] if lik != "poisson" else []) + (["dropout"] if lik == "zinb" else [])
     per_draw = n_samples > 1 and not give_mean
-    shape = (n_samples, rows.shape[0], len(model.var_names_)) if per_draw else (rows.shape[0], len(model.var_names_))
+    shape = (n_samples, rows.shape[0], len(fitted.var_names)) if per_draw else (rows.shape[0], len(fitted.var_names))
     if out is not None:
         if Path(out).suffix:
             raise ValueError(f"out must be a directory (it receives {', '.join(k + '.npy' for k in keys)}), "
@@ -390,8 +313,8 @@ def get_likelihood_parameters(
         Path(out).mkdir(parents=True, exist_ok=True)
     outputs = {k: Output(shape, axis=1 if per_draw else 0, out=None if out is None else Path(out) / f"{k}.npy")
                for k in keys}
-    with querying(model):
-        blocks = likelihood_batches(model, minibatches_of(data, rows, size), keys, n_samples)
+    with querying(fitted.device):
+        blocks = likelihood_batches(fitted, minibatches_of(data, rows, size), keys, n_samples)
         if not per_draw:  # (S, n, G) -> (n, G)
             blocks = ({k: v[0] if n_samples == 1 else v.mean(0) for k, v in block.items()} for block in blocks)
         return fill(outputs, blocks)
@@ -418,13 +341,13 @@ def sample_counts(gen: Generative) -> Tensor:
 
 
 def sample_batches(
-    model: LinearSCVI, batches: Iterator[CountBatch], mask: np.ndarray | None, n_samples: int
+    fitted: Fitted, batches: Iterator[CountBatch], mask: np.ndarray | None, n_samples: int
 ) -> Iterator[Tensor]:
     """Posterior predictive counts per minibatch (no seeding): (n_samples, n_cells, n_genes) on the device."""
-    keep = None if mask is None else torch.as_tensor(mask, device=model.device)
+    keep = None if mask is None else torch.as_tensor(mask, device=fitted.device)
     for b in batches:
-        z, library = sample_latents(model.module.inference(b, use_mean=True), n_samples)
-        x = sample_counts(decode(model, b, z.reshape(-1, z.shape[-1]), library.reshape(-1)))  # (S * n, G)
+        z, library = sample_latents(fitted.module.inference(b, use_mean=True), n_samples)
+        x = sample_counts(decode(fitted, b, z.reshape(-1, z.shape[-1]), library.reshape(-1)))  # (S * n, G)
         yield (x if keep is None else x[:, keep]).view(n_samples, b.n_cells, -1)
 
 
@@ -437,12 +360,12 @@ def _to_csr(x: Tensor) -> sp.csr_matrix:
 
 
 def posterior_predictive_sample(
-    model: LinearSCVI, adata=None, indices=None, n_samples: int = 1, gene_list=None, batch_size=None,
+    fitted: Fitted, adata=None, indices=None, n_samples: int = 1, gene_list=None, batch_size=None,
     *, out: str | Path | None = None,
 ):
     """See :meth:`ldvae.LinearSCVI.posterior_predictive_sample`."""
-    n_samples = check_n("n_samples", n_samples)
-    mask = gene_mask(model, gene_list)
+    n_samples = positive_int("n_samples", n_samples)
+    mask = gene_mask(fitted, gene_list)
     if out is not None and n_samples > 1:
         raise ValueError(
             f"out= writes one sample of counts as the X of an AnnData; got n_samples={n_samples}. Pass "
@@ -453,19 +376,19 @@ def posterior_predictive_sample(
             f"posterior_predictive_sample with n_samples > 1 returns a 3-D sparse array, which needs scipy >= 1.15 "
             f"(this is {_scipy_version()}). Upgrade scipy, or call it n_samples times with n_samples=1."
         )
-    data, rows, size = start(model, adata, indices, batch_size, per_row=n_samples, streamed=True)
-    genes = model.var_names_ if mask is None else model.var_names_[mask]
+    data, rows, size = start(fitted, adata, indices, batch_size, per_row=n_samples, streamed=True)
+    genes = fitted.var_names if mask is None else fitted.var_names[mask]
     if out is not None:
-        output = SparseOutput(out, obs_names(model, adata, rows), genes)
-        with querying(model):
-            draws = sample_batches(model, minibatches_of(data, rows, size), mask, 1)
+        output = SparseOutput(out, obs_names(fitted, adata, rows), genes)
+        with querying(fitted.device):
+            draws = sample_batches(fitted, minibatches_of(data, rows, size), mask, 1)
             return fill({"X": output}, ({"X": _to_csr(x[0])} for x in draws))["X"]
     n_genes = len(genes)
     coords: list[np.ndarray] = []
     values: list[np.ndarray] = []
     done = 0
-    with querying(model):
-        for x in sample_batches(model, minibatches_of(data, rows, size), mask, n_samples):
+    with querying(fitted.device):
+        for x in sample_batches(fitted, minibatches_of(data, rows, size), mask, n_samples):
             s, c, g = x.nonzero(as_tuple=True)
             coords.append(torch.stack([c + done, g, s]).cpu().numpy())
             values.append(x[s, c, g].cpu().numpy())
@@ -477,18 +400,18 @@ def posterior_predictive_sample(
     return sp.coo_array((val, (ijk[0], ijk[1], ijk[2])), shape=(done, n_genes, n_samples))
 
 
-def get_latent_library_size(model: LinearSCVI, adata=None, indices=None, give_mean: bool = True, batch_size=None):
+def get_latent_library_size(fitted: Fitted, adata=None, indices=None, give_mean: bool = True, batch_size=None):
     """See :meth:`ldvae.LinearSCVI.get_latent_library_size`."""
-    if give_mean and model.init_params_["use_observed_lib_size"]:
+    if give_mean and fitted.config.use_observed_lib_size:
         raise RuntimeError(
             "This model uses the observed library size (use_observed_lib_size=True), so it has no posterior "
             "over the library to average. Pass give_mean=False to get the observed library sizes."
         )
-    data, rows, size = start(model, adata, indices, batch_size, streamed=True)
+    data, rows, size = start(fitted, adata, indices, batch_size, streamed=True)
     out = []
-    with querying(model):
+    with querying(fitted.device):
         for b in minibatches_of(data, rows, size):
-            inf = model.module.inference(b, use_mean=True)
+            inf = fitted.module.inference(b, use_mean=True)
             if give_mean:
                 lib = torch.exp(inf.ql_m + 0.5 * inf.ql_v)  # mean of LogNormal(ql_m, ql_v)
             else:
@@ -498,7 +421,7 @@ def get_latent_library_size(model: LinearSCVI, adata=None, indices=None, give_me
 
 
 def get_feature_correlation_matrix(
-    model: LinearSCVI,
+    fitted: Fitted,
     adata=None,
     indices=None,
     n_samples: int = 10,
@@ -510,31 +433,31 @@ def get_feature_correlation_matrix(
     """See :meth:`ldvae.LinearSCVI.get_feature_correlation_matrix`."""
     from scipy.stats import rankdata
 
-    n_samples = check_n("n_samples", n_samples)
+    n_samples = positive_int("n_samples", n_samples)
     if correlation_type not in ("spearman", "pearson"):
         raise ValueError(f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}.")
     if not rna_size_factor > 0:
         raise ValueError(f"rna_size_factor must be positive, got {rna_size_factor!r}.")
-    codes = batch_codes(model, transform_batch)
-    data, rows, size = start(model, adata, indices, batch_size, streamed=True)
+    codes = batch_codes(fitted, transform_batch)
+    data, rows, size = start(fitted, adata, indices, batch_size, streamed=True)
     log_size = math.log(rna_size_factor)
     mats = []
-    with querying(model):
+    with querying(fitted.device):
         for code in codes:
             draws = []
             for b in minibatches_of(data, rows, size):
-                z, _ = sample_latents(model.module.inference(b, use_mean=True), n_samples)
+                z, _ = sample_latents(fitted.module.inference(b, use_mean=True), n_samples)
                 library = torch.full(z.shape[:2], log_size, device=z.device).reshape(-1)
-                gen = decode(model, b, z.reshape(-1, z.shape[-1]), library, code)
+                gen = decode(fitted, b, z.reshape(-1, z.shape[-1]), library, code)
                 rate = gen.log_mu.exp()  # rna_size_factor * rho, (S * n, G)
                 if gen.log_theta is not None:  # the Gamma part of the NB: denoised expression
                     theta = gen.log_theta.exp().expand_as(rate)
                     rate = torch.distributions.Gamma(theta, theta / rate).sample()
                 draws.append(rate.view(n_samples, b.n_cells, -1).cpu())
-            flat = torch.cat(draws, dim=1).reshape(-1, len(model.var_names_)).double().numpy()  # (S * n, G)
+            flat = torch.cat(draws, dim=1).reshape(-1, len(fitted.var_names)).double().numpy()  # (S * n, G)
             if correlation_type == "spearman":
                 flat = rankdata(flat, axis=0)
             with np.errstate(invalid="ignore", divide="ignore"):
                 mats.append(np.corrcoef(flat, rowvar=False))
     corr = np.mean(mats, axis=0)
-    return pd.DataFrame(corr, index=model.var_names_.copy(), columns=model.var_names_.copy())
+    return pd.DataFrame(corr, index=fitted.var_names.copy(), columns=fitted.var_names.copy())
