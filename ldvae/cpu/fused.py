@@ -13,7 +13,7 @@ seen from torch.
 - ``bn_softmax_nb`` and ``encoder_block``: autograd functions for the decoder's batch norm +
   softmax + NB likelihood and an encoder's first block, which ``LDVAEModule`` uses on CPU
   float32 tensors (queries, and the training of models ``TrainStep`` declines); this
-  package hands them to ``nn.module.use_compiled``.
+  module hands them to ``nn.module.use_compiled`` when it is imported.
 
 All compute what the torch path of ``module``/``likelihoods`` computes (tests compare them to
 float32 rounding). Set ``ENABLED = False`` (or the environment variable ``LDVAE_FUSED=0``)
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ try:  # numba is installed with scanpy; without it every model takes the torch p
     from . import encoder as cpu_encoder, kernels as cpu_kernels, loop as cpu_loop, step as cpu_step
 except ImportError:  # pragma: no cover
     cpu_encoder = cpu_kernels = cpu_loop = cpu_step = None
+from ..nn import module as _module
 from ..nn.module import LossOutput
 from .layout import OFFSETS, Layout
 
@@ -422,3 +424,7 @@ def _momenta(bn: nn.BatchNorm1d, steps: int) -> Tensor:
     if bn.momentum is not None:
         return torch.full((steps,), float(bn.momentum), dtype=torch.float64)
     return 1.0 / (float(bn.num_batches_tracked) + torch.arange(1, steps + 1, dtype=torch.float64))
+
+
+# The lower layer never imports this one: this one serves it (see nn.module.use_compiled).
+_module.use_compiled(sys.modules[__name__])

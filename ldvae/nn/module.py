@@ -14,7 +14,7 @@ factor models of single-cell RNA-seq via variational autoencoders":
 This file imports only torch (and the likelihoods beside it) and never sees AnnData or
 NumPy. Compiled CPU kernels for the encoder's first block and the decoder's batch norm +
 softmax + NB likelihood are handed in from above (``use_compiled``, called by
-``ldvae.cpu``); without them every step takes the torch path.
+``ldvae.cpu.fused``); without them every step takes the torch path.
 """
 
 from __future__ import annotations

@@ -43,6 +43,13 @@ def minibatches(perm: Tensor, batch_size: int) -> list[Tensor]:
     return parts
 
 
+def n_minibatches(n_cells: int, batch_size: int) -> int:
+    """``len(minibatches(perm, batch_size))`` for ``n_cells`` >= 1 cells, without the split."""
+    parts = -(-n_cells // batch_size)
+    last = n_cells - (parts - 1) * batch_size
+    return parts - 1 if parts > 1 and last == 1 else parts
+
+
 def validation_batch_size(batch_size: int) -> int:
     """Cells per validation minibatch: no gradients are kept, so larger than training's."""
     return max(batch_size, 1024)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..nn.module import LDVAEModule
-from .batches import InMemorySource, minibatches, split_indices, validation_batch_size
+from .batches import InMemorySource, minibatches, n_minibatches, split_indices, validation_batch_size
 from .checkpoint import (
     CHECKPOINT_NAME,
     CHECKPOINT_VERSION,
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_VERSION", "HISTORY_KEYS", "InMemorySource", "ModelFileError",
            "NonFiniteLossError", "TrainConfig", "TrainState", "check_history", "check_weights", "evaluate", "fit",
-           "load_checkpoint", "minibatches", "save_checkpoint", "split_indices", "validation_batch_size"]
+           "load_checkpoint", "minibatches", "n_minibatches", "save_checkpoint", "split_indices", "validation_batch_size"]
 
 
 def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | None = None) -> TrainState:
