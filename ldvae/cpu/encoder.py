@@ -34,8 +34,7 @@ def _keep(seed, index, threshold):
 @nb.njit(**_JIT)
 def _sparse_product(weight_t, bias, row_start, col, log1p_val, out):
     """out[i] = bias + sum over cell i's nonzeros k of log1p_val[k] * weight_t[col[k]]:
-    eight weight rows per pass over out[i] (bound by reading the rows from L2; 25 % faster
-    than two)."""
+    eight weight rows per pass over out[i], as the loop is bound by reading the rows."""
     n, H = out.shape
     for i in range(n):
         o = out[i]
@@ -151,8 +150,8 @@ def _encoder_grad_pre(grad, gamma, training, xhat, mult, inv_std, grad_bias, gra
 @nb.njit(**_JIT)
 def _weight_grad_by_gene(gy, ptr, rows, vals, grad_weight_t):
     """grad_weight_t[g] = sum over gene g's nonzeros of vals * gy[rows] (each row of the
-    gradient written once, four cells per pass). The loop has ``_sparse_product``'s shape;
-    one shared helper with its eight rows per pass made the training step 5 % slower."""
+    gradient written once, four cells per pass). The loop has ``_sparse_product``'s shape
+    but not its eight rows per pass, which suit the forward product only."""
     H = gy.shape[1]
     for g in range(grad_weight_t.shape[0]):
         a = grad_weight_t[g]

@@ -224,7 +224,7 @@ def _cell_nonzeros_ll(t, tmax, log_l_over_s, spi, log_theta, theta, ratio, start
         xi = min(max(int(x), 0), TABLE - 1)
         rare += xi != x
         nz += x * (d - spi[g]) + ratio[xi, g]
-    if rare:  # counts off the table (kept out of the loop above: 2x faster)
+    if rare:  # counts off the table, kept out of the loop above so that it vectorizes
         nz += _lgamma_ratio_rare(start, stop, col, val, theta, ratio)
     return nz
 

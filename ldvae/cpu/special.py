@@ -79,7 +79,7 @@ def _log_into(x, out, kbuf):
 @nb.njit(inline="always", **_JIT)
 def _max(x, buf):
     """max of a float32 row as a pairwise tree over ``buf`` (a plain running max does not
-    vectorize: 8x slower)."""
+    vectorize)."""
     w = x.shape[0]
     for j in range(w):
         buf[j] = x[j]

@@ -167,6 +167,7 @@ def _decoder_product_backward(g_h, zc, wd_t, K, g_wd, g_bd, g_z):
             g_wd[g, c] = g_wd_t[c, g]
 
 
+# Long: the whole step in one compiled function keeps its intermediates local; its parts are kernels.
 @nb.njit(**_JIT)
 def train_step(
     indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
