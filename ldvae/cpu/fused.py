@@ -353,7 +353,7 @@ class StepRunner:
         self.arrays = (
             *(t.numpy() for t in (data.indptr, data.indices, data.values, data.log_total, data.lgamma_x1,
                                   data.batch)),
-            cat, np.asarray(m.config.n_cats_per_cov, np.int64).reshape(-1), cont,
+            cat, np.asarray(m.config.one_hot_widths, np.int64), cont,
             m.library_log_means.numpy(), m.library_log_vars.numpy(),
         )
         self.rate_z = float(m.z_encoder.trunk[3].p)

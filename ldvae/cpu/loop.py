@@ -125,22 +125,22 @@ def _adam(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weigh
 
 
 @nb.njit(**_JIT)
-def _covariate_columns(cells, batch, n_batch, cat, cat_sizes, cont, width):
+def _covariate_columns(cells, batch, widths, cat, cont, width):
     """The decoder's covariate inputs of cells ``cells`` (n, width), laid out as
-    ``LDVAEModule.covariate_columns``: one-hot batch (when n_batch > 1), one-hot of each
-    categorical covariate with more than one category, then the continuous ones."""
+    ``LDVAEModule.covariate_columns``: the one-hot blocks of ``ModuleConfig.one_hot_widths``
+    (batch, then each categorical covariate; width 0: no block), then the continuous ones."""
     n = cells.shape[0]
     cv = np.zeros((n, width), np.float32)
     for i in range(n):
         r = cells[i]
         c = 0
-        if n_batch > 1:
+        if widths[0] > 0:
             cv[i, c + batch[r]] = 1.0
-            c += n_batch
-        for j in range(cat_sizes.shape[0]):
-            if cat_sizes[j] > 1:
+            c += widths[0]
+        for j in range(cat.shape[1]):
+            if widths[j + 1] > 0:
                 cv[i, c + cat[r, j]] = 1.0
-                c += cat_sizes[j]
+                c += widths[j + 1]
         for j in range(cont.shape[1]):
             cv[i, c + j] = cont[r, j]
     return cv
@@ -148,7 +148,7 @@ def _covariate_columns(cells, batch, n_batch, cat, cat_sizes, cont, width):
 
 @nb.njit(**_JIT)
 def train_steps(
-    indptr, indices, values, log_total, lgamma_x1, batch, cat, cat_sizes, cont, prior_means, prior_vars,
+    indptr, indices, values, log_total, lgamma_x1, batch, cat, one_hot_widths, cont, prior_means, prior_vars,
     rows, bounds, noise_z, noise_l, seeds, kl_weights, momenta,
     params, grads, layout, rmz, rvz, rml, rvl, rmd, rvd, bn_eps, rate,
     exp_avg, exp_avg_sq, adam, rec, kl_z, kl_l, losses, failure,
@@ -156,8 +156,9 @@ def train_steps(
     """Train on minibatch j = 0, 1, ... of cells ``rows[bounds[j]:bounds[j + 1]]``.
 
     Whole-dataset inputs: the CSR counts (indptr, indices, values) and per-cell log_total,
-    lgamma_x1, batch code, categorical covariate codes ``cat`` (n_cells, len(cat_sizes)) and
-    continuous covariates ``cont`` (the decoder's one-hot columns are made per minibatch).
+    lgamma_x1, batch code, categorical covariate codes ``cat`` (n_cells, n_cat_covs) and
+    continuous covariates ``cont``; the decoder's one-hot columns are made per minibatch,
+    ``one_hot_widths`` (``ModuleConfig.one_hot_widths``) wide.
     Per step j: noise rows bounds[j]:bounds[j + 1] of noise_z (cells, K) and noise_l,
     dropout seeds ``seeds[j]`` (z, l), ``kl_weights[j]`` and batch-norm ``momenta[j]``
     (z, l, decoder). ``adam``: (lr, beta1, beta2, eps, weight_decay, steps taken so far).
@@ -187,7 +188,7 @@ def train_steps(
             lt[i] = log_total[r]
             lg[i] = lgamma_x1[r]
             bt[i] = batch[r]
-        cv = _covariate_columns(cells, batch, prior_means.shape[0], cat, cat_sizes, cont,
+        cv = _covariate_columns(cells, batch, one_hot_widths, cat, cont,
                                  layout.n_columns - layout.n_latent)
         for s in range(6):
             saved[s][:] = live[s]

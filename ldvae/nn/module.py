@@ -80,11 +80,16 @@ class ModuleConfig:
     bias: bool = False
 
     @property
+    def one_hot_widths(self) -> tuple[int, ...]:
+        """Columns of each one-hot block after z: the batch's, then each categorical
+        covariate's; 0 for a factor with a single category, which adds no column (as in
+        scvi-tools). The compiled step lays its columns out from these too."""
+        return tuple(n if n > 1 else 0 for n in (self.n_batch, *self.n_cats_per_cov))
+
+    @property
     def n_covariate_columns(self) -> int:
-        """Decoder input columns after z: one-hot batch, one-hot categorical covariates,
-        continuous covariates. A factor with a single category adds no column (as in scvi-tools)."""
-        cats = [self.n_batch, *self.n_cats_per_cov]
-        return sum(n for n in cats if n > 1) + self.n_continuous_cov
+        """Decoder input columns after z: the one-hot blocks, then the continuous covariates."""
+        return sum(self.one_hot_widths) + self.n_continuous_cov
 
 
 @dataclass(frozen=True)
@@ -341,12 +346,11 @@ class LDVAEModule(nn.Module):
     def covariate_columns(self, b: CountBatch) -> Tensor | None:
         """The decoder's covariate inputs, (n_cells, n_covariate_columns), or None."""
         c = self.config
-        parts = []
-        if c.n_batch > 1:
-            parts.append(F.one_hot(b.batch, c.n_batch).float())
-        for j, n in enumerate(c.n_cats_per_cov):
-            if n > 1:
-                parts.append(F.one_hot(b.cat_covs[:, j], n).float())
+        batch_width, *cat_widths = c.one_hot_widths
+        parts = [] if not batch_width else [F.one_hot(b.batch, batch_width).float()]
+        for j, width in enumerate(cat_widths):
+            if width:
+                parts.append(F.one_hot(b.cat_covs[:, j], width).float())
         if c.n_continuous_cov:
             parts.append(b.cont_covs)
         return torch.cat(parts, dim=1) if parts else None
