@@ -334,12 +334,14 @@ class TrainStep:
 class StepRunner:
     """Runs of up to ``chunk`` consecutive training steps in one compiled call
     (``cpu_loop.train_steps``: gather, ``TrainStep``'s step, the finiteness check, Adam),
-    for ``train.fit`` on an in-memory CPU source. Each step's randomness is drawn from torch's
-    generator by ``draw_step_noise``, as in ``TrainStep.__call__``, so a fit takes the same steps as through
-    ``TrainStep`` and ``FusedAdam`` one call at a time (to float32 rounding).
+    for a fit on an in-memory CPU source (``train.steps.CompiledRuns``). Each step's
+    randomness is drawn by ``draw_step_noise``, as in ``TrainStep.__call__``, so a fit takes
+    the same steps as through ``TrainStep`` and ``FusedAdam`` one call at a time (to float32
+    rounding).
 
     ``for_fit`` returns None where it does not apply (no compiled step, an optimizer that is
-    not a flat ``FusedAdam``, data not in memory on the CPU); ``fit`` then steps per call."""
+    not a flat ``FusedAdam``, a source without in-memory CPU data); the fit then steps one
+    call at a time."""
 
     chunk = 64  # steps per call: short enough that Ctrl-C is honoured promptly
 

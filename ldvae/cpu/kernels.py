@@ -3,7 +3,7 @@ batch normalization, the decoder's batch norm + softmax + negative binomial log-
 (forward and backward, each in one pass over a minibatch's grid, exp and log from
 ``special``), and the gathers of minibatches from CSR counts.
 
-``ldvae.cpu.fused`` wraps them as torch autograd functions; ``step`` inlines them.
+``ldvae.cpu.fused`` wraps them as torch autograd functions; ``step`` calls them.
 """
 
 from __future__ import annotations
