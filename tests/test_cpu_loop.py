@@ -270,15 +270,16 @@ def test_interrupted_then_resumed_fit_equals_uninterrupted_fit(monkeypatch, tmp_
 
 
 def test_cached_compiled_code_is_keyed_on_every_kernel_file():
-    """A kernel edited in cpu_kernels.py must not leave a stale cached training step behind
+    """A kernel edited in any compiled file must not leave a stale cached training step behind
     (numba alone keys each function on its own file)."""
     import hashlib
     from pathlib import Path
 
-    from ldvae.cpu import kernels as cpu_kernels
+    from ldvae.cpu import encoder, kernels, layout, special
     from ldvae.cpu import step as cpu_step
 
-    sources = b"".join(Path(m.__file__).read_bytes() for m in (cpu_kernels, cpu_step, cpu_loop))
+    sources = b"".join(Path(m.__file__).read_bytes() for m in (special, kernels, encoder, layout, cpu_step, cpu_loop))
     digest = hashlib.sha256(sources).hexdigest()
-    for function in (cpu_step.train_step_flat, cpu_loop.train_steps, cpu_kernels.bn_softmax_nb_forward):
+    for function in (cpu_step.train_step_flat, cpu_loop.train_steps, kernels.bn_softmax_nb_forward,
+                     encoder.encoder_block_forward):
         assert function._cache._cache_file._source_stamp[1] == digest

@@ -25,7 +25,7 @@ import torch
 import ldvae
 from ldvae.cpu import loop as cpu_loop
 from ldvae.cpu import fused
-from ldvae.train import loop as train
+from ldvae.train import batches
 from ldvae.train.optim import FusedAdam, adam
 from ldvae.train.loop import ModelFileError, NonFiniteLossError, TrainConfig, load_checkpoint, minibatches
 
@@ -374,8 +374,8 @@ def test_a_last_minibatch_of_one_cell_joins_the_one_before(adata, monkeypatch):
     assert [len(b) for b in minibatches(torch.arange(5), 2)] == [2, 3]
     assert [len(b) for b in minibatches(torch.arange(4), 2)] == [2, 2]
     sizes = []
-    original = train.minibatches
-    monkeypatch.setattr(train, "minibatches", lambda perm, n: sizes.append([len(b) for b in original(perm, n)])
+    original = batches.minibatches
+    monkeypatch.setattr(batches, "minibatches", lambda perm, n: sizes.append([len(b) for b in original(perm, n)])
                         or original(perm, n))
     model = new_model(adata)
     model.train(max_epochs=2, batch_size=179, progress_bar=False)  # 180 training cells: 179 + 1

@@ -1,16 +1,19 @@
-"""The compiled CPU path (numba kernels in ``cpu_kernels``, ``cpu_step`` and ``cpu_loop``),
+"""The compiled CPU path (numba kernels in ``kernels``, ``encoder``, ``step`` and ``loop``),
 seen from torch.
 
 - ``TrainStep``: a whole training step (loss, every gradient, batch-norm updates) in one
   call, for the default model (NB likelihood, one dispersion per gene, normal latent, one
-  hidden layer, batch norm) with float32 CPU parameters; ``train.fit`` uses it when
-  ``TrainStep.for_module`` accepts the module, and autograd otherwise.
+  hidden layer, batch norm) with float32 CPU parameters; ``train.steps.choose_step`` uses
+  it when ``TrainStep.for_module`` accepts the module, and autograd otherwise.
 - ``StepRunner``: runs of those steps (gather, step, finiteness check, Adam) in one call,
-  for data in memory on the CPU; ``train.fit`` uses it when ``StepRunner.for_fit`` accepts
-  the step, optimizer and source, and steps one call at a time otherwise.
+  for data in memory on the CPU; ``train.steps.choose_step`` uses it when
+  ``StepRunner.for_fit`` accepts the step, optimizer and source.
+- ``draw_step_noise``: a step's random draws, in the order ``LDVAEModule.loss`` makes them
+  on the compiled-kernel path, so every path takes the same steps from the same seed.
 - ``bn_softmax_nb`` and ``encoder_block``: autograd functions for the decoder's batch norm +
   softmax + NB likelihood and an encoder's first block, which ``LDVAEModule`` uses on CPU
-  float32 tensors (queries, and the training of models ``TrainStep`` declines).
+  float32 tensors (queries, and the training of models ``TrainStep`` declines); this
+  module hands them to ``nn.module.use_compiled`` when it is imported.
 
 All compute what the torch path of ``module``/``likelihoods`` computes (tests compare them to
 float32 rounding). Set ``ENABLED = False`` (or the environment variable ``LDVAE_FUSED=0``)
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import numpy as np
 import torch
@@ -31,9 +35,12 @@ logger = logging.getLogger(__name__)
 ENABLED = os.environ.get("LDVAE_FUSED", "1") != "0"
 
 try:  # numba is installed with scanpy; without it every model takes the torch path
-    from . import kernels as cpu_kernels, loop as cpu_loop, step as cpu_step
+    from . import encoder as cpu_encoder, kernels as cpu_kernels, loop as cpu_loop, step as cpu_step
 except ImportError:  # pragma: no cover
-    cpu_kernels = cpu_loop = cpu_step = None
+    cpu_encoder = cpu_kernels = cpu_loop = cpu_step = None
+from ..nn import module as _module
+from ..nn.module import LossOutput
+from .layout import OFFSETS, Layout
 
 
 def applies(h: Tensor, bn: nn.BatchNorm1d | None, log_theta: Tensor | None) -> bool:
@@ -117,6 +124,24 @@ def _dropout_seed(rate: float) -> int:
     return int(torch.randint(0, 2**62, (1,))) if rate > 0 else 0
 
 
+def draw_step_noise(noise_z: Tensor, noise_l: Tensor | None, rate_z: float, rate_l: float) -> tuple[int, int]:
+    """One training step's random draws from torch's generator: fills ``noise_z`` (n, K) and
+    ``noise_l`` (n,; None when the library is observed) with standard normal noise and
+    returns the dropout seeds of the z and l encoders (0 for one without dropout or absent).
+
+    The order is ``LDVAEModule.loss``'s on the compiled-kernel path (``encoder_block`` draws
+    its seed, then ``inference`` its sample, z encoder first): the z seed, z's noise, the l
+    seed, the library's noise. Every compiled path draws through here, so a seed gives the
+    same masks and samples whichever path trains."""
+    seed_z = _dropout_seed(rate_z)
+    torch.randn(noise_z.shape, out=noise_z)
+    if noise_l is None:
+        return seed_z, 0
+    seed_l = _dropout_seed(rate_l)
+    torch.randn(noise_l.shape, out=noise_l)
+    return seed_z, seed_l
+
+
 def encoder_applies(weight: Tensor, bn: nn.Module, dropout: nn.Module) -> bool:
     """Whether ``encoder_block`` handles an encoder's first block (Linear, BatchNorm1d with
     affine and running statistics, ReLU, Dropout) on float32 CPU tensors."""
@@ -138,13 +163,13 @@ class _EncoderBlock(torch.autograd.Function):
         n, H = row_start.shape[0] - 1, weight.shape[0]
         training = bn.training
         momentum = _momentum(bn)
-        # Dropout's mask comes from a hash of this seed (see cpu_kernels._keep); drawing the
+        # Dropout's mask comes from a hash of this seed (see encoder._keep); drawing the
         # seed from torch's generator keeps fits reproducible under torch.manual_seed.
         seed = _dropout_seed(rate)
         weight_t = weight.detach().t().contiguous()  # a view when stored gene-major (GaussianEncoder)
         out, xhat, mult = (weight.new_empty(n, H) for _ in range(3))
         inv_std = weight.new_empty(H)
-        cpu_kernels.encoder_block_forward(
+        cpu_encoder.encoder_block_forward(
             weight_t.numpy(), bias.detach().numpy(), gamma.detach().numpy(), beta.detach().numpy(),
             bn.running_mean.numpy(), bn.running_var.numpy(), training, momentum, float(bn.eps),
             float(rate), seed, row_start.numpy(), col.numpy(), log1p_val.numpy(),
@@ -162,7 +187,7 @@ class _EncoderBlock(torch.autograd.Function):
         H = xhat.shape[1]
         grad_weight_t = xhat.new_empty(ctx.n_genes, H)
         grad_bias, grad_gamma, grad_beta = (xhat.new_empty(H) for _ in range(3))
-        cpu_kernels.encoder_block_backward(
+        cpu_encoder.encoder_block_backward(
             grad.numpy(), gamma.detach().numpy(), ctx.training, xhat.numpy(), mult.numpy(), inv_std.numpy(),
             row_start.numpy(), col.numpy(), log1p_val.numpy(),
             grad_weight_t.numpy(), grad_bias.numpy(), grad_gamma.numpy(), grad_beta.numpy(),
@@ -201,7 +226,7 @@ def _note_first_compile() -> None:
 class TrainStep:
     """``module.loss(b, kl_weight)`` and its backward as one compiled call (``cpu_step``), for
     the default model on CPU: the same loss, per-cell terms and gradients (to float32
-    rounding; dropout masks come from ``cpu_kernels._keep``).
+    rounding; dropout masks come from ``encoder._keep``).
 
     Building one moves every parameter into one flat float32 tensor (each parameter a view
     with its own shape and strides; values, names and state dict unchanged) and gives each
@@ -226,9 +251,11 @@ class TrainStep:
             start += size
         self.params = params
         self.grads = [p.grad for p in params]
-        self.offsets = torch.tensor([-1 if p is None else offset_of[id(p)] for p in roles], dtype=torch.int64)
         c = module.config
-        self.dims = torch.tensor([c.n_genes, c.n_hidden, c.n_latent, c.n_latent + c.n_covariate_columns])
+        self.layout = Layout(
+            c.n_genes, c.n_hidden, c.n_latent, c.n_latent + c.n_covariate_columns,
+            **{name: -1 if p is None else offset_of[id(p)] for name, p in zip(OFFSETS, roles)},
+        )
         z, d, lenc = module.z_encoder.trunk[1], module.factor_bn, module.l_encoder
         self.norms = [z, d] + ([] if lenc is None else [lenc.trunk[1]])
         spare = torch.zeros(0)
@@ -256,7 +283,7 @@ class TrainStep:
         encoders = [module.z_encoder] + ([] if module.l_encoder is None else [module.l_encoder])
         if module.needs_gene_order or not all(e.trunk[0].weight.t().is_contiguous() for e in encoders):
             return None  # an encoder's first block the kernels do not handle, or not stored gene-major
-        roles = []  # in the order of cpu_step.train_step's parameters
+        roles = []  # in the order of layout.OFFSETS
         for e in (module.z_encoder, module.l_encoder):
             if e is None:
                 roles += [None] * 8
@@ -276,22 +303,17 @@ class TrainStep:
 
 
     def __call__(self, b, kl_weight: float):
-        from ..nn.module import LossOutput
-
         m = self.module
         n = b.n_cells
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:  # e.g. after optimizer.zero_grad(set_to_none=True)
                 p.grad = g
         mom_z, mom_d, *mom_l = (_momentum(bn) for bn in self.norms)
-        # The step's randomness, drawn from torch's generator in the order of module.loss on
-        # the fused path (encoder_block's dropout seed, then the sample's noise, per encoder):
-        # the same seed gives the same masks and noise whichever path runs.
         rate = float(m.z_encoder.trunk[3].p)
-        seed_z = _dropout_seed(rate)
-        noise_z = torch.randn(n, m.config.n_latent)
-        seed_l = 0 if m.l_encoder is None else _dropout_seed(float(m.l_encoder.trunk[3].p))
-        noise_l = torch.randn(n) if m.l_encoder is not None else torch.zeros(n)
+        noise_z = torch.empty(n, m.config.n_latent)
+        noise_l = torch.zeros(n)
+        seed_z, seed_l = draw_step_noise(noise_z, None if m.l_encoder is None else noise_l, rate,
+                                         0.0 if m.l_encoder is None else float(m.l_encoder.trunk[3].p))
         cov = m.covariate_columns(b)
         cov = noise_l.new_zeros(n, 0) if cov is None else cov.contiguous()
         zbn, dbn = self.norms[0], self.norms[1]
@@ -300,7 +322,7 @@ class TrainStep:
             b.indptr.numpy(), b.col.numpy(), b.val.numpy(), b.log1p_val.numpy(), cov.numpy(),
             b.lgamma_x1.numpy(), b.batch.numpy(), m.library_log_means.numpy(), m.library_log_vars.numpy(),
             b.log_total.numpy(), noise_z.numpy(), noise_l.numpy(),
-            self.flat.numpy(), self.flat_grad.numpy(), self.offsets.numpy(), self.dims.numpy(),
+            self.flat.numpy(), self.flat_grad.numpy(), self.layout,
             zbn.running_mean.numpy(), zbn.running_var.numpy(), self.l_stats[0].numpy(), self.l_stats[1].numpy(),
             dbn.running_mean.numpy(), dbn.running_var.numpy(),
             mom_z, mom_l[0] if mom_l else 0.0, mom_d, float(dbn.eps), rate, seed_z,
@@ -312,14 +334,16 @@ class TrainStep:
 class StepRunner:
     """Runs of up to ``chunk`` consecutive training steps in one compiled call
     (``cpu_loop.train_steps``: gather, ``TrainStep``'s step, the finiteness check, Adam),
-    for ``train.fit`` on an in-memory CPU source. Each step's randomness is drawn from torch's
-    generator in ``TrainStep.__call__``'s order, so a fit takes the same steps as through
-    ``TrainStep`` and ``FusedAdam`` one call at a time (to float32 rounding).
+    for a fit on an in-memory CPU source (``train.steps.CompiledRuns``). Each step's
+    randomness is drawn by ``draw_step_noise``, as in ``TrainStep.__call__``, so a fit takes
+    the same steps as through ``TrainStep`` and ``FusedAdam`` one call at a time (to float32
+    rounding).
 
     ``for_fit`` returns None where it does not apply (no compiled step, an optimizer that is
-    not a flat ``FusedAdam``, data not in memory on the CPU); ``fit`` then steps per call."""
+    not a flat ``FusedAdam``, a source without in-memory CPU data); the fit then steps one
+    call at a time."""
 
-    chunk = 64  # steps per call: ~0.1 s, so Ctrl-C is honoured promptly
+    chunk = 64  # steps per call: short enough that Ctrl-C is honoured promptly
 
     def __init__(self, step: TrainStep, optimizer, data):
         m = step.module
@@ -331,7 +355,7 @@ class StepRunner:
         self.arrays = (
             *(t.numpy() for t in (data.indptr, data.indices, data.values, data.log_total, data.lgamma_x1,
                                   data.batch)),
-            cat, np.asarray(m.config.n_cats_per_cov, np.int64).reshape(-1), cont,
+            cat, np.asarray(m.config.one_hot_widths, np.int64), cont,
             m.library_log_means.numpy(), m.library_log_vars.numpy(),
         )
         self.rate_z = float(m.z_encoder.trunk[3].p)
@@ -360,14 +384,10 @@ class StepRunner:
         total = int(bounds[-1])
         noise_z = torch.empty(total, m.config.n_latent)
         noise_l = torch.zeros(total)
-        seeds = np.zeros((len(parts), 2), np.int64)  # NumPy: a torch element write costs ~2 us
-        K = m.config.n_latent
+        seeds = np.zeros((len(parts), 2), np.int64)  # NumPy: cheaper element writes than torch
         for j, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-            seeds[j, 0] = _dropout_seed(self.rate_z)
-            torch.randn(b - a, K, out=noise_z[a:b])
-            if self.rate_l is not None:
-                seeds[j, 1] = _dropout_seed(self.rate_l)
-                torch.randn(b - a, out=noise_l[a:b])
+            seeds[j] = draw_step_noise(noise_z[a:b], None if self.rate_l is None else noise_l[a:b], self.rate_z,
+                                       self.rate_l or 0.0)
         momenta = torch.zeros(len(parts), 3, dtype=torch.float64)
         for column, bn in zip((0, 2, 1), self.norms):
             momenta[:, column] = _momenta(bn, len(parts))
@@ -383,7 +403,7 @@ class StepRunner:
         done = cpu_loop.train_steps(
             *self.arrays, torch.cat(parts).numpy(), bounds.numpy(), noise_z.numpy(), noise_l.numpy(),
             seeds, np.asarray(kl_weights, dtype=np.float64), momenta.numpy(),
-            step.flat.numpy(), step.flat_grad.numpy(), step.offsets.numpy(), step.dims.numpy(),
+            step.flat.numpy(), step.flat_grad.numpy(), step.layout,
             zbn.running_mean.numpy(), zbn.running_var.numpy(), step.l_stats[0].numpy(), step.l_stats[1].numpy(),
             dbn.running_mean.numpy(), dbn.running_var.numpy(), float(dbn.eps), self.rate_z,
             moments[0].numpy(), moments[1].numpy(), adam.numpy(),
@@ -406,3 +426,7 @@ def _momenta(bn: nn.BatchNorm1d, steps: int) -> Tensor:
     if bn.momentum is not None:
         return torch.full((steps,), float(bn.momentum), dtype=torch.float64)
     return 1.0 / (float(bn.num_batches_tracked) + torch.arange(1, steps + 1, dtype=torch.float64))
+
+
+# The lower layer never imports this one: this one serves it (see nn.module.use_compiled).
+_module.use_compiled(sys.modules[__name__])

@@ -1,14 +1,9 @@
-"""Compiled CPU kernels (numba) for the training step's dense work over cells x genes.
+"""Compiled CPU kernels (numba) for the dense work of a training step over cells x genes:
+batch normalization, the decoder's batch norm + softmax + negative binomial log-likelihood
+(forward and backward, each in one pass over a minibatch's grid, exp and log from
+``special``), and the gathers of minibatches from CSR counts.
 
-The decoder's batch norm, softmax and the negative binomial log-likelihood, forward and
-backward, each in one pass over a minibatch's cells x genes grid. In torch the same math
-is ~40 operator calls of 10-30 us each, and exp/log dominate what remains; here exp and
-log are float32 polynomials that the compiler vectorizes (relative error below 3.1e-7 and
-1.3e-7, against 6e-8 for float32 rounding), and the grid is read and written a few times in all.
-
-Numba comes with scanpy (and pynndescent/umap); the kernels compile once per machine
-(cached beside this file, or in numba's user cache when that is read-only) on first use.
-``ldvae.cpu.fused`` wraps them as a torch autograd function.
+``ldvae.cpu.fused`` wraps them as torch autograd functions; ``step`` calls them.
 """
 
 from __future__ import annotations
@@ -18,154 +13,19 @@ import math
 import numba as nb
 import numpy as np
 
-f32 = np.float32
-_JIT = dict(nogil=True, fastmath=True, cache=True, error_model="numpy")
-
-
-@nb.njit(inline="always", **_JIT)
-def _exp_into(x, out, kbuf):
-    """out[j] = exp(x[j]) for a contiguous float32 row (x may be out)."""
-    _exp_shifted_into(x, f32(0.0), out, kbuf)
-
-
-@nb.njit(inline="always", **_JIT)
-def _exp_shifted_into(x, shift, out, kbuf):
-    """out[j] = exp(x[j] - shift) for a contiguous float32 row (x may be out): a degree-7
-    polynomial on [-ln2/2, ln2/2] scaled by 2^k through the exponent bits."""
-    ob = out.view(np.int32)
-    for j in range(x.shape[0]):
-        v = min(max(x[j] - shift, f32(-87.0)), f32(88.0))
-        k = np.floor(v * f32(1.4426950408889634) + f32(0.5))
-        r = v - k * f32(0.693359375) - k * f32(-2.12194440e-4)
-        p = f32(1.9875691500e-4)
-        p = p * r + f32(1.3981999507e-3)
-        p = p * r + f32(8.3334519073e-3)
-        p = p * r + f32(4.1665795894e-2)
-        p = p * r + f32(1.6666665459e-1)
-        p = p * r + f32(5.0000001201e-1)
-        out[j] = p * r * r + r + f32(1.0)
-        kbuf[j] = np.int32(k) << 23
-    for j in range(x.shape[0]):
-        ob[j] = ob[j] + kbuf[j]
-
-
-@nb.njit(inline="always", **_JIT)
-def _log_into(x, out, kbuf):
-    """out[j] = log(x[j]) for positive normal float32 x (x may be out): exponent and
-    mantissa split through the bits, then a degree-9 polynomial of the mantissa."""
-    xb = x.view(np.int32)
-    ob = out.view(np.int32)
-    for j in range(x.shape[0]):
-        b = xb[j]
-        kbuf[j] = ((b >> 23) & 0xFF) - 126
-        ob[j] = (b & 0x007FFFFF) | 0x3F000000  # mantissa in [0.5, 1)
-    for j in range(x.shape[0]):
-        m = out[j]
-        e = f32(kbuf[j])
-        if m < f32(0.70710678):
-            e = e - f32(1.0)
-            m = m + m - f32(1.0)
-        else:
-            m = m - f32(1.0)
-        z = m * m
-        y = f32(7.0376836292e-2)
-        y = y * m + f32(-1.1514610310e-1)
-        y = y * m + f32(1.1676998740e-1)
-        y = y * m + f32(-1.2420140846e-1)
-        y = y * m + f32(1.4249322787e-1)
-        y = y * m + f32(-1.6668057665e-1)
-        y = y * m + f32(2.0000714765e-1)
-        y = y * m + f32(-2.4999993993e-1)
-        y = y * m + f32(3.3333331174e-1)
-        y = y * m * z + e * f32(-2.12194440e-4) - f32(0.5) * z
-        out[j] = m + y + e * f32(0.693359375)
-
-
-@nb.njit(inline="always", **_JIT)
-def _max(x, buf):
-    """max of a float32 row as a pairwise tree over ``buf`` (a plain running max does not
-    vectorize: 8x slower)."""
-    w = x.shape[0]
-    for j in range(w):
-        buf[j] = x[j]
-    while w > 1:
-        half = w // 2
-        for j in range(half):
-            a = buf[j]
-            b = buf[j + half]
-            buf[j] = a if a > b else b
-        if w % 2:
-            a = buf[0]
-            b = buf[w - 1]
-            buf[0] = a if a > b else b
-        w = half
-    return buf[0]
-
-
-@nb.njit(**_JIT)
-def vexp(x):
-    """exp of a 1-D float32 array with ``_exp_into`` (for tests)."""
-    out = np.empty_like(x)
-    _exp_into(x, out, np.empty(x.shape[0], np.int32))
-    return out
-
-
-@nb.njit(**_JIT)
-def vlog(x):
-    """log of a 1-D positive float32 array with ``_log_into`` (for tests)."""
-    out = np.empty_like(x)
-    _log_into(x, out, np.empty(x.shape[0], np.int32))
-    return out
-
-
-@nb.njit(inline="always", **_JIT)
-def _lgamma(y):
-    """log Gamma(y) for y > 0 in float64: shifted to y + 6 >= 6, then Stirling's series
-    (absolute error below 1e-10)."""
-    shift = 0.0
-    if y < 6.0:
-        p = y * (y + 1.0) * (y + 2.0) * (y + 3.0) * (y + 4.0) * (y + 5.0)
-        shift = math.log(p)
-        y = y + 6.0
-    r = 1.0 / y
-    r2 = r * r
-    series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 * (1.0 / 1680))))
-    return (y - 0.5) * math.log(y) - y + 0.91893853320467274 + series - shift
-
-
-@nb.njit(inline="always", **_JIT)
-def _digamma(y):
-    """digamma(y) for y > 0 in float64: the recurrence up to y >= 6, then the asymptotic
-    series (absolute error below 2e-10). The recurrence is bounded: under fastmath a NaN
-    (a diverged fit) would otherwise never leave ``while y < 6``, and the step would hang
-    instead of reporting a non-finite loss."""
-    acc = 0.0
-    for _ in range(7):  # any y > 0 reaches 6 within 7 steps
-        if y >= 6.0:
-            break
-        acc -= 1.0 / y
-        y += 1.0
-    r = 1.0 / y
-    r2 = r * r
-    return acc + math.log(y) - 0.5 * r - r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240))))
-
-
-@nb.njit(**_JIT)
-def _series64(y, digamma):
-    out = np.empty(y.shape[0])
-    for j in range(y.shape[0]):
-        out[j] = _digamma(float(y[j])) if digamma else _lgamma(float(y[j]))
-    return out
-
-
-def lgamma64(y: np.ndarray) -> np.ndarray:
-    """``_lgamma`` over an array, in float64 (for tests)."""
-    return _series64(y, False)
-
-
-def digamma64(y: np.ndarray) -> np.ndarray:
-    """``_digamma`` over an array, in float64 (for tests)."""
-    return _series64(y, True)
+from .special import (  # noqa: F401  vexp, vlog, lgamma64, digamma64: the kernels' math, for tests
+    _JIT,
+    _digamma,
+    _exp_shifted_into,
+    _lgamma,
+    _log_into,
+    _max,
+    digamma64,
+    f32,
+    lgamma64,
+    vexp,
+    vlog,
+)
 
 
 @nb.njit(inline="always", **_JIT)
@@ -364,7 +224,7 @@ def _cell_nonzeros_ll(t, tmax, log_l_over_s, spi, log_theta, theta, ratio, start
         xi = min(max(int(x), 0), TABLE - 1)
         rare += xi != x
         nz += x * (d - spi[g]) + ratio[xi, g]
-    if rare:  # counts off the table (kept out of the loop above: 2x faster)
+    if rare:  # counts off the table, kept out of the loop above so that it vectorizes
         nz += _lgamma_ratio_rare(start, stop, col, val, theta, ratio)
     return nz
 
@@ -541,188 +401,6 @@ def bn_softmax_nb_train(
         grad_library[i] = _cell_grad_finish(gi, theta, pi, spi, xh, gd, acc_theta, acc_beta, acc_gamma)
     _finish_backward(grad_h, h, gamma, inv_std, True, acc_theta, acc_beta, acc_gamma,
                      grad_gamma, grad_beta, grad_log_theta)
-
-
-_GOLDEN, _MASK32, _M1, _M2 = (np.uint64(c) for c in (0x9E3779B9, 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B))
-_S15, _S16 = np.uint64(15), np.uint64(16)
-
-
-@nb.njit(inline="always", **_JIT)
-def _keep(seed, index, threshold):
-    """Dropout's keep decision for one unit: a 32-bit hash of (seed, index) (Wellons'
-    lowbias32 finalizer) at or above ``threshold`` = rate * 2^32; vectorizes, unlike a
-    sequential generator, and gives independent Bernoulli draws for distinct indices."""
-    x = (index * _GOLDEN + seed) & _MASK32
-    x ^= x >> _S16
-    x = (x * _M1) & _MASK32
-    x ^= x >> _S15
-    x = (x * _M2) & _MASK32
-    x ^= x >> _S16
-    return x >= threshold
-
-
-@nb.njit(**_JIT)
-def _sparse_product(weight_t, bias, row_start, col, log1p_val, out):
-    """out[i] = bias + sum over cell i's nonzeros k of log1p_val[k] * weight_t[col[k]]:
-    eight weight rows per pass over out[i] (bound by reading the rows from L2; 25 % faster
-    than two)."""
-    n, H = out.shape
-    for i in range(n):
-        o = out[i]
-        for j in range(H):
-            o[j] = bias[j]
-        k, stop = row_start[i], row_start[i + 1]
-        while k + 7 < stop:
-            v0, v1, v2, v3 = log1p_val[k], log1p_val[k + 1], log1p_val[k + 2], log1p_val[k + 3]
-            v4, v5, v6, v7 = log1p_val[k + 4], log1p_val[k + 5], log1p_val[k + 6], log1p_val[k + 7]
-            w0, w1, w2, w3 = weight_t[col[k]], weight_t[col[k + 1]], weight_t[col[k + 2]], weight_t[col[k + 3]]
-            w4, w5, w6, w7 = weight_t[col[k + 4]], weight_t[col[k + 5]], weight_t[col[k + 6]], weight_t[col[k + 7]]
-            for j in range(H):
-                o[j] += ((v0 * w0[j] + v1 * w1[j]) + (v2 * w2[j] + v3 * w3[j])) + (
-                    (v4 * w4[j] + v5 * w5[j]) + (v6 * w6[j] + v7 * w7[j])
-                )
-            k += 8
-        while k + 1 < stop:
-            v0, v1 = log1p_val[k], log1p_val[k + 1]
-            w0, w1 = weight_t[col[k]], weight_t[col[k + 1]]
-            for j in range(H):
-                o[j] += v0 * w0[j] + v1 * w1[j]
-            k += 2
-        if k < stop:
-            v = log1p_val[k]
-            w = weight_t[col[k]]
-            for j in range(H):
-                o[j] += v * w[j]
-
-
-@nb.njit(**_JIT)
-def encoder_block_forward(
-    weight_t, bias, gamma, beta, mean, var, training, momentum, eps, rate, seed, row_start, col, log1p_val,
-    out, xhat, mult, inv_std,
-):
-    """The encoder's first block on a minibatch's nonzeros: Dropout(ReLU(BN(log1p(x) W^T + b))).
-
-    weight_t (G, H) is the first Linear's weight, gene-major; cell i's nonzeros are
-    [row_start[i], row_start[i + 1]) of col and log1p_val. BN as nn.BatchNorm1d (batch
-    statistics and a running update in training, running statistics otherwise). Dropout at
-    ``rate`` in training only, its mask drawn from ``seed``. Writes out (n, H) and, for the
-    backward, xhat (n, H), mult = d out / d BN-output (n, H) and inv_std (H,)."""
-    n, H = out.shape
-    _sparse_product(weight_t, bias, row_start, col, log1p_val, out)
-    mu = _batch_norm_statistics(out, mean, var, training, momentum, eps, inv_std)
-    drop = training and rate > 0.0
-    scale = f32(1.0 / (1.0 - rate)) if drop else f32(1.0)
-    threshold = np.uint64(min(rate, 1.0) * 4294967296.0)
-    for i in range(n):
-        o = out[i]
-        xh = xhat[i]
-        mi = mult[i]
-        for j in range(H):
-            xv = (o[j] - mu[j]) * inv_std[j]
-            xh[j] = xv
-            y = xv * gamma[j] + beta[j]
-            m = scale if y > 0 else f32(0.0)
-            if drop and not _keep(np.uint64(seed), np.uint64(i * H + j), threshold):
-                m = f32(0.0)
-            mi[j] = m
-            o[j] = y * m
-
-
-@nb.njit(**_JIT)
-def by_gene(row_start, col, val, G):
-    """The minibatch's nonzeros (by cell) regrouped by gene (a counting sort): gene g's are
-    [ptr[g], ptr[g + 1]) of rows (their cells, ascending) and vals."""
-    n = row_start.shape[0] - 1
-    nnz = row_start[n]
-    ptr = np.zeros(G + 1, np.int64)
-    for k in range(nnz):
-        ptr[col[k] + 1] += 1
-    for g in range(G):
-        ptr[g + 1] += ptr[g]
-    pos = ptr[:G].copy()
-    rows = np.empty(nnz, np.int64)
-    vals = np.empty(nnz, np.float32)
-    for i in range(n):
-        for k in range(row_start[i], row_start[i + 1]):
-            g = col[k]
-            d = pos[g]
-            pos[g] = d + 1
-            rows[d] = i
-            vals[d] = val[k]
-    return ptr, rows, vals
-
-
-@nb.njit(**_JIT)
-def _encoder_grad_pre(grad, gamma, training, xhat, mult, inv_std, grad_bias, grad_gamma, grad_beta):
-    """The gradient with respect to the first Linear's output (n, H), and those of its bias
-    and of the BN affine."""
-    n, H = grad.shape
-    gy = np.empty((n, H), np.float32)
-    acc_b = np.zeros(H, np.float32)
-    acc_g = np.zeros(H, np.float32)
-    for i in range(n):
-        for j in range(H):
-            v = grad[i, j] * mult[i, j]
-            gy[i, j] = v
-            acc_b[j] += v
-            acc_g[j] += v * xhat[i, j]
-    for j in range(H):
-        grad_beta[j] = acc_b[j]
-        grad_gamma[j] = acc_g[j]
-        grad_bias[j] = 0.0
-    _batch_norm_backward(gy, xhat, gamma, inv_std, training, acc_b, acc_g)
-    for i in range(n):
-        g = gy[i]
-        for j in range(H):
-            grad_bias[j] += g[j]
-    return gy
-
-
-@nb.njit(**_JIT)
-def _weight_grad_by_gene(gy, ptr, rows, vals, grad_weight_t):
-    """grad_weight_t[g] = sum over gene g's nonzeros of vals * gy[rows] (each row of the
-    gradient written once, four cells per pass). The loop has ``_sparse_product``'s shape;
-    one shared helper with its eight rows per pass made the training step 5 % slower."""
-    H = gy.shape[1]
-    for g in range(grad_weight_t.shape[0]):
-        a = grad_weight_t[g]
-        for j in range(H):
-            a[j] = 0.0
-        k, stop = ptr[g], ptr[g + 1]
-        while k + 3 < stop:
-            v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-            r0, r1, r2, r3 = gy[rows[k]], gy[rows[k + 1]], gy[rows[k + 2]], gy[rows[k + 3]]
-            for j in range(H):
-                a[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j])
-            k += 4
-        while k < stop:
-            v = vals[k]
-            r = gy[rows[k]]
-            for j in range(H):
-                a[j] += v * r[j]
-            k += 1
-
-
-@nb.njit(**_JIT)
-def encoder_block_backward_by_gene(
-    grad, gamma, training, xhat, mult, inv_std, ptr, rows, vals,
-    grad_weight_t, grad_bias, grad_gamma, grad_beta,
-):
-    """``encoder_block_backward`` with the nonzeros grouped by gene (``by_gene``)."""
-    gy = _encoder_grad_pre(grad, gamma, training, xhat, mult, inv_std, grad_bias, grad_gamma, grad_beta)
-    _weight_grad_by_gene(gy, ptr, rows, vals, grad_weight_t)
-
-
-@nb.njit(**_JIT)
-def encoder_block_backward(
-    grad, gamma, training, xhat, mult, inv_std, row_start, col, log1p_val,
-    grad_weight_t, grad_bias, grad_gamma, grad_beta,
-):
-    """Gradients of sum(grad * out) (``encoder_block_forward``) with respect to the
-    first Linear's weight (gene-major, (G, H), overwritten) and bias, and the BN affine."""
-    ptr, rows, vals = by_gene(row_start, col, log1p_val, grad_weight_t.shape[0])
-    encoder_block_backward_by_gene(grad, gamma, training, xhat, mult, inv_std, ptr, rows, vals,
-                                   grad_weight_t, grad_bias, grad_gamma, grad_beta)
 
 
 @nb.njit(**_JIT)

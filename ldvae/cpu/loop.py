@@ -1,12 +1,12 @@
 """Many training steps in one compiled call (numba): gather, step, check, Adam.
 
-``train_steps`` runs what ``train.fit``'s inner loop does per minibatch -- gather the
-cells' nonzeros, ``cpu_step.train_step_flat``, stop on a non-finite loss or gradient
-before touching the parameters, Adam (undone if it makes a parameter non-finite) -- for a run of consecutive minibatches, so that
-Python and torch see one call per run instead of ~20 operator calls per step (~0.6 ms of
-a ~2.5 ms step on the tutorial data). ``fused.StepRunner`` is its torch-side caller: it
-draws each step's noise from torch's generator in the order the per-step path draws it,
-so both paths train the same.
+``train_steps`` runs what a one-step-at-a-time training step does per minibatch -- gather
+the cells' nonzeros, ``cpu_step.train_step_flat``, stop on a non-finite loss or gradient
+before touching the parameters, Adam (undone if it makes a parameter non-finite) -- for a
+run of consecutive minibatches, so that Python and torch see one call per run instead of
+a score of operator calls per step. ``fused.StepRunner`` is its torch-side caller: it draws
+each step's noise with ``fused.draw_step_noise``, as the per-step path does, so both paths
+train the same.
 """
 
 from __future__ import annotations
@@ -125,22 +125,22 @@ def _adam(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weigh
 
 
 @nb.njit(**_JIT)
-def _covariate_columns(cells, batch, n_batch, cat, cat_sizes, cont, width):
+def _covariate_columns(cells, batch, widths, cat, cont, width):
     """The decoder's covariate inputs of cells ``cells`` (n, width), laid out as
-    ``LDVAEModule.covariate_columns``: one-hot batch (when n_batch > 1), one-hot of each
-    categorical covariate with more than one category, then the continuous ones."""
+    ``LDVAEModule.covariate_columns``: the one-hot blocks of ``ModuleConfig.one_hot_widths``
+    (batch, then each categorical covariate; width 0: no block), then the continuous ones."""
     n = cells.shape[0]
     cv = np.zeros((n, width), np.float32)
     for i in range(n):
         r = cells[i]
         c = 0
-        if n_batch > 1:
+        if widths[0] > 0:
             cv[i, c + batch[r]] = 1.0
-            c += n_batch
-        for j in range(cat_sizes.shape[0]):
-            if cat_sizes[j] > 1:
+            c += widths[0]
+        for j in range(cat.shape[1]):
+            if widths[j + 1] > 0:
                 cv[i, c + cat[r, j]] = 1.0
-                c += cat_sizes[j]
+                c += widths[j + 1]
         for j in range(cont.shape[1]):
             cv[i, c + j] = cont[r, j]
     return cv
@@ -148,16 +148,17 @@ def _covariate_columns(cells, batch, n_batch, cat, cat_sizes, cont, width):
 
 @nb.njit(**_JIT)
 def train_steps(
-    indptr, indices, values, log_total, lgamma_x1, batch, cat, cat_sizes, cont, prior_means, prior_vars,
+    indptr, indices, values, log_total, lgamma_x1, batch, cat, one_hot_widths, cont, prior_means, prior_vars,
     rows, bounds, noise_z, noise_l, seeds, kl_weights, momenta,
-    params, grads, offsets, dims, rmz, rvz, rml, rvl, rmd, rvd, bn_eps, rate,
+    params, grads, layout, rmz, rvz, rml, rvl, rmd, rvd, bn_eps, rate,
     exp_avg, exp_avg_sq, adam, rec, kl_z, kl_l, losses, failure,
 ):
     """Train on minibatch j = 0, 1, ... of cells ``rows[bounds[j]:bounds[j + 1]]``.
 
     Whole-dataset inputs: the CSR counts (indptr, indices, values) and per-cell log_total,
-    lgamma_x1, batch code, categorical covariate codes ``cat`` (n_cells, len(cat_sizes)) and
-    continuous covariates ``cont`` (the decoder's one-hot columns are made per minibatch).
+    lgamma_x1, batch code, categorical covariate codes ``cat`` (n_cells, n_cat_covs) and
+    continuous covariates ``cont``; the decoder's one-hot columns are made per minibatch,
+    ``one_hot_widths`` (``ModuleConfig.one_hot_widths``) wide.
     Per step j: noise rows bounds[j]:bounds[j + 1] of noise_z (cells, K) and noise_l,
     dropout seeds ``seeds[j]`` (z, l), ``kl_weights[j]`` and batch-norm ``momenta[j]``
     (z, l, decoder). ``adam``: (lr, beta1, beta2, eps, weight_decay, steps taken so far).
@@ -187,12 +188,13 @@ def train_steps(
             lt[i] = log_total[r]
             lg[i] = lgamma_x1[r]
             bt[i] = batch[r]
-        cv = _covariate_columns(cells, batch, prior_means.shape[0], cat, cat_sizes, cont, dims[3] - dims[2])
+        cv = _covariate_columns(cells, batch, one_hot_widths, cat, cont,
+                                 layout.n_columns - layout.n_latent)
         for s in range(6):
             saved[s][:] = live[s]
         loss = train_step_flat(
             ptr, col, val, log1p, cv, lg, bt, prior_means, prior_vars, lt, noise_z[a:b], noise_l[a:b],
-            params, grads, offsets, dims, rmz, rvz, rml, rvl, rmd, rvd,
+            params, grads, layout, rmz, rvz, rml, rvl, rmd, rvd,
             momenta[j, 0], momenta[j, 1], momenta[j, 2], bn_eps, rate, seeds[j, 0], seeds[j, 1],
             kl_weights[j], rec[a:b], kl_z[a:b], kl_l[a:b],
         )
@@ -222,15 +224,15 @@ def train_steps(
 
 def _stamp_caches() -> None:
     """numba's on-disk cache keys a function on its own source file only, so a change to a
-    kernel in cpu_kernels.py would leave the cached cpu_step/cpu_loop functions that inline it
-    stale. Key every cached function of the three files on all three."""
+    kernel (or to the parameter layout) in another file would leave the cached step and loop
+    functions that inline it stale. Key every cached function of those files on all of them."""
     import hashlib
     import sys
     from pathlib import Path
 
-    from . import kernels as cpu_kernels, step as cpu_step
+    from . import encoder, kernels, layout, special, step
 
-    modules = (cpu_kernels, cpu_step, sys.modules[__name__])
+    modules = (special, kernels, encoder, layout, step, sys.modules[__name__])
     digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
     for module in modules:
         for obj in vars(module).values():

@@ -2,9 +2,9 @@
 
 Loss and every parameter gradient of ``LDVAEModule.loss`` in train mode, for the model
 ``fused.TrainStep`` accepts (NB likelihood, one dispersion per gene, normal latent, one
-hidden layer, decoder batch norm). The torch version of the same step is ~300 operator
-calls of ~14 us each; here the small matrix products, the reparameterization and the KL
-terms run inside the compiled code between the kernels of ``cpu_kernels``.
+hidden layer, decoder batch norm). The torch version of the same step is hundreds of small
+operator calls; here the small matrix products, the reparameterization and the KL terms run
+inside the compiled code between the kernels of ``kernels`` and ``encoder``.
 
 Shapes: n cells, G genes, H hidden units, K latent dimensions, C = K + covariate columns.
 Encoder first-layer weights are passed gene-major (G, H), as ``GaussianEncoder`` stores them.
@@ -17,15 +17,10 @@ import math
 import numba as nb
 import numpy as np
 
-from .kernels import (
-    _JIT,
-    bn_softmax_nb_train,
-    by_gene,
-    encoder_block_backward_by_gene,
-    encoder_block_forward,
-)
+from ..nn.module import VAR_EPS  # q's variance is exp(.) + VAR_EPS
+from .encoder import by_gene, encoder_block_backward_by_gene, encoder_block_forward
+from .kernels import _JIT, bn_softmax_nb_train
 
-VAR_EPS = 1e-4  # module.VAR_EPS: q's variance is exp(.) + VAR_EPS
 
 
 @nb.njit(**_JIT)
@@ -172,25 +167,27 @@ def _decoder_product_backward(g_h, zc, wd_t, K, g_wd, g_bd, g_z):
             g_wd[g, c] = g_wd_t[c, g]
 
 
+# Long: the whole step in one compiled function keeps its intermediates local; its parts are kernels.
 @nb.njit(**_JIT)
 def train_step(
     indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
-    wz_t, bz, gz, betaz, rmz, rvz, wzm, bzm, wzv, bzv,
-    wl_t, bl, gl, betal, rml, rvl, wlm, blm, wlv, blv,
-    wd, bd, gd, betad, rmd, rvd, log_theta,
-    observed, mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight,
-    rec, kl_z, kl_l,
-    g_wz_t, g_bz, g_gz, g_betaz, g_wzm, g_bzm, g_wzv, g_bzv,
-    g_wl_t, g_bl, g_gl, g_betal, g_wlm, g_blm, g_wlv, g_blv,
-    g_wd, g_bd, g_gd, g_betad, g_log_theta,
+    params, grads, stats, observed, mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight, rec, kl_z, kl_l,
 ):
     """One training-mode forward and backward pass; returns the loss (mean over cells of
     reconstruction + kl_weight * KL_z + KL_l), writes the per-cell terms and every gradient
-    (g_*, the parameters' shapes) and updates the batch-norm running statistics.
+    and updates the batch-norm running statistics.
 
-    The noise is the caller's: the samples' (noise_z (n, K), noise_l (n,)) and the dropout
-    seeds. ``observed``: the library is log_total and the l-encoder arrays are ignored.
-    ``bd`` of length 0: the decoder has no bias."""
+    ``params`` and ``grads``: tuples of arrays in ``_views``'s order (``layout.Layout``'s);
+    ``stats``: the running means and variances of the z encoder's, the l encoder's and the
+    decoder's batch norms. The noise is the caller's: the samples' (noise_z (n, K),
+    noise_l (n,)) and the dropout seeds. ``observed``: the library is log_total and the
+    l-encoder arrays are ignored. A decoder bias of length 0: the decoder has none."""
+    wz_t, bz, gz, betaz, wzm, bzm, wzv, bzv, wl_t, bl, gl, betal, wlm, blm, wlv, blv, wd, bd, gd, betad, log_theta = (
+        params
+    )
+    (g_wz_t, g_bz, g_gz, g_betaz, g_wzm, g_bzm, g_wzv, g_bzv, g_wl_t, g_bl, g_gl, g_betal, g_wlm, g_blm, g_wlv, g_blv,
+     g_wd, g_bd, g_gd, g_betad, g_log_theta) = grads
+    rmz, rvz, rml, rvl, rmd, rvd = stats
     n = indptr.shape[0] - 1
     H = bz.shape[0]
     K = bzm.shape[0]
@@ -306,44 +303,32 @@ def _mat(flat, off, rows, cols):
 
 
 @nb.njit(inline="always", **_JIT)
-def _views(flat, o, G, H, K, C, bd_size):
+def _views(flat, L):
+    """Every parameter (or gradient) as a view of ``flat``, in ``train_step``'s order."""
+    G, H, K, C = L.n_genes, L.n_hidden, L.n_latent, L.n_columns
+    bd_size = G if L.decoder_bias >= 0 else 0
     return (
-        _mat(flat, o[0], G, H), _vec(flat, o[1], H), _vec(flat, o[2], H), _vec(flat, o[3], H),
-        _mat(flat, o[4], K, H), _vec(flat, o[5], K), _mat(flat, o[6], K, H), _vec(flat, o[7], K),
-        _mat(flat, o[8], G, H), _vec(flat, o[9], H), _vec(flat, o[10], H), _vec(flat, o[11], H),
-        _mat(flat, o[12], 1, H), _vec(flat, o[13], 1), _mat(flat, o[14], 1, H), _vec(flat, o[15], 1),
-        _mat(flat, o[16], G, C), _vec(flat, o[17], bd_size), _vec(flat, o[18], G), _vec(flat, o[19], G),
-        _vec(flat, o[20], G),
+        _mat(flat, L.z_weight, G, H), _vec(flat, L.z_bias, H), _vec(flat, L.z_bn_weight, H),
+        _vec(flat, L.z_bn_bias, H), _mat(flat, L.z_mean_weight, K, H), _vec(flat, L.z_mean_bias, K),
+        _mat(flat, L.z_var_weight, K, H), _vec(flat, L.z_var_bias, K),
+        _mat(flat, L.l_weight, G, H), _vec(flat, L.l_bias, H), _vec(flat, L.l_bn_weight, H),
+        _vec(flat, L.l_bn_bias, H), _mat(flat, L.l_mean_weight, 1, H), _vec(flat, L.l_mean_bias, 1),
+        _mat(flat, L.l_var_weight, 1, H), _vec(flat, L.l_var_bias, 1),
+        _mat(flat, L.decoder_weight, G, C), _vec(flat, L.decoder_bias, bd_size), _vec(flat, L.decoder_bn_weight, G),
+        _vec(flat, L.decoder_bn_bias, G), _vec(flat, L.log_theta, G),
     )
 
 
 @nb.njit(**_JIT)
 def train_step_flat(
     indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
-    params, grads, offsets, dims, rmz, rvz, rml, rvl, rmd, rvd,
+    params, grads, layout, rmz, rvz, rml, rvl, rmd, rvd,
     mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight, rec, kl_z, kl_l,
 ):
-    """``train_step`` with every parameter and gradient a view of one flat array (few
-    arguments: numba checks each argument's type on every call, ~3 us per array).
-
-    ``offsets`` (21,): where each parameter starts in ``params`` (and its gradient in
-    ``grads``), in the order of ``train_step``'s arguments (wz_t ... log_theta); -1 for one
-    the model lacks (the l-encoder's when the library is observed, the decoder's bias).
-    ``dims``: (G, H, K, C)."""
-    G, H, K, C = dims[0], dims[1], dims[2], dims[3]
-    o = offsets
-    observed = o[8] < 0
-    bd_size = G if o[17] >= 0 else 0
-    p = _views(params, o, G, H, K, C, bd_size)
-    g = _views(grads, o, G, H, K, C, bd_size)
+    """``train_step`` with every parameter and gradient a view of one flat array, placed by
+    ``layout`` (a ``layout.Layout``)."""
     return train_step(
         indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
-        p[0], p[1], p[2], p[3], rmz, rvz, p[4], p[5], p[6], p[7],
-        p[8], p[9], p[10], p[11], rml, rvl, p[12], p[13], p[14], p[15],
-        p[16], p[17], p[18], p[19], rmd, rvd, p[20],
-        observed, mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight,
-        rec, kl_z, kl_l,
-        g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
-        g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15],
-        g[16], g[17], g[18], g[19], g[20],
+        _views(params, layout), _views(grads, layout), (rmz, rvz, rml, rvl, rmd, rvd), layout.l_weight < 0,
+        mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight, rec, kl_z, kl_l,
     )

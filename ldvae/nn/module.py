@@ -11,19 +11,21 @@ factor models of single-cell RNA-seq via variational autoencoders":
   [z, covariates] followed by batch normalization over genes; mean ``mu = l * rho``;
 - ``theta`` the negative binomial inverse dispersion; ``pi`` the zero-inflation.
 
-This file imports only torch and never sees AnnData or NumPy.
+This file imports only torch (and the likelihoods beside it) and never sees AnnData or
+NumPy. Compiled CPU kernels for the encoder's first block and the decoder's batch norm +
+softmax + NB likelihood are handed in from above (``use_compiled``, called by
+``ldvae.cpu.fused``); without them every step takes the torch path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cpu import fused
 from .likelihoods import nb_log_prob, nb_log_prob_softmax, poisson_log_prob, zinb_log_prob
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
@@ -34,6 +36,29 @@ LatentDistribution = Literal["normal", "ln"]
 BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
 VAR_EPS = 1e-4
+
+
+class CompiledKernels(Protocol):
+    """What ``use_compiled`` hands the module: each ``*_applies`` says whether its kernel
+    handles the tensors at hand (else the torch path runs); see ``ldvae.cpu.fused``."""
+
+    def encoder_applies(self, weight: Tensor, bn: nn.Module, dropout: nn.Module) -> bool: ...
+
+    def encoder_block(self, linear, bn, dropout, row_start: Tensor, col: Tensor, log1p_val: Tensor) -> Tensor: ...
+
+    def applies(self, h: Tensor, bn: nn.Module | None, log_theta: Tensor | None) -> bool: ...
+
+    def bn_softmax_nb(self, h, bn, library, log_theta, row_start, col, val) -> Tensor: ...
+
+
+_compiled: CompiledKernels | None = None
+
+
+def use_compiled(kernels: CompiledKernels | None) -> None:
+    """Route the encoder's first block and the NB decoder through ``kernels`` where they
+    apply (None: torch everywhere). The same values and gradients to float32 rounding."""
+    global _compiled
+    _compiled = kernels
 
 
 @dataclass(frozen=True)
@@ -55,11 +80,16 @@ class ModuleConfig:
     bias: bool = False
 
     @property
+    def one_hot_widths(self) -> tuple[int, ...]:
+        """Columns of each one-hot block after z: the batch's, then each categorical
+        covariate's; 0 for a factor with a single category, which adds no column (as in
+        scvi-tools). The compiled step lays its columns out from these too."""
+        return tuple(n if n > 1 else 0 for n in (self.n_batch, *self.n_cats_per_cov))
+
+    @property
     def n_covariate_columns(self) -> int:
-        """Decoder input columns after z: one-hot batch, one-hot categorical covariates,
-        continuous covariates. A factor with a single category adds no column (as in scvi-tools)."""
-        cats = [self.n_batch, *self.n_cats_per_cov]
-        return sum(n for n in cats if n > 1) + self.n_continuous_cov
+        """Decoder input columns after z: the one-hot blocks, then the continuous covariates."""
+        return sum(self.one_hot_widths) + self.n_continuous_cov
 
 
 @dataclass(frozen=True)
@@ -154,8 +184,8 @@ def gene_order(
 
 class _SparseLinear(torch.autograd.Function):
     """``log1p(x) @ weight.T + bias`` from a minibatch's nonzeros: a per-cell weighted sum of
-    rows of weight.T forward, a per-gene weighted sum of gradient rows backward. At ~10 %
-    nonzeros this is 3-4x less arithmetic than the dense product and never builds log1p(x).
+    rows of weight.T forward, a per-gene weighted sum of gradient rows backward: arithmetic
+    in proportion to the nonzeros, and log1p(x) is never built dense.
     Fastest with ``weight`` stored gene-major (``weight.t()`` contiguous, see GaussianEncoder)."""
 
     @staticmethod
@@ -229,7 +259,7 @@ class GaussianEncoder(nn.Module):
         self.trunk = _fc_stack(n_in, n_hidden, n_layers, dropout_rate)
         # The first weight (n_hidden, n_genes) is stored gene-major: the sparse first layer
         # reads one gene's row of weight.T per nonzero, and its gradient comes out gene-major,
-        # so neither direction needs a transposing copy (~1 ms per step at 1000 genes).
+        # so neither direction needs a transposing copy.
         first = self.trunk[0]
         first.weight = nn.Parameter(first.weight.detach().t().contiguous().t())
         self.mean = nn.Linear(n_hidden, n_out)
@@ -241,15 +271,16 @@ class GaussianEncoder(nn.Module):
     @property
     def compiled_first_block(self) -> bool:
         """Whether ``from_counts`` runs the first block (Linear, BatchNorm, ReLU, Dropout) as
-        one compiled pass (``fused.encoder_block``: CPU, float32), which needs no gene grouping."""
+        one compiled pass (``CompiledKernels.encoder_block``: CPU, float32), which needs no
+        gene grouping."""
         first, bn, _, dropout = self.trunk[:4]
-        return fused.encoder_applies(first.weight, bn, dropout)
+        return _compiled is not None and _compiled.encoder_applies(first.weight, bn, dropout)
 
     def from_counts(self, b: CountBatch) -> tuple[Tensor, Tensor]:
         """Mean and variance from a minibatch's nonzeros (log1p of the counts as input)."""
         first, bn, _, dropout = self.trunk[:4]
         if b.n_cells > 1 and self.compiled_first_block:
-            return self._rest(fused.encoder_block(first, bn, dropout, b.indptr, b.col, b.log1p_val), 4)
+            return self._rest(_compiled.encoder_block(first, bn, dropout, b.indptr, b.col, b.log1p_val), 4)
         return self._rest(sparse_linear(first.weight, first.bias, b), 1)
 
     def _rest(self, h: Tensor, start: int) -> tuple[Tensor, Tensor]:
@@ -315,12 +346,11 @@ class LDVAEModule(nn.Module):
     def covariate_columns(self, b: CountBatch) -> Tensor | None:
         """The decoder's covariate inputs, (n_cells, n_covariate_columns), or None."""
         c = self.config
-        parts = []
-        if c.n_batch > 1:
-            parts.append(F.one_hot(b.batch, c.n_batch).float())
-        for j, n in enumerate(c.n_cats_per_cov):
-            if n > 1:
-                parts.append(F.one_hot(b.cat_covs[:, j], n).float())
+        batch_width, *cat_widths = c.one_hot_widths
+        parts = [] if not batch_width else [F.one_hot(b.batch, batch_width).float()]
+        for j, width in enumerate(cat_widths):
+            if width:
+                parts.append(F.one_hot(b.cat_covs[:, j], width).float())
         if c.n_continuous_cov:
             parts.append(b.cont_covs)
         return torch.cat(parts, dim=1) if parts else None
@@ -405,8 +435,8 @@ class LDVAEModule(nn.Module):
             zc = self.decoder_input(inf.z, covariates)
             log_theta = self.log_theta(zc, b.batch, b.label)
             h = self.factor_regressor(zc)
-            if fused.applies(h, self.factor_bn, log_theta):  # the same, in one compiled pass on CPU
-                ll = fused.bn_softmax_nb(h, self.factor_bn, inf.library, log_theta, b.indptr, b.col, b.val)
+            if _compiled is not None and _compiled.applies(h, self.factor_bn, log_theta):
+                ll = _compiled.bn_softmax_nb(h, self.factor_bn, inf.library, log_theta, b.indptr, b.col, b.val)
             else:
                 t = h if self.factor_bn is None else self.factor_bn(h)
                 ll = nb_log_prob_softmax(t, inf.library, log_theta, b.row, b.col, b.flat, b.val)

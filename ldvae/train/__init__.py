@@ -1,18 +1,11 @@
-"""Training: the loop, its batch sources, the optimizer and checkpoints."""
+"""Training: the loop (``loop``), its batch sources (``batches``), the step behind one seam
+(``steps``), the optimizer (``optim``), checkpoints (``checkpoint``) and the fit's
+configuration and state (``config``)."""
 
-from .loop import (
-    InMemorySource,
-    ModelFileError,
-    NonFiniteLossError,
-    TrainConfig,
-    TrainState,
-    evaluate,
-    fit,
-    load_checkpoint,
-    minibatches,
-    save_checkpoint,
-    split_indices,
-)
+from .batches import InMemorySource, minibatches, n_minibatches, split_indices, validation_batch_size
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ModelFileError, NonFiniteLossError, TrainConfig, TrainState
+from .loop import evaluate, fit
 
 __all__ = ["InMemorySource", "ModelFileError", "NonFiniteLossError", "TrainConfig", "TrainState", "evaluate",
-           "fit", "load_checkpoint", "minibatches", "save_checkpoint", "split_indices"]
+           "fit", "load_checkpoint", "minibatches", "n_minibatches", "save_checkpoint", "split_indices", "validation_batch_size"]

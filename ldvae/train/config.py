@@ -1,0 +1,69 @@
+"""What a fit is told (``TrainConfig``), what it carries on (``TrainState``) and how it fails."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+HISTORY_KEYS = (
+    "train_loss",
+    "elbo_train",
+    "reconstruction_loss_train",
+    "kl_local_train",
+    "kl_weight",
+    "validation_loss",
+    "elbo_validation",
+    "reconstruction_loss_validation",
+    "kl_local_validation",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or its gradient became NaN/inf, or an update would have made a parameter
+    NaN/inf; the model keeps its last good parameters."""
+
+
+class ModelFileError(ValueError):
+    """A saved model or checkpoint is damaged, foreign, or disagrees with itself or with
+    the model it is loaded into; nothing was changed."""
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01
+    n_epochs_kl_warmup: int | None = 400
+    n_steps_kl_warmup: int | None = None
+    check_val_every_n_epoch: int | None = None
+    early_stopping: bool = False
+    early_stopping_patience: int = 45
+    early_stopping_min_delta: float = 0.0
+    progress_bar: bool = True
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every_n_epochs: int = 10
+    # Batch-norm momentum while training; None keeps the module's (0.01, as scvi-tools).
+    # Larger values let eval-mode statistics follow the parameters with few steps per epoch.
+    batch_norm_momentum: float | None = None
+    # Intra-op CPU threads during the fit; None: one when a step is small (see _fit_threads).
+    threads: int | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything a fit carries from one ``train`` call (or checkpoint) to the next."""
+
+    optimizer_state: dict | None = None
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps
+    warmup_steps: int = 0  # KL weight reaches 1 after this many steps (0: no warm-up)
+    history: dict[str, list[list[float]]] = field(default_factory=dict)  # key -> [[epoch, value], ...]
+    best_val: float = math.inf
+    epochs_since_best: int = 0
+    interrupted: bool = False
+
+    def record(self, key: str, epoch: int, value: float) -> None:
+        self.history.setdefault(key, []).append([epoch, float(value)])

@@ -1,0 +1,145 @@
+"""The training step behind one seam: ``step(minibatches, kl_weights) -> StepResult``.
+
+``OneAtATime`` takes one optimizer step per minibatch (``CountBatch``): loss and gradients by
+autograd, or by the compiled ``fused.TrainStep`` when it accepts the module; gradients and
+buffers shared over ranks for a distributed source. ``CompiledRuns`` hands a run of
+minibatches (cell indices) to one compiled call (``fused.StepRunner``: gather, step, check,
+Adam). Both take the same steps from the same seed (the random stream of
+``fused.draw_step_noise``); ``choose_step`` picks one per fit and ``fit`` loops over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from ..cpu import fused
+from ..nn.module import LDVAEModule
+from .batches import InMemorySource
+from .config import TrainConfig, TrainState
+from .optim import FusedAdam
+
+# per-cell reconstruction, kl_z and kl_l of the completed steps, and their loss summed over cells
+Terms = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    done: int  # minibatches whose optimizer step completed, from the first
+    terms: Terms | None  # over the completed steps; None when none completed
+    failed: str | None  # what became non-finite in the next step: "loss", "gradient", "update"
+
+
+class _Step:
+    """What both steps share: the module's buffers (batch-norm statistics and counters) and
+    a copy of them from before the current call, restored when a step fails or is interrupted."""
+
+    def __init__(self, module: LDVAEModule):
+        self.buffers = list(module.buffers())
+        self.last_good = [b.clone() for b in self.buffers]
+
+    def snapshot(self) -> None:
+        torch._foreach_copy_(self.last_good, self.buffers)
+
+    def restore(self) -> None:
+        torch._foreach_copy_(self.buffers, self.last_good)
+
+
+class OneAtATime(_Step):
+    """One call of the loss and its gradients, then one optimizer step, per minibatch."""
+
+    def __init__(self, module: LDVAEModule, optimizer, compiled: fused.TrainStep | None, comm):
+        super().__init__(module)
+        self.module, self.optimizer, self.compiled, self.comm = module, optimizer, compiled, comm
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def epoch(self, source, generator: torch.Generator) -> Iterator[list]:
+        """The epoch's minibatches, one per call (a step boundary between any two)."""
+        for batch in source.train_batches(generator):
+            yield [batch]
+
+    def __call__(self, minibatches: list, kl_weights: list[float]) -> StepResult:
+        per_step = []
+        for batch, kl_weight in zip(minibatches, kl_weights):
+            failed = self._one(batch, kl_weight, per_step)
+            if failed is not None:
+                self.restore()
+                return StepResult(len(per_step), _joined(per_step), failed)
+        return StepResult(len(per_step), _joined(per_step), None)
+
+    def _one(self, batch, kl_weight: float, per_step: list) -> str | None:
+        if self.compiled is not None:  # the same loss and gradients, one compiled call
+            out = self.compiled(batch, kl_weight)
+        else:
+            out = self.module.loss(batch, kl_weight)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+        if self.comm is not None:
+            self.comm.sync(self.params, self.buffers)
+        norm = _grad_norm(self.params) if self.compiled is None else self.compiled.grad_norm()
+        if not bool(torch.isfinite(out.loss + norm)):
+            return "loss" if not bool(torch.isfinite(out.loss)) else "gradient"
+        if not self.optimizer.step():  # refused: parameters and Adam's state as before it
+            return "update"
+        per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(),
+                         out.loss.detach().double() * out.reconstruction.shape[0]))
+        return None
+
+
+class CompiledRuns(_Step):
+    """Runs of up to ``fused.StepRunner.chunk`` minibatches per compiled call; on failure the
+    runner itself leaves the state of the last good step."""
+
+    def __init__(self, module: LDVAEModule, runner: fused.StepRunner):
+        super().__init__(module)
+        self.runner = runner
+
+    def epoch(self, source: InMemorySource, generator: torch.Generator) -> Iterator[list[Tensor]]:
+        parts = source.epoch_rows(generator)
+        chunk = self.runner.chunk
+        for start in range(0, len(parts), chunk):
+            yield parts[start : start + chunk]
+
+    def __call__(self, minibatches: list[Tensor], kl_weights: list[float]) -> StepResult:
+        done, terms, failed = self.runner(minibatches, kl_weights)
+        return StepResult(done, terms, failed)
+
+
+def choose_step(module: LDVAEModule, optimizer, source, state: TrainState, config: TrainConfig) -> Step:
+    """The step for this fit: compiled runs for in-memory CPU data in one process, else one
+    step at a time (compiled where ``fused.TrainStep`` accepts the module, autograd otherwise).
+    Loads the optimizer state of ``state`` once the optimizer's layout is settled, with the
+    learning rate, weight decay and eps of ``config``."""
+    compiled = fused.TrainStep.for_module(module)  # None: autograd
+    if compiled is not None and isinstance(optimizer, FusedAdam):
+        optimizer.use_flat(compiled.flat, compiled.flat_grad)
+    source.by_gene = module.needs_gene_order
+    if state.optimizer_state is not None:
+        optimizer.load_state_dict(state.optimizer_state)
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"], group["eps"] = config.lr, config.weight_decay, config.eps
+    if isinstance(source, InMemorySource) and source.comm is None:
+        runner = fused.StepRunner.for_fit(compiled, optimizer, source)
+        if runner is not None:
+            return CompiledRuns(module, runner)
+    return OneAtATime(module, optimizer, compiled, source.comm)
+
+
+Step = OneAtATime | CompiledRuns
+
+
+def _joined(per_step: list[Terms]) -> Terms | None:
+    if len(per_step) <= 1:
+        return per_step[0] if per_step else None
+    rec, kl_z, kl_l, loss = zip(*per_step)
+    return torch.cat(rec), torch.cat(kl_z), torch.cat(kl_l), torch.stack(loss).sum()
+
+
+def _grad_norm(params: list[Tensor]) -> Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch, "_foreach_norm") and len({(g.device, g.dtype) for g in grads}) == 1:
+        return torch.stack(torch._foreach_norm(grads)).norm()  # one kernel for all tensors
+    return torch.stack([g.norm() for g in grads]).norm()
