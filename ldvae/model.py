@@ -26,12 +26,13 @@ from .data.contract import (
     library_prior,
     plain,
     read_covariates,
-    setup_anndata,
     to_csr,
     validate_counts,
 )
+from .data.setup import setup_anndata
 from .nn.module import LDVAEModule, ModuleConfig
-from .data.stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk, read_into_memory
+from .data.backed import counts_on_disk, is_on_disk, library_prior_on_disk, read_into_memory
+from .train.streaming import StreamingSource
 from .train.optim import check_state_dict
 from .train.loop import (
     InMemorySource,

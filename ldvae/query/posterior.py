@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..data.contract import CountData
 from ..nn.module import CountBatch, Generative, Inference, latent_estimate
-from ..data.stream import DiskCells, Output, SparseOutput, fill, minibatches_of, query_cells
+from .cells import DiskCells, Output, SparseOutput, fill, minibatches_of, query_cells
 
 if TYPE_CHECKING:
     from ..model import LinearSCVI

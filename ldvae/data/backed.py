@@ -1,4 +1,4 @@
-"""Out of core: train and query a model on counts that stay on disk.
+"""Counts on disk: open them, shard them by rank, scan them, select genes from them.
 
 Counts on disk are a CSR matrix in anndata's on-disk layout (``data``, ``indices``,
 ``indptr``), or a dense cells x genes array (read a block of rows at a time and made CSR
@@ -6,35 +6,26 @@ block by block), inside an ``.h5ad`` (HDF5) or ``.zarr`` store. Open one as an A
 ``X`` stays on disk, then use the usual API::
 
     adata = anndata.read_h5ad("atlas.h5ad", backed="r")     # counts in X
-    adata = ldvae.data.stream.read_backed("atlas.zarr", layer="counts")  # .h5ad or .zarr, any layer
+    adata = ldvae.stream.read_backed("atlas.zarr", layer="counts")  # .h5ad or .zarr, any layer
     ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")  # streaming validation pass
     model = ldvae.LinearSCVI(adata, n_latent=10)                # streaming library-prior pass
-    model.train(max_epochs=20)                                  # StreamingSource below
-    z = model.get_latent_representation(out="z.npy")           # DiskCells below
+    model.train(max_epochs=20)                                  # ldvae.train.streaming
+    z = model.get_latent_representation(out="z.npy")           # ldvae.query.cells
     rho = model.get_normalized_expression(out="rho.npy")        # cells x genes, on disk
 
-Training reads shuffled contiguous chunks of cells (``chunk_size`` cells each),
-``buffer_chunks`` of them at a time into a buffer whose cells are shuffled and cut into
-minibatches; a background thread reads and prepares the next buffer while the current
-one trains. Peak memory is a few buffers plus the model, whatever the number of cells.
+``CHUNK_SIZE``, ``BUFFER_CHUNKS`` and ``PREFETCH`` are the streaming sizes; code reads them
+from this module when it runs, so ``ldvae.stream.CHUNK_SIZE = n`` takes effect.
 
-Posterior queries read the query's own minibatches (the ones an in-memory query would
-gather, in the same order, hence the same random draws) one ahead in a background thread.
-Per-cell results (ELBO, library size, latent) are small; results of cells x genes go to
-disk with ``out=``: ``.npy`` files filled in place, or an ``.h5ad`` for sparse posterior
-predictive counts (:class:`Output`, :class:`SparseOutput`).
-
-Every pass here is shard-aware: when ``ldvae.distributed`` has initialized
-``torch.distributed``, each rank reads only its own contiguous block of cells and the
-statistics of all ranks are summed, so the same calls run unchanged under ``torchrun``.
+Every pass here is shard-aware: once a communicator is registered with
+:func:`use_communicator` (``ldvae.distributed`` does so), each rank reads only its own
+contiguous block of cells and the statistics of all ranks are summed, so the same calls run
+unchanged under ``torchrun``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -42,13 +33,11 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
-from .contract import CountData, Covariates, SetupError, get_counts, read_covariates, validate_counts
-from ..util.io import atomic_path
-from ..nn.module import CountBatch
+from ..util.checks import SetupError
 from ..util.prefetch import prefetched
-from ..train.loop import minibatches
+from .contract import get_counts, library_prior_from_sums, read_covariates, validate_counts
+
 
 logger = logging.getLogger(__name__)
 
@@ -232,15 +221,24 @@ class DiskCSR(_DiskRows):
         return cum[ptr[1:]] - cum[ptr[:-1]]
 
 
-def _chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+def row_chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into contiguous ranges of ``size`` rows (the last may be shorter)."""
     return [(a, min(a + size, stop)) for a in range(start, stop, size)]
 
 
-def _shard() -> tuple[int, int, object | None]:
-    """(rank, world size, communicator) of the running distributed job, or (0, 1, None)."""
-    from ..distributed import current
+_COMM = None
 
-    comm = current()
+
+def use_communicator(comm) -> None:
+    """Make ``comm`` (an object with ``rank``, ``world_size`` and ``all_reduce_sum_numpy``)
+    the one every pass shards over; ``None`` for a single process."""
+    global _COMM
+    _COMM = comm
+
+
+def shard() -> tuple[int, int, object | None]:
+    """(rank, world size, communicator) of the registered distributed job, or (0, 1, None)."""
+    comm = _COMM
     return (0, 1, None) if comm is None else (comm.rank, comm.world_size, comm)
 
 
@@ -252,7 +250,7 @@ def shard_rows(n_cells: int, rank: int, world_size: int) -> tuple[int, int]:
 # --- streaming passes -----------------------------------------------------------------------
 
 
-class _Window:
+class Window:
     """Cell and gene names of ``rows`` (a slice or positions), so that ``validate_counts`` on
     the counts read for them names the true cell."""
 
@@ -284,13 +282,8 @@ class CountStats:
         return mean, var
 
     def library_prior(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-batch mean and variance of log total counts, as ``ldvae.data.contract.library_prior``."""
-        n = self.n_cells.astype(np.float64)
-        safe = np.maximum(n, 1.0)
-        means = np.where(n > 0, self.log_total_sum / safe, 0.0)
-        var = np.maximum(self.log_total_sumsq / safe - means**2, 0.0)
-        variances = np.where(n > 1, np.maximum(var, 1e-4), 1.0)
-        return means.astype(np.float32), variances.astype(np.float32)
+        """Per-batch mean and variance of log total counts (``ldvae.data.contract.library_prior``)."""
+        return library_prior_from_sums(self.n_cells, self.log_total_sum, self.log_total_sumsq)
 
 
 def scan_counts(
@@ -301,7 +294,7 @@ def scan_counts(
     batch: np.ndarray | None = None,
     n_batch: int = 1,
     genes: bool = False,
-    chunk_size: int = 8 * CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> CountStats:
     """One streaming pass over the counts on disk: checks every stored value (the messages
     of ``ldvae.data.contract.validate_counts``, naming the first bad cell of this rank's block) and
@@ -322,13 +315,14 @@ def scan_counts(
     genes
         Also sum counts and squared counts per gene and batch (for HVG statistics).
     chunk_size
-        Cells read at a time.
+        Cells read at a time (default ``8 * CHUNK_SIZE``).
     """
+    chunk_size = 8 * CHUNK_SIZE if chunk_size is None else chunk_size
     mat = get_counts(adata, layer)
     disk = open_on_disk(mat)
     n, n_genes = disk.shape
     batch = np.zeros(n, dtype=np.int64) if batch is None else np.asarray(batch)
-    rank, world, comm = _shard()
+    rank, world, comm = shard()
     start, stop = shard_rows(n, rank, world)
     n_cells = np.zeros(n_batch)
     s1 = np.zeros(n_batch)
@@ -339,7 +333,7 @@ def scan_counts(
     error: SetupError | None = None
 
     def produce(stop_event):
-        for a, b in _chunks(start, stop, chunk_size):
+        for a, b in row_chunks(start, stop, chunk_size):
             if stop_event.is_set():
                 return
             yield a, b, (disk.rows(a, b) if validate or genes else disk.row_totals(a, b))
@@ -351,7 +345,7 @@ def scan_counts(
                 totals = chunk
             else:
                 if validate:
-                    validate_counts(_Window(adata, slice(a, b)), chunk, layer)
+                    validate_counts(Window(adata, slice(a, b)), chunk, layer)
                 totals = np.asarray(chunk.sum(axis=1), dtype=np.float64).ravel()
             full = totals > 0
             n_empty += int((~full).sum())
@@ -453,13 +447,13 @@ def highly_variable_genes(
 
     # Second pass: sums of counts clipped per gene and batch (zeros stay zero).
     disk = open_on_disk(get_counts(adata, layer))
-    rank, world, comm = _shard()
+    rank, world, comm = shard()
     start, stop = shard_rows(disk.shape[0], rank, world)
     c1 = np.zeros((n_batch, n_genes))
     c2 = np.zeros((n_batch, n_genes))
 
     def produce(stop_event):
-        for a, b in _chunks(start, stop, 8 * CHUNK_SIZE):
+        for a, b in row_chunks(start, stop, 8 * CHUNK_SIZE):
             if stop_event.is_set():
                 return
             yield a, disk.rows(a, b)
@@ -502,317 +496,3 @@ def highly_variable_genes(
         adata.var[column] = df[column].to_numpy()
     logger.info("added adata.var columns %s", ", ".join(repr(c) for c in df.columns))
     return None
-
-
-# --- training source ------------------------------------------------------------------------
-
-
-def _count_data(csr: sp.csr_matrix, cov: Covariates, rows: np.ndarray, device: torch.device) -> CountData:
-    """A buffer: cells ``rows`` (global row numbers) with their counts ``csr``, on ``device``."""
-    pick = Covariates(
-        cov.batch[rows],
-        cov.label[rows],
-        None if cov.cat_covs is None else cov.cat_covs[rows],
-        None if cov.cont_covs is None else cov.cont_covs[rows],
-    )
-    return CountData(csr, pick, device)
-
-
-def _n_steps(n_cells: int, batch_size: int) -> int:
-    """``len(train.minibatches(range(n_cells), batch_size))``: a last batch of one cell joins
-    the previous one."""
-    q, r = divmod(n_cells, batch_size)
-    return q + (r > 0) - (r == 1 and q >= 1)
-
-
-class StreamingSource:
-    """Minibatches streamed from counts on disk, with the members of ``train.InMemorySource``
-    (``device``, ``n_train``, ``n_val``, ``steps_per_epoch``, ``train_batches``,
-    ``val_batches``).
-
-    Per epoch the chunks of ``chunk_size`` contiguous cells (of this rank's block under
-    ``torch.distributed``) are visited in a seeded random order, ``buffer_chunks`` at a
-    time; the training cells of a buffer are shuffled (with the few left over from the
-    previous buffer) and cut into minibatches. The buffers are read and prepared on the
-    compute device by a background thread, ``prefetch`` ahead. The three sizes default to
-    the module's ``CHUNK_SIZE``, ``BUFFER_CHUNKS`` and ``PREFETCH``, read at construction.
-
-    Under ``torch.distributed`` every rank runs the same number of steps (the smallest
-    block's), ``n_train`` and ``n_val`` count the cells of all ranks, and ``comm`` tells
-    ``train.fit`` how to combine gradients and metrics.
-    """
-
-    def __init__(
-        self,
-        disk: DiskCSR | DiskDense,
-        cov: Covariates,
-        train_idx: np.ndarray,
-        val_idx: np.ndarray,
-        batch_size: int,
-        *,
-        device: torch.device | str = "cpu",
-        chunk_size: int | None = None,
-        buffer_chunks: int | None = None,
-        prefetch: int | None = None,
-    ):
-        self.disk = disk
-        self.cov = cov
-        self.device = torch.device(device)
-        self.batch_size = int(batch_size)
-        self.chunk_size = int(CHUNK_SIZE if chunk_size is None else chunk_size)
-        self.buffer_chunks = int(BUFFER_CHUNKS if buffer_chunks is None else buffer_chunks)
-        self.prefetch = int(PREFETCH if prefetch is None else prefetch)
-        for name in ("chunk_size", "buffer_chunks", "prefetch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-        n = disk.shape[0]
-        # 1 = training cell, 2 = validation cell, 0 = neither (train_size + validation_size < 1)
-        self.role = np.zeros(n, dtype=np.int8)
-        self.role[np.asarray(train_idx, dtype=np.int64)] = 1
-        self.role[np.asarray(val_idx, dtype=np.int64)] = 2
-        rank, world, self.comm = _shard()
-        self.start, self.stop = shard_rows(n, rank, world)
-        self.chunks = _chunks(self.start, self.stop, self.chunk_size)
-        is_train = self.role == 1
-        self.train_per_chunk = np.array([int(is_train[a:b].sum()) for a, b in self.chunks], dtype=np.int64)
-        # Steps of every rank's block; all ranks run the smallest number (collectives need it).
-        blocks = [shard_rows(n, r, world) for r in range(world)]
-        per_rank = [int(is_train[a:b].sum()) for a, b in blocks]
-        steps = [_n_steps(m, self.batch_size) for m in per_rank]
-        self.steps_per_epoch = min(steps)
-        if self.steps_per_epoch == 0:
-            raise SetupError(
-                f"A rank's block of cells has no training cells ({per_rank}); use fewer ranks than "
-                f"{world} or more cells."
-            )
-        # Cells all ranks train on per epoch (a longer block stops after steps_per_epoch full batches).
-        self.n_train = sum(m if s == self.steps_per_epoch else self.steps_per_epoch * self.batch_size
-                           for m, s in zip(per_rank, steps))
-        self.n_val = int((self.role == 2).sum())
-
-    @classmethod
-    def from_adata(cls, adata, setup: dict, train_idx, val_idx, batch_size: int, **kwargs) -> "StreamingSource":
-        """The source for an AnnData set up for ldvae whose counts stay on disk."""
-        return cls(open_on_disk(get_counts(adata, setup.get("layer"))), read_covariates(adata, setup),
-                   train_idx, val_idx, batch_size, **kwargs)
-
-    # --- buffers ---------------------------------------------------------------------------
-    def _read(self, chunk_ids, role: int) -> tuple[list[sp.csr_matrix], list[np.ndarray]]:
-        """Cells of ``role`` in these chunks: CSR parts and their global row numbers."""
-        parts, rows = [], []
-        for i in chunk_ids:
-            a, b = self.chunks[i]
-            local = np.flatnonzero(self.role[a:b] == role)
-            if local.size == 0:
-                continue
-            csr = self.disk.rows(a, b)
-            parts.append(csr if local.size == b - a else csr[local])
-            rows.append(a + local)
-        return parts, rows
-
-    def _emitted(self, groups: list[np.ndarray]) -> np.ndarray:
-        """Training cells each buffer hands out: whole minibatches until the last buffer,
-        which takes the rest; a single leftover cell (batch norm needs two) goes with one
-        more full batch instead, as ``train.minibatches`` merges it."""
-        cum = np.cumsum([self.train_per_chunk[g].sum() for g in groups])
-        out = (cum // self.batch_size) * self.batch_size
-        out[-1] = cum[-1]
-        if len(out) > 1 and cum[-1] - out[-2] == 1 and out[-2] >= self.batch_size:
-            out[:-1] = np.minimum(out[:-1], out[-2] - self.batch_size)
-        return np.diff(out, prepend=0)
-
-    def _train_buffers(self, rng: np.random.Generator, stop_event: threading.Event) -> Iterator[CountData]:
-        order = rng.permutation(len(self.chunks))
-        groups = [order[i : i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
-        pending = [sp.csr_matrix((0, self.disk.shape[1]), dtype=np.float32)]
-        pending_rows = [np.zeros(0, dtype=np.int64)]
-        for group, take in zip(groups, self._emitted(groups)):
-            if stop_event.is_set():
-                return
-            parts, rows = self._read(group, role=1)
-            csr = sp.vstack(pending + parts, format="csr")
-            rows = np.concatenate(pending_rows + rows)
-            perm = rng.permutation(len(rows))
-            # One row gather for the buffer; the few cells left over wait for the next one.
-            pending, pending_rows = [csr[perm[take:]]], [rows[perm[take:]]]
-            if take:
-                buffer, buffer_rows = csr[perm[:take]], rows[perm[:take]]
-                del csr
-                yield _count_data(buffer, self.cov, buffer_rows, self.device)
-
-    # --- the source interface ----------------------------------------------------------
-    by_gene = True  # grouped by gene for the torch encoder's gradient (train.fit sets it)
-
-    def train_batches(self, generator: torch.Generator) -> Iterator[CountBatch]:
-        # Seeded by fit's per-epoch generator; the block start keeps ranks' orders distinct.
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        rng = np.random.default_rng([seed, self.start])
-        buffers = prefetched(lambda stop: self._train_buffers(rng, stop), self.prefetch)
-        steps = 0
-        try:
-            for buf in buffers:
-                for rows in minibatches(torch.arange(buf.n_cells, device=self.device), self.batch_size):
-                    if steps == self.steps_per_epoch:
-                        return
-                    yield buf.gather(rows, by_gene=self.by_gene)
-                    steps += 1
-        finally:
-            buffers.close()
-
-    def val_batches(self) -> Iterator[CountBatch]:
-        def produce(stop_event):
-            ids = np.arange(len(self.chunks))
-            for i in range(0, len(ids), self.buffer_chunks):
-                if stop_event.is_set():
-                    return
-                parts, rows = self._read(ids[i : i + self.buffer_chunks], role=2)
-                if parts:
-                    yield _count_data(sp.vstack(parts, format="csr"), self.cov, np.concatenate(rows), self.device)
-
-        size = max(self.batch_size, 1024)
-        for buf in prefetched(produce, self.prefetch):
-            for rows in torch.split(torch.arange(buf.n_cells, device=self.device), size):
-                yield buf.gather(rows)
-
-
-# --- queries --------------------------------------------------------------------------------
-
-
-class DiskCells:
-    """The cells of an AnnData whose counts stay on disk, read for a posterior query one
-    minibatch at a time (``ldvae.query.posterior`` asks :func:`minibatches_of` for them)."""
-
-    def __init__(self, adata, setup: dict, device: torch.device):
-        self.adata = adata
-        self.layer = setup.get("layer")
-        self.disk = open_on_disk(get_counts(adata, self.layer))
-        self.cov = read_covariates(adata, setup)
-        self.device = device
-        self.n_cells = self.disk.shape[0]
-
-    def _read(self, rows: np.ndarray) -> sp.csr_matrix:
-        """Validated counts of cells ``rows`` (the checks of an in-memory query, on these cells)."""
-        csr = self.disk.take(rows)
-        window = _Window(self.adata, rows)
-        validate_counts(window, csr, self.layer)
-        empty = np.flatnonzero(np.diff(csr.indptr) == 0)
-        if empty.size:
-            raise SetupError(
-                f"{empty.size} of the {len(rows)} cells read have zero total counts (first: cell "
-                f"{window.obs_names[empty[0]]!r}). Filter them first: sc.pp.filter_cells(adata, min_counts=1)."
-            )
-        return csr
-
-    def minibatches(self, rows: torch.Tensor, size: int) -> Iterator[CountBatch]:
-        """The minibatches ``torch.split(rows, size)``, in that order, read and gathered on
-        the device by a background thread one minibatch ahead."""
-        idx = rows.cpu().numpy()
-
-        def produce(stop_event):
-            for lo in range(0, len(idx), size):
-                if stop_event.is_set():
-                    return
-                sel = idx[lo : lo + size]
-                data = _count_data(self._read(sel), self.cov, sel, self.device)
-                yield data.gather(torch.arange(data.n_cells, device=self.device))
-
-        return prefetched(produce)
-
-
-def query_cells(model, adata=None) -> CountData | DiskCells:
-    """The cells a query of ``model`` reads: counts on disk stay there (:class:`DiskCells`),
-    others are validated and held on the model's device (``CountData``)."""
-    target = model.adata if adata is None else adata
-    if counts_on_disk(target, model.setup_):
-        model._check_genes(target)
-        return DiskCells(target, model.setup_, model.device)
-    return model._data(adata)
-
-
-def minibatches_of(cells: CountData | DiskCells, rows: torch.Tensor, size: int) -> Iterator[CountBatch]:
-    """The minibatches of cells ``rows``, ``size`` at a time, in order: the same batches (so
-    the same random draws) whether the counts are in memory or on disk."""
-    if isinstance(cells, DiskCells):
-        return cells.minibatches(rows, size)
-    return (cells.gather(r) for r in torch.split(rows, size))
-
-
-class Output:
-    """A query result of known ``shape``, filled block after block along ``axis`` by
-    :func:`fill`: in memory, or with ``out`` in that ``.npy`` file, filled in place under a
-    temporary name, renamed when complete (``ldvae.util.io.atomic_path``) and returned as a
-    read-only memory map, so the result need not fit in memory."""
-
-    def __init__(self, shape: tuple[int, ...], *, axis: int = 0, out: str | os.PathLike | None = None):
-        if out is not None and Path(out).suffix != ".npy":
-            raise ValueError(f"out must be a .npy path, got {str(out)!r}.")
-        self.shape, self.axis, self.out = shape, axis, out
-        self.offset = 0
-
-    def open(self, stack: contextlib.ExitStack) -> None:
-        if self.out is None:
-            self.array = np.empty(self.shape, dtype=np.float32)
-        else:
-            tmp = stack.enter_context(atomic_path(self.out))
-            self.array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.shape)
-
-    def add(self, block: np.ndarray) -> None:
-        n = block.shape[self.axis]
-        self.array[(slice(None),) * self.axis + (slice(self.offset, self.offset + n),)] = block
-        self.offset += n
-
-    def close(self) -> None:
-        if self.out is not None:
-            self.array.flush()
-            del self.array
-
-    def result(self) -> np.ndarray:
-        return self.array if self.out is None else np.load(self.out, mmap_mode="r")
-
-
-class SparseOutput:
-    """Sparse cells x genes rows appended, block after block, to ``X`` of an AnnData written
-    at ``out`` (an ``.h5ad``, under a temporary name until complete), with the cells and
-    genes as ``obs`` and ``var``. The result is that ``X`` left on disk (an ``anndata`` CSR
-    dataset: slice it to read rows)."""
-
-    def __init__(self, out: str | os.PathLike, obs_names: pd.Index, var_names: pd.Index):
-        if Path(out).suffix != ".h5ad":
-            raise ValueError(f"out must be an .h5ad path, got {str(out)!r}.")
-        self.out, self.obs_names, self.var_names = out, obs_names, var_names
-
-    def open(self, stack: contextlib.ExitStack) -> None:
-        import anndata as ad
-        import h5py
-
-        tmp = stack.enter_context(atomic_path(self.out))
-        ad.AnnData(obs=pd.DataFrame(index=self.obs_names), var=pd.DataFrame(index=self.var_names)).write_h5ad(tmp)
-        self.file = stack.enter_context(h5py.File(tmp, "r+"))
-        # Chunks sized for appending (an empty dataset would get small ones).
-        ad.io.write_elem(self.file, "X", sp.csr_matrix((0, len(self.var_names)), dtype=np.float32),
-                         dataset_kwargs={"chunks": (1 << 16,)})
-        self.X = ad.io.sparse_dataset(self.file["X"])
-
-    def add(self, block: sp.csr_matrix) -> None:
-        self.X.append(block)
-
-    def close(self) -> None:
-        del self.X
-        self.file.close()
-
-    def result(self):
-        return read_backed(self.out).X
-
-
-def fill(outputs: dict[str, Output | SparseOutput], blocks: Iterator[dict]) -> dict:
-    """Add each block's arrays to the outputs of the same keys and return the results; on
-    any error (or interrupt) no output file is left behind, complete or partial."""
-    with contextlib.ExitStack() as stack:
-        for output in outputs.values():
-            output.open(stack)
-        for block in blocks:
-            for key, value in block.items():
-                outputs[key].add(value)
-        for output in outputs.values():
-            output.close()
-    return {key: output.result() for key, output in outputs.items()}
