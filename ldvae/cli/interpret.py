@@ -112,7 +112,7 @@ def _handle_factors(args: argparse.Namespace) -> int:
     from ..factors.interpret import covariate_effects, factor_deviance, ordered_loadings, plot_covariate_effects, plot_deviance
     from ..workflow.interpret_report import interpretation_sections
 
-    from ..workflow.pipeline import check_option
+    from ..workflow.checks import check_option
 
     for name in ("min_size", "max_size", "n_top"):
         check_option(name, getattr(args, name), integer=True, minimum=1)
@@ -172,7 +172,7 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
 
 def _check_fit_options(args: argparse.Namespace) -> Path:
     """The options of ``_fit_options`` (and the output directory), before any work."""
-    from ..workflow.pipeline import MAX_SEED, check_option
+    from ..workflow.checks import MAX_SEED, check_option
 
     check_option("n_top_genes", args.n_top_genes, integer=True, minimum=0)
     for seed in args.seeds:
@@ -222,7 +222,7 @@ def _handle_stability(args: argparse.Namespace) -> int:
     from ..workflow.interpret_report import stability_section
     from ..factors.stability import factor_stability, fit_seeds, plot_stability
 
-    from ..workflow.pipeline import check_option
+    from ..workflow.checks import check_option
 
     d = _check_fit_options(args)
     check_option("n_latent", args.n_latent, integer=True, minimum=1)
@@ -265,7 +265,7 @@ def _handle_select_k(args: argparse.Namespace) -> int:
     from ..workflow.interpret_report import select_k_section
     from ..factors.stability import plot_select_k, select_k
 
-    from ..workflow.pipeline import check_option
+    from ..workflow.checks import check_option
 
     d = _check_fit_options(args)
     for k in args.n_latents:

@@ -362,24 +362,36 @@ def scan_counts(
         if comm is None:
             raise
         error = err
+    stats = CountStats(n_cells, n_empty, s1, s2, g1, g2)
     if comm is not None:
-        # Every rank reaches this reduction, also the one that found bad input.
-        parts = [n_cells, s1, s2, np.array([n_empty, error is not None], dtype=np.float64)]
-        if genes:
-            parts += [g1.ravel(), g2.ravel()]
-        flat = comm.all_reduce_sum_numpy(np.concatenate(parts))
-        n_cells, s1, s2 = flat[:n_batch], flat[n_batch : 2 * n_batch], flat[2 * n_batch : 3 * n_batch]
-        n_empty, n_failed = int(flat[3 * n_batch]), int(flat[3 * n_batch + 1])
-        if genes:
-            rest = flat[3 * n_batch + 2 :]
-            g1 = rest[: n_batch * n_genes].reshape(n_batch, n_genes)
-            g2 = rest[n_batch * n_genes :].reshape(n_batch, n_genes)
-        if error is not None:
-            raise error
-        if n_failed:
-            raise SetupError(
-                f"{n_failed} other rank(s) found invalid counts in their blocks of cells; see their messages."
-            )
+        stats = _sum_over_ranks(stats, comm, error)
+    return stats
+
+
+def _sum_over_ranks(stats: CountStats, comm, error: SetupError | None) -> CountStats:
+    """``stats`` summed over all ranks; this rank's ``error`` raised after the reduction,
+    which every rank reaches (also one that found bad input), or a note of other ranks' errors."""
+    n_batch = len(stats.n_cells)
+    genes = stats.gene_sum is not None
+    parts = [stats.n_cells, stats.log_total_sum, stats.log_total_sumsq,
+             np.array([stats.n_empty, error is not None], dtype=np.float64)]
+    if genes:
+        parts += [stats.gene_sum.ravel(), stats.gene_sumsq.ravel()]
+    flat = comm.all_reduce_sum_numpy(np.concatenate(parts))
+    n_cells, s1, s2 = flat[:n_batch], flat[n_batch : 2 * n_batch], flat[2 * n_batch : 3 * n_batch]
+    n_empty, n_failed = int(flat[3 * n_batch]), int(flat[3 * n_batch + 1])
+    g1 = g2 = None
+    if genes:
+        shape = stats.gene_sum.shape
+        rest = flat[3 * n_batch + 2 :]
+        g1 = rest[: shape[0] * shape[1]].reshape(shape)
+        g2 = rest[shape[0] * shape[1] :].reshape(shape)
+    if error is not None:
+        raise error
+    if n_failed:
+        raise SetupError(
+            f"{n_failed} other rank(s) found invalid counts in their blocks of cells; see their messages."
+        )
     return CountStats(n_cells, n_empty, s1, s2, g1, g2)
 
 
@@ -421,8 +433,6 @@ def highly_variable_genes(
         ``variances``, ``variances_norm`` and, with ``batch_key``, ``highly_variable_nbatches``
         (scanpy's names); otherwise return them as a DataFrame.
     """
-    from skmisc.loess import loess
-
     if batch_key is None:
         codes, n_batch = np.zeros(adata.n_obs, dtype=np.int64), 1
     else:
@@ -430,30 +440,54 @@ def highly_variable_genes(
         codes, n_batch = col.codes.astype(np.int64), len(col.categories)
     first = scan_counts(adata, layer, validate=False, batch=codes, n_batch=n_batch, genes=True)
     mean_all, var_all = first.gene_mean_var()
-    n_genes = len(mean_all)
-    clip = np.zeros((n_batch, n_genes))
+    means, reg_var = _loess_variances(first, n_batch, span)
+    clip = np.sqrt(reg_var) * np.sqrt(first.n_cells[:, None]) + means  # (n_batch, n_genes)
+    c1, c2 = _clipped_sums(adata, layer, codes, clip)
+    n = first.n_cells[:, None]
+    norm_var = (n * means**2 + c2 - 2 * c1 * means) / ((n - 1) * reg_var)  # (n_batch, n_genes)
+    df = _rank_genes(norm_var, n_top_genes, adata.var_names, mean_all, var_all)
+    if batch_key is None:
+        df = df.drop(columns="highly_variable_nbatches")
+    if not inplace:
+        return df
+    for column in df.columns:
+        adata.var[column] = df[column].to_numpy()
+    logger.info("added adata.var columns %s", ", ".join(repr(c) for c in df.columns))
+    return None
+
+
+def _loess_variances(stats: CountStats, n_batch: int, span: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per batch, gene means and the loess fit of log variance on log mean (Seurat v3's
+    expected variance), each (n_batch, n_genes)."""
+    from skmisc.loess import loess
+
+    n_genes = stats.gene_sum.shape[1]
     reg_var = np.ones((n_batch, n_genes))
     means = np.zeros((n_batch, n_genes))
     for s in range(n_batch):
-        mean, var = first.gene_mean_var(s)
+        mean, var = stats.gene_mean_var(s)
         varies = var > 0
         fitted = np.zeros(n_genes)
         fit = loess(np.log10(mean[varies]), np.log10(var[varies]), span=span, degree=2)
         fit.fit()
         fitted[varies] = fit.outputs.fitted_values
         reg_var[s] = 10**fitted
-        clip[s] = np.sqrt(reg_var[s]) * np.sqrt(first.n_cells[s]) + mean
         means[s] = mean
+    return means, reg_var
 
-    # Second pass: sums of counts clipped per gene and batch (zeros stay zero).
+
+def _clipped_sums(adata, layer: str | None, codes: np.ndarray, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Second pass: sums of counts clipped at ``clip`` per gene and batch, and of their
+    squares (zeros stay zero), over all ranks."""
     disk = open_on_disk(get_counts(adata, layer))
     rank, world, comm = shard()
     start, stop = shard_rows(disk.shape[0], rank, world)
-    c1 = np.zeros((n_batch, n_genes))
-    c2 = np.zeros((n_batch, n_genes))
+    c1 = np.zeros(clip.shape)
+    c2 = np.zeros(clip.shape)
+    size = 8 * CHUNK_SIZE
 
     def produce(stop_event):
-        for a, b in row_chunks(start, stop, 8 * CHUNK_SIZE):
+        for a, b in row_chunks(start, stop, size):
             if stop_event.is_set():
                 return
             yield a, disk.rows(a, b)
@@ -466,9 +500,13 @@ def highly_variable_genes(
     if comm is not None:
         flat = comm.all_reduce_sum_numpy(np.concatenate([c1.ravel(), c2.ravel()]))
         c1, c2 = flat[: c1.size].reshape(c1.shape), flat[c1.size :].reshape(c2.shape)
-    n = first.n_cells[:, None]
-    norm_var = (n * means**2 + c2 - 2 * c1 * means) / ((n - 1) * reg_var)  # (n_batch, n_genes)
+    return c1, c2
 
+
+def _rank_genes(norm_var: np.ndarray, n_top_genes: int, var_names: pd.Index, mean_all: np.ndarray,
+                var_all: np.ndarray) -> pd.DataFrame:
+    """scanpy's columns from the normalized variances (n_batch, n_genes): genes ranked within
+    each batch, then by median rank and by the number of batches that select them."""
     ranks = np.argsort(np.argsort(-norm_var, axis=1), axis=1).astype(np.float32)
     n_batches_hvg = (ranks < n_top_genes).sum(0)
     ranks[ranks >= n_top_genes] = np.nan
@@ -481,18 +519,11 @@ def highly_variable_genes(
             "highly_variable_rank": median_rank,
             "highly_variable_nbatches": n_batches_hvg,
         },
-        index=adata.var_names.copy(),
+        index=var_names.copy(),
     )
     order = df.sort_values(
         ["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False], na_position="last"
     ).index
     df["highly_variable"] = False
     df.loc[order[: int(n_top_genes)], "highly_variable"] = True
-    if batch_key is None:
-        df = df.drop(columns="highly_variable_nbatches")
-    if not inplace:
-        return df
-    for column in df.columns:
-        adata.var[column] = df[column].to_numpy()
-    logger.info("added adata.var columns %s", ", ".join(repr(c) for c in df.columns))
-    return None
+    return df

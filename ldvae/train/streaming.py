@@ -54,7 +54,8 @@ class StreamingSource:
     compute device by a background thread, ``prefetch`` ahead. The three sizes default to
     ``ldvae.data.backed``'s ``CHUNK_SIZE``, ``BUFFER_CHUNKS`` and ``PREFETCH``, read at construction.
 
-    Under ``torch.distributed`` every rank runs the same number of steps (the smallest
+    With a communicator registered (``ldvae.data.backed.use_communicator``, as
+    ``ldvae.distributed`` does) every rank runs the same number of steps (the smallest
     block's), ``n_train`` and ``n_val`` count the cells of all ranks, and ``comm`` tells
     ``train.fit`` how to combine gradients and metrics.
     """

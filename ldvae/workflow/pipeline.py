@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence, Union
 
-import numpy as np
 import pandas as pd
 
-from .._version import __version__
-from ..data.contract import SetupError, get_counts
+from ..data.contract import SetupError
 from ..data.readers import read_counts
 from ..data.results import result_keys
 from ..factors.seeds import BackgroundFits, fit_seeds, uses_gpu
@@ -36,10 +34,10 @@ from .outputs import OUTPUT_MARKER, check_out_dir, staged  # noqa: F401
 from .plotting import latent_pairs, loadings_frame, loadings_heatmap, top_genes, top_genes_bars, training_curves, umap
 from .prepare import MIN_VARYING_GENES, prepare  # noqa: F401
 from .report import build_report
+from .summary import WORKFLOW_KEY, record_run, stability_table
 
 logger = logging.getLogger(__name__)
 
-WORKFLOW_KEY = "ldvae_workflow"
 #: A report section: ``(title, html)``, or a function of ``(model, adata)`` returning one.
 ReportSection = Union[tuple[str, str], Callable[[LinearSCVI, object], tuple[str, str]]]
 
@@ -177,13 +175,6 @@ def format_top_genes(table: pd.DataFrame) -> str:
 # --- write ----------------------------------------------------------------------------------------
 
 
-def _history_plain(history: dict[str, pd.DataFrame]) -> dict:
-    return {
-        k: {"epoch": v.index.to_numpy(dtype=np.int64), "value": v.iloc[:, 0].to_numpy(dtype=np.float64)}
-        for k, v in history.items()
-    }
-
-
 def _save_figure(fig, directory: Path, name: str, formats: Sequence[str]) -> dict[str, Path]:
     paths = {}
     for fmt in formats:
@@ -192,6 +183,31 @@ def _save_figure(fig, directory: Path, name: str, formats: Sequence[str]) -> dic
             fig.savefig(tmp, format=fmt, dpi=110 if fmt == "png" else None)
         paths[f"{name}.{fmt}"] = path
     return paths
+
+
+def _write_figures(model: LinearSCVI, adata, fig_dir: Path, files: dict[str, Path], *, n_top_loadings: int,
+                   color_by: Sequence[str], formats: Sequence[str]) -> list[tuple[str, Path]]:
+    """The workflow's figures in ``fig_dir`` (added to ``files``); returns (caption, PNG path) pairs."""
+    color = "leiden" if not color_by else color_by[0]
+    figures = [
+        ("training_curves", "Training and validation ELBO by epoch.", training_curves(model.history)),
+        ("latent_pairs", f"Latent dimension pairs, coloured by {color}.", latent_pairs(adata, color=color)),
+        ("loadings_heatmap", f"Loadings of the top {n_top_loadings} negative and positive genes per factor.",
+         loadings_heatmap(adata, n_genes=n_top_loadings)),
+        ("top_genes", f"Top {n_top_loadings} negative (blue) and positive (red) genes of each factor.",
+         top_genes_bars(adata, n_genes=n_top_loadings)),
+        ("umap_clusters", "UMAP of the LDVAE latent space, coloured by Leiden cluster"
+         + (f" and by {', '.join(color_by)}." if color_by else "."),
+         umap(adata, color=["leiden", *color_by], ncols=2)),
+        ("umap_factors", "UMAP coloured by each factor.",
+         umap(adata, color=list(loadings_frame(adata).columns), ncols=4)),
+    ]
+    embedded = []
+    for name, caption, fig in figures:
+        paths = _save_figure(fig, fig_dir, name, formats)
+        files.update({f"figures/{k}": v for k, v in paths.items()})
+        embedded.append((caption, paths[f"{name}.png"]))
+    return embedded
 
 
 def write_outputs(
@@ -232,26 +248,8 @@ def write_outputs(
     atomic_write_text(files["top_genes.csv"], table.to_csv(index=False))
 
     formats = ["png"] + [f for f in dict.fromkeys(figure_formats) if f != "png"]
-    fig_dir = d / "figures"
-    color = "leiden" if not color_by else color_by[0]
-    figures = [
-        ("training_curves", "Training and validation ELBO by epoch.", training_curves(model.history)),
-        ("latent_pairs", f"Latent dimension pairs, coloured by {color}.", latent_pairs(adata, color=color)),
-        ("loadings_heatmap", f"Loadings of the top {n_top_loadings} negative and positive genes per factor.",
-         loadings_heatmap(adata, n_genes=n_top_loadings)),
-        ("top_genes", f"Top {n_top_loadings} negative (blue) and positive (red) genes of each factor.",
-         top_genes_bars(adata, n_genes=n_top_loadings)),
-        ("umap_clusters", "UMAP of the LDVAE latent space, coloured by Leiden cluster"
-         + (f" and by {', '.join(color_by)}." if color_by else "."),
-         umap(adata, color=["leiden", *color_by], ncols=2)),
-        ("umap_factors", "UMAP coloured by each factor.",
-         umap(adata, color=list(loadings.columns), ncols=4)),
-    ]
-    embedded = []
-    for name, caption, fig in figures:
-        paths = _save_figure(fig, fig_dir, name, formats)
-        files.update({f"figures/{k}": v for k, v in paths.items()})
-        embedded.append((caption, paths[f"{name}.png"]))
+    embedded = _write_figures(model, adata, d / "figures", files, n_top_loadings=n_top_loadings,
+                              color_by=color_by, formats=formats)
     stability_sections = []
     if stability is not None:
         from .interpret_report import stability_section
@@ -259,14 +257,14 @@ def write_outputs(
 
         files["factor_stability.csv"] = d / "factor_stability.csv"
         atomic_write_text(files["factor_stability.csv"], stability_table(stability).to_csv())
-        paths = _save_figure(plot_stability(stability), fig_dir, "factor_stability", formats)
+        paths = _save_figure(plot_stability(stability), d / "figures", "factor_stability", formats)
         files.update({f"figures/{k}": v for k, v in paths.items()})
         stability_sections.append(stability_section(stability, figure=paths["factor_stability.png"]))
 
     model.save(d / "model", overwrite=True)
     files["model"] = d / "model"
     files["results.h5ad"] = d / "results.h5ad"
-    atomic_write_h5ad(adata, files["results.h5ad"], compression="gzip")  # raw (all genes) and counts compress ~4x
+    atomic_write_h5ad(adata, files["results.h5ad"], compression="gzip")  # raw (all genes) and counts are integers: they compress well
 
     extra = [s(model, adata) if callable(s) else s for s in report_sections]
     source = adata.uns.get("source")
@@ -284,30 +282,6 @@ def write_outputs(
     files["report"] = d / "report.html"
     atomic_write_text(files["report"], html_text)
     return files
-
-
-# --- stability across seeds ----------------------------------------------------------------------
-
-
-def stability_table(result: StabilityResult) -> pd.DataFrame:
-    """One row per factor: the stability columns and, per run, the matched factor
-    (``match_run_i``) and its |correlation| (``correlation_run_i``); as in ``factor_stability.csv``."""
-    return pd.concat(
-        [result.factors, result.matches.add_prefix("match_"), result.correlations.add_prefix("correlation_")],
-        axis=1,
-    )
-
-
-def _stability_plain(result: StabilityResult, seeds: Sequence[int]) -> dict:
-    f = result.factors
-    return {
-        "factor": f.index.to_numpy(dtype=str),
-        "stability": f["stability"].to_numpy(dtype=np.float64),
-        "min_correlation": f["min_correlation"].to_numpy(dtype=np.float64),
-        "stable": f["stable"].to_numpy(dtype=bool),
-        "threshold": float(f.attrs["threshold"]),
-        "seeds": np.asarray(seeds, dtype=np.int64),
-    }
 
 
 # --- the whole workflow ------------------------------------------------------------------------
@@ -416,7 +390,7 @@ def run_workflow(
                 raise SetupError(f"n_top_loadings={n_top_loadings} is more than the {adata.n_vars} genes "
                                  "selected to model; ask for at most that many (--n-top-loadings).")
             model, stability, train_seconds = _fit_and_interpret(adata, options)
-            _record_run(raw, adata, model, stability, options, input_name=input_name, train_seconds=train_seconds)
+            record_run(raw, adata, model, stability, options, input_name=input_name, train_seconds=train_seconds)
         staged_files = write_outputs(model, adata, staging, n_top_loadings=n_top_loadings, color_by=list(color_by),
                                      figure_formats=figure_formats, title=title or f"LDVAE report: {input_name}",
                                      report_sections=report_sections, stability=stability)
@@ -479,59 +453,3 @@ def _fit_and_interpret(adata, options: dict):
                         int(stability.factors["stable"].sum()), o["n_latent"], o["stability_seeds"] + 1,
                         time.perf_counter() - t0)
     return model, stability, train_seconds
-
-
-def _record_run(raw, adata, model, stability, options: dict, *, input_name: str, train_seconds: float) -> None:
-    """``adata.uns["ldvae_workflow"]``: the run's settings, a data summary, the history and
-    the stability of its factors."""
-    import torch
-
-    o = options
-    hist = model.history
-    lib = np.asarray(adata.layers["counts"].sum(axis=1)).ravel()
-    raw_lib = np.asarray(get_counts(raw, o["layer"]).sum(axis=1)).ravel()
-    data = {
-        "input": input_name,
-        "cells": int(adata.n_obs),
-        "genes in input": int(raw.n_vars),
-        "highly variable genes modelled": int(adata.n_vars),
-        "cells dropped (no counts in the selected genes)": int(raw.n_obs - adata.n_obs),
-        "median counts per cell (all genes)": float(np.median(raw_lib)),
-        "median counts per cell (modelled genes)": float(np.median(lib)),
-        "batches": int(adata.obs[o["batch_key"]].nunique()) if o["batch_key"] else 1,
-        "Leiden clusters": int(adata.obs["leiden"].nunique()),
-    }
-    if isinstance(raw.uns.get("source"), str):
-        data["source"] = raw.uns["source"]
-    settings = {
-        "counts": f"layers[{o['layer']!r}]" if o["layer"] else "X",
-        "batch_key": o["batch_key"] or "none",
-        "target_sum": float(o["target_sum"]),
-        "hvg_flavor": o["hvg_flavor"],
-        "n_top_genes": int(o["n_top_genes"]),
-        "n_latent": int(o["n_latent"]),
-        "gene_likelihood": o["gene_likelihood"],
-        "max_epochs": int(o["max_epochs"]),
-        "epochs trained": int(model.train_state_.epoch),
-        "lr": float(o["lr"]),
-        "batch_size": int(o["batch_size"]),
-        "check_val_every_n_epoch": int(o["check_val_every_n_epoch"]),
-        "seed": int(o["seed"]),
-        "device": str(model.device),
-        "torch CPU threads": int(torch.get_num_threads()),
-        "training time (s)": round(train_seconds, 1),
-        "final elbo_train": float(hist["elbo_train"].iloc[-1, 0]) if "elbo_train" in hist else float("nan"),
-        "final elbo_validation": float(hist["elbo_validation"].iloc[-1, 0]) if "elbo_validation" in hist
-        else float("nan"),
-        "stability_seeds": int(o["stability_seeds"]),
-        "n_neighbors": int(o["n_neighbors"]),
-        "umap_min_dist": float(o["umap_min_dist"]),
-        "leiden_resolution": float(o["leiden_resolution"]),
-        "ldvae version": __version__,
-    }
-    adata.uns[WORKFLOW_KEY] = {"settings": settings, "data": data, "history": _history_plain(hist)}
-    if stability is not None:
-        seeds = [o["seed"] + i for i in range(o["stability_seeds"] + 1)]
-        adata.uns[WORKFLOW_KEY]["stability"] = _stability_plain(stability, seeds)
-    if isinstance(raw.uns.get("source"), dict):
-        adata.uns["source"] = dict(raw.uns["source"])
