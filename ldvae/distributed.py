@@ -252,8 +252,8 @@ def fit_distributed(
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m ldvae.distributed DATA OUT_DIR [options]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m ldvae.distributed``, built with ``ldvae run``'s builders."""
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc_per_node=N -m ldvae.distributed",
         description="Fit LinearSCVI with distributed data parallel on counts in an .h5ad or .zarr store.",
@@ -278,7 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-sync", action="store_true",
                         help="verify every step that all ranks hold identical parameters")
     add_overwrite(parser, help="replace an existing model directory")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun ... -m ldvae.distributed DATA OUT_DIR [options]``."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .model import settings
 

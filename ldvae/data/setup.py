@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ..util.checks import SetupError
-from .backed import is_on_disk, scan_counts
+from .backed import scan_counts
+from .disk import is_on_disk
 from .contract import SETUP_KEY, check_not_view, empty_cells_error, get_counts, obs_categories, obs_column, validate_counts
 
 

@@ -19,7 +19,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..data.backed import Window, counts_on_disk, open_on_disk, read_backed
+from ..data.backed import Window, read_backed
+from ..data.disk import counts_on_disk, open_on_disk
 from ..data.contract import CountData, empty_cells_error, get_counts, read_covariates, validate_counts
 from ..nn.module import CountBatch
 from ..train.streaming import count_data

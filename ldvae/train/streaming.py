@@ -17,7 +17,8 @@ import scipy.sparse as sp
 import torch
 
 from ..data import backed
-from ..data.backed import DiskCSR, DiskDense, open_on_disk, row_chunks, shard, shard_rows
+from ..data.disk import DiskCSR, DiskDense, open_on_disk
+from ..data.shard import row_chunks, shard, shard_rows
 from ..data.contract import CountData, Covariates, SetupError, get_counts, read_covariates
 from ..nn.module import CountBatch
 from ..util.checks import positive_int
