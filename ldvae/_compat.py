@@ -20,7 +20,7 @@ ALIASES = {
     "ldvae.cpu_step": "ldvae.cpu.step",
     "ldvae.cpu_loop": "ldvae.cpu.loop",
     "ldvae.fused": "ldvae.cpu.fused",
-    "ldvae.stream": "ldvae.data.stream",
+    "ldvae.stream": "ldvae.data.backed",
     "ldvae.readers": "ldvae.data.readers",
     "ldvae.simulate": "ldvae.data.simulate",
     "ldvae.results": "ldvae.data.results",

@@ -4,7 +4,7 @@ Launch one process per GPU (or CPU worker) with ``torchrun``::
 
     torchrun --nproc_per_node=4 -m ldvae.distributed atlas.h5ad run/ --batch-key batch --max-epochs 20
 
-Each rank streams its own contiguous block of cells from the file (``ldvae.data.stream``);
+Each rank streams its own contiguous block of cells from the file (``ldvae.data.backed``);
 after every backward pass the gradients, and the batch-norm running statistics, are
 averaged over ranks with one ``all_reduce``, so all ranks take the same optimizer step
 and keep identical parameters. Training and validation sums are added over ranks before
@@ -30,6 +30,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .cli.options import (
+    HelpFormatter,
+    add_batch_key,
+    add_batch_size,
+    add_check_val,
+    add_layer,
+    add_lr,
+    add_max_epochs,
+    add_n_latent,
+    add_overwrite,
+    add_seed,
+)
+from .data import backed
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +143,7 @@ class Communicator:
 
 def init(*, check_sync: bool = False, backend: str | None = None) -> Communicator:
     """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``...) and make it the one ``ldvae.data.stream`` shards over.
+    ``MASTER_ADDR``...) and make it the one ``ldvae.data.backed`` shards over.
 
     Returns the communicator; its ``device`` is this rank's GPU (``LOCAL_RANK``) with
     NCCL, or the CPU with gloo.
@@ -149,6 +163,7 @@ def init(*, check_sync: bool = False, backend: str | None = None) -> Communicato
     if not dist.is_initialized():
         dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
     _CURRENT = Communicator(device, check_sync=check_sync)
+    backed.use_communicator(_CURRENT)
     return _CURRENT
 
 
@@ -159,6 +174,7 @@ def current() -> Communicator | None:
         nccl = dist.get_backend() == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         _CURRENT = Communicator(device)
+        backed.use_communicator(_CURRENT)
     return _CURRENT
 
 
@@ -166,6 +182,7 @@ def shutdown() -> None:
     """Leave the process group."""
     global _CURRENT
     _CURRENT = None
+    backed.use_communicator(None)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -194,10 +211,9 @@ def fit_distributed(
     Returns the fitted model (the same parameters on every rank).
     """
     from .model import LinearSCVI
-    from .data.stream import read_backed, shard_rows
 
     comm = init(check_sync=check_sync)
-    adata = read_backed(path, layer=layer)
+    adata = backed.read_backed(path, layer=layer)
     LinearSCVI.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key)
     model = LinearSCVI(adata, **(model_kwargs or {}))
     comm.broadcast_module(model.module)
@@ -224,7 +240,7 @@ def fit_distributed(
     dist.barrier()
     if tmp is not None:
         # Each rank embeds its own block of cells into rank 0's file.
-        start, stop = shard_rows(adata.n_obs, comm.rank, comm.world_size)
+        start, stop = backed.shard_rows(adata.n_obs, comm.rank, comm.world_size)
         z = model.get_latent_representation(adata, np.arange(start, stop))
         target = np.load(tmp, mmap_mode="r+")
         target[start:stop] = z
@@ -236,32 +252,38 @@ def fit_distributed(
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m ldvae.distributed DATA OUT_DIR [options]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m ldvae.distributed``, built with ``ldvae run``'s builders."""
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc_per_node=N -m ldvae.distributed",
         description="Fit LinearSCVI with distributed data parallel on counts in an .h5ad or .zarr store.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("data", help=".h5ad file or .zarr directory with raw counts (CSR)")
     parser.add_argument("out_dir", help="directory for the saved model (rank 0)")
-    parser.add_argument("--layer", default=None, help="read counts from this layer instead of X")
-    parser.add_argument("--batch-key", default=None)
+    add_layer(parser, help="read counts from this layer instead of X")
+    add_batch_key(parser)
     parser.add_argument("--labels-key", default=None)
-    parser.add_argument("--n-latent", type=int, default=10)
+    add_n_latent(parser)
     parser.add_argument("--n-hidden", type=int, default=128)
-    parser.add_argument("--max-epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=128, help="cells per minibatch on each rank")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    add_max_epochs(parser, default=None)
+    add_batch_size(parser, help="cells per minibatch on each rank")
+    add_lr(parser)
     parser.add_argument("--train-size", type=float, default=0.9)
-    parser.add_argument("--check-val-every-n-epoch", type=int, default=None)
+    add_check_val(parser, default=None)
     parser.add_argument("--early-stopping", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    add_seed(parser)
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--latent-out", default=None, help=".npy path for the latent means of all cells")
     parser.add_argument("--check-sync", action="store_true",
                         help="verify every step that all ranks hold identical parameters")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    add_overwrite(parser, help="replace an existing model directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun ... -m ldvae.distributed DATA OUT_DIR [options]``."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .model import settings
 
@@ -298,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, so that ldvae.data.stream sees the communicator it sets.
+    # Run the imported module's main, so that one module object holds the communicator it sets.
     from ldvae.distributed import main as _main
 
     sys.exit(_main())

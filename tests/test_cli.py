@@ -340,6 +340,15 @@ def test_every_flag_is_a_workflow_parameter():
         assert "--" + action.dest.replace("_", "-") in action.option_strings
 
 
+def test_distributed_entry_point_shares_run_defaults():
+    from ldvae.distributed import build_parser
+
+    run = _subparsers(cli.build_parser())["run"]
+    dist = build_parser()
+    for dest in ("lr", "batch_size", "n_latent", "seed", "layer", "batch_key"):
+        assert dist.get_default(dest) == run.get_default(dest), dest
+
+
 # --- the demo ---------------------------------------------------------------------------------------
 
 

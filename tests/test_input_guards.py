@@ -382,7 +382,7 @@ def dense_and_sparse_stores(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["dense.h5ad", "dense.zarr"])
 def test_dense_counts_on_disk_train_and_scan_as_sparse(dense_and_sparse_stores, name, monkeypatch):
-    from ldvae.data import stream
+    from ldvae.data import backed as stream
 
     monkeypatch.setattr(stream.DiskDense, "SLAB_VALUES", 7 * 30)
     monkeypatch.setattr(stream, "CHUNK_SIZE", 64)

@@ -25,7 +25,8 @@ import scipy.sparse as sp
 import torch
 
 import ldvae
-from ldvae.data import stream
+from ldvae.data import backed as stream
+from ldvae.train.streaming import StreamingSource
 from ldvae.data.contract import SetupError
 from ldvae.train.loop import minibatches, split_indices
 
@@ -123,7 +124,7 @@ def test_streamed_epoch_visits_every_training_cell_once(stores):
     ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
     train_idx, val_idx = split_indices(adata.n_obs, 0.9, None, 0)
     # Small chunks and buffers: many buffers, leftovers carried between them.
-    source = stream.StreamingSource.from_adata(adata, adata.uns["ldvae_setup"], train_idx, val_idx, 50,
+    source = StreamingSource.from_adata(adata, adata.uns["ldvae_setup"], train_idx, val_idx, 50,
                                                chunk_size=64, buffer_chunks=3)
     counts = stores["memory"].X
     assert source.steps_per_epoch == len(minibatches(torch.arange(len(train_idx)), 50))
@@ -143,7 +144,7 @@ def test_single_leftover_cell_joins_a_full_batch(stores):
     adata = _open(stores, "h5ad")
     ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
     train_idx = np.arange(201)  # 4 batches of 50 and one cell
-    source = stream.StreamingSource.from_adata(adata, adata.uns["ldvae_setup"], train_idx, np.arange(201, 300), 50,
+    source = StreamingSource.from_adata(adata, adata.uns["ldvae_setup"], train_idx, np.arange(201, 300), 50,
                                                chunk_size=32, buffer_chunks=2)
     sizes = [b.n_cells for b in source.train_batches(torch.Generator().manual_seed(0))]
     assert sorted(sizes) == [50, 50, 50, 51]

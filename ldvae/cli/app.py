@@ -6,14 +6,10 @@ and one line on stderr (``--traceback`` shows the full error instead); usage err
 exit with status 2 (argparse). Ctrl-C ends it with status 130, SIGTERM and SIGHUP with
 128 + the signal's number, each with one line, after the same clean-up as an error.
 
-Subcommands register themselves: a function ``add(subparsers)`` that adds one parser
-and sets ``handler`` (a function of the parsed arguments returning the exit status)
-with ``parser.set_defaults(handler=...)``. Add one with :func:`register_subcommand`::
-
-    @register_subcommand
-    def add_stability(subparsers):
-        p = subparsers.add_parser("stability", help="...", formatter_class=HelpFormatter)
-        p.set_defaults(handler=lambda args: ...)
+The subcommands are the explicit list ``SUBCOMMANDS``: each is a function
+``add(subparsers)`` that adds one parser and sets ``handler`` (a function of the parsed
+arguments returning the exit status) with ``parser.set_defaults(handler=...)``. Options
+come from the shared builders of :mod:`ldvae.cli.options`.
 """
 
 from __future__ import annotations
@@ -24,28 +20,31 @@ import logging
 import signal
 import sys
 import threading
-from typing import Callable, Sequence
+from typing import Sequence
 
 from .._version import __version__
+from .interpret import add_factors, add_select_k, add_stability
+from .options import (
+    HelpFormatter,
+    add_accelerator,
+    add_batch_key,
+    add_batch_size,
+    add_check_val,
+    add_gene_likelihood,
+    add_layer,
+    add_lr,
+    add_max_epochs,
+    add_n_latent,
+    add_n_top_genes,
+    add_out_dir,
+    add_overwrite,
+    add_seed,
+)
 
-SUBCOMMANDS: list[Callable] = []
-DEMO_EPOCHS = 250  # the tutorial's count: 1000 cells train it in ~35 s on one busy core
+DEMO_EPOCHS = 250  # the tutorial's count
 DEMO_OUT = "ldvae_demo"
 # Refits beside the demo's own fit (one worker process each): see README, "The workflow and the demo".
 DEMO_STABILITY_SEEDS = 2
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every option's default; keeps the description's line breaks."""
-
-    def _fill_text(self, text, width, indent):
-        return "\n".join(indent + line for line in text.splitlines())
-
-
-def register_subcommand(add: Callable) -> Callable:
-    """Add ``add(subparsers)`` to the subcommands of ``ldvae`` (usable as a decorator)."""
-    SUBCOMMANDS.append(add)
-    return add
 
 
 def _workflow_options(
@@ -54,9 +53,8 @@ def _workflow_options(
 ) -> None:
     """The options of :func:`ldvae.run_workflow` shared by ``run`` and ``demo``."""
     out = p.add_argument_group("output")
-    out.add_argument("--out-dir", "--out", dest="out_dir", default=out_dir, required=out_dir is None,
-                     help="output directory (must not exist, unless --overwrite)")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_out_dir(out, default=out_dir, alias=True, help="output directory (must not exist, unless --overwrite)")
+    add_overwrite(out, help="replace an existing output directory")
     out.add_argument("--figure-formats", nargs="+", choices=("png", "svg", "pdf"), default=["png"],
                      help="figure formats (PNG is always written; add svg and/or pdf)")
     out.add_argument("--n-top-loadings", type=int, default=5, help="genes per direction and factor in the top-genes table")
@@ -64,23 +62,21 @@ def _workflow_options(
     out.add_argument("--title", default=None, help="report title (default: from the input name)")
 
     prep = p.add_argument_group("preparation (as the tutorial)")
-    prep.add_argument("--batch-key", default=None, help="obs column of batches (HVG selection and model)")
+    add_batch_key(prep, help="obs column of batches (HVG selection and model)")
     prep.add_argument("--target-sum", type=float, default=1e5, help="normalize_total target per cell")
-    prep.add_argument("--n-top-genes", type=int, default=1000, help="highly variable genes to model")
+    add_n_top_genes(prep)
     prep.add_argument("--hvg-flavor", choices=("seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"),
                       default="seurat_v3", help="highly_variable_genes flavor")
 
     model = p.add_argument_group("model and training")
-    model.add_argument("--n-latent", type=int, default=10, help="latent factors K")
-    model.add_argument("--gene-likelihood", choices=("nb", "zinb", "poisson"), default="nb", help="count likelihood")
-    model.add_argument("--max-epochs", type=int, default=max_epochs,
-                       help="training epochs")
-    model.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
-    model.add_argument("--batch-size", type=int, default=128, help="cells per minibatch")
-    model.add_argument("--check-val-every-n-epoch", type=int, default=10, help="validation ELBO every N epochs")
-    model.add_argument("--seed", type=int, default=0, help="random seed (split, training, UMAP, Leiden)")
-    model.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "cuda"), default="auto",
-                       help="compute device; auto uses a CUDA GPU when there is one")
+    add_n_latent(model)
+    add_gene_likelihood(model)
+    add_max_epochs(model, default=max_epochs)
+    add_lr(model)
+    add_batch_size(model)
+    add_check_val(model, default=10)
+    add_seed(model, help="random seed (split, training, UMAP, Leiden)")
+    add_accelerator(model, help="compute device; auto uses a CUDA GPU when there is one")
     model.add_argument("--n-threads", type=int, default=n_threads,
                        help="torch CPU threads; None: torch's own choice" if n_threads is None
                        else "torch CPU threads (the demo's small minibatches gain little from more)")
@@ -117,7 +113,6 @@ def _run_and_report(source, args: argparse.Namespace, **extra) -> int:
     return 0
 
 
-@register_subcommand
 def add_run(subparsers) -> None:
     p = subparsers.add_parser(
         "run", help="the tutorial workflow on a counts file", formatter_class=HelpFormatter,
@@ -127,7 +122,7 @@ def add_run(subparsers) -> None:
     p.add_argument("input", nargs="?", default=None,
                    help=".h5ad, 10x .h5 or matrix directory, .loom, .mtx or .csv of raw counts (cells x genes)")
     src = p.add_argument_group("input")
-    src.add_argument("--layer", default=None, help="layer holding the raw counts (default: X)")
+    add_layer(src)
     src.add_argument("--backup-url", default=None, help="download the input from this URL when it is missing")
     src.add_argument("--cache-dir", default=None,
                      help="where downloads go (default: beside the input, or ~/.cache/ldvae without one)")
@@ -143,7 +138,6 @@ def _handle_run(args: argparse.Namespace) -> int:
                            cache_dir=args.cache_dir, sha256=args.sha256)
 
 
-@register_subcommand
 def add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="the tutorial workflow on the embedded pbmc3k demo data", formatter_class=HelpFormatter,
@@ -163,6 +157,9 @@ def _handle_demo(args: argparse.Namespace) -> int:
     return _run_and_report(read_demo(), args)
 
 
+SUBCOMMANDS = (add_run, add_demo, add_factors, add_stability, add_select_k)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldvae", formatter_class=HelpFormatter,
@@ -172,8 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     parser.add_argument("--traceback", action="store_true", help="on error, show the full traceback")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    from . import interpret as cli_interpret  # noqa: F401  (registers factors, stability, select-k)
-
     for add in SUBCOMMANDS:
         add(subparsers)
     return parser

@@ -11,7 +11,20 @@ import argparse
 import json
 from pathlib import Path
 
-from .app import HelpFormatter, register_subcommand
+from .options import (
+    HelpFormatter,
+    add_accelerator,
+    add_batch_key,
+    add_batch_size,
+    add_gene_likelihood,
+    add_layer,
+    add_lr,
+    add_max_epochs,
+    add_n_latent,
+    add_n_top_genes,
+    add_out_dir,
+    add_overwrite,
+)
 
 
 def _check_out_dir(path: str, overwrite: bool) -> Path:
@@ -51,7 +64,6 @@ def _write_report(d: Path, title: str, summary: dict, settings: dict, sections: 
 # --- ldvae factors ------------------------------------------------------------------------------
 
 
-@register_subcommand
 def add_factors(subparsers) -> None:
     p = subparsers.add_parser(
         "factors", help="deviance explained, covariate effects and gene-set enrichment of a fitted model",
@@ -64,13 +76,13 @@ def add_factors(subparsers) -> None:
     p.add_argument("--adata", default=None,
                    help="h5ad holding the model's cells and genes (e.g. OUT/results.h5ad); "
                         "default: adata.h5ad saved with the model")
-    p.add_argument("--out-dir", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out-dir")
+    add_out_dir(p)
+    add_overwrite(p)
     p.add_argument("--gmt", default=None, help="gene-set file (GMT) to test each factor against")
     p.add_argument("--min-size", type=int, default=5, help="smallest gene set tested (genes in the model)")
     p.add_argument("--max-size", type=int, default=500, help="largest gene set tested (genes in the model)")
     p.add_argument("--n-top", type=int, default=3, help="gene sets listed per factor and direction")
-    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "cuda"), default="auto", help="compute device")
+    add_accelerator(p)
     p.set_defaults(handler=_handle_factors)
 
 
@@ -100,7 +112,7 @@ def _handle_factors(args: argparse.Namespace) -> int:
     from ..factors.interpret import covariate_effects, factor_deviance, ordered_loadings, plot_covariate_effects, plot_deviance
     from ..workflow.interpret_report import interpretation_sections
 
-    from ..workflow.pipeline import check_option
+    from ..workflow.checks import check_option
 
     for name in ("min_size", "max_size", "n_top"):
         check_option(name, getattr(args, name), integer=True, minimum=1)
@@ -142,26 +154,25 @@ def _handle_factors(args: argparse.Namespace) -> int:
 
 def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help=".h5ad (or another format ldvae reads) of raw counts, cells x genes")
-    p.add_argument("--out-dir", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out-dir")
-    p.add_argument("--layer", default=None, help="layer holding the raw counts (default: X)")
-    p.add_argument("--batch-key", default=None, help="obs column of batches")
-    p.add_argument("--n-top-genes", type=int, default=1000,
-                   help="highly variable genes to model (seurat_v3 on counts); 0 keeps every gene")
+    add_out_dir(p)
+    add_overwrite(p)
+    add_layer(p)
+    add_batch_key(p)
+    add_n_top_genes(p, help="highly variable genes to model (seurat_v3 on counts); 0 keeps every gene")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one fit per seed")
     p.add_argument("--n-jobs", type=int, default=None,
                    help="worker processes (default: one per seed up to the CPU count; 1 on a GPU)")
-    p.add_argument("--max-epochs", type=int, default=None, help="training epochs (default: scvi-tools' rule)")
-    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
-    p.add_argument("--batch-size", type=int, default=128, help="cells per minibatch")
-    p.add_argument("--gene-likelihood", choices=("nb", "zinb", "poisson"), default="nb", help="count likelihood")
+    add_max_epochs(p, default=None, help="training epochs (default: scvi-tools' rule)")
+    add_lr(p)
+    add_batch_size(p)
+    add_gene_likelihood(p)
     p.add_argument("--threshold", type=float, default=0.9, help="stability needed to call a factor reproducible")
-    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "cuda"), default="auto", help="compute device")
+    add_accelerator(p)
 
 
 def _check_fit_options(args: argparse.Namespace) -> Path:
     """The options of ``_fit_options`` (and the output directory), before any work."""
-    from ..workflow.pipeline import MAX_SEED, check_option
+    from ..workflow.checks import MAX_SEED, check_option
 
     check_option("n_top_genes", args.n_top_genes, integer=True, minimum=0)
     for seed in args.seeds:
@@ -192,7 +203,6 @@ def _prepared(args: argparse.Namespace):
     return adata, train_kwargs
 
 
-@register_subcommand
 def add_stability(subparsers) -> None:
     p = subparsers.add_parser(
         "stability", help="refit with several seeds; per-factor stability and consensus loadings",
@@ -202,7 +212,7 @@ def add_stability(subparsers) -> None:
                     "consensus_loadings.csv, stability.png and report.html.",
     )
     _fit_options(p)
-    p.add_argument("--n-latent", type=int, default=10, help="latent factors K")
+    add_n_latent(p)
     p.add_argument("--rotation", choices=("none", "varimax"), default="none",
                    help="varimax: rotate each run's loadings before matching (factors V_k); none: the models' Z_k")
     p.set_defaults(handler=_handle_stability)
@@ -212,7 +222,7 @@ def _handle_stability(args: argparse.Namespace) -> int:
     from ..workflow.interpret_report import stability_section
     from ..factors.stability import factor_stability, fit_seeds, plot_stability
 
-    from ..workflow.pipeline import check_option
+    from ..workflow.checks import check_option
 
     d = _check_fit_options(args)
     check_option("n_latent", args.n_latent, integer=True, minimum=1)
@@ -236,7 +246,6 @@ def _handle_stability(args: argparse.Namespace) -> int:
     return 0
 
 
-@register_subcommand
 def add_select_k(subparsers) -> None:
     p = subparsers.add_parser(
         "select-k", help="held-out ELBO, marginal log-likelihood and stability against the number of factors",
@@ -256,7 +265,7 @@ def _handle_select_k(args: argparse.Namespace) -> int:
     from ..workflow.interpret_report import select_k_section
     from ..factors.stability import plot_select_k, select_k
 
-    from ..workflow.pipeline import check_option
+    from ..workflow.checks import check_option
 
     d = _check_fit_options(args)
     for k in args.n_latents:

@@ -11,10 +11,10 @@ from .contract import (
     library_prior,
     obs_categories,
     read_covariates,
-    setup_anndata,
     to_csr,
     validate_counts,
 )
+from .setup import setup_anndata
 
 __all__ = ["CountData", "Covariates", "SetupError", "check_not_view", "get_counts", "get_setup",
            "library_prior", "obs_categories", "read_covariates", "setup_anndata", "to_csr", "validate_counts"]

@@ -122,7 +122,19 @@ def validate_counts(adata, mat, layer: str | None) -> None:
         )
 
 
-def _obs_column(adata, key: str, arg: str) -> pd.Series:
+def empty_cells_error(n_empty: int, n_cells: int, first: str | None = None, *, read: bool = False) -> SetupError:
+    """The error for cells with zero total counts (``first``: the first such cell's name;
+    ``read``: the cells counted are those read for one query block)."""
+    of = f"of the {n_cells} cells read" if read else f"of {n_cells} cells"
+    where = "" if first is None else f" (first: cell {first!r})"
+    why = "" if read else "; LDVAE cannot model an empty library"
+    return SetupError(
+        f"{n_empty} {of} have zero total counts{where}{why}. Filter them first: "
+        "sc.pp.filter_cells(adata, min_counts=1)."
+    )
+
+
+def obs_column(adata, key: str, arg: str) -> pd.Series:
     if key not in adata.obs.columns:
         raise SetupError(
             f"{arg}={key!r} is not a column of adata.obs (columns: "
@@ -146,7 +158,7 @@ def _categories(col: pd.Series, key: str, arg: str) -> list[str]:
 def obs_categories(adata, key: str, arg: str) -> list[str]:
     """The categories of ``adata.obs[key]`` (as strings, in code order); SetupError naming ``arg``
     when the column is absent or has missing values."""
-    return _categories(_obs_column(adata, key, arg), key, arg)
+    return _categories(obs_column(adata, key, arg), key, arg)
 
 
 def _codes(col: pd.Series, categories: list[str], key: str) -> np.ndarray:
@@ -159,65 +171,6 @@ def _codes(col: pd.Series, categories: list[str], key: str) -> np.ndarray:
             f"(first: {unknown[0]!r}; known: {categories[:10]})."
         )
     return np.fromiter((index[v] for v in values), dtype=np.int64, count=len(values))
-
-
-def setup_anndata(
-    adata,
-    layer: str | None = None,
-    batch_key: str | None = None,
-    labels_key: str | None = None,
-    categorical_covariate_keys: list[str] | None = None,
-    continuous_covariate_keys: list[str] | None = None,
-) -> None:
-    """Check the counts and covariates and record the choices in ``adata.uns["ldvae_setup"]``.
-
-    The input is not modified otherwise; on any error nothing is written.
-    """
-    check_not_view(adata)
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise SetupError(
-            f"adata has no {'cells' if adata.n_obs == 0 else 'genes'} (shape {adata.n_obs} x {adata.n_vars}); "
-            "LDVAE needs at least 2 cells and 1 gene. Check the filtering that produced it."
-        )
-    mat = get_counts(adata, layer)
-    from .stream import is_on_disk, scan_counts
-
-    if is_on_disk(mat):  # backed AnnData: every stored value checked in one streaming pass
-        n_empty = scan_counts(adata, layer).n_empty
-    else:
-        validate_counts(adata, mat, layer)
-        totals = np.asarray(mat.sum(axis=1)).ravel()
-        n_empty = int((totals <= 0).sum())
-    if n_empty:
-        raise SetupError(
-            f"{n_empty} of {adata.n_obs} cells have zero total counts; LDVAE cannot model an empty "
-            "library. Filter them first: sc.pp.filter_cells(adata, min_counts=1)."
-        )
-    setup: dict = {}
-    if layer is not None:
-        setup["layer"] = layer
-    for key, arg, cat_name in ((batch_key, "batch_key", "batch"), (labels_key, "labels_key", "label")):
-        if key is not None:
-            col = _obs_column(adata, key, arg)
-            setup[arg] = key
-            setup[f"{cat_name}_categories"] = _categories(col, key, arg)
-    if categorical_covariate_keys:
-        setup["categorical_covariate_keys"] = list(categorical_covariate_keys)
-        setup["categorical_covariate_categories"] = {
-            k: _categories(_obs_column(adata, k, "categorical_covariate_keys"), k, "categorical_covariate_keys")
-            for k in categorical_covariate_keys
-        }
-    if continuous_covariate_keys:
-        for k in continuous_covariate_keys:
-            col = _obs_column(adata, k, "continuous_covariate_keys")
-            vals = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
-            if not np.isfinite(vals).all():
-                raise SetupError(
-                    f"continuous_covariate_keys: adata.obs[{k!r}] must be finite numbers "
-                    f"({int((~np.isfinite(vals)).sum())} cells are not)."
-                )
-        setup["continuous_covariate_keys"] = list(continuous_covariate_keys)
-    adata.uns[SETUP_KEY] = setup
 
 
 def get_setup(adata) -> dict:
@@ -256,12 +209,12 @@ class Covariates:
 def read_covariates(adata, setup: dict) -> Covariates:
     n = adata.n_obs
     batch = (
-        _codes(_obs_column(adata, setup["batch_key"], "batch_key"), list(setup["batch_categories"]), setup["batch_key"])
+        _codes(obs_column(adata, setup["batch_key"], "batch_key"), list(setup["batch_categories"]), setup["batch_key"])
         if "batch_key" in setup
         else np.zeros(n, dtype=np.int64)
     )
     label = (
-        _codes(_obs_column(adata, setup["labels_key"], "labels_key"), list(setup["label_categories"]), setup["labels_key"])
+        _codes(obs_column(adata, setup["labels_key"], "labels_key"), list(setup["label_categories"]), setup["labels_key"])
         if "labels_key" in setup
         else np.zeros(n, dtype=np.int64)
     )
@@ -269,7 +222,7 @@ def read_covariates(adata, setup: dict) -> Covariates:
     if setup.get("categorical_covariate_keys"):
         cats = setup["categorical_covariate_categories"]
         cat = np.stack(
-            [_codes(_obs_column(adata, k, "categorical_covariate_keys"), list(cats[k]), k)
+            [_codes(obs_column(adata, k, "categorical_covariate_keys"), list(cats[k]), k)
              for k in setup["categorical_covariate_keys"]],
             axis=1,
         )
@@ -334,8 +287,7 @@ class CountData:
         order = None
         if by_gene:
             if self.device.type == "cpu":
-                # NumPy's stable sort of 16-bit keys is a radix sort: ~60 us for 14k nonzeros,
-                # 7x faster than torch's CPU sort.
+                # NumPy's stable sort of 16-bit keys is a radix sort, cheaper than torch's CPU sort.
                 keys = col32.numpy()
                 order = torch.from_numpy(np.argsort(keys.astype(np.int16) if g < 2**15 else keys, kind="stable"))
             order = gene_order(row, col, log1p_val, g, order)
@@ -399,11 +351,20 @@ def _row_sums_lgamma1(csr: sp.csr_matrix, chunk_nnz: int = 1 << 22) -> np.ndarra
 def library_prior(csr: sp.csr_matrix, batch: np.ndarray, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-batch mean and variance of log total counts (the learned library's prior)."""
     log_tot = np.log(np.asarray(csr.sum(axis=1), dtype=np.float64).ravel())
-    means = np.zeros(n_batch)
-    vars_ = np.ones(n_batch)
-    for s in range(n_batch):
-        v = log_tot[batch == s]
-        if v.size:
-            means[s] = v.mean()
-            vars_[s] = max(v.var(), 1e-4) if v.size > 1 else 1.0
-    return means.astype(np.float32), vars_.astype(np.float32)
+    batch = np.asarray(batch)
+    return library_prior_from_sums(np.bincount(batch, minlength=n_batch).astype(np.float64),
+                                   np.bincount(batch, weights=log_tot, minlength=n_batch),
+                                   np.bincount(batch, weights=log_tot**2, minlength=n_batch))
+
+
+def library_prior_from_sums(n_cells: np.ndarray, log_total_sum: np.ndarray,
+                            log_total_sumsq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The prior of :func:`library_prior` from per-batch sums (cells, log totals and their
+    squares), as a streaming pass over counts on disk collects them: mean 0 and variance 1
+    for a batch without cells, variance 1 for a batch of one cell, at least 1e-4 otherwise."""
+    n = np.asarray(n_cells, dtype=np.float64)
+    safe = np.maximum(n, 1.0)
+    means = np.where(n > 0, log_total_sum / safe, 0.0)
+    var = np.maximum(log_total_sumsq / safe - means**2, 0.0)
+    variances = np.where(n > 1, np.maximum(var, 1e-4), 1.0)
+    return means.astype(np.float32), variances.astype(np.float32)

@@ -21,16 +21,18 @@ from ..data.contract import (
     get_setup,
     library_prior,
     read_covariates,
-    setup_anndata,
     to_csr,
     validate_counts,
 )
-from ..data.stream import StreamingSource, counts_on_disk, is_on_disk, library_prior_on_disk, query_cells, read_into_memory
+from ..data.backed import counts_on_disk, is_on_disk, library_prior_on_disk, read_into_memory
+from ..data.setup import setup_anndata
 from ..nn.module import LDVAEModule, ModuleConfig
 from ..query import target
+from ..query.cells import DiskCells
+from ..train.streaming import StreamingSource
 from ..train.loop import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint, split_indices
 from ..util.settings import settings
-from . import files
+from .files import read_model, read_saved_adata, save_model, train_state_of
 from .queries import Queries
 from .params import check_init_params, check_plan, check_train_args, init_params_of, module_config, resolve_device
 from .resume import resume_state
@@ -103,7 +105,7 @@ class LinearSCVI(Queries):
             raise SetupError("dispersion='gene-label' needs labels: run setup_anndata(..., labels_key=...).")
         self.var_names_ = pd.Index(adata.var_names.astype(str))
         self._data_cache: tuple[int, CountData] | None = None
-        if counts_on_disk(adata, self.setup_):  # backed AnnData: one streaming pass (ldvae.data.stream)
+        if counts_on_disk(adata, self.setup_):  # backed AnnData: one streaming pass (ldvae.data.backed)
             means, variances = library_prior_on_disk(adata, self.setup_, self.n_batch)
         else:
             csr, cov = self._read(adata)
@@ -210,7 +212,11 @@ class LinearSCVI(Queries):
     def _cells(self, adata, streamed: bool):
         """The cells a query reads, once the model is known to be trained."""
         self._check_trained()
-        return query_cells(self, adata) if streamed else self._data(adata)
+        target = self.adata if adata is None else adata
+        if streamed and counts_on_disk(target, self.setup_):  # counts on disk stay there
+            self._check_genes(target)
+            return DiskCells(target, self.setup_, self.device)
+        return self._data(adata)
 
     def _fitted(self) -> target.Fitted:
         """The model as queries see it (:class:`ldvae.query.target.Fitted`)."""
@@ -376,7 +382,7 @@ class LinearSCVI(Queries):
         """Save to ``dir_path``: ``ldvae_model.json`` (settings, genes, categories, history,
         versions, the SHA-256 of the weights), ``model_state.pt`` (weights) and, with
         ``save_anndata``, ``adata.h5ad``. Each file is written atomically; the JSON last."""
-        files.save_model(self, dir_path, prefix, overwrite=overwrite, save_anndata=save_anndata)
+        save_model(self, dir_path, prefix, overwrite=overwrite, save_anndata=save_anndata)
 
     @classmethod
     def load(
@@ -393,10 +399,10 @@ class LinearSCVI(Queries):
         Every field of the JSON and the stored weights' keys, shapes and values are checked
         before anything is built (a ModelFileError naming the field, its value and the file);
         ``adata.uns["ldvae_setup"]`` is written only when the whole load succeeded."""
-        meta, state = files.read_model(dir_path, prefix)
+        meta, state = read_model(dir_path, prefix)
         device = resolve_device(accelerator, device if isinstance(device, int) else None)
         if adata is None:
-            adata = files.read_saved_adata(dir_path, prefix)
+            adata = read_saved_adata(dir_path, prefix)
         saved_setup = meta["setup"]
         record_setup = "ldvae_setup" not in adata.uns
         if record_setup:
@@ -410,11 +416,11 @@ class LinearSCVI(Queries):
         read_covariates(adata, saved_setup)  # unknown categories fail here, naming the first
         config = module_config(saved_setup, len(model.var_names_), meta["init_params"])
         model.module = LDVAEModule(config, torch.zeros(config.n_batch), torch.ones(config.n_batch))
-        model.module.load_state_dict(state)  # keys, shapes and dtypes checked by files.read_model
+        model.module.load_state_dict(state)  # keys, shapes and dtypes checked by read_model
         model.module.eval()
         model.device = device
         model.module.to(model.device)
-        model.train_state_ = files.train_state_of(meta)
+        model.train_state_ = train_state_of(meta)
         model.is_trained_ = bool(meta.get("is_trained"))
         if record_setup:  # only once everything succeeded: a failed load leaves adata untouched
             adata.uns["ldvae_setup"] = saved_setup

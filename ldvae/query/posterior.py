@@ -3,7 +3,7 @@
 Every query streams over cells in minibatches gathered on the model's device, so no
 dense cells x genes tensor larger than a minibatch exists unless the result itself is
 dense (normalized expression, likelihood parameters, correlation matrices). When the
-counts stay on disk (a backed ``.h5ad`` or ``.zarr``, see ``ldvae.data.stream``) the same
+counts stay on disk (a backed ``.h5ad`` or ``.zarr``, see ``ldvae.data.backed``) the same
 minibatches are read from disk one ahead, and the dense results can be written to disk
 with ``out=``, so neither the counts nor a cells x genes result need fit in memory. Each
 public function except the latent representation runs under a fixed random seed
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..data.contract import CountData
 from ..nn.module import CountBatch, Generative, Inference, latent_estimate
-from ..data.stream import Output, SparseOutput, fill, minibatches_of
+from .cells import Output, SparseOutput, fill, minibatches_of
 from ..util.checks import positive_int
 from .target import Fitted, batch_codes, gene_mask, obs_names, query_batch_size, querying, start
 

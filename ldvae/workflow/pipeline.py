@@ -4,64 +4,40 @@
 public functions too (:func:`prepare`, :func:`fit`, :func:`interpret`,
 :func:`write_outputs`), so a notebook can run them one by one.
 
-The output directory is built under a temporary name beside it (created before any
-work, so an unwritable place fails at once) and renamed into place only when every file
-is written: a failed or interrupted run leaves nothing at ``out_dir``. An existing
-``out_dir`` is replaced only with ``overwrite=True``, and only if it holds nothing but an
-earlier run's outputs (see :func:`check_out_dir`).
+The output directory is written as :mod:`ldvae.workflow.outputs` describes: nothing is
+left at ``out_dir`` by a failed or interrupted run, and an existing one is replaced only
+with ``overwrite=True`` and only if it holds nothing but an earlier run's outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence, Union
+from typing import Callable, Literal, Sequence, Union
 
-import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
-from .._version import __version__
-from ..util.checks import check_number
-from ..data.contract import SetupError, get_counts, obs_categories, validate_counts
-from ..util.io import (
-    DiskFullError,
-    OutputError,
-    atomic_path,
-    atomic_write_h5ad,
-    atomic_write_json,
-    atomic_write_text,
-    is_disk_full,
-    owned_dir_name,
-    sweep_stale,
-)
-from ..model import LinearSCVI
-from .plotting import (
-    latent_pairs,
-    loadings_frame,
-    loadings_heatmap,
-    top_genes,
-    top_genes_bars,
-    training_curves,
-    umap,
-)
+from ..data.contract import SetupError
 from ..data.readers import read_counts
-from .report import build_report
 from ..data.results import result_keys
 from ..factors.seeds import BackgroundFits, fit_seeds, uses_gpu
 from ..factors.stability import StabilityResult, factor_stability
+from ..model import LinearSCVI
+from ..util.io import atomic_path, atomic_write_h5ad, atomic_write_text
+# FIGURE_FORMATS, MAX_SEED, check_option, OUTPUT_MARKER and MIN_VARYING_GENES are also read from here.
+from .checks import FIGURE_FORMATS, MAX_SEED, check_option, check_workflow_options  # noqa: F401
+from .outputs import OUTPUT_MARKER, check_out_dir, staged  # noqa: F401
+from .plotting import latent_pairs, loadings_frame, loadings_heatmap, top_genes, top_genes_bars, training_curves, umap
+from .prepare import MIN_VARYING_GENES, prepare  # noqa: F401
+from .report import build_report
+from .summary import WORKFLOW_KEY, record_run, stability_table
 
 logger = logging.getLogger(__name__)
 
-WORKFLOW_KEY = "ldvae_workflow"
-FIGURE_FORMATS = ("png", "svg", "pdf")
 #: A report section: ``(title, html)``, or a function of ``(model, adata)`` returning one.
 ReportSection = Union[tuple[str, str], Callable[[LinearSCVI, object], tuple[str, str]]]
 
@@ -109,175 +85,6 @@ def _torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-# --- prepare -------------------------------------------------------------------------------
-
-
-def prepare(
-    adata,
-    *,
-    layer: str | None = None,
-    target_sum: float = 1e5,
-    n_top_genes: int = 1000,
-    hvg_flavor: Literal["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"] = "seurat_v3",
-    batch_key: str | None = None,
-):
-    """The tutorial's preparation, on a copy of ``adata`` (the input is not modified).
-
-    Counts (``adata.X`` or ``adata.layers[layer]``) are checked to be raw counts, then:
-    ``layers["counts"]``, ``normalize_total(target_sum)``, ``log1p``, ``raw`` frozen,
-    ``highly_variable_genes(flavor, n_top_genes, subset=True)`` (on the counts layer for the
-    ``seurat_v3`` flavors; per batch with ``batch_key``). Cells left without counts in the
-    selected genes are dropped with a warning (LDVAE cannot model an empty library).
-
-    Returns
-    -------
-    A new AnnData, genes subset to the highly variable ones, with ``X`` (log1p of
-    normalized counts), ``layers["counts"]``, ``raw`` (all genes, log-normalized),
-    ``var["highly_variable"]`` and the other HVG columns, ``uns["log1p"]``, ``uns["hvg"]``.
-
-    Raises
-    ------
-    SetupError
-        Counts that are not raw counts; a ``batch_key`` column that is absent, has missing
-        values or a batch of one cell; for the ``seurat_v3`` flavors, fewer than
-        ``MIN_VARYING_GENES`` genes varying in a batch, or a loess fit that fails (checked
-        before scanpy, whose loess crashes the process on such input).
-    """
-    import scanpy as sc
-
-    counts = get_counts(adata, layer)
-    validate_counts(adata, counts, layer)
-    batches = _hvg_batches(adata, batch_key)
-    check_option("n_top_genes", n_top_genes, integer=True, minimum=1)
-    check_option("target_sum", target_sum, minimum=0, exclusive=True)
-    counts = sp.csr_matrix(counts, dtype=np.float32)
-    detected = int((counts.getnnz(axis=0) > 0).sum())
-    if n_top_genes > detected:
-        raise SetupError(
-            f"n_top_genes={n_top_genes} but only {detected} of the {adata.n_vars} genes have any counts; "
-            f"ask for at most {detected} highly variable genes (--n-top-genes)."
-        )
-    if hvg_flavor.startswith("seurat_v3"):
-        _check_loess_points(counts, batches, batch_key, hvg_flavor)
-    out = adata.copy()
-    out.X = counts.copy()
-    out.layers["counts"] = counts
-    sc.pp.normalize_total(out, target_sum=target_sum)
-    sc.pp.log1p(out)
-    out.raw = out
-    try:
-        sc.pp.highly_variable_genes(
-            out,
-            flavor=hvg_flavor,
-            layer="counts" if hvg_flavor.startswith("seurat_v3") else None,
-            n_top_genes=n_top_genes,
-            batch_key=batch_key,
-            subset=True,
-        )
-    except ValueError as err:
-        if hvg_flavor.startswith("seurat_v3"):
-            _explain_loess_failure(counts, batches, batch_key, hvg_flavor, err)
-        raise
-    empty = np.asarray(out.layers["counts"].sum(axis=1)).ravel() <= 0
-    if empty.any():
-        logger.warning(
-            "Dropping %d of %d cells with no counts in the %d highly variable genes.",
-            int(empty.sum()), out.n_obs, out.n_vars,
-        )
-        out = out[~empty].copy()
-    logger.info("prepared %d cells x %d highly variable genes (%s)", out.n_obs, out.n_vars, hvg_flavor)
-    return out
-
-
-# scanpy's seurat_v3 loess (span 0.3, degree 2) needs more than degree + 1 = 3 points in a
-# span's neighbourhood: with fewer genes it never fits, and with 3 or fewer it crashes the process.
-_LOESS_SPAN = 0.3
-MIN_VARYING_GENES = math.ceil(4 / _LOESS_SPAN)  # 14
-
-
-def _hvg_batches(adata, batch_key: str | None) -> tuple[list[str], np.ndarray]:
-    """(batch names, code per cell) as scanpy's HVG step groups the cells; SetupError for an absent
-    column, missing values, or a batch of one cell (whose variance across cells is undefined)."""
-    if batch_key is None:
-        return ["all cells"], np.zeros(adata.n_obs, dtype=np.int64)
-    obs_categories(adata, batch_key, "batch_key")  # absent column, missing values
-    names, codes = np.unique(adata.obs[batch_key].astype(str).to_numpy(), return_inverse=True)
-    sizes = np.bincount(codes, minlength=len(names))
-    if sizes.min() < 2:
-        small = names[sizes < 2]
-        raise SetupError(
-            f"batch_key={batch_key!r}: {len(small)} batch(es) of adata.obs[{batch_key!r}] have a single cell "
-            f"(first: {str(small[0])!r}); highly variable genes are selected per batch from the variance "
-            "across its cells, which needs at least 2. Merge or drop those cells, or leave out batch_key "
-            "(--batch-key)."
-        )
-    return [str(n) for n in names], codes.astype(np.int64)
-
-
-def _varying_genes(counts: sp.csr_matrix, codes: np.ndarray, n_batch: int) -> np.ndarray:
-    """Per batch, the number of genes whose counts are not all equal across its cells, (n_batch,)."""
-    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_batch, len(codes)))
-    x = counts.astype(np.float64)
-    nnz = (onehot @ (x != 0).astype(np.float64)).toarray()  # (n_batch, n_genes)
-    s1 = (onehot @ x).toarray()
-    s2 = (onehot @ x.multiply(x)).toarray()
-    n = np.bincount(codes, minlength=n_batch)[:, None]
-    # Some but not all cells detected, or all detected with unequal values.
-    varies = ((nnz > 0) & (nnz < n)) | ((nnz == n) & (n * s2 - s1**2 > 0))
-    return varies.sum(axis=1)
-
-
-def _check_loess_points(counts, batches, batch_key: str | None, hvg_flavor: str) -> None:
-    names, codes = batches
-    varying = _varying_genes(counts, codes, len(names))
-    if varying.min() >= MIN_VARYING_GENES:
-        return
-    worst = int(varying.argmin())
-    where = "the cells" if batch_key is None else f"the cells of batch {names[worst]!r} (batch_key={batch_key!r})"
-    fix = (
-        "Pass more genes, or hvg_flavor='seurat' (--hvg-flavor seurat)"
-        if batch_key is None
-        else "Merge that batch with another, leave out batch_key (--batch-key), or pass hvg_flavor='seurat'"
-    )
-    raise SetupError(
-        f"hvg_flavor={hvg_flavor!r} fits a loess curve of gene variance on gene mean, which needs at least "
-        f"{MIN_VARYING_GENES} genes whose counts vary across {where}; only {int(varying[worst])} do. {fix}."
-    )
-
-
-def _explain_loess_failure(counts, batches, batch_key: str | None, hvg_flavor: str, err: ValueError) -> None:
-    """Raise SetupError naming the first batch whose seurat_v3 loess fit fails (scanpy's own error
-    names neither the batch nor the cause); return when every batch fits (another error)."""
-    from skmisc.loess import loess
-
-    names, codes = batches
-    for b, name in enumerate(names):
-        x = counts[codes == b].astype(np.float64)
-        n = x.shape[0]
-        mean = np.asarray(x.mean(axis=0)).ravel()
-        var = (np.asarray(x.multiply(x).sum(axis=0)).ravel() - n * mean**2) / (n - 1)
-        keep = var > 0
-        try:
-            loess(np.log10(mean[keep]), np.log10(var[keep]), span=_LOESS_SPAN, degree=2).fit()
-        except ValueError as fit_err:
-            where = "the cells" if batch_key is None else f"batch {name!r} of batch_key={batch_key!r} ({n} cells)"
-            raise SetupError(
-                f"hvg_flavor={hvg_flavor!r}: the loess fit of gene variance on gene mean failed for {where}: "
-                f"too many genes share the same mean, as rare genes in few cells do ({_one_line_error(fit_err)}). "
-                "Drop rare genes first (sc.pp.filter_genes(adata, min_cells=10)), merge small batches, leave "
-                "out batch_key (--batch-key), or pass hvg_flavor='seurat' (--hvg-flavor seurat)."
-            ) from err
-
-
-def _one_line_error(err: BaseException) -> str:
-    text = err.args[0] if err.args else ""
-    text = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
-    return " ".join(text.split()) or type(err).__name__
-
-
-# --- fit and interpret ------------------------------------------------------------------------
 
 
 def fit(
@@ -368,13 +175,6 @@ def format_top_genes(table: pd.DataFrame) -> str:
 # --- write ----------------------------------------------------------------------------------------
 
 
-def _history_plain(history: dict[str, pd.DataFrame]) -> dict:
-    return {
-        k: {"epoch": v.index.to_numpy(dtype=np.int64), "value": v.iloc[:, 0].to_numpy(dtype=np.float64)}
-        for k, v in history.items()
-    }
-
-
 def _save_figure(fig, directory: Path, name: str, formats: Sequence[str]) -> dict[str, Path]:
     paths = {}
     for fmt in formats:
@@ -383,6 +183,31 @@ def _save_figure(fig, directory: Path, name: str, formats: Sequence[str]) -> dic
             fig.savefig(tmp, format=fmt, dpi=110 if fmt == "png" else None)
         paths[f"{name}.{fmt}"] = path
     return paths
+
+
+def _write_figures(model: LinearSCVI, adata, fig_dir: Path, files: dict[str, Path], *, n_top_loadings: int,
+                   color_by: Sequence[str], formats: Sequence[str]) -> list[tuple[str, Path]]:
+    """The workflow's figures in ``fig_dir`` (added to ``files``); returns (caption, PNG path) pairs."""
+    color = "leiden" if not color_by else color_by[0]
+    figures = [
+        ("training_curves", "Training and validation ELBO by epoch.", training_curves(model.history)),
+        ("latent_pairs", f"Latent dimension pairs, coloured by {color}.", latent_pairs(adata, color=color)),
+        ("loadings_heatmap", f"Loadings of the top {n_top_loadings} negative and positive genes per factor.",
+         loadings_heatmap(adata, n_genes=n_top_loadings)),
+        ("top_genes", f"Top {n_top_loadings} negative (blue) and positive (red) genes of each factor.",
+         top_genes_bars(adata, n_genes=n_top_loadings)),
+        ("umap_clusters", "UMAP of the LDVAE latent space, coloured by Leiden cluster"
+         + (f" and by {', '.join(color_by)}." if color_by else "."),
+         umap(adata, color=["leiden", *color_by], ncols=2)),
+        ("umap_factors", "UMAP coloured by each factor.",
+         umap(adata, color=list(loadings_frame(adata).columns), ncols=4)),
+    ]
+    embedded = []
+    for name, caption, fig in figures:
+        paths = _save_figure(fig, fig_dir, name, formats)
+        files.update({f"figures/{k}": v for k, v in paths.items()})
+        embedded.append((caption, paths[f"{name}.png"]))
+    return embedded
 
 
 def write_outputs(
@@ -423,26 +248,8 @@ def write_outputs(
     atomic_write_text(files["top_genes.csv"], table.to_csv(index=False))
 
     formats = ["png"] + [f for f in dict.fromkeys(figure_formats) if f != "png"]
-    fig_dir = d / "figures"
-    color = "leiden" if not color_by else color_by[0]
-    figures = [
-        ("training_curves", "Training and validation ELBO by epoch.", training_curves(model.history)),
-        ("latent_pairs", f"Latent dimension pairs, coloured by {color}.", latent_pairs(adata, color=color)),
-        ("loadings_heatmap", f"Loadings of the top {n_top_loadings} negative and positive genes per factor.",
-         loadings_heatmap(adata, n_genes=n_top_loadings)),
-        ("top_genes", f"Top {n_top_loadings} negative (blue) and positive (red) genes of each factor.",
-         top_genes_bars(adata, n_genes=n_top_loadings)),
-        ("umap_clusters", "UMAP of the LDVAE latent space, coloured by Leiden cluster"
-         + (f" and by {', '.join(color_by)}." if color_by else "."),
-         umap(adata, color=["leiden", *color_by], ncols=2)),
-        ("umap_factors", "UMAP coloured by each factor.",
-         umap(adata, color=list(loadings.columns), ncols=4)),
-    ]
-    embedded = []
-    for name, caption, fig in figures:
-        paths = _save_figure(fig, fig_dir, name, formats)
-        files.update({f"figures/{k}": v for k, v in paths.items()})
-        embedded.append((caption, paths[f"{name}.png"]))
+    embedded = _write_figures(model, adata, d / "figures", files, n_top_loadings=n_top_loadings,
+                              color_by=color_by, formats=formats)
     stability_sections = []
     if stability is not None:
         from .interpret_report import stability_section
@@ -450,14 +257,14 @@ def write_outputs(
 
         files["factor_stability.csv"] = d / "factor_stability.csv"
         atomic_write_text(files["factor_stability.csv"], stability_table(stability).to_csv())
-        paths = _save_figure(plot_stability(stability), fig_dir, "factor_stability", formats)
+        paths = _save_figure(plot_stability(stability), d / "figures", "factor_stability", formats)
         files.update({f"figures/{k}": v for k, v in paths.items()})
         stability_sections.append(stability_section(stability, figure=paths["factor_stability.png"]))
 
     model.save(d / "model", overwrite=True)
     files["model"] = d / "model"
     files["results.h5ad"] = d / "results.h5ad"
-    atomic_write_h5ad(adata, files["results.h5ad"], compression="gzip")  # raw (all genes) and counts compress ~4x
+    atomic_write_h5ad(adata, files["results.h5ad"], compression="gzip")  # raw (all genes) and counts are integers: they compress well
 
     extra = [s(model, adata) if callable(s) else s for s in report_sections]
     source = adata.uns.get("source")
@@ -477,158 +284,7 @@ def write_outputs(
     return files
 
 
-# --- stability across seeds ----------------------------------------------------------------------
-
-
-def stability_table(result: StabilityResult) -> pd.DataFrame:
-    """One row per factor: the stability columns and, per run, the matched factor
-    (``match_run_i``) and its |correlation| (``correlation_run_i``); as in ``factor_stability.csv``."""
-    return pd.concat(
-        [result.factors, result.matches.add_prefix("match_"), result.correlations.add_prefix("correlation_")],
-        axis=1,
-    )
-
-
-def _stability_plain(result: StabilityResult, seeds: Sequence[int]) -> dict:
-    f = result.factors
-    return {
-        "factor": f.index.to_numpy(dtype=str),
-        "stability": f["stability"].to_numpy(dtype=np.float64),
-        "min_correlation": f["min_correlation"].to_numpy(dtype=np.float64),
-        "stable": f["stable"].to_numpy(dtype=bool),
-        "threshold": float(f.attrs["threshold"]),
-        "seeds": np.asarray(seeds, dtype=np.int64),
-    }
-
-
 # --- the whole workflow ------------------------------------------------------------------------
-
-
-def check_option(name: str, value, *, flag: str | None = None, **constraint) -> None:
-    """``check_number`` for an option of the workflow, named with its command-line flag
-    (by default ``--`` and the name with dashes)."""
-    check_number(name, value, flag=flag or "--" + name.replace("_", "-"), **constraint)
-
-
-#: The file that marks a directory as written by run_workflow, with the list of what it holds.
-OUTPUT_MARKER = ".ldvae-output.json"
-MAX_SEED = 2**32 - 1  # numpy's RandomState (UMAP, Leiden) takes seeds below 2**32
-
-
-def _refuse(path: Path, why: str) -> None:
-    raise OutputError(f"Refusing to replace {str(path)!r} (--overwrite): {why}. "
-                      f"Choose a new --out-dir, e.g. {str(path / 'ldvae_out')!r}.")
-
-
-def _within(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
-
-
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, inputs: Sequence = ()) -> Path:
-    """``out_dir`` as a Path, if the workflow may write it.
-
-    A new directory is fine. An existing one needs ``overwrite=True``, and is then replaced
-    only if it is empty or holds nothing but what an earlier run wrote there (recorded in
-    its ``.ldvae-output.json``); never the file system root, the home or current
-    directory, a mount point, a symbolic link, or a directory holding one of ``inputs``
-    (paths the run reads). Raises FileExistsError or :class:`~ldvae.util.io.OutputError`.
-    """
-    path = Path(out_dir).expanduser()
-    if not os.path.lexists(path):
-        return path
-    if not overwrite:
-        raise FileExistsError(f"Output directory {str(path)!r} already exists. Pass --overwrite (overwrite=True) "
-                              "to replace it, or choose another --out-dir.")
-    if path.is_symlink():
-        _refuse(path, "it is a symbolic link")
-    if not path.is_dir():
-        raise FileExistsError(f"Output path {str(path)!r} exists and is not a directory.")
-    real = path.resolve()
-    if real.parent == real:
-        _refuse(path, "it is the root of the file system")
-    if real == Path.home().resolve():
-        _refuse(path, "it is your home directory")
-    if _within(Path.cwd().resolve(), real):
-        _refuse(path, "it is, or holds, the current directory")
-    if os.path.ismount(real):
-        _refuse(path, "it is a mount point")
-    for item in inputs:
-        if item is not None and _within(Path(item).expanduser().resolve(), real):
-            _refuse(path, f"it holds the input {str(item)!r}")
-    entries = _entries(real)
-    if next(entries, None) is None:
-        return path
-    try:
-        written = set(json.loads((real / OUTPUT_MARKER).read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        _refuse(path, f"it is not empty and was not written by ldvae (no {OUTPUT_MARKER} in it)")
-    foreign = next((e for e in _entries(real) if e not in written and e != OUTPUT_MARKER), None)
-    if foreign is not None:
-        _refuse(path, f"it holds files that ldvae did not write (first: {foreign!r})")
-    return path
-
-
-def _entries(directory: Path) -> Iterator[str]:
-    """Relative paths (POSIX) of everything under ``directory``, lazily; links not followed."""
-    for root, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            yield Path(os.path.relpath(os.path.join(root, name), directory)).as_posix()
-
-
-def _staging_dir(out_dir: Path) -> tuple[Path, list[Path]]:
-    """Create the directory the outputs are written into (renamed to ``out_dir`` at the end)
-    now, so that an unwritable place fails before any work; also the missing parents of
-    ``out_dir``, returned (deepest first) so that a failed run can remove them again."""
-    parent = Path(os.path.abspath(out_dir)).parent
-    made = []
-    p = parent
-    while not p.exists() and p.parent != p:
-        made.append(p)
-        p = p.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / owned_dir_name(f".{out_dir.name}.partial-")
-        staging.mkdir()
-    except OSError as err:
-        _remove_empty(made)
-        if is_disk_full(err):
-            raise DiskFullError(f"No space left on the device holding {parent}; nothing was written. "
-                                "Free some space or choose another --out-dir.", parent) from err
-        raise OutputError(f"Cannot write the output directory {str(out_dir)!r}: creating a directory in "
-                          f"{str(parent)!r} failed ({err.strerror or err}). Choose another --out-dir.") from err
-    return staging, made
-
-
-def _remove_empty(directories: list[Path]) -> None:
-    for d in directories:  # deepest first
-        with contextlib.suppress(OSError):
-            d.rmdir()
-
-
-def _mark_output(staging: Path) -> None:
-    written = sorted(_entries(staging))
-    atomic_write_json(staging / OUTPUT_MARKER, {"written_by": f"ldvae {__version__}", "files": written})
-
-
-def _check_workflow_options(options: dict) -> None:
-    """Every numeric option of :func:`run_workflow`, before any work."""
-    for name in ("n_top_genes", "n_latent", "max_epochs", "batch_size", "check_val_every_n_epoch"):
-        check_option(name, options[name], integer=True, minimum=1)
-    check_option("n_neighbors", options["n_neighbors"], integer=True, minimum=2)
-    check_option("n_top_loadings", options["n_top_loadings"], integer=True, minimum=1)
-    for name in ("target_sum", "lr", "leiden_resolution"):
-        check_option(name, options[name], minimum=0, exclusive=True)
-    check_option("umap_min_dist", options["umap_min_dist"], minimum=0, maximum=1)  # UMAP's spread is 1
-    if options["n_threads"] is not None:
-        check_option("n_threads", options["n_threads"], integer=True, minimum=1)
-    check_option("stability_seeds", options["stability_seeds"], integer=True, minimum=0)
-    check_option("seed", options["seed"], integer=True, minimum=0, maximum=MAX_SEED - options["stability_seeds"])
-    if options["n_top_loadings"] > options["n_top_genes"]:
-        raise SetupError(f"n_top_loadings={options['n_top_loadings']} is more than the {options['n_top_genes']} "
-                         "genes modelled (n_top_genes); ask for at most that many (--n-top-loadings).")
-    bad = [f for f in options["figure_formats"] if f not in FIGURE_FORMATS]
-    if bad:
-        raise SetupError(f"figure_formats: {bad[0]!r} is not one of {FIGURE_FORMATS}.")
 
 
 def run_workflow(
@@ -720,29 +376,12 @@ def run_workflow(
     import anndata
 
     started = time.perf_counter()
-    _check_workflow_options(locals())
+    options = dict(locals())
+    check_workflow_options(options)
     inputs = [] if isinstance(adata_or_path, anndata.AnnData) else [adata_or_path, cache_dir]
     out_dir = check_out_dir(out_dir, overwrite, inputs=inputs)
-    target = Path(os.path.abspath(out_dir))
-    for kind in ("partial", "old"):  # left by runs that were killed
-        sweep_stale(target.parent, f".{target.name}.{kind}-")
-    staging, made = _staging_dir(out_dir)
-    try:
-        if isinstance(adata_or_path, anndata.AnnData):
-            raw, input_name = adata_or_path, "AnnData in memory"
-        else:
-            raw = read_counts(adata_or_path, backup_url=backup_url, cache_dir=cache_dir, sha256=sha256,
-                              progress_bar=progress_bar)
-            input_name = str(adata_or_path) if adata_or_path is not None else str(backup_url)
-        missing = [c for c in color_by if c not in raw.obs.columns]
-        if missing:
-            raise SetupError(f"color_by={missing[0]!r} is not a column of adata.obs "
-                             f"(columns: {', '.join(map(repr, raw.obs.columns[:10])) or 'none'}).")
-        if raw.n_obs <= n_neighbors:
-            raise SetupError(f"n_neighbors={n_neighbors} needs more cells than that; the data has {raw.n_obs}.")
-
-        import torch
-
+    with staged(out_dir, overwrite, inputs) as staging:
+        raw, input_name = _read_input(adata_or_path, options)
         with _torch_threads(n_threads):
             with _keep_torch_threads():
                 adata = prepare(raw, layer=layer, target_sum=target_sum, n_top_genes=n_top_genes,
@@ -750,116 +389,67 @@ def run_workflow(
             if n_top_loadings > adata.n_vars:
                 raise SetupError(f"n_top_loadings={n_top_loadings} is more than the {adata.n_vars} genes "
                                  "selected to model; ask for at most that many (--n-top-loadings).")
-            train = dict(max_epochs=max_epochs, lr=lr, batch_size=batch_size,
-                         check_val_every_n_epoch=check_val_every_n_epoch, accelerator=accelerator)
-            extra_seeds = [seed + i for i in range(1, stability_seeds + 1)]
-            background = None
-            if extra_seeds and not uses_gpu(accelerator):
-                # Started before the main fit so that they run beside it on the other cores.
-                LinearSCVI.setup_anndata(adata, layer="counts", batch_key=batch_key)
-                background = BackgroundFits(adata, extra_seeds, train_kwargs=train, n_latent=n_latent,
-                                            gene_likelihood=gene_likelihood)
-            with background or contextlib.nullcontext():
-                t0 = time.perf_counter()
-                # An explicit n_threads holds for training too (it otherwise picks its own count).
-                model = fit(adata, batch_key=batch_key, n_latent=n_latent, gene_likelihood=gene_likelihood,
-                            seed=seed, progress_bar=progress_bar, threads=n_threads, **train)
-                if model.train_state_.interrupted:  # Ctrl-C: training stopped early, at a step boundary
-                    raise KeyboardInterrupt
-                train_seconds = time.perf_counter() - t0
-                with _keep_torch_threads():
-                    interpret(model, adata, n_neighbors=n_neighbors, umap_min_dist=umap_min_dist,
-                              leiden_resolution=leiden_resolution, seed=seed)
-                stability = None
-                if extra_seeds:
-                    t0 = time.perf_counter()
-                    refits = background.result() if background is not None else fit_seeds(
-                        adata, extra_seeds, train_kwargs=train, n_latent=n_latent, gene_likelihood=gene_likelihood)
-                    stability = factor_stability([model, *refits], reference=0)
-                    logger.info("%d of %d factors reproducible across %d seeds (waited %.1f s for the refits)",
-                                int(stability.factors["stable"].sum()), n_latent, stability_seeds + 1,
-                                time.perf_counter() - t0)
-
-            hist = model.history
-            lib = np.asarray(adata.layers["counts"].sum(axis=1)).ravel()
-            raw_lib = np.asarray(get_counts(raw, layer).sum(axis=1)).ravel()
-            data = {
-                "input": input_name,
-                "cells": int(adata.n_obs),
-                "genes in input": int(raw.n_vars),
-                "highly variable genes modelled": int(adata.n_vars),
-                "cells dropped (no counts in the selected genes)": int(raw.n_obs - adata.n_obs),
-                "median counts per cell (all genes)": float(np.median(raw_lib)),
-                "median counts per cell (modelled genes)": float(np.median(lib)),
-                "batches": int(adata.obs[batch_key].nunique()) if batch_key else 1,
-                "Leiden clusters": int(adata.obs["leiden"].nunique()),
-            }
-            if isinstance(raw.uns.get("source"), str):
-                data["source"] = raw.uns["source"]
-            settings = {
-                "counts": f"layers[{layer!r}]" if layer else "X",
-                "batch_key": batch_key or "none",
-                "target_sum": float(target_sum),
-                "hvg_flavor": hvg_flavor,
-                "n_top_genes": int(n_top_genes),
-                "n_latent": int(n_latent),
-                "gene_likelihood": gene_likelihood,
-                "max_epochs": int(max_epochs),
-                "epochs trained": int(model.train_state_.epoch),
-                "lr": float(lr),
-                "batch_size": int(batch_size),
-                "check_val_every_n_epoch": int(check_val_every_n_epoch),
-                "seed": int(seed),
-                "device": str(model.device),
-                "torch CPU threads": int(torch.get_num_threads()),
-                "training time (s)": round(train_seconds, 1),
-                "final elbo_train": float(hist["elbo_train"].iloc[-1, 0]) if "elbo_train" in hist else float("nan"),
-                "final elbo_validation": float(hist["elbo_validation"].iloc[-1, 0]) if "elbo_validation" in hist
-                else float("nan"),
-                "stability_seeds": int(stability_seeds),
-                "n_neighbors": int(n_neighbors),
-                "umap_min_dist": float(umap_min_dist),
-                "leiden_resolution": float(leiden_resolution),
-                "ldvae version": __version__,
-            }
-            adata.uns[WORKFLOW_KEY] = {"settings": settings, "data": data, "history": _history_plain(hist)}
-            if stability is not None:
-                adata.uns[WORKFLOW_KEY]["stability"] = _stability_plain(stability, [seed, *extra_seeds])
-            if isinstance(raw.uns.get("source"), dict):
-                adata.uns["source"] = dict(raw.uns["source"])
-        staged = write_outputs(model, adata, staging, n_top_loadings=n_top_loadings, color_by=list(color_by),
-                               figure_formats=figure_formats, title=title or f"LDVAE report: {input_name}",
-                               report_sections=report_sections, stability=stability)
-        _mark_output(staging)
-        _move_into_place(staging, out_dir, overwrite, inputs)
-    except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        _remove_empty(made)
-        if is_disk_full(err):
-            name = err.path.name if isinstance(err, DiskFullError) else "the outputs"
-            raise DiskFullError(f"No space left on the device holding {str(out_dir)!r} while writing {name}; "
-                                "nothing was written. Free some space or choose another --out-dir.",
-                                target) from err
-        raise
-    files = {k: out_dir / v.relative_to(staging) for k, v in staged.items()}
+            model, stability, train_seconds = _fit_and_interpret(adata, options)
+            record_run(raw, adata, model, stability, options, input_name=input_name, train_seconds=train_seconds)
+        staged_files = write_outputs(model, adata, staging, n_top_loadings=n_top_loadings, color_by=list(color_by),
+                                     figure_formats=figure_formats, title=title or f"LDVAE report: {input_name}",
+                                     report_sections=report_sections, stability=stability)
+    files = {k: out_dir / v.relative_to(staging) for k, v in staged_files.items()}
     logger.info("workflow finished in %.1f s; report: %s", time.perf_counter() - started, files["report"])
     return WorkflowResult(model=model, adata=adata, out_dir=out_dir, files=files,
                           top_genes=top_genes(loadings_frame(adata), n_top_loadings), stability=stability)
 
 
-def _move_into_place(staging: Path, out_dir: Path, overwrite: bool, inputs: Sequence = ()) -> None:
-    """Rename the finished staging directory to ``out_dir``; an old one (checked again, as it
-    may have changed during the run) is moved aside first and removed only after."""
-    if not os.path.lexists(out_dir):
-        os.replace(staging, out_dir)
-        return
-    check_out_dir(out_dir, overwrite, inputs=inputs)
-    target = Path(os.path.abspath(out_dir))
-    trash = target.parent / owned_dir_name(f".{target.name}.old-")
-    os.replace(out_dir, trash)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        os.replace(trash, out_dir)  # put the old one back
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
+def _read_input(adata_or_path, options: dict):
+    """The raw counts and a name for them, with the options that depend on them checked."""
+    import anndata
+
+    if isinstance(adata_or_path, anndata.AnnData):
+        raw, input_name = adata_or_path, "AnnData in memory"
+    else:
+        raw = read_counts(adata_or_path, backup_url=options["backup_url"], cache_dir=options["cache_dir"],
+                          sha256=options["sha256"], progress_bar=options["progress_bar"])
+        input_name = str(adata_or_path) if adata_or_path is not None else str(options["backup_url"])
+    missing = [c for c in options["color_by"] if c not in raw.obs.columns]
+    if missing:
+        raise SetupError(f"color_by={missing[0]!r} is not a column of adata.obs "
+                         f"(columns: {', '.join(map(repr, raw.obs.columns[:10])) or 'none'}).")
+    if raw.n_obs <= options["n_neighbors"]:
+        raise SetupError(f"n_neighbors={options['n_neighbors']} needs more cells than that; the data has {raw.n_obs}.")
+    return raw, input_name
+
+
+def _fit_and_interpret(adata, options: dict):
+    """The main fit, its interpretation and, with ``stability_seeds``, the refits matched to
+    it: ``(model, stability or None, training seconds)``."""
+    o = options
+    train = dict(max_epochs=o["max_epochs"], lr=o["lr"], batch_size=o["batch_size"],
+                 check_val_every_n_epoch=o["check_val_every_n_epoch"], accelerator=o["accelerator"])
+    model_kwargs = dict(n_latent=o["n_latent"], gene_likelihood=o["gene_likelihood"])
+    extra_seeds = [o["seed"] + i for i in range(1, o["stability_seeds"] + 1)]
+    background = None
+    if extra_seeds and not uses_gpu(o["accelerator"]):
+        # Started before the main fit so that they run beside it on the other cores.
+        LinearSCVI.setup_anndata(adata, layer="counts", batch_key=o["batch_key"])
+        background = BackgroundFits(adata, extra_seeds, train_kwargs=train, **model_kwargs)
+    with background or contextlib.nullcontext():
+        t0 = time.perf_counter()
+        # An explicit n_threads holds for training too (it otherwise picks its own count).
+        model = fit(adata, batch_key=o["batch_key"], seed=o["seed"], progress_bar=o["progress_bar"],
+                    threads=o["n_threads"], **model_kwargs, **train)
+        if model.train_state_.interrupted:  # Ctrl-C: training stopped early, at a step boundary
+            raise KeyboardInterrupt
+        train_seconds = time.perf_counter() - t0
+        with _keep_torch_threads():
+            interpret(model, adata, n_neighbors=o["n_neighbors"], umap_min_dist=o["umap_min_dist"],
+                      leiden_resolution=o["leiden_resolution"], seed=o["seed"])
+        stability = None
+        if extra_seeds:
+            t0 = time.perf_counter()
+            refits = background.result() if background is not None else fit_seeds(
+                adata, extra_seeds, train_kwargs=train, **model_kwargs)
+            stability = factor_stability([model, *refits], reference=0)
+            logger.info("%d of %d factors reproducible across %d seeds (waited %.1f s for the refits)",
+                        int(stability.factors["stable"].sum()), o["n_latent"], o["stability_seeds"] + 1,
+                        time.perf_counter() - t0)
+    return model, stability, train_seconds

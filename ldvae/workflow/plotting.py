@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..data.results import result_keys
+from ..util.checks import positive_int
 
 # Figures are built with the object API (Figure, not pyplot), so no backend or global
 # state is touched: the workflow runs headless and in threads.
@@ -78,8 +79,7 @@ def top_genes(loadings: pd.DataFrame, n_genes: int = 5) -> pd.DataFrame:
     A long table with columns ``factor``, ``direction`` (``"negative"``/``"positive"``),
     ``rank`` (1 = largest magnitude), ``gene`` and ``loading``.
     """
-    if n_genes < 1:
-        raise ValueError(f"n_genes must be a positive integer, got {n_genes!r}.")
+    positive_int("n_genes", n_genes)
     rows = []
     for factor in loadings.columns:
         col = loadings[factor].sort_values()
