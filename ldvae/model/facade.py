@@ -17,6 +17,7 @@ from ..data.contract import (
     CountData,
     SetupError,
     check_not_view,
+    empty_cells_error,
     get_counts,
     get_setup,
     library_prior,
@@ -184,12 +185,9 @@ class LinearSCVI(Queries):
             mat = read_into_memory(mat)
         validate_counts(adata, mat, layer)
         csr = to_csr(mat)
-        empty = int((np.diff(csr.indptr) == 0).sum())
-        if empty:
-            raise SetupError(
-                f"{empty} of {adata.n_obs} cells have zero total counts. Filter them first: "
-                "sc.pp.filter_cells(adata, min_counts=1)."
-            )
+        empty = np.flatnonzero(np.diff(csr.indptr) == 0)
+        if empty.size:
+            raise empty_cells_error(empty.size, adata.n_obs, str(adata.obs_names[empty[0]]))
         return csr, read_covariates(adata, self.setup_)
 
     def _data(self, adata=None) -> CountData:
