@@ -38,3 +38,18 @@ def fit_small(adata, epochs: int = 3, **model_kwargs):
     model = ldvae.LinearSCVI(adata, **model_kwargs)
     model.train(max_epochs=epochs, progress_bar=False)
     return model
+
+
+def new_model(adata, **kwargs):
+    ldvae.settings.seed = 0  # the same initial weights for every model of a test
+    return ldvae.LinearSCVI(adata, n_latent=2, n_hidden=16, **kwargs)
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"

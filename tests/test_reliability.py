@@ -26,6 +26,7 @@ from ldvae.cpu import fused
 from ldvae.data.contract import CountData
 from ldvae.nn.module import LDVAEModule
 from ldvae.train.loop import InMemorySource, NonFiniteLossError, load_checkpoint
+from conftest import assert_same_state, new_model, snapshot
 
 N_CELLS, N_GENES = 200, 30  # 180 training cells: 2 steps per epoch at batch_size=128
 
@@ -43,21 +44,6 @@ def adata():
     a = ldvae.simulate(N_CELLS, N_GENES, 2, seed=3)
     ldvae.LinearSCVI.setup_anndata(a, layer="counts")
     return a
-
-
-def new_model(adata, **kwargs):
-    ldvae.settings.seed = 0  # the same initial weights for every model of a test
-    return ldvae.LinearSCVI(adata, n_latent=2, n_hidden=16, **kwargs)
-
-
-def snapshot(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def assert_same_history(h1: dict, h2: dict) -> None:
