@@ -28,6 +28,7 @@ from ldvae.cpu import fused
 from ldvae.train import batches
 from ldvae.train.optim import FusedAdam, adam
 from ldvae.train.loop import ModelFileError, NonFiniteLossError, TrainConfig, load_checkpoint, minibatches
+from conftest import assert_same_state, new_model, snapshot
 
 N_CELLS, N_GENES = 200, 30  # 180 training cells
 
@@ -37,21 +38,6 @@ def adata():
     a = ldvae.simulate(N_CELLS, N_GENES, 2, seed=3)
     ldvae.LinearSCVI.setup_anndata(a, layer="counts")
     return a
-
-
-def new_model(adata, **kwargs):
-    ldvae.settings.seed = 0
-    return ldvae.LinearSCVI(adata, n_latent=2, n_hidden=16, **kwargs)
-
-
-def snapshot(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 # --- loading a damaged model file ------------------------------------------------------
@@ -325,7 +311,7 @@ def test_compiled_adam_skips_its_checks_only_while_bounds_keep_the_update_finite
     g_bad[7] = np.nan
     assert cpu_loop._largest_gradient(np.zeros(1), g_bad) == -1.0
     assert cpu_loop._largest_gradient(np.array([np.inf]), g) == -1.0
-    bounded, *bounds = cpu_loop._update_bounds(*largest, *settings)
+    bounded, *bounds = cpu_loop.update_bounds(*largest, *settings)
     assert bounded
     checked = [a.copy() for a in (p, g, m, v)]
     fast = [a.copy() for a in (p, g, m, v)]
@@ -336,9 +322,29 @@ def test_compiled_adam_skips_its_checks_only_while_bounds_keep_the_update_finite
     for bound, a in zip(bounds, (fast[0], fast[2], fast[3])):  # true upper bounds, and finite
         assert float(np.abs(a).max()) <= bound < 1e37
     # bounds that could reach float32's largest value send the step to the checked update
-    assert cpu_loop._update_bounds(*largest[:3], 1e20, *settings)[0] is False  # g^2 would overflow
-    assert cpu_loop._update_bounds(*largest, 7.0, 1e32, 0.9, 0.999, 1e-8, 0.0)[0] is False  # lr
-    assert cpu_loop._update_bounds(3e37, *largest[1:], *settings)[0] is False  # a parameter near the edge
+    assert cpu_loop.update_bounds(*largest[:3], 1e20, *settings)[0] is False  # g^2 would overflow
+    assert cpu_loop.update_bounds(*largest, 7.0, 1e32, 0.9, 0.999, 1e-8, 0.0)[0] is False  # lr
+    assert cpu_loop.update_bounds(3e37, *largest[1:], *settings)[0] is False  # a parameter near the edge
+
+
+def test_fused_adam_given_a_gradient_bound_takes_the_same_steps_and_still_refuses_overflow():
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a, opt_b = FusedAdam(a, lr=1e-2), FusedAdam(b, lr=1e-2)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        bound = float(torch.stack([g.norm() for g in grads]).norm())
+        assert opt_a.step() is True and opt_b.step(bound) is True
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+    before = [q.detach().clone() for q in b]
+    opt_b.param_groups[0]["lr"] = 1e39
+    assert opt_b.step(bound) is False  # the bound cannot prove it: the checked update refuses
+    for q, was in zip(b, before):
+        assert torch.equal(q, was)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -36,9 +36,14 @@ def _largest_bits(a):
 
 
 @nb.njit(**_JIT)
+def _float_of_bits(bits):
+    return float(np.array([bits], np.int32).view(np.float32)[0])
+
+
+@nb.njit(**_JIT)
 def _largest(a):
     """The largest |a[i]| of a finite float32 array, as float64."""
-    return float(np.array([_largest_bits(a)], np.int32).view(np.float32)[0])
+    return _float_of_bits(_largest_bits(a))
 
 
 @nb.njit(**_JIT)
@@ -47,14 +52,12 @@ def _largest_gradient(loss, grads):
     if (loss.view(np.int64)[0] & 0x7FF0000000000000) == 0x7FF0000000000000:
         return -1.0
     top = _largest_bits(grads)
-    if top >= 0x7F800000:
-        return -1.0
-    return float(np.array([top], np.int32).view(np.float32)[0])
+    return -1.0 if top >= 0x7F800000 else _float_of_bits(top)
 
 
 @nb.njit(**_JIT)
 def _adam_unchecked(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-    """``_adam`` for an update known to stay finite (see ``_update_bounds``): no copies, no check."""
+    """``_adam`` for an update known to stay finite (see ``update_bounds``): no copies, no check."""
     bias1 = 1.0 - beta1**step
     bias2_sqrt = math.sqrt(1.0 - beta2**step)
     step_size = f32(lr / bias1)
@@ -71,7 +74,7 @@ def _adam_unchecked(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, 
 
 
 @nb.njit(**{**_JIT, "fastmath": False})  # scalar; its comparisons must see inf as inf
-def _update_bounds(largest_p, largest_m, largest_v, largest_g, step, lr, beta1, beta2, eps, weight_decay):
+def update_bounds(largest_p, largest_m, largest_v, largest_g, step, lr, beta1, beta2, eps, weight_decay):
     """Upper bounds on the largest |parameter|, |exp_avg| and exp_avg_sq after an Adam step,
     from bounds before it: with g = grad + wd * p, |m'| <= beta1 |m| + (1 - beta1) |g|,
     v' <= beta2 v + (1 - beta2) g^2, and the update is at most lr / (1 - beta1^step) |m'| / eps.
@@ -205,7 +208,7 @@ def train_steps(
         if largest_g < 0.0:
             failure[0] = 1
         else:
-            bounded, bound_p, bound_m, bound_v = _update_bounds(largest_p, largest_m, largest_v, largest_g, step, lr, beta1,
+            bounded, bound_p, bound_m, bound_v = update_bounds(largest_p, largest_m, largest_v, largest_g, step, lr, beta1,
                                                        beta2, eps, weight_decay)
             if bounded:  # surely finite: the plain update, and the bounds carried forward
                 _adam_unchecked(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)

@@ -2,7 +2,10 @@
 
 ``step`` refuses an update that makes a parameter non-finite (a finite gradient times a
 huge learning rate can overflow): it puts the parameters and Adam's state back as they
-were and returns False, so the training loop keeps the last good step."""
+were and returns False, so the training loop keeps the last good step. Given a bound on
+the gradients, ``FusedAdam.step`` skips the copies that make this possible while bounds
+carried from step to step prove the update finite (``cpu.loop.update_bounds``, the rule
+the compiled runner follows too)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from ..cpu.loop import update_bounds
 
 _GROUP_DEFAULTS = dict(betas=(0.9, 0.999), amsgrad=False, maximize=False, foreach=None, capturable=False,
                        differentiable=False, fused=True, decoupled_weight_decay=False)
@@ -34,12 +39,14 @@ class FusedAdam:
         self._flat = None  # (flat parameters, gradients, exp_avg, exp_avg_sq, the gradient views)
         self._set_up = False  # states complete and (where possible) flat
         self._spare: list[Tensor] = []  # copies of the state before a step (see _Rollback)
+        self._bounds: tuple[float, float, float] | None = None  # of |p|, |exp_avg|, exp_avg_sq; None: unknown
 
     @property
     def params(self) -> list[Tensor]:
         return self.param_groups[0]["params"]
 
     def use_flat(self, flat: Tensor, flat_grad: Tensor) -> None:
+        self._bounds = None
         self._flat_source = (flat, flat_grad)
         self._flat = None
         self._set_up = False
@@ -59,6 +66,7 @@ class FusedAdam:
 
     def advance(self, steps: int) -> None:
         """Count ``steps`` steps taken outside ``step`` on the flat moments."""
+        self._bounds = None  # those steps moved the parameters and moments
         torch._foreach_add_([self.state[p]["step"] for p in self.params], steps)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -104,29 +112,51 @@ class FusedAdam:
         self._flat = (flat, flat_grad, *moments, [p.grad for p in params])
 
     @torch.no_grad()
-    def step(self) -> bool:
-        """One Adam step; False (nothing changed) when it would make a parameter non-finite."""
+    def step(self, grad_bound: float | None = None) -> bool:
+        """One Adam step; False (nothing changed) when it would make a parameter non-finite.
+
+        ``grad_bound``: an upper bound on every |gradient| (their 2-norm will do). With it, a
+        step whose update the carried bounds prove finite runs without copies or check."""
         if not self._set_up or len(self.state) < len(self.params):
             self._init_state()
             self._set_up = True
         if self._flat is not None and all(p.grad is g for p, g in zip(self.params, self._flat[4])):
             # every parameter, gradient and moment a view of one flat tensor; the steps are equal
             steps = [self.state[p]["step"] for p in self.params]
-            flat, flat_grad, exp_avg, exp_avg_sq = self._flat[:4]
-            with _Rollback([flat, exp_avg, exp_avg_sq, *steps], [flat], self._spare) as update:
-                torch._foreach_add_(steps, 1)
-                self._fused([flat], [flat_grad], [exp_avg], [exp_avg_sq], steps[:1])
-            return update.ok
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
+            params, grads, exp_avgs, exp_avg_sqs = ([t] for t in self._flat[:4])
+            steps_used = steps[:1]
+        else:
+            params = [p for p in self.params if p.grad is not None]
+            if not params:
+                return True
+            states = [self.state[p] for p in params]
+            steps = steps_used = [s["step"] for s in states]
+            grads = [p.grad for p in params]
+            exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        if grad_bound is not None and self._update_is_bounded(grad_bound, params, exp_avgs, exp_avg_sqs):
+            torch._foreach_add_(steps, 1)
+            self._fused(params, grads, exp_avgs, exp_avg_sqs, steps_used)
             return True
-        states = [self.state[p] for p in params]
-        steps = [s["step"] for s in states]
-        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         with _Rollback([*params, *exp_avgs, *exp_avg_sqs, *steps], params, self._spare) as update:
             torch._foreach_add_(steps, 1)
-            self._fused(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps)
+            self._fused(params, grads, exp_avgs, exp_avg_sqs, steps_used)
+        if update.ok:
+            self._bounds = None  # measured again at the next bounded step
         return update.ok
+
+    def _update_is_bounded(self, grad_bound: float, params, exp_avgs, exp_avg_sqs) -> bool:
+        """Whether this step's update is sure to stay finite; if so, the bounds after it are kept."""
+        if self._bounds is None:
+            self._bounds = tuple(max(float(n) for n in torch._foreach_norm(ts, math.inf))
+                                 for ts in (params, exp_avgs, exp_avg_sqs))
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        # step 1 has the largest bias correction, so it bounds every later step's
+        ok, *after = update_bounds(*self._bounds, grad_bound, 1.0, group["lr"], beta1, beta2, group["eps"],
+                                   group["weight_decay"])
+        if ok:
+            self._bounds = tuple(after)
+        return ok
 
     def _fused(self, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         group = self.param_groups[0]
@@ -164,6 +194,7 @@ class FusedAdam:
             if key in saved:
                 group[key] = tuple(saved[key]) if key == "betas" else saved[key]
         self._flat = None
+        self._bounds = None
 
 
 def check_state_dict(state_dict, params: list[Tensor]) -> None:
@@ -242,7 +273,7 @@ class _CheckedAdam(torch.optim.Adam):
     ``FusedAdam.step``'s refusal of a non-finite update."""
 
     @torch.no_grad()
-    def step(self) -> bool:  # type: ignore[override]
+    def step(self, grad_bound: float | None = None) -> bool:  # type: ignore[override]
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         saved_params = [p.clone() for p in params]
         saved_state = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}

@@ -82,7 +82,7 @@ class OneAtATime(_Step):
         norm = _grad_norm(self.params) if self.compiled is None else self.compiled.grad_norm()
         if not bool(torch.isfinite(out.loss + norm)):
             return "loss" if not bool(torch.isfinite(out.loss)) else "gradient"
-        if not self.optimizer.step():  # refused: parameters and Adam's state as before it
+        if not self.optimizer.step(float(norm)):  # refused: parameters and Adam's state as before it
             return "update"
         per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(),
                          out.loss.detach().double() * out.reconstruction.shape[0]))
