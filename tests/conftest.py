@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 import pytest
 import torch
@@ -17,6 +18,18 @@ torch.set_num_threads(1)
 def _one_torch_thread():
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_as_at_a_terminal():
+    """The Ctrl-C tests press Ctrl-C as at a terminal. A suite started as a background job
+    inherits an ignored SIGINT, which ldvae rightly keeps ignoring (and passes on to the
+    processes it starts), so the suite restores Python's handler for itself."""
+    inherited = signal.getsignal(signal.SIGINT)
+    if inherited == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.fixture
