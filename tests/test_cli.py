@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import ldvae
 from ldvae.cli import app as cli
 from ldvae.data.readers import ReadError, download, read_counts, read_file
+from ldvae.workflow.checks import FACTOR_SEEDS
 
 FAST = ["--n-top-genes", "40", "--n-latent", "4", "--max-epochs", "3", "--check-val-every-n-epoch", "1",
         "--n-neighbors", "10", "--no-progress-bar"]
@@ -123,7 +124,9 @@ def test_cli_figures_are_valid_images(cli_run):
 
     _, _, out = cli_run
     pngs = sorted((out / "figures").glob("*.png"))
-    assert len(pngs) == 6
+    # the default run fits 3 more seeds: the stability and reproducible-factor figures too
+    assert {p.stem for p in pngs} == {"training_curves", "latent_pairs", "loadings_heatmap", "top_genes", "umap_clusters",
+                                      "umap_factors", "factor_stability", "umap_reproducible_factors"}
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         img = matplotlib.image.imread(png)
@@ -370,8 +373,12 @@ def test_demo_command_runs(tmp_path, capsys):
     assert out.strip().endswith(f"Report: {tmp_path / 'demo' / 'report.html'}")
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "seurat_annotation" in html and "Data: 10x Genomics, CC BY 4.0" in html
-    # the demo measures stability by default, with the refits' seeds after the demo's own
-    assert "<h2>Factor stability across seeds</h2>" in html
+    # the demo fits more seeds by default, after the demo's own: stability and the consensus factors
+    assert "<h2>Factor stability across seeds</h2>" in html and "<h2>Reproducible factors</h2>" in html
     stability = pd.read_csv(tmp_path / "demo" / "factor_stability.csv", index_col="factor")
     assert len(stability) == 10 and list(stability.filter(like="match_run").columns) == [
-        f"match_run_{i}" for i in range(cli.DEMO_STABILITY_SEEDS + 1)]
+        f"match_run_{i}" for i in range(FACTOR_SEEDS + 1)]
+    factors = pd.read_csv(tmp_path / "demo" / "factors.csv")
+    assert list(factors["factor"]) == [f"F_{k}" for k in range(10)]
+    assert factors["marks"].str.match(r".+ \(AUC \d\.\d\d\)$").all()  # the demo's labels, by --color-by
+    assert f"Factors ({FACTOR_SEEDS + 1} fit(s);" in out

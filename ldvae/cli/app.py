@@ -23,6 +23,7 @@ import threading
 from typing import Sequence
 
 from .._version import __version__
+from ..workflow.checks import FACTOR_SEEDS
 from .interpret import add_factors, add_select_k, add_stability
 from .options import (
     HelpFormatter,
@@ -43,13 +44,11 @@ from .options import (
 
 DEMO_EPOCHS = 250  # the tutorial's count
 DEMO_OUT = "ldvae_demo"
-# Refits beside the demo's own fit (one worker process each): see README, "The workflow and the demo".
-DEMO_STABILITY_SEEDS = 2
 
 
 def _workflow_options(
     p: argparse.ArgumentParser, *, out_dir: str | None, max_epochs: int = 250, n_threads: int | None = None,
-    stability_seeds: int = 0,
+    stability_seeds: int | None = None,
 ) -> None:
     """The options of :func:`ldvae.run_workflow` shared by ``run`` and ``demo``."""
     out = p.add_argument_group("output")
@@ -82,8 +81,9 @@ def _workflow_options(
                        else "torch CPU threads (the demo's small minibatches gain little from more)")
     model.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
                        help="show download and training progress bars")
-    model.add_argument("--stability-seeds", type=int, default=stability_seeds,
-                       help="extra fits (seeds SEED+1 ...) to measure which factors are reproducible; 0: none")
+    model.add_argument("--stability-seeds", type=int, default=FACTOR_SEEDS if stability_seeds is None else stability_seeds,
+                       help="extra fits (seeds SEED+1 ...) beside the main one, run in parallel: the reproducible "
+                            "factors F_k are the consensus of all fits; 0: the main fit's factors, rotated")
 
     graph = p.add_argument_group("neighbors, UMAP, Leiden on the latent space")
     graph.add_argument("--n-neighbors", type=int, default=20, help="neighbors of each cell")
@@ -101,13 +101,14 @@ _WORKFLOW_PARAMS = (
 
 def _run_and_report(source, args: argparse.Namespace, **extra) -> int:
     from ..workflow.interpret_report import interpretation_sections
-    from ..workflow.pipeline import format_top_genes, run_workflow
+    from ..workflow.pipeline import format_factors, format_top_genes, run_workflow
 
     kwargs = {name: getattr(args, name) for name in _WORKFLOW_PARAMS}
     kwargs["report_sections"] = interpretation_sections()  # deviance explained, covariate effects
     kwargs.update(extra)
     result = run_workflow(source, **kwargs)
     print(format_top_genes(result.top_genes))
+    print(format_factors(result.factors))
     print(f"Wrote {len(result.files)} outputs to {result.out_dir}/")
     print(f"Report: {result.report}")
     return 0
@@ -144,8 +145,7 @@ def add_demo(subparsers) -> None:
         description="Run the whole workflow on the embedded 1000-cell pbmc3k subset (raw counts, 13656 genes;\n"
                     "Data: 10x Genomics, CC BY 4.0) and print where the report is.",
     )
-    _workflow_options(p, out_dir=DEMO_OUT, max_epochs=DEMO_EPOCHS, n_threads=1,
-                      stability_seeds=DEMO_STABILITY_SEEDS)
+    _workflow_options(p, out_dir=DEMO_OUT, max_epochs=DEMO_EPOCHS, n_threads=1)
     p.set_defaults(handler=_handle_demo, color_by=["seurat_annotation"])
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from ..util.checks import SetupError, check_number
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
+#: Extra fits beside the main one by default: the factors are the consensus of all fits.
+FACTOR_SEEDS = 3
 
 
 def check_option(name: str, value, *, flag: str | None = None, **constraint) -> None:

@@ -20,6 +20,7 @@ from .report import figure_html, note_html, table_html
 
 if TYPE_CHECKING:
     from ..model import LinearSCVI
+    from ..factors.consensus import ConsensusFactors
     from ..factors.stability import StabilityResult
 
 Section = tuple[str, str]
@@ -141,3 +142,58 @@ def interpretation_sections(*, gmt: str | os.PathLike | None = None) -> list:
     if gmt is not None:
         sections.append(enrichment_section(gmt))
     return sections
+
+
+def factors_table(factors: ConsensusFactors, groups=None, *, n_genes: int = 5) -> pd.DataFrame:
+    """One row per factor of :func:`ldvae.factors.consensus.consensus_factors`: its share of the
+    model's deviance, reproducibility, the cell group it marks (with ``groups``, one label per
+    cell: the group of highest mean and the one-vs-rest AUC) and its top genes on each side by
+    the robust score, with the top genes by raw loading beside."""
+    from ..factors.consensus import marked_groups
+
+    t = factors.table
+    out = pd.DataFrame({"factor": t.index, "share": t["fraction_of_model"].to_numpy(),
+                        "reproducibility": t["reproducibility"].to_numpy(),
+                        "reproducible": t["reproducible"].map({True: "yes", False: "no"}).to_numpy()})
+    if groups is not None:
+        marks = marked_groups(factors, groups)
+        out["marks"] = [f"{marks.at[f, 'group']} (AUC {marks.at[f, 'auc']:.2f})" for f in t.index]
+    for by, label in (("score", "top genes"), ("loading", "by loading")):
+        genes = factors.top_genes(n_genes, by=by)
+        for direction in ("+", "-") if by == "score" else ("+",):
+            part = genes[genes["direction"] == direction]
+            lists = part.groupby("factor", sort=False)["gene"].apply(", ".join)
+            out[f"{label} ({direction})"] = [lists.get(f, "") for f in t.index]
+    return out
+
+
+def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str = "Leiden cluster",
+                    figure: str | os.PathLike | None = None, n_genes: int = 5) -> Section:
+    """The reproducible factors: how they were found, and per factor its share, reproducibility,
+    the group it marks and its top genes (see :func:`factors_table`)."""
+    t = factors.table
+    n_runs = factors.n_runs
+    simple = {"latent": "the latent (each factor high in few cells)",
+              "loadings": "the loadings (each factor loading on few genes)"}[factors.criterion]
+    if n_runs > 1:
+        found = (f"{n_runs} fits that differ only by their seed, aligned by rotation (generalized Procrustes "
+                 f"over cells), averaged and rotated to simple structure of {simple}. "
+                 f"{int(t['reproducible'].sum())} of {len(t)} factors are reproducible: the factor of one "
+                 f"fit, rotated on its own, matches that of another with median |correlation| over cells "
+                 f">= {t.attrs.get('threshold')} (reproducibility). ")
+    else:
+        found = (f"one fit, rotated to simple structure of {simple}; reproducibility needs more fits "
+                 "(--stability-seeds). ")
+    note = note_html(
+        "Factors F_k in order of the deviance they explain (share: of the deviance the model explains), "
+        "signed so that the largest loading is positive. They are " + found
+        + "A rotation leaves the model, its likelihood and its ELBO unchanged; the model's own factors Z_k are "
+        "in 'Top loadings by magnitude'. Top genes are ranked by score = loading x sqrt(Fisher information "
+        "of the gene's log-rate): the change of expected count per unit factor in units of its noise, so "
+        "weakly expressed genes with large loadings do not lead; 'by loading' ranks the raw consensus loading. "
+        + (f"marks: the {group_name} with the highest mean factor value." if groups is not None else "")
+    )
+    body = note + table_html(factors_table(factors, groups, n_genes=n_genes), float_format="{:.2f}")
+    if figure is not None:
+        body += figure_html(figure, "UMAP coloured by each factor F_k.")
+    return "Reproducible factors", body

@@ -19,17 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence, Union
 
+import numpy as np
 import pandas as pd
 
 from ..data.contract import SetupError
 from ..data.readers import read_counts
 from ..data.results import result_keys
+from ..factors.consensus import ConsensusFactors, consensus_factors, write_factors
 from ..factors.seeds import BackgroundFits, fit_seeds, uses_gpu
 from ..factors.stability import StabilityResult, factor_stability
 from ..model import LinearSCVI
 from ..util.io import atomic_path, atomic_write_h5ad, atomic_write_text
 # FIGURE_FORMATS, MAX_SEED, check_option, OUTPUT_MARKER and MIN_VARYING_GENES are also read from here.
-from .checks import FIGURE_FORMATS, MAX_SEED, check_option, check_workflow_options  # noqa: F401
+from .checks import FACTOR_SEEDS, FIGURE_FORMATS, MAX_SEED, check_option, check_workflow_options  # noqa: F401
 from .outputs import OUTPUT_MARKER, check_out_dir, staged  # noqa: F401
 from .plotting import latent_pairs, loadings_frame, loadings_heatmap, top_genes, top_genes_bars, training_curves, umap
 from .prepare import MIN_VARYING_GENES, prepare  # noqa: F401
@@ -52,6 +54,7 @@ class WorkflowResult:
     files: dict[str, Path] = field(default_factory=dict)  # name -> final path
     top_genes: pd.DataFrame | None = None
     stability: StabilityResult | None = None  # with stability_seeds > 0
+    factors: ConsensusFactors | None = None
 
     @property
     def report(self) -> Path:
@@ -172,6 +175,19 @@ def format_top_genes(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def format_factors(factors: ConsensusFactors, n_genes: int = 6) -> str:
+    """The reproducible factors as printed lines: share, reproducibility and top genes (by score) of each."""
+    t = factors.table
+    genes = factors.top_genes(n_genes)
+    lines = [f"Factors ({factors.n_runs} fit(s); {int(t['reproducible'].sum())} of {len(t)} reproducible), "
+             "by deviance explained; top genes by score"]
+    for f, row in t.iterrows():
+        repro = "" if np.isnan(row["reproducibility"]) else f"reproducibility {row['reproducibility']:.2f}"
+        top = ", ".join(genes[(genes["factor"] == f) & (genes["direction"] == "+")]["gene"])
+        lines.append(f"{f}\tshare {row['fraction_of_model']:.3f}  {repro}{' *' if row['reproducible'] else ''}\t{top}")
+    return "\n".join(lines)
+
+
 # --- write ----------------------------------------------------------------------------------------
 
 
@@ -221,6 +237,7 @@ def write_outputs(
     title: str = "LDVAE report",
     report_sections: Sequence[ReportSection] = (),
     stability: StabilityResult | None = None,
+    factors: ConsensusFactors | None = None,
 ) -> dict[str, Path]:
     """Write every output file of the workflow into ``directory`` (which may exist).
 
@@ -230,7 +247,11 @@ def write_outputs(
     and ``adata.uns["ldvae_workflow"]`` the settings and data summary. With ``stability``
     (:func:`ldvae.factors.stability.factor_stability` of this model, as reference, and refits), also
     ``factor_stability.csv``, ``figures/factor_stability.png``, a stability section and a
-    stability column in the report's top-genes table.
+    stability column in the report's top-genes table. With ``factors``
+    (:func:`ldvae.factors.consensus.consensus_factors`, written into ``adata`` by
+    :func:`~ldvae.factors.consensus.write_factors`), also ``factors.csv`` (one row per factor),
+    ``factor_genes.csv`` (top 10 genes per factor and side, score and loading),
+    ``figures/umap_reproducible_factors.png`` and the report's first section after the figures.
 
     Returns
     -------
@@ -251,6 +272,20 @@ def write_outputs(
     embedded = _write_figures(model, adata, d / "figures", files, n_top_loadings=n_top_loadings,
                               color_by=color_by, formats=formats)
     stability_sections = []
+    if factors is not None:
+        from .interpret_report import factors_section, factors_table
+
+        group_key = color_by[0] if color_by else "leiden"
+        groups = adata.obs[group_key] if group_key in adata.obs else None
+        files["factors.csv"] = d / "factors.csv"
+        atomic_write_text(files["factors.csv"], factors_table(factors, groups, n_genes=n_top_loadings).to_csv(index=False))
+        files["factor_genes.csv"] = d / "factor_genes.csv"
+        atomic_write_text(files["factor_genes.csv"], factors.top_genes(10).to_csv(index=False))
+        paths = _save_figure(umap(adata, color=list(factors.table.index), ncols=4), d / "figures",
+                             "umap_reproducible_factors", formats)
+        files.update({f"figures/{k}": v for k, v in paths.items()})
+        stability_sections.append(factors_section(factors, groups, group_name=group_key,
+                                                  figure=paths["umap_reproducible_factors.png"], n_genes=n_top_loadings))
     if stability is not None:
         from .interpret_report import stability_section
         from ..factors.stability import plot_stability
@@ -316,7 +351,7 @@ def run_workflow(
     figure_formats: Sequence[str] = ("png",),
     title: str | None = None,
     report_sections: Sequence[ReportSection] = (),
-    stability_seeds: int = 0,
+    stability_seeds: int = FACTOR_SEEDS,
     n_threads: int | None = None,
     progress_bar: bool = True,
 ) -> WorkflowResult:
@@ -353,12 +388,15 @@ def run_workflow(
         Extra report sections: ``(title, html)`` pairs, or functions of ``(model, adata)``
         returning one (see :mod:`ldvae.workflow.report`).
     stability_seeds
-        Extra fits, with seeds ``seed + 1 … seed + stability_seeds``, whose factors are
-        matched to the main model's (:func:`ldvae.factors.stability.factor_stability`, the main
-        model as reference). On CPU they run in worker processes (one torch thread each)
-        while the main model trains; on a GPU one after another after it. Adds
+        Extra fits, with seeds ``seed + 1 … seed + stability_seeds``. The reproducible
+        factors ``F_k`` are the consensus of all fits
+        (:func:`ldvae.factors.consensus.consensus_factors`, main model first), and the model's
+        own factors are matched to the refits' (:func:`ldvae.factors.stability.factor_stability`,
+        the main model as reference). On CPU they run in worker processes (one torch thread
+        each) while the main model trains; on a GPU one after another after it. Adds
         ``factor_stability.csv``, a figure, a report section and a ``stability`` column
-        to the report's top-genes table. 0: no refits.
+        to the report's top-genes table. 0: no refits (the factors are then the main
+        model's, rotated, without reproducibility).
     n_threads
         CPU threads for torch during the run (default: as set); restored afterwards.
     progress_bar
@@ -367,7 +405,10 @@ def run_workflow(
     Returns
     -------
     A :class:`WorkflowResult`. Its ``adata`` holds, besides the prepared data (see
-    :func:`prepare`) and the results of :func:`interpret`, ``uns["ldvae_workflow"]``:
+    :func:`prepare`) and the results of :func:`interpret`, the factors (see
+    :func:`~ldvae.factors.consensus.write_factors`: ``obsm["X_ldvae_factors"]``, ``obs["F_k"]``,
+    ``varm["ldvae_factor_loadings"]``, ``varm["ldvae_factor_scores"]``,
+    ``uns["ldvae_factors"]``), ``uns["ldvae_workflow"]``:
     ``settings``, ``data`` (summary), ``history`` (per metric: ``epoch``, ``value``) and,
     with ``stability_seeds``, ``stability`` (``factor``, ``stability``, ``min_correlation``,
     ``stable``, ``threshold``, ``seeds``); the result's ``stability`` attribute holds the
@@ -389,15 +430,16 @@ def run_workflow(
             if n_top_loadings > adata.n_vars:
                 raise SetupError(f"n_top_loadings={n_top_loadings} is more than the {adata.n_vars} genes "
                                  "selected to model; ask for at most that many (--n-top-loadings).")
-            model, stability, train_seconds = _fit_and_interpret(adata, options)
+            model, stability, factors, train_seconds = _fit_and_interpret(adata, options)
             record_run(raw, adata, model, stability, options, input_name=input_name, train_seconds=train_seconds)
         staged_files = write_outputs(model, adata, staging, n_top_loadings=n_top_loadings, color_by=list(color_by),
                                      figure_formats=figure_formats, title=title or f"LDVAE report: {input_name}",
-                                     report_sections=report_sections, stability=stability)
+                                     report_sections=report_sections, stability=stability, factors=factors)
     files = {k: out_dir / v.relative_to(staging) for k, v in staged_files.items()}
     logger.info("workflow finished in %.1f s; report: %s", time.perf_counter() - started, files["report"])
     return WorkflowResult(model=model, adata=adata, out_dir=out_dir, files=files,
-                          top_genes=top_genes(loadings_frame(adata), n_top_loadings), stability=stability)
+                          top_genes=top_genes(loadings_frame(adata), n_top_loadings), stability=stability,
+                          factors=factors)
 
 
 def _read_input(adata_or_path, options: dict):
@@ -421,7 +463,7 @@ def _read_input(adata_or_path, options: dict):
 
 def _fit_and_interpret(adata, options: dict):
     """The main fit, its interpretation and, with ``stability_seeds``, the refits matched to
-    it: ``(model, stability or None, training seconds)``."""
+    it and the consensus factors of all fits: ``(model, stability or None, factors, training seconds)``."""
     o = options
     train = dict(max_epochs=o["max_epochs"], lr=o["lr"], batch_size=o["batch_size"],
                  check_val_every_n_epoch=o["check_val_every_n_epoch"], accelerator=o["accelerator"])
@@ -443,13 +485,18 @@ def _fit_and_interpret(adata, options: dict):
         with _keep_torch_threads():
             interpret(model, adata, n_neighbors=o["n_neighbors"], umap_min_dist=o["umap_min_dist"],
                       leiden_resolution=o["leiden_resolution"], seed=o["seed"])
-        stability = None
+        stability, runs = None, [model]
         if extra_seeds:
             t0 = time.perf_counter()
             refits = background.result() if background is not None else fit_seeds(
                 adata, extra_seeds, train_kwargs=train, **model_kwargs)
             stability = factor_stability([model, *refits], reference=0)
+            runs += refits
             logger.info("%d of %d factors reproducible across %d seeds (waited %.1f s for the refits)",
                         int(stability.factors["stable"].sum()), o["n_latent"], o["stability_seeds"] + 1,
                         time.perf_counter() - t0)
-    return model, stability, train_seconds
+        factors = consensus_factors(runs, seed=o["seed"])
+        write_factors(adata, factors, obs_columns=True)
+        logger.info("reproducible factors: %d of %d (%d fits, simple structure of the %s)",
+                    int(factors.table["reproducible"].sum()), len(factors.table), len(runs), factors.criterion)
+    return model, stability, factors, train_seconds

@@ -1,0 +1,412 @@
+"""Factors that come back when the analysis is re-run: one set from several fits.
+
+The prior N(0, I) and the likelihood of an LDVAE are unchanged by any rotation of the
+latent space (``z -> z R``, ``W -> W R``), so fits that differ only by their seed agree
+on the space their factors span far better than on its axes. :func:`consensus_factors`
+turns several fits of the same model into one set of factors:
+
+1. **Align.** Each run's latent means (cells x K, centred) are rotated onto a common
+   frame by orthogonal Procrustes, iterated against their mean (generalized Procrustes).
+2. **Rotate to simple structure.** The mean of the aligned runs is rotated by varimax,
+   either of the latent (``criterion="latent"``: each factor high in few cells, so cell
+   populations get one factor each) or of the loadings (``"loadings"``: each factor
+   loading on few genes). ``"auto"`` rotates every run by its own rotation under each
+   criterion and keeps the one under which independent runs agree most.
+3. **Name.** Factors ``F_0 … F_{K-1}`` in order of the deviance they explain (main run),
+   signed so that a factor is high in the cells it marks (its latent's long tail positive)
+   for ``"latent"``, and so that its largest consensus loading is positive for ``"loadings"``.
+
+Each run's factors are exactly a rotation of its own model (``runs_rotations[s]``), so the
+model, its ELBO and ``get_loadings()`` are untouched. A factor's ``reproducibility`` is the
+median, over pairs of runs each rotated by its own rotation (no shared alignment), of the
+correlation over cells between the factors matched to it: what a re-run of one fit would
+give. The consensus of several runs is itself more reproducible than that.
+
+Top genes are ranked by a ``score`` robust to weakly expressed genes: the loading times
+the square root of the gene's Fisher information for its log-rate, averaged over cells
+(mu theta / (mu + theta) for the negative binomial, mu for Poisson). It is the change of
+the gene's expected count per unit of the factor, in units of the count's noise, so a
+large weight on a gene seen in few cells no longer ranks first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+
+from ..query.deviance import sign_convention
+from .stability import STABLE_THRESHOLD, varimax
+
+if TYPE_CHECKING:
+    from ..model import LinearSCVI
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("auto", "latent", "loadings")
+ROTATION_CELLS = 20000  # cells (a fixed random subset) that the rotations are computed from
+INFORMATION_CELLS = 5000  # cells used for each gene's Fisher information
+
+
+@dataclass(frozen=True)
+class ConsensusFactors:
+    """Factors of several runs, aligned, rotated to simple structure and averaged.
+
+    Attributes
+    ----------
+    table
+        One row per factor ``F_k`` (ordered by deviance explained in the main run):
+        ``fraction_of_model`` (share of the deviance the model explains, main run),
+        ``reproducibility``, ``min_correlation``, ``reproducible`` (>= ``threshold``).
+    latent
+        Cells x factors: mean over runs of each run's rotated latent means.
+    loadings
+        Genes x factors: mean over runs of the rotated loadings (log-rate per unit factor).
+    scores
+        Genes x factors: ``loadings`` times the square root of each gene's Fisher
+        information, the robust ranking of top genes.
+    rotations
+        Per run (read back from AnnData: the main run's only), the orthogonal K x K matrix R_s with run s's factors = ``z_s @ R_s``
+        (columns in the order of ``table``), loadings ``W_s @ R_s``.
+    criterion
+        ``"latent"`` or ``"loadings"``: the simple structure used.
+    agreement
+        Per criterion tried, the mean matched correlation of independently rotated runs.
+    """
+
+    table: pd.DataFrame
+    latent: pd.DataFrame
+    loadings: pd.DataFrame
+    scores: pd.DataFrame
+    rotations: list
+    criterion: str
+    agreement: dict = field(default_factory=dict)
+
+    @property
+    def n_runs(self) -> int:
+        return int(self.table.attrs.get("n_runs", len(self.rotations)))
+
+    def top_genes(self, n: int = 10, *, by: Literal["score", "loading"] = "score") -> pd.DataFrame:
+        """Per factor the ``n`` top genes on the positive and the negative side, ranked by
+        ``score`` (default) or by the raw consensus loading: columns ``factor``,
+        ``direction`` (``+``/``-``), ``rank``, ``gene``, ``score``, ``loading``."""
+        if by not in ("score", "loading"):
+            raise ValueError(f"by must be 'score' or 'loading', got {by!r}.")
+        rank_on = self.scores if by == "score" else self.loadings
+        rows = []
+        for f in self.table.index:
+            values = rank_on[f].to_numpy()
+            for direction, order in (("+", np.argsort(-values, kind="stable")), ("-", np.argsort(values, kind="stable"))):
+                for r, g in enumerate(order[:n]):
+                    if (values[g] > 0) != (direction == "+") or values[g] == 0:
+                        break
+                    gene = rank_on.index[g]
+                    rows.append((f, direction, r + 1, gene, float(self.scores.at[gene, f]),
+                                 float(self.loadings.at[gene, f])))
+        return pd.DataFrame(rows, columns=["factor", "direction", "rank", "gene", "score", "loading"])
+
+
+def _centred_latents(models, rows: np.ndarray) -> list[np.ndarray]:
+    out = []
+    for m in models:
+        z = np.asarray(m.get_latent_representation(indices=rows), dtype=float)
+        out.append(z - z.mean(axis=0))
+    return out
+
+
+def _procrustes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The orthogonal R minimizing ||a R - b||."""
+    u, _, vt = np.linalg.svd(a.T @ b)
+    return u @ vt
+
+
+def _align(latents: list[np.ndarray], iterations: int = 50, tol: float = 1e-10) -> list[np.ndarray]:
+    """Generalized Procrustes: per run P_s such that latents[s] @ P_s agree best, with run 0's frame."""
+    mean = latents[0]
+    rotations = [np.eye(mean.shape[1]) for _ in latents]
+    previous = np.inf
+    for _ in range(iterations):
+        rotations = [_procrustes(z, mean) for z in latents]
+        mean = np.mean([z @ r for z, r in zip(latents, rotations)], axis=0)
+        spread = sum(float(((z @ r - mean) ** 2).sum()) for z, r in zip(latents, rotations))
+        if previous - spread <= tol * max(spread, 1e-300):
+            break
+        previous = spread
+    return rotations
+
+
+def _simple_rotation(criterion: str, latent: np.ndarray, loadings: np.ndarray) -> np.ndarray:
+    return varimax(latent if criterion == "latent" else loadings)[1]
+
+
+def _column_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    norm = np.linalg.norm(a, axis=0)[:, None] * np.linalg.norm(b, axis=0)[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num((a.T @ b) / norm, nan=0.0)
+
+
+def _matched(reference: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column of ``other`` matched to each column of ``reference`` and the |correlation|."""
+    c = np.abs(_column_correlations(reference, other))
+    rows, cols = linear_sum_assignment(-c)
+    match = np.empty(reference.shape[1], dtype=int)
+    match[rows] = cols
+    return match, c[rows, cols][np.argsort(rows)]
+
+
+def _own_factors(criterion: str, latents, loadings) -> list[np.ndarray]:
+    """Each run's latent rotated by its own simple-structure rotation (no shared alignment)."""
+    return [z @ _simple_rotation(criterion, z, w) for z, w in zip(latents, loadings)]
+
+
+def _agreement(factors: list[np.ndarray]) -> float:
+    pairs = [(s, t) for s in range(len(factors)) for t in range(s + 1, len(factors))]
+    return float(np.mean([_matched(factors[s], factors[t])[1].mean() for s, t in pairs]))
+
+
+def _reproducibility(consensus: np.ndarray, factors: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per consensus factor: median and minimum, over pairs of runs, of the correlation
+    between the runs' own factors matched to it."""
+    matches = [_matched(consensus, f)[0] for f in factors]
+    k = consensus.shape[1]
+    per_pair = []
+    for s in range(len(factors)):
+        for t in range(s + 1, len(factors)):
+            c = np.abs(_column_correlations(factors[s], factors[t]))
+            per_pair.append(c[matches[s], matches[t]])
+    if not per_pair:
+        return np.full(k, np.nan), np.full(k, np.nan)
+    per_pair = np.array(per_pair)
+    return np.median(per_pair, axis=0), per_pair.min(axis=0)
+
+
+def gene_information(model: LinearSCVI, *, n_cells: int = INFORMATION_CELLS, seed: int = 0) -> pd.Series:
+    """Each gene's Fisher information for its log-rate, averaged over cells: mu theta / (mu + theta)
+    under the negative binomial (also for ZINB, its count part), mu under Poisson; mu and
+    theta at the posterior mean of each cell. Computed on at most ``n_cells`` cells (a
+    fixed random subset)."""
+    n = model.adata.n_obs
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, n_cells, replace=False)) if n > n_cells else np.arange(n)
+    params = model.get_likelihood_parameters(indices=rows, give_mean=True)
+    mu = np.asarray(params["mean"], dtype=float)
+    theta = params.get("dispersions")
+    info = mu if theta is None else mu * theta / (mu + theta)
+    return pd.Series(info.mean(axis=0), index=model.get_loadings().index.copy(), name="information")
+
+
+def consensus_factors(
+    models: Sequence[LinearSCVI],
+    *,
+    criterion: Literal["auto", "latent", "loadings"] = "auto",
+    threshold: float = STABLE_THRESHOLD,
+    n_cells: int = ROTATION_CELLS,
+    seed: int = 0,
+) -> ConsensusFactors:
+    """One set of factors from fits of the same model that differ by their seed.
+
+    Parameters
+    ----------
+    models
+        Trained :class:`ldvae.LinearSCVI` models on the same cells and genes (e.g. from
+        :func:`ldvae.factors.stability.fit_seeds`); the first is the main run, whose
+        deviance orders the factors. One model gives its rotated factors without
+        reproducibility.
+    criterion
+        The simple structure to rotate to: ``"latent"`` (varimax of the latent means),
+        ``"loadings"`` (varimax of the loadings) or ``"auto"``: the one under which
+        independently rotated runs agree most (``"latent"`` for a single run).
+    threshold
+        ``reproducible`` marks factors whose reproducibility reaches it.
+    n_cells
+        Cells (a fixed random subset of at most this many) used for the alignment and the
+        rotation; the latent of every cell is returned.
+    seed
+        Picks that subset.
+
+    Returns
+    -------
+    ConsensusFactors
+    """
+    from ..model import LinearSCVI
+    from .interpret import factor_deviance
+
+    models = list(models)
+    if not models or not all(isinstance(m, LinearSCVI) for m in models):
+        raise TypeError("consensus_factors takes a list of trained ldvae.LinearSCVI models.")
+    for m in models:
+        m._check_trained()
+        if m.config.latent_distribution != "normal":
+            raise ValueError("consensus_factors needs latent_distribution='normal': softmax(z) is not rotation invariant.")
+    first = models[0]
+    for i, m in enumerate(models[1:], start=1):
+        if m.adata.n_obs != first.adata.n_obs or not m.get_loadings().index.equals(first.get_loadings().index):
+            raise ValueError(f"run {i} has other cells or genes than run 0; fit every run on the same AnnData.")
+        if m.config.n_latent != first.config.n_latent:
+            raise ValueError(f"run {i} has {m.config.n_latent} factors, run 0 {first.config.n_latent}.")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
+
+    n = first.adata.n_obs
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, n_cells, replace=False)) if n > n_cells else np.arange(n)
+    latents = _centred_latents(models, rows)
+    weights = [np.nan_to_num(m.get_loadings().to_numpy(dtype=float), nan=0.0) for m in models]
+
+    agreement: dict[str, float] = {}
+    own: dict[str, list[np.ndarray]] = {}
+    if len(models) > 1:
+        for c in ("latent", "loadings") if criterion == "auto" else (criterion,):
+            own[c] = _own_factors(c, latents, weights)
+            agreement[c] = _agreement(own[c])
+    if criterion == "auto":
+        criterion = max(agreement, key=agreement.get) if agreement else "latent"
+
+    align = _align(latents)
+    mean_latent = np.mean([z @ p for z, p in zip(latents, align)], axis=0)
+    mean_weights = np.mean([w @ p for w, p in zip(weights, align)], axis=0)
+    final = _simple_rotation(criterion, mean_latent, mean_weights)
+    rotations = [p @ final for p in align]
+
+    # order by the deviance each factor explains in the main run; sign by the consensus loadings
+    deviance = factor_deviance(first, rotation=rotations[0])
+    order = [int(str(v).split("_")[1]) for v in deviance.index]
+    loadings = np.mean([w @ r for w, r in zip(weights, rotations)], axis=0)[:, order]
+    names = [f"F_{k}" for k in range(len(order))]
+    genes = first.get_loadings().index
+    if criterion == "latent":  # high in the cells a factor marks: its long tail positive
+        mean_rotated = np.mean([z @ r for z, r in zip(latents, rotations)], axis=0)[:, order]
+        signs = np.where((mean_rotated**3).mean(axis=0) < 0, -1.0, 1.0)
+    else:
+        signs = sign_convention(pd.DataFrame(loadings)).to_numpy().astype(float)
+    rotations = [r[:, order] * signs[None, :] for r in rotations]
+    loadings = loadings * signs[None, :]
+
+    consensus_rows = np.mean([z @ r for z, r in zip(latents, rotations)], axis=0)
+    if criterion in own:
+        median, minimum = _reproducibility(consensus_rows, own[criterion])
+    else:
+        median = minimum = np.full(len(names), np.nan)
+    full = [np.asarray(m.get_latent_representation(), dtype=float) for m in models]
+    latent = np.mean([z @ r for z, r in zip(full, rotations)], axis=0)
+
+    info = gene_information(first, seed=seed)
+    loadings_frame = pd.DataFrame(loadings, index=genes.copy(), columns=names)
+    nan_rows = first.get_loadings().isna().any(axis=1).to_numpy()
+    loadings_frame[nan_rows] = np.nan
+    scores = loadings_frame * np.sqrt(info.to_numpy())[:, None]
+    table = pd.DataFrame(
+        {
+            "fraction_of_model": deviance["fraction_of_model"].to_numpy(),
+            "reproducibility": median,
+            "min_correlation": minimum,
+            "reproducible": median >= threshold,
+        },
+        index=pd.Index(names, name="factor"),
+    )
+    table.attrs.update(threshold=float(threshold), n_runs=len(models), criterion=criterion,
+                       fraction_explained=float(deviance.attrs["fraction_explained"]))
+    logger.info("%d of %d factors reproducible across %d runs (rotation to simple structure of the %s)",
+                int(table["reproducible"].sum()), len(names), len(models), criterion)
+    return ConsensusFactors(
+        table=table,
+        latent=pd.DataFrame(latent, index=first.adata.obs_names.copy(), columns=names),
+        loadings=loadings_frame,
+        scores=scores,
+        rotations=rotations,
+        criterion=criterion,
+        agreement=agreement,
+    )
+
+
+def marked_groups(factors: ConsensusFactors | pd.DataFrame, groups) -> pd.DataFrame:
+    """The cell group each factor marks: per factor, the group with the highest mean factor
+    value, that mean, the next group's, and the one-vs-rest AUC of the factor for it (the
+    probability that a cell of the group scores above a cell outside it).
+
+    ``groups``: one label per cell (e.g. ``adata.obs["leiden"]``)."""
+    latent = factors.latent if isinstance(factors, ConsensusFactors) else factors
+    values = np.asarray(groups)
+    if len(values) != latent.shape[0]:
+        raise ValueError(f"groups has {len(values)} labels for {latent.shape[0]} cells.")
+    labels = pd.Series(values, index=latent.index).astype(str)
+    from scipy.stats import rankdata
+
+    means = latent.groupby(labels.to_numpy(), observed=True).mean()
+    rows = []
+    for f in latent.columns:
+        ranked = means[f].sort_values(ascending=False)
+        top = ranked.index[0]
+        inside = (labels == top).to_numpy()
+        ranks = rankdata(latent[f].to_numpy())
+        n1, n0 = int(inside.sum()), int((~inside).sum())
+        auc = (ranks[inside].sum() - n1 * (n1 + 1) / 2) / (n1 * n0) if n1 and n0 else np.nan
+        rows.append((f, top, float(ranked.iloc[0]), ranked.index[1] if len(ranked) > 1 else "",
+                     float(ranked.iloc[1]) if len(ranked) > 1 else np.nan, float(auc)))
+    return pd.DataFrame(rows, columns=["factor", "group", "mean", "next_group", "next_mean", "auc"]).set_index("factor")
+
+
+# --- into and out of AnnData ------------------------------------------------------------------------
+
+
+def write_factors(adata, factors: ConsensusFactors, *, key_added: str = "ldvae", obs_columns: bool = False) -> None:
+    """Write the factors into ``adata`` (the cells and genes of the runs), scanpy style.
+
+    Writes ``obsm[f"X_{key_added}_factors"]`` (consensus latent), ``varm[f"{key_added}_factor_loadings"]``
+    and ``varm[f"{key_added}_factor_scores"]`` (genes not modelled: NaN),
+    ``uns[f"{key_added}_factors"]`` (``names``, ``table``, ``criterion``, ``n_runs``,
+    ``threshold``, ``agreement`` and ``rotation``: the main run's R, ``z @ R`` its factors)
+    and, with ``obs_columns``, ``obs["F_0"] …``.
+    """
+    if adata.n_obs != factors.latent.shape[0] or not adata.obs_names.equals(factors.latent.index):
+        raise ValueError("adata must hold the cells the factors were found on, in the same order.")
+    names = list(factors.table.index)
+    adata.obsm[f"X_{key_added}_factors"] = factors.latent.to_numpy(dtype=np.float32)
+    for frame, what in ((factors.loadings, "loadings"), (factors.scores, "scores")):
+        adata.varm[f"{key_added}_factor_{what}"] = frame.reindex(adata.var_names).to_numpy(dtype=np.float32)
+    table = factors.table
+    adata.uns[f"{key_added}_factors"] = {
+        "names": np.asarray(names, dtype=object),
+        "table": {c: table[c].to_numpy() for c in table.columns},
+        "criterion": factors.criterion,
+        "n_runs": int(factors.n_runs),
+        "threshold": float(table.attrs.get("threshold", STABLE_THRESHOLD)),
+        "agreement": {k: float(v) for k, v in factors.agreement.items()},
+        "rotation": np.asarray(factors.rotations[0], dtype=float),
+    }
+    if obs_columns:
+        for k, name in enumerate(names):
+            adata.obs[name] = factors.latent[name].to_numpy()
+
+
+def read_factors(adata, *, key_added: str = "ldvae") -> ConsensusFactors:
+    """The factors that :func:`write_factors` wrote into ``adata`` (``rotations`` holds the
+    main run's only; ``n_runs`` says how many runs they came from)."""
+    key = f"{key_added}_factors"
+    if key not in adata.uns:
+        raise KeyError(f"adata.uns has no {key!r}: the factors were not written (ldvae run writes them).")
+    rec = adata.uns[key]
+    names = [str(n) for n in rec["names"]]
+    columns = ["fraction_of_model", "reproducibility", "min_correlation", "reproducible"]  # h5ad sorts the keys
+    table = pd.DataFrame({c: np.asarray(rec["table"][c]) for c in columns}, index=pd.Index(names, name="factor"))
+    table["reproducible"] = table["reproducible"].astype(bool)
+    table.attrs.update(threshold=float(rec["threshold"]), n_runs=int(rec["n_runs"]), criterion=str(rec["criterion"]))
+    frame = lambda m: pd.DataFrame(np.asarray(m, dtype=float), index=adata.var_names.copy(), columns=names)  # noqa: E731
+    return ConsensusFactors(
+        table=table,
+        latent=pd.DataFrame(np.asarray(adata.obsm[f"X_{key_added}_factors"], dtype=float),
+                            index=adata.obs_names.copy(), columns=names),
+        loadings=frame(adata.varm[f"{key_added}_factor_loadings"]),
+        scores=frame(adata.varm[f"{key_added}_factor_scores"]),
+        rotations=[np.asarray(rec["rotation"], dtype=float)],
+        criterion=str(rec["criterion"]),
+        agreement={k: float(v) for k, v in dict(rec.get("agreement", {})).items()},
+    )

@@ -1,0 +1,224 @@
+"""Reproducible factors: several fits aligned, rotated to simple structure and averaged.
+
+Two planted truths that a fit's own axes hide (the prior N(0, I) is rotation invariant):
+sparse loadings with a Gaussian latent (only the loadings have simple structure), and
+dense loadings with cells in populations (only the latent has). The default criterion
+must find each, the factors must be an exact rotation of every model, and the records
+must survive AnnData and the workflow.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
+
+import ldvae
+from ldvae.data.simulate import canonical_correlations, simulate
+from ldvae.factors.consensus import (
+    consensus_factors,
+    gene_information,
+    marked_groups,
+    read_factors,
+    write_factors,
+)
+from ldvae.factors.stability import _column_correlations, fit_seeds
+
+TRAIN = {"max_epochs": 200, "lr": 1e-2}
+SEEDS = (0, 1, 2)
+
+
+def _matched(truth: np.ndarray, found: np.ndarray) -> np.ndarray:
+    c = np.abs(_column_correlations(truth, found))
+    rows, cols = linear_sum_assignment(-c)
+    return c[rows, cols]
+
+
+@pytest.fixture(scope="module")
+def sparse_loadings():
+    """Five factors, each driving its own block of genes; z ~ N(0, I)."""
+    adata = simulate(n_cells=2000, n_genes=200, n_latent=5, seed=3)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    models = fit_seeds(adata, SEEDS, n_jobs=2, train_kwargs=TRAIN, n_latent=5)
+    return adata, models, consensus_factors(models)
+
+
+def _populations(n_cells=1500, n_genes=200, k=4, seed=0):
+    """Cells in k populations, each raising its own latent coordinate; every gene loads on
+    every factor (no sparse loadings to find)."""
+    rng = np.random.default_rng(seed)
+    population = rng.integers(0, k, n_cells)
+    z = 2.0 * np.eye(k)[population] + rng.normal(0.0, 0.5, (n_cells, k))
+    z -= z.mean(axis=0)
+    w = rng.normal(0.0, 0.4, (n_genes, k))
+    logits = z @ w.T + rng.normal(0.0, 1.0, n_genes)[None, :]
+    rho = np.exp(logits - logits.max(axis=1, keepdims=True))
+    rho /= rho.sum(axis=1, keepdims=True)
+    mu = np.exp(rng.normal(np.log(3000.0), 0.3, (n_cells, 1))) * rho
+    x = rng.poisson(rng.gamma(5.0, mu / 5.0)).astype(np.float32)
+    adata = ad.AnnData(sp.csr_matrix(x), obs=pd.DataFrame(
+        {"population": pd.Categorical([f"p{i}" for i in population])}, index=[f"c{i}" for i in range(n_cells)]))
+    adata.var_names = [f"g{i}" for i in range(n_genes)]
+    adata.layers["counts"] = adata.X.copy()
+    return adata, z
+
+
+@pytest.fixture(scope="module")
+def populations():
+    adata, z = _populations()
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    models = fit_seeds(adata, SEEDS, n_jobs=2, train_kwargs=TRAIN, n_latent=4)
+    return adata, z, models, consensus_factors(models)
+
+
+def test_sparse_loadings_hidden_by_rotation_are_recovered(sparse_loadings):
+    adata, models, f = sparse_loadings
+    truth = adata.varm["true_loadings"]
+    own = [_matched(truth, m.get_loadings().to_numpy()) for m in models]
+    assert min(o.min() for o in own) < 0.95  # each fit's own axes hide the planted factors
+    assert f.criterion == "loadings" and f.agreement["loadings"] > f.agreement["latent"]
+    assert canonical_correlations(truth, f.loadings.to_numpy()).mean() >= 0.95
+    assert _matched(truth, f.loadings.to_numpy()).min() >= 0.95
+    assert f.table["reproducible"].all() and (f.table["reproducibility"] >= 0.95).all()
+
+
+def test_populations_get_one_factor_each(populations):
+    adata, z, models, f = populations
+    assert f.criterion == "latent" and f.agreement["latent"] > f.agreement["loadings"]
+    assert canonical_correlations(z, f.latent.to_numpy()).min() >= 0.95
+    marks = marked_groups(f, adata.obs["population"])
+    assert sorted(marks["group"]) == ["p0", "p1", "p2", "p3"]  # one factor per population, high in it
+    assert (marks["auc"] >= 0.95).all() and (marks["mean"] > 0).all()
+    skew = (f.latent.to_numpy() ** 3).mean(axis=0)
+    assert (skew > 0).all()
+    # membership is a 0/1 column: an orthogonal rotation of a white latent gets at most ~0.87 of it here;
+    # the fits' own axes mix populations far more
+    member = np.eye(4)[adata.obs["population"].cat.codes.to_numpy()]
+    found = _matched(member, f.latent.to_numpy())
+    own = [_matched(member, m.get_latent_representation()) for m in models]
+    assert found.min() >= 0.75 and all(o.min() < found.min() - 0.1 for o in own)
+
+
+def test_factors_are_an_exact_rotation_of_every_model(sparse_loadings):
+    adata, models, f = sparse_loadings
+    k = f.loadings.shape[1]
+    for m, r in zip(models, f.rotations):
+        np.testing.assert_allclose(r.T @ r, np.eye(k), atol=1e-8)
+    w = [m.get_loadings().to_numpy() @ r for m, r in zip(models, f.rotations)]
+    np.testing.assert_allclose(f.loadings.to_numpy(), np.mean(w, axis=0), rtol=1e-5, atol=1e-6)
+    z = [m.get_latent_representation() @ r for m, r in zip(models, f.rotations)]
+    np.testing.assert_allclose(f.latent.to_numpy(), np.mean(z, axis=0), rtol=1e-5, atol=1e-5)
+    # the log-rate of the main model is unchanged: W z = (W R)(R^T z)
+    m, r = models[0], f.rotations[0]
+    zm = m.get_latent_representation()
+    np.testing.assert_allclose((zm @ r) @ (m.get_loadings().to_numpy() @ r).T,
+                               zm @ m.get_loadings().to_numpy().T, rtol=1e-4, atol=1e-4)
+
+
+def test_models_are_untouched(populations):
+    adata, _, models, _ = populations
+    m = models[0]
+    before_w, before_elbo = m.get_loadings().copy(), m.get_elbo(indices=np.arange(200))
+    consensus_factors(models[:2], criterion="latent")
+    pd.testing.assert_frame_equal(m.get_loadings(), before_w)
+    assert m.get_elbo(indices=np.arange(200)) == pytest.approx(before_elbo, rel=1e-6)
+
+
+def test_order_sign_and_names(sparse_loadings):
+    _, models, f = sparse_loadings
+    t = f.table
+    assert list(t.index) == [f"F_{i}" for i in range(5)]
+    assert (np.diff(t["fraction_of_model"].to_numpy()) <= 1e-12).all()  # most deviance first
+    top = f.loadings.to_numpy()[np.abs(f.loadings.to_numpy()).argmax(axis=0), np.arange(5)]
+    assert (top > 0).all()  # largest loading positive
+    assert (t["reproducible"] == (t["reproducibility"] >= t.attrs["threshold"])).all()
+    assert t.attrs["n_runs"] == len(SEEDS) == f.n_runs
+
+
+def test_scores_weigh_loadings_by_information(populations):
+    adata, _, models, f = populations
+    info = gene_information(models[0])
+    np.testing.assert_allclose(f.scores.to_numpy(), f.loadings.to_numpy() * np.sqrt(info.to_numpy())[:, None],
+                               rtol=1e-6)
+    mu = np.asarray(models[0].get_likelihood_parameters(give_mean=True)["mean"]).mean(axis=0)
+    assert (info.to_numpy() < mu).all() and (info.to_numpy() > 0).all()  # NB: below the Poisson's mu
+    top = f.top_genes(3)
+    assert set(top["direction"]) == {"+", "-"} and (top.groupby(["factor", "direction"]).size() <= 3).all()
+    plus = top[top["direction"] == "+"]
+    assert (plus["score"] > 0).all()
+    first = plus[plus["rank"] == 1].set_index("factor")["gene"]
+    assert all(first[c] == f.scores[c].idxmax() for c in first.index)
+    by_loading = f.top_genes(3, by="loading")
+    assert all(by_loading[(by_loading["direction"] == "+") & (by_loading["rank"] == 1)].set_index("factor")["gene"][c]
+               == f.loadings[c].idxmax() for c in f.loadings.columns)
+
+
+def test_information_of_a_poisson_model_is_its_mean(populations):
+    adata = populations[0]
+    m = ldvae.LinearSCVI(adata, n_latent=2, gene_likelihood="poisson")
+    m.train(max_epochs=2, progress_bar=False)
+    info = gene_information(m, n_cells=adata.n_obs)
+    mu = np.asarray(m.get_likelihood_parameters(give_mean=True)["mean"]).mean(axis=0)
+    np.testing.assert_allclose(info.to_numpy(), mu, rtol=1e-5)
+
+
+def test_one_model_is_rotated_without_reproducibility(populations):
+    _, _, models, _ = populations
+    f = consensus_factors(models[:1])
+    assert f.criterion == "latent" and f.n_runs == 1 and f.table["reproducibility"].isna().all()
+    assert not f.table["reproducible"].any()
+
+
+def test_marked_groups_auc(populations):
+    adata, _, _, f = populations
+    from scipy.stats import mannwhitneyu
+
+    marks = marked_groups(f, adata.obs["population"])
+    labels = adata.obs["population"].astype(str).to_numpy()
+    for factor, row in marks.iterrows():
+        x = f.latent[factor].to_numpy()
+        u = mannwhitneyu(x[labels == row["group"]], x[labels != row["group"]]).statistic
+        assert row["auc"] == pytest.approx(u / ((labels == row["group"]).sum() * (labels != row["group"]).sum()))
+        means = pd.Series(x).groupby(labels).mean()
+        assert row["group"] == means.idxmax() and row["mean"] == pytest.approx(means.max())
+    with pytest.raises(ValueError, match="labels for"):
+        marked_groups(f, labels[:10])
+
+
+def test_written_into_anndata_and_read_back(populations, tmp_path):
+    adata, _, _, f = populations
+    target = adata.copy()
+    write_factors(target, f, obs_columns=True)
+    assert target.obsm["X_ldvae_factors"].shape == (adata.n_obs, 4)
+    assert {f"F_{i}" for i in range(4)} <= set(target.obs.columns)
+    target.write_h5ad(tmp_path / "r.h5ad")
+    back = read_factors(ad.read_h5ad(tmp_path / "r.h5ad"))
+    pd.testing.assert_frame_equal(back.table, f.table, check_dtype=False)
+    np.testing.assert_allclose(back.latent.to_numpy(), f.latent.to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(back.scores.to_numpy(), f.scores.to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(back.rotations[0], f.rotations[0])
+    assert back.criterion == f.criterion and back.n_runs == f.n_runs
+    pd.testing.assert_frame_equal(back.top_genes(5), f.top_genes(5), check_exact=False, rtol=1e-5)
+    with pytest.raises(ValueError, match="same order"):
+        write_factors(adata[:10].copy(), f)
+    with pytest.raises(KeyError, match="were not written"):
+        read_factors(adata)
+
+
+def test_refuses_bad_input(populations, sparse_loadings):
+    adata, _, models, _ = populations
+    with pytest.raises(TypeError, match="list of trained"):
+        consensus_factors([])
+    with pytest.raises(TypeError, match="list of trained"):
+        consensus_factors([models[0], "model"])
+    with pytest.raises(ValueError, match="criterion must be"):
+        consensus_factors(models, criterion="quartimax")
+    with pytest.raises(ValueError, match="threshold"):
+        consensus_factors(models, threshold=1.5)
+    with pytest.raises(ValueError, match="other cells or genes"):
+        consensus_factors([models[0], sparse_loadings[1][0]])
+    with pytest.raises(ValueError, match="by must be"):
+        consensus_factors(models[:1]).top_genes(by="weight")
