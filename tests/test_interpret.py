@@ -489,9 +489,13 @@ def test_cli_factors(small_model, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out), "--gmt", gmt]) == 0
     for name in ("deviance.csv", "ordered_loadings.csv", "covariate_effects.csv", "enrichment.csv",
-                 "deviance.png", "report.html"):
+                 "deviance.png", "report.html", "factors.csv", "factor_genes.csv"):
         assert (out / name).exists(), name
-    assert "null deviance" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "null deviance" in printed and "Factors (1 fit(s); 0 of" in printed  # one model: rotated, no reproducibility
+    k = small_model.config.n_latent
+    assert list(pd.read_csv(out / "factors.csv")["factor"]) == [f"F_{i}" for i in range(k)]
+    assert "<h2>Reproducible factors</h2>" in (out / "report.html").read_text()
     assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out)]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
 

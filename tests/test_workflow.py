@@ -149,7 +149,9 @@ def test_stability_of_the_workflow_factors(finished):
     assert (table["stable"] == (table["stability"] >= 0.9)).all()
     res = anndata.read_h5ad(result.out_dir / "results.h5ad")
     stored = res.uns["ldvae_workflow"]["stability"]
-    assert list(stored["seeds"]) == [0, 1, 2] and res.uns["ldvae_workflow"]["settings"]["stability_seeds"] == 2
+    seeds = list(stored["seeds"])
+    assert seeds[0] == 0 and len(set(seeds)) == 3 and res.uns["ldvae_workflow"]["settings"]["stability_seeds"] == 2
+    assert seeds[1:] == workflow.refit_seeds(0, 2)
     np.testing.assert_allclose(pd.Series(stored["stability"], index=stored["factor"])[table.index], table["stability"])
     html = (result.out_dir / "report.html").read_text()
     assert "<h2>Factor stability across seeds</h2>" in html and "<th>reproducible</th>" in html
@@ -157,6 +159,44 @@ def test_stability_of_the_workflow_factors(finished):
     top = html[start:html.index("<h2>", start + 1)]
     n_yes = top.count("<td>yes</td>")
     assert n_yes == int(table["stable"].sum()) and n_yes + top.count("<td>no</td>") == 4
+
+
+def test_reproducible_factors_of_the_workflow(finished, tmp_path, capsys):
+    import anndata
+
+    from ldvae.cli.app import main
+    from ldvae.factors.consensus import read_factors
+
+    result, *_ = finished
+    f = result.factors
+    assert f.n_runs == 3 and list(f.table.index) == [f"F_{i}" for i in range(4)]
+    res = anndata.read_h5ad(result.out_dir / "results.h5ad")
+    back = read_factors(res)
+    np.testing.assert_allclose(back.latent.to_numpy(), f.latent.to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.obs[list(f.table.index)].to_numpy(), f.latent.to_numpy(), rtol=1e-5, atol=1e-6)
+    table = pd.read_csv(result.out_dir / "factors.csv")
+    assert list(table["factor"]) == list(f.table.index)
+    np.testing.assert_allclose(table["reproducibility"], f.table["reproducibility"], rtol=1e-6)
+    assert table["marks"].str.contains(r"\(AUC ").all()
+    genes = pd.read_csv(result.out_dir / "factor_genes.csv")
+    assert set(genes["factor"]) <= set(f.table.index) and (genes["rank"] <= 10).all()
+    html = (result.out_dir / "report.html").read_text()
+    assert "<h2>Reproducible factors</h2>" in html and "3 fits that differ only by their seed" in html
+    assert (result.out_dir / "figures" / "umap_reproducible_factors.png").is_file()
+    # `ldvae factors` shows the workflow's factors, not the saved model's own rotated alone
+    out = tmp_path / "f"
+    assert main(["factors", str(result.out_dir / "model"), "--adata", str(result.out_dir / "results.h5ad"),
+                 "--out-dir", str(out)]) == 0
+    assert "Factors (3 fit(s);" in capsys.readouterr().out
+    again = pd.read_csv(out / "factors.csv")
+    np.testing.assert_allclose(again["reproducibility"], table["reproducibility"], rtol=1e-6)
+
+
+def test_refit_seeds_are_distinct_and_not_shared_between_seeds():
+    a, b = workflow.refit_seeds(0, 3), workflow.refit_seeds(1, 3)
+    assert len(set(a)) == 3 and 0 not in a and a == workflow.refit_seeds(0, 3)
+    assert not set(a) & set(b) and not {0, 1} & set(a + b)  # another seed: no fit in common
+    assert all(0 <= s <= workflow.MAX_SEED for s in a + b) and workflow.refit_seeds(5, 0) == []
 
 
 def test_stability_seeds_must_be_a_count(counts_adata, tmp_path):

@@ -82,7 +82,7 @@ def _workflow_options(
     model.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
                        help="show download and training progress bars")
     model.add_argument("--stability-seeds", type=int, default=FACTOR_SEEDS if stability_seeds is None else stability_seeds,
-                       help="extra fits (seeds SEED+1 ...) beside the main one, run in parallel: the reproducible "
+                       help="extra fits (seeds drawn from --seed) beside the main one, run in parallel: the reproducible "
                             "factors F_k are the consensus of all fits; 0: the main fit's factors, rotated")
 
     graph = p.add_argument_group("neighbors, UMAP, Leiden on the latent space")

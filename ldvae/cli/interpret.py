@@ -68,9 +68,11 @@ def add_factors(subparsers) -> None:
     p = subparsers.add_parser(
         "factors", help="deviance explained, covariate effects and gene-set enrichment of a fitted model",
         formatter_class=HelpFormatter,
-        description="Interpret a saved model (e.g. OUT/model of `ldvae run`): deviance explained per factor,\n"
-                    "covariate effects and, with --gmt, gene-set enrichment. Writes deviance.csv,\n"
-                    "ordered_loadings.csv, covariate_effects.csv, enrichment.csv, figures and report.html.",
+        description="Interpret a saved model (e.g. OUT/model of `ldvae run`): the reproducible factors (those of\n"
+                    "`ldvae run` when --adata holds them, else the model's own rotated to simple structure),\n"
+                    "deviance explained per factor, covariate effects and, with --gmt, gene-set enrichment.\n"
+                    "Writes factors.csv, factor_genes.csv, deviance.csv, ordered_loadings.csv,\n"
+                    "covariate_effects.csv, enrichment.csv, figures and report.html.",
     )
     p.add_argument("model_dir", help="directory written by model.save() (e.g. OUT/model)")
     p.add_argument("--adata", default=None,
@@ -139,7 +141,8 @@ def _handle_factors(args: argparse.Namespace) -> int:
         print(f"Top gene set per factor and direction (p_adj <= 0.05): {len(best)} found")
         if len(best):
             print(best[["factor", "direction", "gene_set", "auc", "p_adj"]].to_string(index=False))
-    sections = [s(model, model.adata) if callable(s) else s for s in interpretation_sections(gmt=args.gmt)]
+    sections = [_factors(d, model)]
+    sections += [s(model, model.adata) if callable(s) else s for s in interpretation_sections(gmt=args.gmt)]
     report = _write_report(
         d, f"LDVAE factors: {Path(args.model_dir).name}",
         {"cells": model.adata.n_obs, "genes": len(model.var_names_), "model": str(args.model_dir)},
@@ -147,6 +150,27 @@ def _handle_factors(args: argparse.Namespace) -> int:
     )
     print(f"Wrote tables, figures and {report}")
     return 0
+
+
+def _factors(d: Path, model):
+    """The reproducible factors: those the workflow wrote into the AnnData (``uns["ldvae_factors"]``,
+    the consensus of its fits), else this model's own, rotated; ``factors.csv``, ``factor_genes.csv``,
+    a printout and the report section."""
+    from ..factors.consensus import consensus_factors, read_factors
+    from ..workflow.interpret_report import factors_section, factors_table
+    from ..workflow.pipeline import format_factors
+
+    adata = model.adata
+    stored = adata.uns.get("ldvae_factors")
+    if stored is not None and len(stored["names"]) == model.config.n_latent:
+        factors = read_factors(adata)
+    else:
+        factors = consensus_factors([model])
+    groups = adata.obs["leiden"] if "leiden" in adata.obs else None
+    _write(d, "factors.csv", factors_table(factors, groups), index=False)
+    _write(d, "factor_genes.csv", factors.top_genes(10), index=False)
+    print(format_factors(factors))
+    return factors_section(factors, groups)
 
 
 # --- ldvae stability / select-k ---------------------------------------------------------------

@@ -38,3 +38,12 @@ def check_workflow_options(options: dict) -> None:
     bad = [f for f in options["figure_formats"] if f not in FIGURE_FORMATS]
     if bad:
         raise SetupError(f"figure_formats: {bad[0]!r} is not one of {FIGURE_FORMATS}.")
+
+
+def refit_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of the ``n`` extra fits beside a main fit with ``seed``: drawn from ``seed``,
+    distinct and different from it, so that analyses run with different seeds share no fit."""
+    import numpy as np
+
+    draws = np.random.default_rng([int(seed), 0x5EED]).choice(2**31 - 1, size=n + 1, replace=False)
+    return [int(s) for s in draws if s != seed][:n]

@@ -31,7 +31,7 @@ from ..factors.stability import StabilityResult, factor_stability
 from ..model import LinearSCVI
 from ..util.io import atomic_path, atomic_write_h5ad, atomic_write_text
 # FIGURE_FORMATS, MAX_SEED, check_option, OUTPUT_MARKER and MIN_VARYING_GENES are also read from here.
-from .checks import FACTOR_SEEDS, FIGURE_FORMATS, MAX_SEED, check_option, check_workflow_options  # noqa: F401
+from .checks import FACTOR_SEEDS, FIGURE_FORMATS, MAX_SEED, check_option, check_workflow_options, refit_seeds  # noqa: F401
 from .outputs import OUTPUT_MARKER, check_out_dir, staged  # noqa: F401
 from .plotting import latent_pairs, loadings_frame, loadings_heatmap, top_genes, top_genes_bars, training_curves, umap
 from .prepare import MIN_VARYING_GENES, prepare  # noqa: F401
@@ -388,7 +388,8 @@ def run_workflow(
         Extra report sections: ``(title, html)`` pairs, or functions of ``(model, adata)``
         returning one (see :mod:`ldvae.workflow.report`).
     stability_seeds
-        Extra fits, with seeds ``seed + 1 … seed + stability_seeds``. The reproducible
+        Extra fits, with seeds drawn from ``seed`` (:func:`~ldvae.workflow.checks.refit_seeds`:
+        analyses with different seeds share no fit). The reproducible
         factors ``F_k`` are the consensus of all fits
         (:func:`ldvae.factors.consensus.consensus_factors`, main model first), and the model's
         own factors are matched to the refits' (:func:`ldvae.factors.stability.factor_stability`,
@@ -468,7 +469,7 @@ def _fit_and_interpret(adata, options: dict):
     train = dict(max_epochs=o["max_epochs"], lr=o["lr"], batch_size=o["batch_size"],
                  check_val_every_n_epoch=o["check_val_every_n_epoch"], accelerator=o["accelerator"])
     model_kwargs = dict(n_latent=o["n_latent"], gene_likelihood=o["gene_likelihood"])
-    extra_seeds = [o["seed"] + i for i in range(1, o["stability_seeds"] + 1)]
+    extra_seeds = refit_seeds(o["seed"], o["stability_seeds"])
     background = None
     if extra_seeds and not uses_gpu(o["accelerator"]):
         # Started before the main fit so that they run beside it on the other cores.

@@ -11,6 +11,7 @@ import pandas as pd
 from .._version import __version__
 from ..data.contract import get_counts
 from ..factors.stability import StabilityResult
+from .checks import refit_seeds
 
 WORKFLOW_KEY = "ldvae_workflow"
 
@@ -95,7 +96,7 @@ def record_run(raw, adata, model, stability, options: dict, *, input_name: str, 
     }
     adata.uns[WORKFLOW_KEY] = {"settings": settings, "data": data, "history": history_plain(hist)}
     if stability is not None:
-        seeds = [o["seed"] + i for i in range(o["stability_seeds"] + 1)]
+        seeds = [o["seed"], *refit_seeds(o["seed"], o["stability_seeds"])]
         adata.uns[WORKFLOW_KEY]["stability"] = stability_plain(stability, seeds)
     if isinstance(raw.uns.get("source"), dict):
         adata.uns["source"] = dict(raw.uns["source"])

@@ -1,0 +1,152 @@
+"""Do the default factors come back when the whole analysis is re-run?
+
+Fits ``--analyses`` independent analyses, each of ``--fits`` seeds (the workflow's main fit
+and its refits; no seed shared between analyses), on real counts with the tutorial's
+preparation (1000 seurat_v3 HVGs), and compares the analyses' factors:
+
+- factors of two analyses matched over cells (optimal one-to-one assignment); a factor is
+  reproducible when its median matched |correlation| over the other analyses is >= 0.9;
+- the top-10 genes (positive side, by score and by raw loading) shared by matched
+  reproducible factors;
+- with labels, each labelled population's best one-vs-rest AUC over the factors;
+- each fit's validation ELBO (a rotation leaves it unchanged; printed for reference).
+
+Compared: the consensus factors (``consensus_factors``), each main fit's own factors and
+the main fit's own factors after a varimax rotation of its loadings.
+
+    python bench/reproducible_factors.py                                  # pbmc3k, 9 Seurat labels
+    python bench/reproducible_factors.py --data ../shared/data/pbmc_5batch_8k.h5ad --labels none --batch-key dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from _common import REPO
+
+
+def _corr(a, b):
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    return (a.T @ b) / np.outer(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=0))
+
+
+def _auc(x, y):
+    from scipy.stats import rankdata
+
+    r = rankdata(x)
+    n1, n0 = y.sum(), (~y).sum()
+    return (r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def compare(latents, tops=None):
+    """Per analysis as reference: matched |corr| to each other analysis; median per factor."""
+    n = len(latents)
+    counts, medians, overlaps = [], [], []
+    for r in range(n):
+        per = []
+        for o in range(n):
+            if o == r:
+                continue
+            c = _corr(latents[r], latents[o])
+            rows, cols = linear_sum_assignment(-np.abs(c))
+            per.append(np.abs(c[rows, cols]))
+            if tops is not None and o > r:
+                for i, j in zip(rows, cols):
+                    if abs(c[i, j]) >= 0.9:
+                        a = tops[r][i][True]
+                        b = tops[o][j][bool(c[i, j] > 0)]
+                        overlaps.append(len(set(a) & set(b)))
+        med = np.median(np.array(per), axis=0)
+        counts.append(int((med >= 0.9).sum()))
+        medians.append(np.sort(med)[::-1])
+    return np.mean(counts), np.mean(medians, axis=0), overlaps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pbmc3k_10x_raw_seurat_labels.h5ad"))
+    p.add_argument("--labels", default="seurat_annotation", help="obs column of labels ('none': no AUC)")
+    p.add_argument("--batch-key", default=None)
+    p.add_argument("--analyses", type=int, default=2)
+    p.add_argument("--fits", type=int, default=4, help="fits per analysis (the workflow: 1 + --stability-seeds)")
+    p.add_argument("--n-latent", type=int, default=10)
+    p.add_argument("--max-epochs", type=int, default=250)
+    p.add_argument("--lr", type=float, default=5e-3)
+    args = p.parse_args()
+
+    import anndata
+    import ldvae
+    from ldvae.factors.consensus import consensus_factors
+    from ldvae.factors.stability import fit_seeds, varimax
+    from ldvae.workflow.checks import refit_seeds
+    from ldvae.workflow.prepare import prepare
+
+    raw = anndata.read_h5ad(args.data)
+    labels = None
+    if args.labels != "none":
+        raw = raw[raw.obs[args.labels].notna()].copy()
+        labels = raw.obs[args.labels].astype(str).to_numpy()
+    adata = prepare(raw, n_top_genes=1000, batch_key=args.batch_key)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts", batch_key=args.batch_key)
+    seeds = [[a, *refit_seeds(a, args.fits - 1)] for a in range(args.analyses)]
+    all_seeds = [s for group in seeds for s in group]
+    t0 = time.perf_counter()
+    fits = fit_seeds(adata, all_seeds, train_kwargs={"max_epochs": args.max_epochs, "plan_kwargs": {"lr": args.lr}},
+                     n_latent=args.n_latent)
+    fit_s = time.perf_counter() - t0
+    by_seed = dict(zip(all_seeds, fits))
+    print(f"{adata.n_obs} cells x {adata.n_vars} genes, K = {args.n_latent}, {args.analyses} analyses x "
+          f"{args.fits} fits, {args.max_epochs} epochs: {fit_s:.0f} s of fitting")
+    elbo = [float(m.get_elbo(indices=m.validation_indices_)) for m in fits]
+    print(f"validation ELBO per fit: median {np.median(elbo):.2f} (range {min(elbo):.2f} … {max(elbo):.2f})")
+
+    t0 = time.perf_counter()
+    results = [consensus_factors([by_seed[s] for s in group]) for group in seeds]
+    cons_s = (time.perf_counter() - t0) / len(results)
+    mains = [by_seed[group[0]] for group in seeds]
+    own = [m.get_latent_representation() for m in mains]
+    vari = [m.get_latent_representation() @ varimax(m.get_loadings().to_numpy())[1] for m in mains]
+
+    def tops(frame, n=10):
+        return [{True: list(frame[c].nlargest(n).index), False: list(frame[c].nsmallest(n).index)}
+                for c in frame.columns]
+
+    rows = [
+        ("consensus factors", [r.latent.to_numpy() for r in results], [tops(r.scores) for r in results],
+         [tops(r.loadings) for r in results]),
+        ("main fit, own factors", own, None, None),
+        ("main fit, varimax of loadings", vari, None, None),
+    ]
+    print(f"consensus: {cons_s:.1f} s per analysis; criterion {[r.criterion for r in results]}")
+    for name, latents, top_scores, top_loadings in rows:
+        n, med, ov = compare(latents, top_scores)
+        line = f"{name:32s} reproducible {n:.1f} of {args.n_latent}: {np.round(med, 2)}"
+        if top_scores is not None:
+            _, _, ovl = compare(latents, top_loadings)
+            line += (f"\n{'':32s} top-10 shared (score): median {np.median(ov):.0f}, >= 7 in {np.mean(np.array(ov) >= 7):.0%};"
+                     f" (raw loading): median {np.median(ovl):.0f}, >= 7 in {np.mean(np.array(ovl) >= 7):.0%}")
+        if labels is not None:
+            aucs = []
+            for z in latents:
+                best = {}
+                for lab in np.unique(labels):
+                    y = labels == lab
+                    a = [_auc(z[:, k], y) for k in range(z.shape[1])]
+                    best[lab] = max(max(a), 1 - min(a))
+                aucs.append(best)
+            mean = np.mean([np.mean(list(b.values())) for b in aucs])
+            per = {lab: round(float(np.mean([b[lab] for b in aucs])), 3) for lab in aucs[0]}
+            line += f"\n{'':32s} best AUC per population, mean {mean:.3f}: {per}"
+        print(line)
+    print("reproducibility reported by each analysis (single fits, each rotated on its own):")
+    for r in results:
+        print("  ", np.round(r.table["reproducibility"].to_numpy(), 2))
+
+
+if __name__ == "__main__":
+    main()
