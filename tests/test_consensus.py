@@ -121,10 +121,10 @@ def test_factors_are_an_exact_rotation_of_every_model(sparse_loadings):
 def test_models_are_untouched(populations):
     adata, _, models, _ = populations
     m = models[0]
-    before_w, before_elbo = m.get_loadings().copy(), m.get_elbo(indices=np.arange(200))
+    before_w, before_elbo = m.get_loadings().copy(), float(m.get_elbo(indices=np.arange(200)))
     consensus_factors(models[:2], criterion="latent")
     pd.testing.assert_frame_equal(m.get_loadings(), before_w)
-    assert m.get_elbo(indices=np.arange(200)) == pytest.approx(before_elbo, rel=1e-6)
+    assert float(m.get_elbo(indices=np.arange(200))) == pytest.approx(before_elbo, rel=1e-6)
 
 
 def test_order_sign_and_names(sparse_loadings):

@@ -384,7 +384,7 @@ def test_a_last_minibatch_of_one_cell_joins_the_one_before(adata, monkeypatch):
     monkeypatch.setattr(batches, "minibatches", lambda perm, n: sizes.append([len(b) for b in original(perm, n)])
                         or original(perm, n))
     model = new_model(adata)
-    model.train(max_epochs=2, batch_size=179, progress_bar=False)  # 180 training cells: 179 + 1
+    model.train(max_epochs=2, batch_size=179, train_size=0.9, progress_bar=False)  # 180 training cells: 179 + 1
     assert sizes[-2:] == [[180], [180]] and model.train_state_.step == 2
 
 

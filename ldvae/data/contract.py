@@ -263,6 +263,14 @@ class CountData:
         self.label = torch.as_tensor(cov.label, device=device)
         self.cat_covs = None if cov.cat_covs is None else torch.as_tensor(cov.cat_covs, device=device)
         self.cont_covs = None if cov.cont_covs is None else torch.as_tensor(cov.cont_covs, device=device)
+        self.posterior: tuple[Tensor, Tensor] | None = None
+
+    def use_posterior(self, qz_m: np.ndarray, qz_v: np.ndarray, library: np.ndarray) -> None:
+        """Cells without counts (a minified AnnData): minibatches carry the stored mean and
+        variance of q(z | x), (n_cells, K), and the observed library ``library`` (n_cells,)."""
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)  # noqa: E731
+        self.posterior = (as_tensor(qz_m), as_tensor(qz_v))
+        self.log_total = as_tensor(np.log(np.maximum(np.asarray(library, dtype=np.float64), 1e-12)))
 
     def gather(self, rows: Tensor, *, by_gene: bool = False) -> CountBatch:
         """The minibatch of cells ``rows`` (int64 on this device), built by index gather.
@@ -323,6 +331,7 @@ class CountData:
             log1p_values=log1p_val,
             gene_order=order,
             row_pointer=ptr,
+            posterior=None if self.posterior is None else tuple(per_cell(t) for t in self.posterior),
         )
 
 

@@ -6,11 +6,13 @@ forwards them by keyword."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from ..data.contract import (
@@ -33,9 +35,13 @@ from ..query.cells import DiskCells
 from ..train.streaming import StreamingSource
 from ..train.loop import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint, split_indices
 from ..util.settings import settings
-from .files import read_model, read_saved_adata, save_model, train_state_of
+from .files import read_model, read_saved_adata, save_model, split_of, train_state_of
 from .queries import Queries
-from .params import check_init_params, check_plan, check_train_args, init_params_of, module_config, resolve_device
+from .surface import LIBRARY_KEY, ScviSurface, minified_fields
+from .params import (
+    check_init_params, check_model_kwargs, check_plan, check_registry, check_strategy, check_train_args, init_params_of,
+    module_config, resolve_device, splitter_options, train_options,
+)
 from .resume import resume_state
 
 logger = logging.getLogger(__name__)
@@ -45,13 +51,16 @@ class NotTrainedError(RuntimeError):
     """A query was made on a model that has not been trained."""
 
 
-class LinearSCVI(Queries):
+class LinearSCVI(Queries, ScviSurface):
     """Linearly decoded VAE (Svensson et al. 2020) with the API of scvi-tools' ``LinearSCVI``.
 
     Parameters
     ----------
     adata
         AnnData set up with :meth:`setup_anndata`.
+    registry
+        scvi-tools' registry for models built without AnnData; ldvae needs ``adata``
+        (a registry is accepted beside it and not used).
     n_hidden
         Hidden units of the encoders.
     n_latent
@@ -68,29 +77,30 @@ class LinearSCVI(Queries):
         Use log total counts as the library instead of learning it.
     latent_distribution
         ``"normal"`` or ``"ln"`` (logistic normal: the decoder sees softmax(z)).
-    use_batch_norm
-        Batch normalization in the decoder (the loadings fold its scale in).
-    bias
-        A per-gene bias in the decoder's linear map.
+    **model_kwargs
+        ``use_batch_norm`` (default True): batch normalization in the decoder (the
+        loadings fold its scale in); ``bias`` (default False): a per-gene bias in the
+        decoder's linear map. scvi-tools' other VAE options are accepted at the value
+        ldvae's model has (e.g. ``encode_covariates=False``) and refused, saying so,
+        at any other.
     """
 
     def __init__(
         self,
-        adata,
+        adata=None,
+        registry: dict | None = None,
         n_hidden: int = 128,
         n_latent: int = 10,
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-        gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb",
+        gene_likelihood: Literal["zinb", "nb", "poisson"] = "nb",
         use_observed_lib_size: bool = False,
         latent_distribution: Literal["normal", "ln"] = "normal",
-        use_batch_norm: bool = True,
-        bias: bool = False,
         **model_kwargs,
     ):
-        if model_kwargs:
-            raise TypeError(f"LinearSCVI got unexpected keyword arguments: {sorted(model_kwargs)}.")
+        check_registry(adata, registry)
+        extra = check_model_kwargs(model_kwargs)
         params = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
             dispersion=dispersion, gene_likelihood=gene_likelihood, latent_distribution=latent_distribution,
@@ -98,7 +108,7 @@ class LinearSCVI(Queries):
         check_init_params(params)
         params.update(
             n_hidden=int(n_hidden), n_latent=int(n_latent), n_layers=int(n_layers), dropout_rate=float(dropout_rate),
-            use_observed_lib_size=bool(use_observed_lib_size), use_batch_norm=bool(use_batch_norm), bias=bool(bias),
+            use_observed_lib_size=bool(use_observed_lib_size), **extra,
         )
         self.adata = adata
         self.setup_ = get_setup(adata)
@@ -118,28 +128,36 @@ class LinearSCVI(Queries):
         self.device = torch.device("cpu")
         self.train_state_: TrainState | None = None
         self.is_trained_ = False
+        self.train_indices_ = self.validation_indices_ = self.test_indices_ = np.zeros(0, dtype=np.int64)
+        self._reset_surface()
 
     # --- the AnnData contract ---------------------------------------------------------------
-    @staticmethod
+    @classmethod
     def setup_anndata(
+        cls,
         adata,
-        layer: str | None = None,
         batch_key: str | None = None,
         labels_key: str | None = None,
-        categorical_covariate_keys: Sequence[str] | None = None,
-        continuous_covariate_keys: Sequence[str] | None = None,
+        layer: str | None = None,
+        **kwargs,
     ) -> None:
         """Check raw counts and covariates; record the choices in ``adata.uns["ldvae_setup"]``.
 
-        See :func:`ldvae.data.contract.setup_anndata` for the fields written.
+        ``kwargs``: ``categorical_covariate_keys`` and ``continuous_covariate_keys`` (obs
+        columns the decoder adds to the log rate). See :func:`ldvae.data.setup.setup_anndata`.
         """
+        unknown = sorted(set(kwargs) - {"categorical_covariate_keys", "continuous_covariate_keys"})
+        if unknown:
+            raise TypeError(f"setup_anndata got unknown arguments {unknown}; it takes batch_key, labels_key, layer, "
+                            "categorical_covariate_keys and continuous_covariate_keys.")
+        cats, conts = kwargs.get("categorical_covariate_keys"), kwargs.get("continuous_covariate_keys")
         setup_anndata(
             adata,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
-            categorical_covariate_keys=list(categorical_covariate_keys) if categorical_covariate_keys else None,
-            continuous_covariate_keys=list(continuous_covariate_keys) if continuous_covariate_keys else None,
+            categorical_covariate_keys=list(cats) if cats else None,
+            continuous_covariate_keys=list(conts) if conts else None,
         )
 
     @property
@@ -179,6 +197,8 @@ class LinearSCVI(Queries):
     def _read(self, adata):
         """Validated CSR counts and covariates of ``adata`` under the model's setup."""
         self._check_genes(adata)
+        if minified_fields(adata) is not None:  # no counts: the cells carry their posterior (see _data)
+            return sp.csr_matrix(adata.shape, dtype=np.float32), read_covariates(adata, self.setup_)
         layer = self.setup_.get("layer")
         mat = get_counts(adata, layer)
         if is_on_disk(mat):  # a query without a streaming path loads the counts
@@ -191,15 +211,22 @@ class LinearSCVI(Queries):
         return csr, read_covariates(adata, self.setup_)
 
     def _data(self, adata=None) -> CountData:
-        """Counts of ``adata`` (default: the training data) on the model's device."""
+        """Counts of ``adata`` (default: the training data) on the model's device; for a
+        minified AnnData, its stored posterior and observed library."""
         if adata is None or adata is self.adata:
             key = id(self.adata)
             if self._data_cache is None or self._data_cache[0] != key or self._data_cache[1].device != self.device:
-                csr, cov = self._read(self.adata)
-                self._data_cache = (key, CountData(csr, cov, self.device))
+                self._data_cache = (key, self._count_data(self.adata))
             return self._data_cache[1]
+        return self._count_data(adata)
+
+    def _count_data(self, adata) -> CountData:
         csr, cov = self._read(adata)
-        return CountData(csr, cov, self.device)
+        data = CountData(csr, cov, self.device)
+        fields = minified_fields(adata)
+        if fields is not None:
+            data.use_posterior(adata.obsm[fields["qzm_key"]], adata.obsm[fields["qzv_key"]], adata.obs[LIBRARY_KEY])
+        return data
 
     def _check_trained(self) -> None:
         if not self.is_trained_:
@@ -226,23 +253,18 @@ class LinearSCVI(Queries):
         self,
         max_epochs: int | None = None,
         accelerator: str = "auto",
-        devices: int | str = "auto",
-        train_size: float = 0.9,
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
         validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
         batch_size: int = 128,
         early_stopping: bool = False,
-        check_val_every_n_epoch: int | None = None,
+        datasplitter_kwargs: dict | None = None,
+        plan_config: dict | None = None,
         plan_kwargs: dict | None = None,
-        *,
-        lr: float | None = None,
-        progress_bar: bool = True,
-        seed: int | None = None,
-        checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every_n_epochs: int = 10,
-        resume_from: str | os.PathLike | None = None,
-        early_stopping_patience: int = 45,
-        batch_norm_momentum: float | None = None,
-        threads: int | None = None,
+        datamodule=None,
+        trainer_config: dict | None = None,
         **trainer_kwargs,
     ) -> None:
         """Fit the model; calling it again continues training and appends to the history.
@@ -254,69 +276,79 @@ class LinearSCVI(Queries):
         accelerator, devices
             ``"auto"`` uses a CUDA GPU when present; ``devices`` may name a GPU index.
         train_size, validation_size
-            Fractions of cells for training and validation (scvi-tools' split, seeded).
+            Fractions of cells for training and validation (scvi-tools' seeded split). With
+            ``train_size=None`` (0.9), a last training minibatch of 1 or 2 cells moves to the
+            validation cells (scvi-tools 1.5); otherwise it joins the minibatch before it.
+        shuffle_set_split
+            Split a seeded permutation of the cells (False: the cells in order).
+        load_sparse_tensor
+            Accepted; ldvae always keeps the counts sparse.
         batch_size
-            Cells per minibatch, at least 2 (batch normalization needs two cells); a last
-            minibatch of one cell joins the one before it.
+            Cells per minibatch, at least 2 (batch normalization needs two cells).
         early_stopping
-            Stop when ``elbo_validation`` has not improved for ``early_stopping_patience`` epochs.
-        check_val_every_n_epoch
-            Validation frequency; default: the last epoch only (every epoch with early stopping).
-        plan_kwargs
-            ``lr``, ``weight_decay``, ``eps``, ``n_epochs_kl_warmup``, ``n_steps_kl_warmup``.
-        lr
-            Shortcut for ``plan_kwargs={"lr": ...}``.
-        progress_bar
-            Show a progress bar when stderr is a terminal, else log a line (epoch, ELBO) every
-            tenth of the epochs; False: neither (``enable_progress_bar=False`` is accepted too).
-        seed
-            Random seed of splitting and training; default ``ldvae.settings.seed``.
-        checkpoint_dir, checkpoint_every_n_epochs
-            Write a checkpoint every N epochs (and at the end) into this directory.
-        resume_from
-            A checkpoint file or directory to continue from (same data and model settings);
-            ``max_epochs`` counts the checkpoint's epochs, and ``seed`` defaults to the
-            checkpoint's. With the same settings the result equals an uninterrupted fit
-            (on CPU, exactly).
-        batch_norm_momentum
-            Momentum of the batch-norm running statistics during this fit (default: the
-            model's 0.01, as scvi-tools). With few steps per epoch (large batches, fast
-            settings) 0.05-0.1 keeps eval-mode outputs and validation up to date.
-        threads
-            CPU threads for torch during the fit (restored after). Default: one when a
-            minibatch is small (batch_size x genes up to 4M: faster, and robust on a busy
-            machine), else torch's current setting.
+            Stop when ``early_stopping_monitor`` (default ``elbo_validation``) has not improved
+            by ``early_stopping_min_delta`` for ``early_stopping_patience`` epochs (45).
+        datasplitter_kwargs
+            ``external_indexing``: ``[train, validation, test]`` cell positions.
+        plan_config, plan_kwargs
+            ``lr``, ``weight_decay``, ``eps``, ``optimizer`` (``"Adam"``, ``"AdamW"``),
+            ``n_epochs_kl_warmup``, ``n_steps_kl_warmup``, ``reduce_lr_on_plateau`` with
+            ``lr_factor``, ``lr_patience``, ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``.
+        datamodule
+            Not supported (ldvae reads the model's AnnData, in memory or backed on disk).
+        trainer_config, **trainer_kwargs
+            ``check_val_every_n_epoch`` (default: the last epoch only, every epoch with early
+            stopping), ``early_stopping_patience``, ``early_stopping_monitor``,
+            ``early_stopping_min_delta``, ``early_stopping_mode``, ``early_stopping_warmup_epochs``,
+            ``strategy``; ldvae's ``lr`` (shortcut for the plan's), ``progress_bar`` (or
+            ``enable_progress_bar``), ``seed`` (default ``ldvae.settings.seed``),
+            ``checkpoint_dir`` with ``checkpoint_every_n_epochs`` (10), ``resume_from`` (a
+            checkpoint; ``max_epochs`` counts its epochs; the same result as an uninterrupted
+            fit), ``batch_norm_momentum`` (default the model's 0.01) and ``threads`` (CPU threads
+            during the fit; default one for small minibatches). Lightning-only options
+            (``logger``, ``callbacks``, ...) are accepted and logged with what ldvae does instead.
         """
-        progress_bar = bool(trainer_kwargs.pop("enable_progress_bar", progress_bar))
-        if trainer_kwargs:
-            raise TypeError(f"train got unexpected keyword arguments: {sorted(trainer_kwargs)}.")
-        plan = check_plan(plan_kwargs, lr)
+        self._refuse_if_minified("train")
+        opts = train_options(trainer_kwargs, trainer_config)
+        plan = check_plan({**dict(plan_config or {}), **dict(plan_kwargs or {})}, opts["lr"])
+        if datamodule is not None:
+            raise SetupError("datamodule is not supported: ldvae reads the model's AnnData (in memory, or backed "
+                             "on disk for data larger than memory).")
+        check_strategy(opts["strategy"], devices)
+        external = splitter_options(datasplitter_kwargs, self.adata.n_obs)
         n = self.adata.n_obs
         if max_epochs is None:
             max_epochs = int(min(400, round(20000 / n * 400)))
         check_train_args(
-            batch_size=batch_size, max_epochs=max_epochs, early_stopping_patience=early_stopping_patience,
-            check_val_every_n_epoch=check_val_every_n_epoch, checkpoint_every_n_epochs=checkpoint_every_n_epochs,
-            threads=threads, batch_norm_momentum=batch_norm_momentum,
+            batch_size=batch_size, max_epochs=max_epochs, early_stopping_patience=opts["early_stopping_patience"],
+            check_val_every_n_epoch=opts["check_val_every_n_epoch"],
+            checkpoint_every_n_epochs=opts["checkpoint_every_n_epochs"], threads=opts["threads"],
+            batch_norm_momentum=opts["batch_norm_momentum"],
         )
+        resume_from, seed = opts["resume_from"], opts["seed"]
         payload = None if resume_from is None else load_checkpoint(resume_from)
         if seed is None and payload is not None:
             seed = payload["train_config"].get("seed")  # the same split and random stream as before
         seed = settings.seed if seed is None else int(seed)
-        self.device = resolve_device(accelerator, devices if isinstance(devices, int) else None)
-        train_idx, val_idx = self._split(train_size, validation_size, seed, batch_size)
+        self.device = resolve_device(accelerator, devices if isinstance(devices, int) and devices >= 0 else None)
+        train_idx, val_idx, test_idx = self._split(train_size, validation_size, seed, batch_size,
+                                                   shuffle_set_split, external)
         config = TrainConfig(
             max_epochs=max_epochs,
             batch_size=batch_size,
             early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            check_val_every_n_epoch=check_val_every_n_epoch,
-            progress_bar=progress_bar,
+            early_stopping_patience=opts["early_stopping_patience"],
+            early_stopping_min_delta=float(opts["early_stopping_min_delta"]),
+            early_stopping_monitor=opts["early_stopping_monitor"],
+            early_stopping_mode=opts["early_stopping_mode"],
+            early_stopping_warmup_epochs=int(opts["early_stopping_warmup_epochs"]),
+            check_val_every_n_epoch=opts["check_val_every_n_epoch"],
+            progress_bar=bool(opts["progress_bar"]),
             seed=seed,
-            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-            checkpoint_every_n_epochs=checkpoint_every_n_epochs,
-            batch_norm_momentum=batch_norm_momentum,
-            threads=threads,
+            checkpoint_dir=None if opts["checkpoint_dir"] is None else str(opts["checkpoint_dir"]),
+            checkpoint_every_n_epochs=opts["checkpoint_every_n_epochs"],
+            batch_norm_momentum=opts["batch_norm_momentum"],
+            threads=opts["threads"],
             **plan,
         )
         state = self.train_state_ or TrainState()
@@ -331,7 +363,7 @@ class LinearSCVI(Queries):
             # Also on NonFiniteLossError: the module holds the last good parameters, and the
             # history so far stays readable.
             self.train_state_ = state
-            self.train_indices_, self.validation_indices_ = train_idx, val_idx
+            self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, test_idx
             self.is_trained_ = state.step > 0
 
     def _source(self, train_idx, val_idx, batch_size: int):
@@ -341,10 +373,22 @@ class LinearSCVI(Queries):
                                               device=self.device)
         return InMemorySource(self._data(), train_idx, val_idx, batch_size)
 
-    def _split(self, train_size: float, validation_size: float | None, seed: int, batch_size: int):
-        """Training and validation cells (scvi-tools' seeded split); at least two training cells."""
+    def _split(self, train_size: float | None, validation_size: float | None, seed: int, batch_size: int,
+               shuffle: bool = True, external: list[np.ndarray] | None = None):
+        """Training, validation and test cells (scvi-tools' seeded split, or ``external``);
+        at least two training cells."""
         n = self.adata.n_obs
-        train_idx, val_idx = split_indices(n, train_size, validation_size, seed)
+        if external is not None:
+            train_idx, val_idx, test_idx = external
+        else:
+            size = 0.9 if train_size is None else train_size
+            train_idx, val_idx = split_indices(n, size, validation_size, seed, shuffle=shuffle,
+                                               batch_size=batch_size if train_size is None else None)
+            test_idx = np.setdiff1d(np.arange(n), np.concatenate([train_idx, val_idx]))
+            if train_size is None and len(train_idx) < math.ceil(size * n):
+                logger.warning("%d cells moved from the training to the validation cells (a last minibatch of "
+                               "%d); pass train_size to keep them.", math.ceil(size * n) - len(train_idx),
+                               math.ceil(size * n) - len(train_idx))
         if len(train_idx) < 2:
             raise SetupError(
                 f"LDVAE needs at least 2 training cells (batch normalization); adata has {n} cells and "
@@ -355,7 +399,7 @@ class LinearSCVI(Queries):
                 "batch_size=%d is larger than the %d training cells; each epoch is one minibatch of %d cells.",
                 batch_size, len(train_idx), len(train_idx),
             )
-        return train_idx, val_idx
+        return train_idx, val_idx, test_idx
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:
@@ -376,10 +420,19 @@ class LinearSCVI(Queries):
         prefix: str | None = None,
         overwrite: bool = False,
         save_anndata: bool = False,
+        save_kwargs: dict | None = None,
+        legacy_mudata_format: bool = False,
+        datamodule=None,
+        **anndata_write_kwargs,
     ) -> None:
-        """Save to ``dir_path``: ``ldvae_model.json`` (settings, genes, categories, history,
-        versions, the SHA-256 of the weights), ``model_state.pt`` (weights) and, with
-        ``save_anndata``, ``adata.h5ad``. Each file is written atomically; the JSON last."""
+        """Save to ``dir_path``: ``ldvae_model.json`` (settings, genes, categories, the split's
+        cells, history, versions, the SHA-256 of the weights), ``model_state.pt`` (weights)
+        and, with ``save_anndata``, ``adata.h5ad``. Each file is written atomically; the JSON
+        last. ``save_kwargs`` (for ``torch.save``), ``legacy_mudata_format``, ``datamodule``
+        and ``anndata_write_kwargs`` are accepted for scvi-tools' signature; ldvae's files
+        need none of them (the AnnData is written with anndata's defaults)."""
+        if datamodule is not None:
+            raise SetupError("datamodule is not supported: ldvae saves the model and, optionally, its AnnData.")
         save_model(self, dir_path, prefix, overwrite=overwrite, save_anndata=save_anndata)
 
     @classmethod
@@ -390,17 +443,23 @@ class LinearSCVI(Queries):
         accelerator: str = "auto",
         device: int | str = "auto",
         prefix: str | None = None,
+        backup_url: str | None = None,
+        datamodule=None,
+        allowed_classes_names_list: list[str] | None = None,
     ) -> "LinearSCVI":
         """Load a model saved with :meth:`save`. ``adata`` must have the model's genes (in order)
-        and only known categories; without ``adata`` the saved ``adata.h5ad`` is used.
+        and only known categories; without ``adata`` the saved ``adata.h5ad`` is used (or
+        downloaded from ``backup_url`` when it is missing).
 
         Every field of the JSON and the stored weights' keys, shapes and values are checked
         before anything is built (a ModelFileError naming the field, its value and the file);
         ``adata.uns["ldvae_setup"]`` is written only when the whole load succeeded."""
+        if datamodule is not None:
+            raise SetupError("datamodule is not supported: pass adata (in memory, or backed on disk).")
         meta, state = read_model(dir_path, prefix)
         device = resolve_device(accelerator, device if isinstance(device, int) else None)
         if adata is None:
-            adata = read_saved_adata(dir_path, prefix)
+            adata = read_saved_adata(dir_path, prefix, backup_url=backup_url)
         saved_setup = meta["setup"]
         record_setup = "ldvae_setup" not in adata.uns
         if record_setup:
@@ -420,9 +479,26 @@ class LinearSCVI(Queries):
         model.module.to(model.device)
         model.train_state_ = train_state_of(meta)
         model.is_trained_ = bool(meta.get("is_trained"))
+        model.train_indices_, model.validation_indices_, model.test_indices_ = split_of(meta)
+        model._reset_surface()
         if record_setup:  # only once everything succeeded: a failed load leaves adata untouched
             adata.uns["ldvae_setup"] = saved_setup
         return model
+
+    @classmethod
+    def convert_legacy_save(
+        cls,
+        dir_path: str | os.PathLike,
+        output_dir_path: str | os.PathLike,
+        overwrite: bool = False,
+        prefix: str | None = None,
+        **save_kwargs,
+    ) -> None:
+        """Rewrite a model saved in the older layout (``model_params.pt``, ``attr.pkl``,
+        ``var_names.csv``) as ldvae's files; ``attr.pkl`` is read admitting plain data only."""
+        from .legacy import convert_legacy_save
+
+        convert_legacy_save(dir_path, output_dir_path, overwrite=overwrite, prefix=prefix)
 
     def __repr__(self) -> str:
         p = self.init_params_

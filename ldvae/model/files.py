@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .._version import __version__
@@ -22,6 +23,8 @@ MODEL_JSON = "ldvae_model.json"
 MODEL_WEIGHTS = "model_state.pt"
 ADATA_FILE = "adata.h5ad"
 FORMAT_VERSION = 1
+SPLIT_NAMES = ("train", "validation", "test")
+LEGACY_WEIGHTS = "model_params.pt"  # scvi-tools' layout before 0.15: with attr.pkl and var_names.csv
 
 
 def save_model(model, dir_path: str | os.PathLike, prefix: str | None, *, overwrite: bool, save_anndata: bool) -> None:
@@ -42,6 +45,7 @@ def save_model(model, dir_path: str | os.PathLike, prefix: str | None, *, overwr
         "var_names": list(model.var_names_),
         "n_cells": int(model.adata.n_obs),
         "is_trained": bool(model.is_trained_),
+        "split": {name: [int(i) for i in getattr(model, f"{name}_indices_")] for name in SPLIT_NAMES},
         "train_state": None
         if st is None
         else {"epoch": st.epoch, "step": st.step, "warmup_steps": st.warmup_steps, "history": st.history},
@@ -62,19 +66,34 @@ def read_model(dir_path: str | os.PathLike, prefix: str | None) -> tuple[dict, d
     d = Path(dir_path)
     p = prefix or ""
     json_path = d / f"{p}{MODEL_JSON}"
+    if not json_path.exists() and (d / f"{p}{LEGACY_WEIGHTS}").exists():
+        raise ModelFileError(
+            f"{d} holds a model in the older layout ({p}{LEGACY_WEIGHTS}, {p}attr.pkl, {p}var_names.csv). Convert "
+            f"it first: LinearSCVI.convert_legacy_save({str(d)!r}, new_dir, prefix={prefix!r})."
+        )
     meta = _read_model_json(json_path)
     state = _read_weights(d / f"{p}{MODEL_WEIGHTS}", meta, json_path)
     return meta, state
 
 
-def read_saved_adata(dir_path: str | os.PathLike, prefix: str | None):
-    """The ``adata.h5ad`` saved beside the model."""
+def read_saved_adata(dir_path: str | os.PathLike, prefix: str | None, *, backup_url: str | None = None):
+    """The ``adata.h5ad`` saved beside the model (downloaded from ``backup_url`` when missing)."""
     path = Path(dir_path) / f"{prefix or ''}{ADATA_FILE}"
+    if not path.exists() and backup_url is not None:
+        from ..data.readers import download
+
+        download(backup_url, path)
     if not path.exists():
         raise ValueError(f"No adata given and {path} does not exist (save with save_anndata=True).")
     import anndata
 
     return anndata.read_h5ad(path)
+
+
+def split_of(meta: dict) -> tuple[np.ndarray, ...]:
+    """The training, validation and test cells saved with the model (empty when not saved)."""
+    split = meta.get("split") or {}
+    return tuple(np.asarray(split.get(name, []), dtype=np.int64) for name in SPLIT_NAMES)
 
 
 def train_state_of(meta: dict) -> TrainState | None:
@@ -136,7 +155,7 @@ def _read_model_json(path: Path) -> dict:
 
 
 _META_KEYS = {"format", "format_version", "ldvae_version", "torch_version", "init_params", "setup", "var_names",
-              "n_cells", "is_trained", "train_state", "weights_sha256"}
+              "n_cells", "is_trained", "train_state", "weights_sha256", "split"}
 _TRAIN_STATE_KEYS = {"epoch", "step", "warmup_steps", "history"}
 
 
@@ -173,6 +192,16 @@ def _check_meta(meta: dict, path: Path) -> None:
     n_cells = meta.get("n_cells", 0)
     if isinstance(n_cells, bool) or not isinstance(n_cells, int) or n_cells < 0:
         raise _damaged(path, "n_cells", n_cells, "an integer >= 0")
+    split = meta.get("split")
+    if split is not None:
+        if not isinstance(split, dict) or not set(split) <= set(SPLIT_NAMES):
+            raise _damaged(path, "split", split if not isinstance(split, dict) else sorted(split),
+                           f"a dict with the keys {list(SPLIT_NAMES)}")
+        for name, cells in split.items():
+            if not isinstance(cells, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < max(n_cells, 1) for i in cells):
+                raise _damaged(path, f"split.{name}", cells if not isinstance(cells, list) else "a list",
+                               f"a list of cell positions in 0..{n_cells - 1}")
     if not isinstance(meta.get("is_trained", False), bool):
         raise _damaged(path, "is_trained", meta["is_trained"], "true or false")
     for key in ("ldvae_version", "torch_version"):

@@ -3,11 +3,15 @@ checks of the constructor's and ``train``'s arguments."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from ..nn.module import ModuleConfig
 from ..util.checks import SetupError, check_number, positive_int
+
+logger = logging.getLogger(__name__)
 
 CHOICES = {
     "dispersion": ("gene", "gene-batch", "gene-label", "gene-cell"),
@@ -18,7 +22,20 @@ BOOL_PARAMS = ("use_observed_lib_size", "use_batch_norm", "bias")
 # The constructor's hyperparameters, in the order ``init_params_`` and the saved JSON list them.
 INIT_PARAMS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion", "gene_likelihood",
                "use_observed_lib_size", "latent_distribution", "use_batch_norm", "bias")
-PLAN_KEYS = ("lr", "weight_decay", "eps", "n_epochs_kl_warmup", "n_steps_kl_warmup")
+PLAN_KEYS = ("lr", "weight_decay", "eps", "n_epochs_kl_warmup", "n_steps_kl_warmup", "optimizer",
+             "reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold", "lr_scheduler_metric", "lr_min")
+# scvi-tools' TrainingPlan options that change nothing in ldvae at these values (the first
+# is the default); other values are refused, saying why.
+PLAN_FIXED = {
+    "optimizer_creator": (None,), "update_only_decoder": (False,), "max_kl_weight": (1.0, 1), "min_kl_weight": (0.0, 0),
+    "loss_kwargs": (None, {}), "compile_kwargs": (None, {}),
+}
+# ... and those accepted at any value, with what ldvae does instead.
+PLAN_NOTED = {
+    "fused_optimizer": "ldvae's Adam is always torch's fused kernel",
+    "compile": "ldvae's CPU training step is compiled already (numba); on CUDA it runs the torch path",
+    "on_step": "ldvae records metrics once per epoch", "on_epoch": "ldvae records metrics once per epoch",
+}
 
 
 def check_init_params(params: dict) -> None:
@@ -66,27 +83,138 @@ def _positive_number(name: str, value) -> None:
 
 
 def check_plan(plan_kwargs: dict | None, lr: float | None) -> dict:
-    """The optimizer and KL warm-up settings of ``train`` (``lr`` overrides the plan's), checked
-    before any step uses them."""
+    """The optimizer, KL warm-up and learning-rate schedule of ``train`` (``lr`` overrides the
+    plan's), checked before any step uses them; scvi-tools' other TrainingPlan options only at
+    values that change nothing here."""
     plan = dict(plan_kwargs or {})
-    unknown = set(plan) - {*PLAN_KEYS, "optimizer"}
+    for name, allowed in PLAN_FIXED.items():
+        if name in plan:
+            value = plan.pop(name)
+            if not any(value is v or (type(value) is type(v) and value == v) for v in allowed):
+                raise SetupError(f"plan_kwargs {name}={value!r} is not supported; ldvae trains with {name}={allowed[0]!r}.")
+    for name, note in PLAN_NOTED.items():
+        if name in plan:
+            logger.info("plan_kwargs %s=%r: %s.", name, plan.pop(name), note)
+    unknown = set(plan) - set(PLAN_KEYS)
     if unknown:
-        raise TypeError(f"plan_kwargs has unknown keys: {sorted(unknown)}.")
-    if plan.pop("optimizer", "Adam") != "Adam":
-        raise SetupError("Only optimizer='Adam' is supported.")
+        raise TypeError(f"plan_kwargs has unknown keys: {sorted(unknown)}; ldvae's are {sorted(PLAN_KEYS)}.")
+    if plan.get("optimizer", "Adam") not in ("Adam", "AdamW"):
+        raise SetupError(f"optimizer must be 'Adam' or 'AdamW', got {plan['optimizer']!r}.")
     if lr is not None:
         plan["lr"] = lr
     for name in ("lr", "eps"):
         if name in plan:
             _positive_number(name, plan[name])
-    if "weight_decay" in plan:
-        check_number("weight_decay", plan["weight_decay"], minimum=0)
+    for name in ("weight_decay", "lr_threshold", "lr_min"):
+        if name in plan:
+            check_number(name, plan[name], minimum=0)
+    if "lr_factor" in plan and not 0.0 < float(plan["lr_factor"]) < 1.0:
+        raise SetupError(f"lr_factor must be in (0, 1), got {plan['lr_factor']!r}.")
+    if "lr_patience" in plan:
+        value = plan["lr_patience"]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise SetupError(f"lr_patience must be an integer >= 0, got {value!r}.")
     for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup"):
         if plan.get(name) is not None:
             value = plan[name]
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise SetupError(f"{name} must be None or an integer >= 0, got {value!r}.")
     return plan
+
+
+# ``train``'s keyword options: ldvae's own, and scvi-tools' Trainer options it implements.
+TRAIN_OPTIONS = {
+    "lr": None, "progress_bar": True, "seed": None, "checkpoint_dir": None, "checkpoint_every_n_epochs": 10,
+    "resume_from": None, "batch_norm_momentum": None, "threads": None, "check_val_every_n_epoch": None,
+    "early_stopping_patience": 45, "early_stopping_monitor": "elbo_validation", "early_stopping_min_delta": 0.0,
+    "early_stopping_mode": "min", "early_stopping_warmup_epochs": 0, "strategy": "auto",
+}
+# scvi-tools' (Lightning's) Trainer options that have no counterpart here, with what ldvae does.
+TRAINER_NOTED = {
+    "logger": "ldvae keeps the metrics in model.history (a logger is not used)",
+    "callbacks": "ldvae has no callbacks: the loop is ldvae.train.loop.fit; use checkpoint_dir for checkpoints",
+    "enable_checkpointing": "use checkpoint_dir= and checkpoint_every_n_epochs= for ldvae's checkpoints",
+    "checkpointing_monitor": "ldvae checkpoints every checkpoint_every_n_epochs",
+    "default_root_dir": "ldvae writes files only where checkpoint_dir= says",
+    "log_save_dir": "ldvae keeps the metrics in model.history", "log_every_n_steps": "ldvae records once per epoch",
+    "learning_rate_monitor": "ldvae logs each learning-rate reduction", "benchmark": "not a setting of ldvae",
+    "num_sanity_val_steps": "ldvae runs no sanity validation", "enable_model_summary": "print(model) summarises it",
+    "progress_bar_refresh_rate": "ldvae's progress bar updates once per epoch",
+    "simple_progress_bar": "ldvae's progress bar is always simple", "gradient_clip_val": "ldvae refuses non-finite "
+    "updates instead of clipping", "precision": "ldvae trains in float32", "deterministic": "ldvae is seeded "
+    "(seed=, ldvae.settings.seed)", "num_nodes": "use ldvae.distributed under torchrun for several machines",
+}
+SPLITTER_NOTED = {
+    "pin_memory": "ldvae gathers minibatches on the compute device", "num_workers": "ldvae's data path needs no workers",
+    "persistent_workers": "ldvae's data path needs no workers", "load_sparse_tensor": "ldvae always keeps counts sparse",
+}
+
+
+def train_options(trainer_kwargs: dict, trainer_config: dict | None) -> dict:
+    """``train``'s keyword options with their defaults (``trainer_config`` first, then the
+    keywords); Lightning-only options are logged with what ldvae does instead."""
+    given = {**dict(trainer_config or {}), **trainer_kwargs}
+    if "enable_progress_bar" in given:
+        given["progress_bar"] = bool(given.pop("enable_progress_bar"))
+    for name, note in TRAINER_NOTED.items():
+        if name in given:
+            value = given.pop(name)
+            if value not in (None, False, [], ()):
+                logger.info("train %s=%r: %s.", name, value, note)
+    unknown = sorted(set(given) - set(TRAIN_OPTIONS))
+    if unknown:
+        raise TypeError(f"train got unknown arguments {unknown}; its options are {sorted(TRAIN_OPTIONS)} "
+                        f"and scvi-tools' Trainer options {sorted(TRAINER_NOTED)}.")
+    opts = {**TRAIN_OPTIONS, **given}
+    if opts["early_stopping_mode"] not in ("min", "max"):
+        raise SetupError(f"early_stopping_mode must be 'min' or 'max', got {opts['early_stopping_mode']!r}.")
+    return opts
+
+
+def splitter_options(datasplitter_kwargs: dict | None, n_cells: int) -> list[np.ndarray] | None:
+    """scvi-tools' ``datasplitter_kwargs``: ``external_indexing`` ([train, validation, test]
+    cell positions) is returned, checked; ``drop_last`` must be False; the rest is logged."""
+    kwargs = dict(datasplitter_kwargs or {})
+    external = kwargs.pop("external_indexing", None)
+    if kwargs.pop("drop_last", False):
+        raise SetupError("datasplitter_kwargs drop_last=True is not supported: ldvae trains on every training "
+                         "cell (a last minibatch of one cell joins the one before).")
+    for name, note in SPLITTER_NOTED.items():
+        if name in kwargs:
+            logger.info("datasplitter_kwargs %s=%r: %s.", name, kwargs.pop(name), note)
+    if kwargs.pop("shuffle", True) is not True:
+        raise SetupError("datasplitter_kwargs shuffle=False is not supported: ldvae shuffles training minibatches.")
+    if kwargs:
+        raise TypeError(f"datasplitter_kwargs has unknown keys {sorted(kwargs)}; ldvae uses external_indexing.")
+    if external is None:
+        return None
+    parts = [np.asarray(part if part is not None else [], dtype=np.int64).ravel() for part in external]
+    parts += [np.zeros(0, np.int64)] * (3 - len(parts))
+    if len(parts) != 3:
+        raise SetupError("external_indexing must be [train, validation, test] cell positions.")
+    everything = np.concatenate(parts)
+    if everything.size and (everything.min() < 0 or everything.max() >= n_cells):
+        raise SetupError(f"external_indexing holds positions outside 0..{n_cells - 1}.")
+    if np.unique(everything).size != everything.size:
+        raise SetupError("external_indexing repeats a cell (within or across train, validation and test).")
+    return parts
+
+
+def check_strategy(strategy, devices) -> None:
+    """scvi-tools' ``strategy``/``devices``: one process trains here; several GPUs or machines
+    run ``ldvae.distributed`` under torchrun."""
+    import os
+
+    # under torchrun without a process group (ldvae.distributed makes one): ranks would train apart
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not grouped:
+        raise SetupError(
+            "model.train() runs in one process; under torchrun call ldvae.distributed.fit_distributed(path, ...) "
+            "on every rank, which shards the cells and averages the gradients."
+        )
+    if strategy not in (None, "auto") or devices not in ("auto", 1, -1, [0], "1"):
+        logger.info("train strategy=%r devices=%r: ldvae trains in this process on one device; for several GPUs "
+                    "or machines run ldvae.distributed under torchrun (see docs/scale.md).", strategy, devices)
 
 
 def check_train_args(*, batch_size, max_epochs, early_stopping_patience, check_val_every_n_epoch,
@@ -122,3 +250,50 @@ def resolve_device(accelerator: str = "auto", device: int | str | None = None) -
         index = device if isinstance(device, int) else 0
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+# scvi-tools' VAE options that LDVAE passes through, at the values ldvae's model has.
+SCVI_MODULE_DEFAULTS = {
+    "log_variational": (True,), "encode_covariates": (False,), "deeply_inject_covariates": (False,),
+    "use_layer_norm": ("none", False), "use_size_factor_key": (False,), "var_activation": (None,),
+    "batch_representation": ("one-hot",), "extra_encoder_kwargs": (None, {}), "extra_decoder_kwargs": (None, {}),
+    "batch_embedding_kwargs": (None, {}), "library_log_means": (None,), "library_log_vars": (None,),
+}
+
+
+def check_model_kwargs(model_kwargs: dict) -> dict:
+    """``use_batch_norm`` and ``bias`` of ``model_kwargs``, with their defaults; scvi-tools'
+    VAE options only at the values ldvae's model has."""
+    extra = {"use_batch_norm": bool(model_kwargs.get("use_batch_norm", True)), "bias": bool(model_kwargs.get("bias", False))}
+    for name in ("use_batch_norm", "bias"):
+        if name in model_kwargs and not isinstance(model_kwargs[name], bool):
+            raise SetupError(f"{name} must be True or False, got {model_kwargs[name]!r}.")
+    for name, value in model_kwargs.items():
+        if name in extra:
+            continue
+        if name in SCVI_MODULE_DEFAULTS:
+            if not any(value is v or (type(value) is type(v) and value == v) for v in SCVI_MODULE_DEFAULTS[name]):
+                raise SetupError(
+                    f"{name}={value!r}: ldvae's linearly decoded VAE has only {name}="
+                    f"{SCVI_MODULE_DEFAULTS[name][0]!r} (the LDVAE of Svensson et al. 2020)."
+                )
+            continue
+        raise TypeError(
+            f"LinearSCVI got an unknown model option {name!r}; ldvae's are use_batch_norm and bias, "
+            f"and scvi-tools' VAE options {sorted(SCVI_MODULE_DEFAULTS)} at ldvae's values."
+        )
+    return extra
+
+
+def check_registry(adata, registry) -> None:
+    """``LinearSCVI(adata, registry)``: ldvae builds a model from a set-up AnnData."""
+    if registry is not None and not isinstance(registry, dict):
+        raise SetupError(
+            f"LinearSCVI's second argument is registry (as in scvi-tools 1.5), got {registry!r}. "
+            "Pass the other settings by keyword, e.g. LinearSCVI(adata, n_hidden=64)."
+        )
+    if adata is None:
+        raise SetupError(
+            "LinearSCVI needs adata, set up with LinearSCVI.setup_anndata(adata, ...); ldvae does not build "
+            "models from a registry alone (it reads counts out of core from a backed AnnData instead)."
+        )

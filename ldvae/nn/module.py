@@ -123,6 +123,9 @@ class CountBatch:
     gene_order: GeneOrder | None = None
     dense: Tensor | None = None  # (n_cells, n_genes) counts
     row_pointer: Tensor | None = None  # (n_cells + 1,) CSR row pointer
+    # mean and variance of q(z | x), (n_cells, K) each, stored for cells whose counts were
+    # dropped (a minified AnnData); log_total is then the observed library
+    posterior: tuple[Tensor, Tensor] | None = None
 
     @property
     def n_cells(self) -> int:
@@ -357,7 +360,12 @@ class LDVAEModule(nn.Module):
 
     # --- the three steps ------------------------------------------------------------
     def inference(self, b: CountBatch, *, n_samples: int = 1, use_mean: bool = False) -> Inference:
-        """q(z | x) and q(l | x); one reparameterized sample unless ``use_mean``."""
+        """q(z | x) and q(l | x); one reparameterized sample unless ``use_mean``. A batch that
+        carries its stored posterior (minified data) gives that, with its observed library."""
+        if b.posterior is not None:
+            qz_m, qz_v = b.posterior
+            z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
+            return Inference(qz_m, qz_v, z, None, None, b.log_total)
         qz_m, qz_v = self.z_encoder.from_counts(b)
         z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
         if self.l_encoder is None:

@@ -122,9 +122,23 @@ def _filter_outliers(fitted: Fitted, adata, cells: np.ndarray) -> np.ndarray:
     return cells[keep]
 
 
-def _sample_scales(fitted: Fitted, data, cells: np.ndarray, codes, n_total: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample_scales(fitted: Fitted, data, cells: np.ndarray, codes, n_total: int, size: int, *, adata=None,
+                   importance: dict | None = None, rng=None) -> tuple[np.ndarray, np.ndarray]:
     """``n_total`` posterior draws of rho from random cells, split evenly over ``codes``:
-    scales (n_draws, n_genes) float32 and the batch code of each draw (-1: observed batch)."""
+    scales (n_draws, n_genes) float32 and the batch code of each draw (-1: observed batch).
+    ``importance`` (keywords of ``importance_weights``): ``n_total // n_cells + 1`` draws per
+    cell, resampled by their importance weights (each cell decoded in its own batch)."""
+    if importance is not None:
+        from .importance import draw, importance_weights
+
+        if codes != [None]:
+            raise ValueError("Importance weights need each cell decoded in its own batch (batch_correction=False).")
+        per_cell = n_total // len(cells) + 1
+        d = draw(fitted, data, torch.as_tensor(cells, device=data.device), size, per_cell, None)
+        opts = {k: v for k, v in importance.items() if k != "n_mc_samples_per_pass"}
+        p = importance_weights(fitted, adata, cells, d.qz_m, d.qz_v, d.px, d.z, rng=rng, **opts)
+        pick = rng.choice(len(p), size=n_total, p=p, replace=True)
+        return d.expression[pick].astype(np.float32), np.full(n_total, -1)
     per_code = max(n_total // len(codes), 2)
     cells_t = torch.as_tensor(cells, device=data.device)
     scales, ids = [], []
@@ -245,9 +259,11 @@ def differential_expression(
     fdr_target: float = 0.05,
     silent: bool = False,
     filter_outlier_cells: bool = False,
+    importance: dict | None = None,
     **kwargs,
 ) -> pd.DataFrame:
-    """See :meth:`ldvae.LinearSCVI.differential_expression`."""
+    """See :meth:`ldvae.LinearSCVI.differential_expression`; ``importance``: keywords of
+    :func:`ldvae.query.importance.importance_weights`, to weight each group's draws."""
     unknown = sorted(set(kwargs) - set(BAYES_OPTIONS))
     if unknown:
         raise TypeError(
@@ -284,8 +300,10 @@ def differential_expression(
             if not silent:
                 logger.info("DE %s (%d cells) vs %s (%d cells)", name1 or "idx1", len(cells1), name2 or "idx2",
                             len(cells2))
-            s1, b1 = _sample_scales(fitted, data, cells1, codes1, opts["n_samples_overall"], size)
-            s2, b2 = _sample_scales(fitted, data, cells2, codes2, opts["n_samples_overall"], size)
+            s1, b1 = _sample_scales(fitted, data, cells1, codes1, opts["n_samples_overall"], size, adata=adata,
+                                    importance=importance, rng=rng)
+            s2, b2 = _sample_scales(fitted, data, cells2, codes2, opts["n_samples_overall"], size, adata=adata,
+                                    importance=importance, rng=rng)
             raw1 = _raw_properties(fitted, data, torch.as_tensor(cells1, device=data.device), size)
             raw2 = _raw_properties(fitted, data, torch.as_tensor(cells2, device=data.device), size)
             zero1 = raw1["raw_mean"] < opts["threshold_counts"]

@@ -221,18 +221,18 @@ def _per_cell(fitted: Fitted, adata, indices, batch_size, fn) -> np.ndarray:
         return torch.cat([fn(b).cpu() for b in minibatches_of(data, rows, size)]).double().numpy()
 
 
-def get_elbo(fitted: Fitted, adata=None, indices=None, batch_size=None, return_mean: bool = True):
+def get_elbo(fitted: Fitted, adata=None, indices=None, batch_size=None, return_mean: bool = True) -> Tensor:
     """See :meth:`ldvae.LinearSCVI.get_elbo`."""
-    elbo = -_per_cell(fitted, adata, indices, batch_size, lambda b: fitted.module.loss(b).elbo)
-    return float(elbo.mean()) if return_mean else elbo
+    elbo = torch.from_numpy(-_per_cell(fitted, adata, indices, batch_size, lambda b: fitted.module.loss(b).elbo))
+    return elbo.mean() if return_mean else elbo
 
 
 def get_reconstruction_error(
     fitted: Fitted, adata=None, indices=None, batch_size=None, return_mean: bool = True
-) -> dict:
+) -> dict[str, Tensor]:
     """See :meth:`ldvae.LinearSCVI.get_reconstruction_error`."""
-    ll = -_per_cell(fitted, adata, indices, batch_size, lambda b: fitted.module.loss(b).reconstruction)
-    return {"reconstruction_loss": float(ll.mean()) if return_mean else ll}
+    nll = torch.from_numpy(_per_cell(fitted, adata, indices, batch_size, lambda b: fitted.module.loss(b).reconstruction))
+    return {"reconstruction_loss": nll.mean() if return_mean else nll}
 
 
 def _normal_log_prob(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
@@ -275,7 +275,7 @@ def get_marginal_ll(
         return torch.logsumexp(log_w, 0) - math.log(n_mc_samples)
 
     ll = _per_cell(fitted, adata, indices, batch_size, per_batch)
-    return float(ll.mean()) if return_mean else ll
+    return float(ll.mean()) if return_mean else torch.from_numpy(ll)
 
 
 # --- likelihood parameters, samples, library -------------------------------------------------
@@ -341,13 +341,14 @@ def sample_counts(gen: Generative) -> Tensor:
 
 
 def sample_batches(
-    fitted: Fitted, batches: Iterator[CountBatch], mask: np.ndarray | None, n_samples: int
+    fitted: Fitted, batches: Iterator[CountBatch], mask: np.ndarray | None, n_samples: int, code: int | None = None
 ) -> Iterator[Tensor]:
-    """Posterior predictive counts per minibatch (no seeding): (n_samples, n_cells, n_genes) on the device."""
+    """Posterior predictive counts per minibatch (no seeding): (n_samples, n_cells, n_genes) on
+    the device; ``code``: decoded as if every cell came from that batch."""
     keep = None if mask is None else torch.as_tensor(mask, device=fitted.device)
     for b in batches:
         z, library = sample_latents(fitted.module.inference(b, use_mean=True), n_samples)
-        x = sample_counts(decode(fitted, b, z.reshape(-1, z.shape[-1]), library.reshape(-1)))  # (S * n, G)
+        x = sample_counts(decode(fitted, b, z.reshape(-1, z.shape[-1]), library.reshape(-1), code))  # (S * n, G)
         yield (x if keep is None else x[:, keep]).view(n_samples, b.n_cells, -1)
 
 
@@ -360,18 +361,22 @@ def _to_csr(x: Tensor) -> sp.csr_matrix:
 
 
 def posterior_predictive_sample(
-    fitted: Fitted, adata=None, indices=None, n_samples: int = 1, gene_list=None, batch_size=None,
-    *, out: str | Path | None = None,
+    fitted: Fitted, adata=None, indices=None, transform_batch=None, n_samples: int = 1, gene_list=None,
+    batch_size=None, *, out: str | Path | None = None,
 ):
     """See :meth:`ldvae.LinearSCVI.posterior_predictive_sample`."""
     n_samples = positive_int("n_samples", n_samples)
+    codes = batch_codes(fitted, transform_batch)
+    if len(codes) != 1:
+        raise ValueError(f"transform_batch must be one batch category (or None), got {transform_batch!r}.")
+    code = codes[0]
     mask = gene_mask(fitted, gene_list)
     if out is not None and n_samples > 1:
         raise ValueError(
             f"out= writes one sample of counts as the X of an AnnData; got n_samples={n_samples}. Pass "
             "n_samples=1 and call once per sample, changing ldvae.settings.seed between calls."
         )
-    if n_samples > 1 and _scipy_version() < (1, 15):
+    if n_samples > 1 and not _has_sparse() and _scipy_version() < (1, 15):
         raise RuntimeError(
             f"posterior_predictive_sample with n_samples > 1 returns a 3-D sparse array, which needs scipy >= 1.15 "
             f"(this is {_scipy_version()}). Upgrade scipy, or call it n_samples times with n_samples=1."
@@ -381,23 +386,34 @@ def posterior_predictive_sample(
     if out is not None:
         output = SparseOutput(out, obs_names(fitted, adata, rows), genes)
         with querying(fitted.device):
-            draws = sample_batches(fitted, minibatches_of(data, rows, size), mask, 1)
+            draws = sample_batches(fitted, minibatches_of(data, rows, size), mask, 1, code)
             return fill({"X": output}, ({"X": _to_csr(x[0])} for x in draws))["X"]
     n_genes = len(genes)
     coords: list[np.ndarray] = []
     values: list[np.ndarray] = []
     done = 0
     with querying(fitted.device):
-        for x in sample_batches(fitted, minibatches_of(data, rows, size), mask, n_samples):
+        for x in sample_batches(fitted, minibatches_of(data, rows, size), mask, n_samples, code):
             s, c, g = x.nonzero(as_tuple=True)
             coords.append(torch.stack([c + done, g, s]).cpu().numpy())
             values.append(x[s, c, g].cpu().numpy())
             done += x.shape[1]
     ijk = np.concatenate(coords, axis=1) if coords else np.zeros((3, 0), dtype=np.int64)
     val = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
+    if _has_sparse():  # scvi-tools' type: pydata/sparse's GCXS
+        import sparse
+
+        shape = (done, n_genes) if n_samples == 1 else (done, n_genes, n_samples)
+        return sparse.COO(ijk[: len(shape)], val, shape=shape).asformat("gcxs")
     if n_samples == 1:
         return sp.csr_matrix((val, (ijk[0], ijk[1])), shape=(done, n_genes))
     return sp.coo_array((val, (ijk[0], ijk[1], ijk[2])), shape=(done, n_genes, n_samples))
+
+
+def _has_sparse() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sparse") is not None
 
 
 def get_latent_library_size(fitted: Fitted, adata=None, indices=None, give_mean: bool = True, batch_size=None):

@@ -14,9 +14,13 @@ from ..data.contract import CountData
 from ..nn.module import CountBatch
 from ..util.prefetch import prefetched
 
-def split_indices(n: int, train_size: float, validation_size: float | None, seed: int):
-    """scvi-tools' split: the first ``n_val`` cells of a seeded permutation validate, the
-    next ``n_train`` train. With the same seed both packages validate on the same cells."""
+def split_indices(n: int, train_size: float, validation_size: float | None, seed: int, *, shuffle: bool = True,
+                  batch_size: int | None = None):
+    """scvi-tools' split: the first ``n_val`` cells of a seeded permutation (``shuffle=False``:
+    of the cells in order) validate, the next ``n_train`` train. With the same seed both
+    packages validate on the same cells. ``batch_size`` (scvi-tools 1.5's rule when
+    ``train_size`` was not given): a last training minibatch of 1 or 2 cells moves to the
+    validation cells, when there are any."""
     if not 0.0 < train_size <= 1.0:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
     n_train = math.ceil(train_size * n)
@@ -29,7 +33,10 @@ def split_indices(n: int, train_size: float, validation_size: float | None, seed
                 f"got train_size={train_size}, validation_size={validation_size}."
             )
         n_val = math.floor(validation_size * n)
-    perm = np.random.RandomState(seed).permutation(n)
+    if batch_size is not None and 0 < n_train % batch_size < 3 and n_val > 0:
+        n_val += n_train % batch_size
+        n_train -= n_train % batch_size
+    perm = np.random.RandomState(seed).permutation(n) if shuffle else np.arange(n)
     return perm[n_val : n_val + n_train], perm[:n_val]
 
 

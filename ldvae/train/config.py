@@ -41,6 +41,18 @@ class TrainConfig:
     early_stopping: bool = False
     early_stopping_patience: int = 45
     early_stopping_min_delta: float = 0.0
+    early_stopping_monitor: str = "elbo_validation"  # any history key
+    early_stopping_mode: str = "min"  # "max": a larger value is better
+    early_stopping_warmup_epochs: int = 0  # epochs before early stopping may end the fit
+    optimizer: str = "Adam"  # or "AdamW" (decoupled weight decay)
+    # scvi-tools' reduce_lr_on_plateau: lr *= lr_factor when lr_scheduler_metric has not
+    # improved by more than lr_threshold (absolute) for lr_patience epochs; never below lr_min.
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_threshold: float = 0.0
+    lr_scheduler_metric: str = "elbo_validation"
+    lr_min: float = 0.0
     progress_bar: bool = True
     seed: int = 0
     checkpoint_dir: str | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import sys
 import threading
@@ -58,6 +59,7 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     first_epoch = state.epoch
     last_epoch = first_epoch + config.max_epochs
     progress = _Progress(config)
+    plateau = _Plateau(config, optimizer)
     guard = _DeferredInterrupt()
     try:
         with guard, _fit_settings(module, config, source.device):
@@ -69,6 +71,7 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                 is_last = epoch + 1 == last_epoch
                 if _validate(module, source, state, epoch, kl_weight, config, is_last, postfix):
                     is_last = True
+                plateau.update(state, epoch)
                 progress.update(epoch + 1 - first_epoch, postfix, is_last)
                 writes = source.comm is None or source.comm.is_main
                 if config.checkpoint_dir and writes and (state.epoch % config.checkpoint_every_n_epochs == 0
@@ -135,13 +138,46 @@ def _validate(module, source, state: TrainState, epoch: int, kl_weight: float, c
     for key, value in metrics.items():
         state.record(key, epoch, value)
     postfix["elbo_val"] = f"{metrics['elbo_validation']:.1f}"
-    if config.early_stopping and _should_stop(state, metrics["elbo_validation"], config):
-        logger.info(
-            "Early stopping at epoch %d: elbo_validation did not improve by %g for %d epochs.",
-            epoch + 1, config.early_stopping_min_delta, config.early_stopping_patience,
-        )
-        return True
+    monitor = config.early_stopping_monitor
+    if config.early_stopping and monitor in state.history and epoch + 1 > config.early_stopping_warmup_epochs:
+        value = state.history[monitor][-1][1] * (-1.0 if config.early_stopping_mode == "max" else 1.0)
+        if _should_stop(state, value, config):
+            logger.info(
+                "Early stopping at epoch %d: %s did not improve by %g for %d epochs.",
+                epoch + 1, monitor, config.early_stopping_min_delta, config.early_stopping_patience,
+            )
+            return True
     return False
+
+
+class _Plateau:
+    """scvi-tools' ``reduce_lr_on_plateau``: after each epoch that recorded
+    ``lr_scheduler_metric`` (lower is better), the learning rate is multiplied by ``lr_factor``
+    (not below ``lr_min``) once the metric has not improved by more than ``lr_threshold`` for
+    more than ``lr_patience`` such epochs (torch's ReduceLROnPlateau, absolute threshold)."""
+
+    def __init__(self, config: TrainConfig, optimizer):
+        self.config = config
+        self.optimizer = optimizer
+        self.best = math.inf
+        self.bad_epochs = 0
+
+    def update(self, state: TrainState, epoch: int) -> None:
+        c = self.config
+        rows = state.history.get(c.lr_scheduler_metric)
+        if not c.reduce_lr_on_plateau or not rows or rows[-1][0] != epoch:
+            return
+        value = rows[-1][1]
+        if value < self.best - c.lr_threshold:
+            self.best, self.bad_epochs = value, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > c.lr_patience:
+            for group in self.optimizer.param_groups:
+                group["lr"] = max(group["lr"] * c.lr_factor, c.lr_min)
+            self.bad_epochs = 0
+            logger.info("Epoch %d: %s has not improved for %d epochs; lr reduced to %g.", epoch + 1,
+                        c.lr_scheduler_metric, c.lr_patience + 1, self.optimizer.param_groups[0]["lr"])
 
 
 def _seed_epoch(seed: int, epoch: int, device: torch.device) -> torch.Generator:

@@ -31,9 +31,11 @@ class FusedAdam:
     same views of another (``fused.TrainStep``), the moment estimates become views of two
     flat tensors too and each step is one kernel over one tensor."""
 
-    def __init__(self, params, lr: float, eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, eps: float = 1e-8, weight_decay: float = 0.0, *,
+                 decoupled_weight_decay: bool = False):
         params = list(params)
-        self.param_groups = [dict(params=params, lr=lr, eps=eps, weight_decay=weight_decay, **_GROUP_DEFAULTS)]
+        self.param_groups = [dict(params=params, lr=lr, eps=eps, weight_decay=weight_decay,
+                                  **{**_GROUP_DEFAULTS, "decoupled_weight_decay": decoupled_weight_decay})]
         self.state: dict[Tensor, dict[str, Tensor]] = {}
         self._flat_source = None  # (flat parameters, flat gradients), see use_flat
         self._flat = None  # (flat parameters, gradients, exp_avg, exp_avg_sq, the gradient views)
@@ -161,7 +163,8 @@ class FusedAdam:
     def _fused(self, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
-        torch._fused_adam_(
+        kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+        kernel(
             params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
             beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
             grad_scale=None, found_inf=None,
@@ -288,11 +291,12 @@ class _CheckedAdam(torch.optim.Adam):
 
 
 def adam(params: list[Tensor], config):
-    """Adam with scvi-tools' settings (``config``: a ``train.TrainConfig``): ``FusedAdam``
+    """Adam (``config.optimizer == "AdamW"``: with decoupled weight decay) with scvi-tools' settings (``config``: a ``train.TrainConfig``): ``FusedAdam``
     when every parameter is float32 on one device (CPU or CUDA), torch's Adam otherwise.
     Both ``step`` methods return False, changing nothing, for an update that would make a
     parameter non-finite."""
     kwargs = dict(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    decoupled = config.optimizer == "AdamW"
     if len({p.device for p in params}) == 1 and all(p.dtype == torch.float32 for p in params):
-        return FusedAdam(params, **kwargs)
-    return _CheckedAdam(params, **kwargs)
+        return FusedAdam(params, **kwargs, decoupled_weight_decay=decoupled)
+    return _CheckedAdam(params, **kwargs, decoupled_weight_decay=decoupled)

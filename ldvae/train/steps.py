@@ -121,7 +121,9 @@ def choose_step(module: LDVAEModule, optimizer, source, state: TrainState, confi
         optimizer.load_state_dict(state.optimizer_state)
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"], group["eps"] = config.lr, config.weight_decay, config.eps
-    if isinstance(source, InMemorySource) and source.comm is None:
+            group["decoupled_weight_decay"] = config.optimizer == "AdamW"
+    # the compiled runs implement Adam's L2 weight decay; AdamW steps one at a time
+    if isinstance(source, InMemorySource) and source.comm is None and config.optimizer == "Adam":
         runner = fused.StepRunner.for_fit(compiled, optimizer, source)
         if runner is not None:
             return CompiledRuns(module, runner)
