@@ -83,12 +83,22 @@ def test_missing_batch_values(small_adata):
         LinearSCVI.setup_anndata(small_adata, layer="counts", batch_key="batch")
 
 
-def test_cells_with_zero_counts(small_adata):
+@pytest.mark.parametrize("likelihood, observed", [("nb", False), ("nb", True), ("zinb", False), ("poisson", True)])
+def test_cells_with_zero_counts_are_kept_with_a_warning_and_stay_finite(small_adata, likelihood, observed):
     m = small_adata.layers["counts"].toarray()
     m[[0, 7]] = 0
     small_adata.layers["counts"] = sp.csr_matrix(m)
-    with pytest.raises(SetupError, match=r"2 of 400 cells have zero total counts.*sc.pp.filter_cells\(adata, min_counts=1\)"):
-        LinearSCVI.setup_anndata(small_adata, layer="counts")
+    with pytest.warns(UserWarning, match=r"2 of 400 cells have zero total counts\. They are kept .* "
+                                         r"sc.pp.filter_cells\(adata, min_counts=1\)"):
+        LinearSCVI.setup_anndata(small_adata, layer="counts", batch_key="batch")
+    ldvae.settings.seed = 0
+    model = LinearSCVI(small_adata, n_latent=2, gene_likelihood=likelihood, use_observed_lib_size=observed)
+    assert np.isfinite(model.module.library_log_means.numpy()).all()
+    model.train(5, progress_bar=False)
+    assert np.isfinite(model.history["elbo_train"].to_numpy()).all()
+    assert np.isfinite(model.get_latent_representation()).all()
+    assert np.isfinite(model.get_elbo(return_mean=False).numpy()).all()
+    assert np.isfinite(model.get_normalized_expression(indices=[0, 7, 8]).to_numpy()).all()
 
 
 def test_view_is_refused(small_adata):

@@ -34,7 +34,6 @@ DOCUMENTED = [
     r"LDVAE models raw counts, but adata\.(X|layers\['counts'\]) has (a non-finite value|negative values"
     r"|non-integer values|values too large to be counts)",
     r"adata\.(X|layers\['counts'\]) has dtype .*; LDVAE needs numeric raw counts",
-    r"cells have zero total counts",
     r"adata has no (cells|genes)",
     r"is not a column of adata\.obs",
     r"cells have a missing value in adata\.obs",

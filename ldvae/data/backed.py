@@ -113,7 +113,7 @@ class CountStats:
     """Sums over every cell scanned (all ranks together under ``torch.distributed``)."""
 
     n_cells: np.ndarray  # (n_batch,) cells per batch
-    n_empty: int  # cells with zero total counts
+    empty: np.ndarray  # (n_batch,) cells with zero total counts
     log_total_sum: np.ndarray  # (n_batch,) sum over non-empty cells of log total counts
     log_total_sumsq: np.ndarray  # (n_batch,)
     gene_sum: np.ndarray | None  # (n_batch, n_genes) sum of counts, with ``genes=True``
@@ -130,9 +130,14 @@ class CountStats:
         var = np.maximum(s2 - n * mean**2, 0.0) / max(n - 1.0, 1.0)
         return mean, var
 
+    @property
+    def n_empty(self) -> int:
+        return int(self.empty.sum())
+
     def library_prior(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-batch mean and variance of log total counts (``ldvae.data.contract.library_prior``)."""
-        return library_prior_from_sums(self.n_cells, self.log_total_sum, self.log_total_sumsq)
+        """Per-batch mean and variance of log total counts over the cells with counts
+        (``ldvae.data.contract.library_prior``)."""
+        return library_prior_from_sums(self.n_cells - self.empty, self.log_total_sum, self.log_total_sumsq)
 
 
 def scan_counts(
@@ -178,7 +183,7 @@ def scan_counts(
     s2 = np.zeros(n_batch)
     g1 = np.zeros((n_batch, n_genes)) if genes else None
     g2 = np.zeros((n_batch, n_genes)) if genes else None
-    n_empty = 0
+    empty = np.zeros(n_batch)
     error: SetupError | None = None
 
     def produce(stop_event):
@@ -197,7 +202,7 @@ def scan_counts(
                     validate_counts(Window(adata, slice(a, b)), chunk, layer)
                 totals = np.asarray(chunk.sum(axis=1), dtype=np.float64).ravel()
             full = totals > 0
-            n_empty += int((~full).sum())
+            empty += np.bincount(codes[~full], minlength=n_batch)
             log_t = np.log(totals[full])
             n_cells += np.bincount(codes, minlength=n_batch)
             s1 += np.bincount(codes[full], weights=log_t, minlength=n_batch)
@@ -211,7 +216,7 @@ def scan_counts(
         if comm is None:
             raise
         error = err
-    stats = CountStats(n_cells, n_empty, s1, s2, g1, g2)
+    stats = CountStats(n_cells, empty, s1, s2, g1, g2)
     if comm is not None:
         stats = _sum_over_ranks(stats, comm, error)
     return stats
@@ -222,17 +227,17 @@ def _sum_over_ranks(stats: CountStats, comm, error: SetupError | None) -> CountS
     which every rank reaches (also one that found bad input), or a note of other ranks' errors."""
     n_batch = len(stats.n_cells)
     genes = stats.gene_sum is not None
-    parts = [stats.n_cells, stats.log_total_sum, stats.log_total_sumsq,
-             np.array([stats.n_empty, error is not None], dtype=np.float64)]
+    parts = [stats.n_cells, stats.empty, stats.log_total_sum, stats.log_total_sumsq,
+             np.array([error is not None], dtype=np.float64)]
     if genes:
         parts += [stats.gene_sum.ravel(), stats.gene_sumsq.ravel()]
     flat = comm.all_reduce_sum_numpy(np.concatenate(parts))
-    n_cells, s1, s2 = flat[:n_batch], flat[n_batch : 2 * n_batch], flat[2 * n_batch : 3 * n_batch]
-    n_empty, n_failed = int(flat[3 * n_batch]), int(flat[3 * n_batch + 1])
+    n_cells, empty, s1, s2 = (flat[i * n_batch : (i + 1) * n_batch] for i in range(4))
+    n_failed = int(flat[4 * n_batch])
     g1 = g2 = None
     if genes:
         shape = stats.gene_sum.shape
-        rest = flat[3 * n_batch + 2 :]
+        rest = flat[4 * n_batch + 1 :]
         g1 = rest[: shape[0] * shape[1]].reshape(shape)
         g2 = rest[shape[0] * shape[1] :].reshape(shape)
     if error is not None:
@@ -241,7 +246,7 @@ def _sum_over_ranks(stats: CountStats, comm, error: SetupError | None) -> CountS
         raise SetupError(
             f"{n_failed} other rank(s) found invalid counts in their blocks of cells; see their messages."
         )
-    return CountStats(n_cells, n_empty, s1, s2, g1, g2)
+    return CountStats(n_cells, empty, s1, s2, g1, g2)
 
 
 def library_prior_on_disk(adata, setup: dict, n_batch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ tensors on the compute device and gathers minibatches there by index.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,16 +123,15 @@ def validate_counts(adata, mat, layer: str | None) -> None:
         )
 
 
-def empty_cells_error(n_empty: int, n_cells: int, first: str | None = None, *, read: bool = False) -> SetupError:
-    """The error for cells with zero total counts (``first``: the first such cell's name;
-    ``read``: the cells counted are those read for one query block)."""
-    of = f"of the {n_cells} cells read" if read else f"of {n_cells} cells"
-    where = "" if first is None else f" (first: cell {first!r})"
-    why = "" if read else "; LDVAE cannot model an empty library"
-    return SetupError(
-        f"{n_empty} {of} have zero total counts{where}{why}. Filter them first: "
-        "sc.pp.filter_cells(adata, min_counts=1)."
-    )
+def warn_empty_cells(n_empty: int, n_cells: int) -> None:
+    """Cells with zero total counts are kept, as scvi-tools keeps them; a warning counts them."""
+    if n_empty:
+        warnings.warn(
+            f"{n_empty} of {n_cells} cells have zero total counts. They are kept (as scvi-tools keeps them): "
+            "each is encoded from all-zero input, its observed library is 0 and it is left out of the library "
+            "prior. Remove them first unless you need them: sc.pp.filter_cells(adata, min_counts=1).",
+            UserWarning, stacklevel=3,
+        )
 
 
 def obs_column(adata, key: str, arg: str) -> pd.Series:
@@ -358,9 +358,12 @@ def _row_sums_lgamma1(csr: sp.csr_matrix, chunk_nnz: int = 1 << 22) -> np.ndarra
 
 
 def library_prior(csr: sp.csr_matrix, batch: np.ndarray, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-batch mean and variance of log total counts (the learned library's prior)."""
-    log_tot = np.log(np.asarray(csr.sum(axis=1), dtype=np.float64).ravel())
-    batch = np.asarray(batch)
+    """Per-batch mean and variance of log total counts (the learned library's prior), over
+    the cells with counts."""
+    totals = np.asarray(csr.sum(axis=1), dtype=np.float64).ravel()
+    full = totals > 0
+    log_tot = np.log(totals[full])
+    batch = np.asarray(batch)[full]
     return library_prior_from_sums(np.bincount(batch, minlength=n_batch).astype(np.float64),
                                    np.bincount(batch, weights=log_tot, minlength=n_batch),
                                    np.bincount(batch, weights=log_tot**2, minlength=n_batch))

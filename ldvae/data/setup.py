@@ -11,7 +11,7 @@ import pandas as pd
 from ..util.checks import SetupError
 from .backed import scan_counts
 from .disk import is_on_disk
-from .contract import SETUP_KEY, check_not_view, empty_cells_error, get_counts, obs_categories, obs_column, validate_counts
+from .contract import SETUP_KEY, check_not_view, get_counts, obs_categories, obs_column, validate_counts, warn_empty_cells
 
 
 def setup_anndata(
@@ -39,8 +39,7 @@ def setup_anndata(
         validate_counts(adata, mat, layer)
         totals = np.asarray(mat.sum(axis=1)).ravel()
         n_empty = int((totals <= 0).sum())
-    if n_empty:
-        raise empty_cells_error(n_empty, adata.n_obs)
+    warn_empty_cells(n_empty, adata.n_obs)
     setup: dict = {}
     if layer is not None:
         setup["layer"] = layer

@@ -19,7 +19,6 @@ from ..data.contract import (
     CountData,
     SetupError,
     check_not_view,
-    empty_cells_error,
     get_counts,
     get_setup,
     library_prior,
@@ -204,11 +203,7 @@ class LinearSCVI(Queries, ScviSurface):
         if is_on_disk(mat):  # a query without a streaming path loads the counts
             mat = read_into_memory(mat)
         validate_counts(adata, mat, layer)
-        csr = to_csr(mat)
-        empty = np.flatnonzero(np.diff(csr.indptr) == 0)
-        if empty.size:
-            raise empty_cells_error(empty.size, adata.n_obs, str(adata.obs_names[empty[0]]))
-        return csr, read_covariates(adata, self.setup_)
+        return to_csr(mat), read_covariates(adata, self.setup_)
 
     def _data(self, adata=None) -> CountData:
         """Counts of ``adata`` (default: the training data) on the model's device; for a

@@ -21,7 +21,7 @@ import torch
 
 from ..data.backed import Window, read_backed
 from ..data.disk import counts_on_disk, open_on_disk
-from ..data.contract import CountData, empty_cells_error, get_counts, read_covariates, validate_counts
+from ..data.contract import CountData, get_counts, read_covariates, validate_counts
 from ..nn.module import CountBatch
 from ..train.streaming import count_data
 from ..util.io import atomic_path
@@ -45,9 +45,6 @@ class DiskCells:
         csr = self.disk.take(rows)
         window = Window(self.adata, rows)
         validate_counts(window, csr, self.layer)
-        empty = np.flatnonzero(np.diff(csr.indptr) == 0)
-        if empty.size:
-            raise empty_cells_error(empty.size, len(rows), str(window.obs_names[empty[0]]), read=True)
         return csr
 
     def minibatches(self, rows: torch.Tensor, size: int) -> Iterator[CountBatch]:

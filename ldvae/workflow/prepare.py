@@ -31,7 +31,7 @@ def prepare(
     ``layers["counts"]``, ``normalize_total(target_sum)``, ``log1p``, ``raw`` frozen,
     ``highly_variable_genes(flavor, n_top_genes, subset=True)`` (on the counts layer for the
     ``seurat_v3`` flavors; per batch with ``batch_key``). Cells left without counts in the
-    selected genes are dropped with a warning (LDVAE cannot model an empty library).
+    selected genes are dropped with a warning (they carry nothing the factors could explain).
 
     Returns
     -------
