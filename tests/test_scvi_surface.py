@@ -196,3 +196,8 @@ def test_a_hostile_attr_pickle_is_refused_without_running_it(trained, tmp_path, 
     with pytest.raises(ModelFileError, match=r"the pickle asks for posix.system, which is not on the allow-list"):
         LinearSCVI.convert_legacy_save(tmp_path / "old", tmp_path / "new")
     assert not (tmp_path / "hostile_pickle_ran").exists() and not (tmp_path / "new").exists()
+
+
+def test_the_compatibility_page_names_every_member():
+    page = (Path(__file__).parents[1] / "docs" / "scvi-tools.md").read_text()
+    assert [n for n in SURFACE["members"] if f"| `{n}" not in page] == []
