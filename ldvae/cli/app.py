@@ -25,6 +25,7 @@ from typing import Sequence
 from .._version import __version__
 from ..workflow.checks import FACTOR_SEEDS
 from .interpret import add_factors, add_select_k, add_stability
+from .mapping import add_map
 from .options import (
     HelpFormatter,
     add_accelerator,
@@ -157,7 +158,7 @@ def _handle_demo(args: argparse.Namespace) -> int:
     return _run_and_report(read_demo(), args)
 
 
-SUBCOMMANDS = (add_run, add_demo, add_factors, add_stability, add_select_k)
+SUBCOMMANDS = (add_run, add_demo, add_factors, add_stability, add_select_k, add_map)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,6 @@ forwards them by keyword."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Literal, Sequence
 
@@ -32,7 +31,8 @@ from ..nn.module import LDVAEModule, ModuleConfig
 from ..query import target
 from ..query.cells import DiskCells
 from ..train.streaming import StreamingSource
-from ..train.loop import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint, split_indices
+from ..train.loop import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint
+from ..train.batches import split_cells
 from ..util.settings import settings
 from .files import read_model, read_saved_adata, save_model, split_of, train_state_of
 from .queries import Queries
@@ -304,6 +304,10 @@ class LinearSCVI(Queries, ScviSurface):
             (``logger``, ``callbacks``, ...) are accepted and logged with what ldvae does instead.
         """
         self._refuse_if_minified("train")
+        if getattr(self, "frozen_", None) and all(v is None for v in self.frozen_.values()):
+            raise SetupError("Nothing to fit: the query adds no batch to the reference, whose encoder maps its cells "
+                             "as they are (get_latent_representation works now); pass train_encoder=True to "
+                             "load_query_data to fit the encoders to the query.")
         opts = train_options(trainer_kwargs, trainer_config)
         plan = check_plan({**dict(plan_config or {}), **dict(plan_kwargs or {})}, opts["lr"])
         if datamodule is not None:
@@ -326,8 +330,8 @@ class LinearSCVI(Queries, ScviSurface):
             seed = payload["train_config"].get("seed")  # the same split and random stream as before
         seed = settings.seed if seed is None else int(seed)
         self.device = resolve_device(accelerator, devices if isinstance(devices, int) and devices >= 0 else None)
-        train_idx, val_idx, test_idx = self._split(train_size, validation_size, seed, batch_size,
-                                                   shuffle_set_split, external)
+        train_idx, val_idx, test_idx = split_cells(n, train_size, validation_size, seed, batch_size,
+                                                   shuffle=shuffle_set_split, external=external)
         config = TrainConfig(
             max_epochs=max_epochs,
             batch_size=batch_size,
@@ -344,6 +348,7 @@ class LinearSCVI(Queries, ScviSurface):
             checkpoint_every_n_epochs=opts["checkpoint_every_n_epochs"],
             batch_norm_momentum=opts["batch_norm_momentum"],
             threads=opts["threads"],
+            frozen=getattr(self, "frozen_", None),
             **plan,
         )
         state = self.train_state_ or TrainState()
@@ -367,34 +372,6 @@ class LinearSCVI(Queries, ScviSurface):
             return StreamingSource.from_adata(self.adata, self.setup_, train_idx, val_idx, batch_size,
                                               device=self.device)
         return InMemorySource(self._data(), train_idx, val_idx, batch_size)
-
-    def _split(self, train_size: float | None, validation_size: float | None, seed: int, batch_size: int,
-               shuffle: bool = True, external: list[np.ndarray] | None = None):
-        """Training, validation and test cells (scvi-tools' seeded split, or ``external``);
-        at least two training cells."""
-        n = self.adata.n_obs
-        if external is not None:
-            train_idx, val_idx, test_idx = external
-        else:
-            size = 0.9 if train_size is None else train_size
-            train_idx, val_idx = split_indices(n, size, validation_size, seed, shuffle=shuffle,
-                                               batch_size=batch_size if train_size is None else None)
-            test_idx = np.setdiff1d(np.arange(n), np.concatenate([train_idx, val_idx]))
-            if train_size is None and len(train_idx) < math.ceil(size * n):
-                logger.warning("%d cells moved from the training to the validation cells (a last minibatch of "
-                               "%d); pass train_size to keep them.", math.ceil(size * n) - len(train_idx),
-                               math.ceil(size * n) - len(train_idx))
-        if len(train_idx) < 2:
-            raise SetupError(
-                f"LDVAE needs at least 2 training cells (batch normalization); adata has {n} cells and "
-                f"train_size={train_size} leaves {len(train_idx)}."
-            )
-        if len(train_idx) < batch_size:
-            logger.warning(
-                "batch_size=%d is larger than the %d training cells; each epoch is one minibatch of %d cells.",
-                batch_size, len(train_idx), len(train_idx),
-            )
-        return train_idx, val_idx, test_idx
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:
@@ -480,6 +457,53 @@ class LinearSCVI(Queries, ScviSurface):
             adata.uns["ldvae_setup"] = saved_setup
         return model
 
+    # --- mapping new cells onto this model (ldvae.model.mapping) -----------------------------
+    @staticmethod
+    def prepare_query_anndata(adata, reference_model, return_reference_var_names: bool = False,
+                              inplace: bool = False):
+        """The query's cells over the reference's genes, in its order (zeros for genes the query
+        lacks): a new AnnData, or the reference's genes with ``return_reference_var_names``.
+        ``reference_model``: a model or its saved directory. ``inplace=True`` is refused (a
+        gene axis cannot grow in place)."""
+        from .mapping import prepare_query, reference_of
+
+        names = pd.Index(reference_of(reference_model)[0]["var_names"])
+        if return_reference_var_names:
+            return names
+        if inplace:
+            raise SetupError("prepare_query_anndata(inplace=True) is not supported; use its result: "
+                             "adata = LinearSCVI.prepare_query_anndata(adata, reference).")
+        return prepare_query(adata, names)
+
+    @classmethod
+    def load_query_data(cls, adata, reference_model, *, train_encoder: bool = True, accelerator: str = "auto",
+                        device: int | str = "auto") -> "LinearSCVI":
+        """A model of the query cells ``adata`` (genes as the reference's: see
+        :meth:`prepare_query_anndata`) that starts as ``reference_model`` (a model or its saved
+        directory), with the query's new batch categories added. ``train()`` then fits only
+        the decoder's columns of the new batches and, with ``train_encoder`` (default), the
+        encoders (LDVAE's encoders do not see the batch: without them the query's factor
+        values are the reference encoder's), with batch norm on its running statistics: the
+        loadings, intercepts and reference batch effects stay as they were. Its queries work before ``train()`` too (the reference's
+        encoder maps the cells). The reference is not changed."""
+        from .mapping import query_setup, reference_of, transfer_weights
+
+        meta, state = reference_of(reference_model)
+        names = pd.Index(meta["var_names"])
+        if not pd.Index(adata.var_names.astype(str)).equals(names):
+            raise SetupError("The query's genes differ from the reference's; align them first: "
+                             "adata = LinearSCVI.prepare_query_anndata(adata, reference).")
+        setup = query_setup(adata, meta["setup"])
+        params = meta["init_params"]
+        ldvae_settings = {k: params[k] for k in ("use_batch_norm", "bias")}
+        model = cls(adata, **{k: v for k, v in params.items() if k not in ldvae_settings}, **ldvae_settings)
+        model.setup_ = setup
+        model.frozen_ = transfer_weights(model.module, state, meta["setup"], setup, params["n_latent"],
+                                         train_encoder=train_encoder)
+        model.is_trained_ = True  # the reference's weights: its encoder maps the query already
+        model.to_device(resolve_device(accelerator, device if isinstance(device, int) else None))
+        return model
+
     @classmethod
     def convert_legacy_save(
         cls,
@@ -502,3 +526,4 @@ class LinearSCVI(Queries, ScviSurface):
             f"LinearSCVI(n_latent={p['n_latent']}, n_hidden={p['n_hidden']}, gene_likelihood={p['gene_likelihood']!r}, "
             f"dispersion={p['dispersion']!r}) on {len(self.var_names_)} genes, {self.n_batch} batch(es); {status}"
         )
+

@@ -3,6 +3,7 @@ split, the one-cell last minibatch and the validation batch size."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator
 
@@ -12,7 +13,10 @@ from torch import Tensor
 
 from ..data.contract import CountData
 from ..nn.module import CountBatch
+from ..util.checks import SetupError
 from ..util.prefetch import prefetched
+
+logger = logging.getLogger(__name__)
 
 def split_indices(n: int, train_size: float, validation_size: float | None, seed: int, *, shuffle: bool = True,
                   batch_size: int | None = None):
@@ -38,6 +42,35 @@ def split_indices(n: int, train_size: float, validation_size: float | None, seed
         n_train -= n_train % batch_size
     perm = np.random.RandomState(seed).permutation(n) if shuffle else np.arange(n)
     return perm[n_val : n_val + n_train], perm[:n_val]
+
+
+def split_cells(n: int, train_size: float | None, validation_size: float | None, seed: int, batch_size: int, *,
+                shuffle: bool = True, external: list[np.ndarray] | None = None):
+    """A fit's training, validation and test cells: ``external`` ([train, validation, test]),
+    or :func:`split_indices` (``train_size=None``: 0.9, with scvi-tools 1.5's rule for a last
+    minibatch of 1 or 2 cells); the test cells are the rest. At least two training cells."""
+    if external is not None:
+        train_idx, val_idx, test_idx = external
+    else:
+        size = 0.9 if train_size is None else train_size
+        train_idx, val_idx = split_indices(n, size, validation_size, seed, shuffle=shuffle,
+                                           batch_size=batch_size if train_size is None else None)
+        test_idx = np.setdiff1d(np.arange(n), np.concatenate([train_idx, val_idx]))
+        moved = math.ceil(size * n) - len(train_idx)
+        if train_size is None and moved:
+            logger.warning("%d cells moved from the training to the validation cells (a last minibatch of %d); "
+                           "pass train_size to keep them.", moved, moved)
+    if len(train_idx) < 2:
+        raise SetupError(
+            f"LDVAE needs at least 2 training cells (batch normalization); adata has {n} cells and "
+            f"train_size={train_size} leaves {len(train_idx)}."
+        )
+    if len(train_idx) < batch_size:
+        logger.warning(
+            "batch_size=%d is larger than the %d training cells; each epoch is one minibatch of %d cells.",
+            batch_size, len(train_idx), len(train_idx),
+        )
+    return train_idx, val_idx, test_idx
 
 
 def minibatches(perm: Tensor, batch_size: int) -> list[Tensor]:

@@ -53,6 +53,10 @@ class TrainConfig:
     lr_threshold: float = 0.0
     lr_scheduler_metric: str = "elbo_validation"
     lr_min: float = 0.0
+    # Parameters held fixed, by name: a boolean mask (the parameter's shape) fixes only its
+    # True entries, None the whole tensor. Batch norm then runs on its running statistics,
+    # which stay as they are (query mapping onto a trained model).
+    frozen: dict | None = None
     progress_bar: bool = True
     seed: int = 0
     checkpoint_dir: str | None = None

@@ -54,7 +54,9 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     state.interrupted = False  # set again below if this call is interrupted
     if state.step == 0 and state.warmup_steps == 0:
         state.warmup_steps = _warmup_steps(config, source.steps_per_epoch)
-    optimizer = adam([p for p in module.parameters() if p.requires_grad], config)
+    frozen = config.frozen or {}
+    optimizer = adam([p for n, p in module.named_parameters() if p.requires_grad and frozen.get(n, 0) is not None],
+                     config)
     step = choose_step(module, optimizer, source, state, config)
     first_epoch = state.epoch
     last_epoch = first_epoch + config.max_epochs
@@ -64,6 +66,10 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     try:
         with guard, _fit_settings(module, config, source.device):
             module.train()
+            if config.frozen:  # batch norm of a model being mapped onto: its statistics fixed
+                for m in module.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             for epoch in range(first_epoch, last_epoch):
                 generator = _seed_epoch(config.seed, epoch, source.device)
                 kl_weight = _train_epoch(module, step, source, generator, state, epoch, guard, config)

@@ -51,9 +51,10 @@ class _Step:
 class OneAtATime(_Step):
     """One call of the loss and its gradients, then one optimizer step, per minibatch."""
 
-    def __init__(self, module: LDVAEModule, optimizer, compiled: fused.TrainStep | None, comm):
+    def __init__(self, module: LDVAEModule, optimizer, compiled: fused.TrainStep | None, comm,
+                 frozen: "_Frozen | None" = None):
         super().__init__(module)
-        self.module, self.optimizer, self.compiled, self.comm = module, optimizer, compiled, comm
+        self.module, self.optimizer, self.compiled, self.comm, self.frozen = module, optimizer, compiled, comm, frozen
         self.params = [p for p in module.parameters() if p.requires_grad]
 
     def epoch(self, source, generator: torch.Generator) -> Iterator[list]:
@@ -84,9 +85,33 @@ class OneAtATime(_Step):
             return "loss" if not bool(torch.isfinite(out.loss)) else "gradient"
         if not self.optimizer.step(float(norm)):  # refused: parameters and Adam's state as before it
             return "update"
+        if self.frozen is not None:
+            self.frozen.put_back()
         per_step.append((out.reconstruction.detach(), out.kl_z.detach(), out.kl_l.detach(),
                          out.loss.detach().double() * out.reconstruction.shape[0]))
         return None
+
+
+class _Frozen:
+    """Entries of parameters held fixed (``TrainConfig.frozen``), put back after each step.
+    Adam is elementwise, so the other entries take exactly the steps they would take if the
+    fixed ones were constants; whole tensors held fixed are left out of the optimizer."""
+
+    def __init__(self, module: LDVAEModule, frozen: dict):
+        params = dict(module.named_parameters())
+        unknown = sorted(set(frozen) - set(params))
+        if unknown:
+            raise ValueError(f"frozen names parameters the module does not have: {unknown}.")
+        self.parts = []
+        for name, mask in frozen.items():
+            if mask is not None:
+                mask = torch.as_tensor(mask, dtype=torch.bool, device=params[name].device)
+                self.parts.append((params[name], mask, params[name].detach()[mask].clone()))
+
+    @torch.no_grad()
+    def put_back(self) -> None:
+        for param, mask, values in self.parts:
+            param[mask] = values
 
 
 class CompiledRuns(_Step):
@@ -113,6 +138,8 @@ def choose_step(module: LDVAEModule, optimizer, source, state: TrainState, confi
     step at a time (compiled where ``fused.TrainStep`` accepts the module, autograd otherwise).
     Loads the optimizer state of ``state`` once the optimizer's layout is settled, with the
     learning rate, weight decay and eps of ``config``."""
+    if config.frozen:  # autograd, one step at a time, putting back the fixed entries after each
+        return OneAtATime(module, optimizer, None, source.comm, _Frozen(module, config.frozen))
     compiled = fused.TrainStep.for_module(module)  # None: autograd
     if compiled is not None and isinstance(optimizer, FusedAdam):
         optimizer.use_flat(compiled.flat, compiled.flat_grad)

@@ -1,0 +1,147 @@
+"""``ldvae map``: put the cells of a new dataset into a trained model's factor space.
+
+A thin layer over :meth:`ldvae.LinearSCVI.prepare_query_anndata` and
+:meth:`ldvae.LinearSCVI.load_query_data`; writes the query's results, the query model, a
+UMAP of reference and query cells together, and a report into ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .interpret import _check_out_dir, _out_dir, _save_figure, _write, _write_report
+from .options import HelpFormatter, add_accelerator, add_lr, add_max_epochs, add_out_dir, add_overwrite, add_seed
+
+
+def add_map(subparsers) -> None:
+    p = subparsers.add_parser(
+        "map", help="map the cells of a new dataset onto a trained model (its factors unchanged)",
+        formatter_class=HelpFormatter,
+        description="Align QUERY's genes to the model's, add its new batches, fit only their decoder columns (and,\n"
+                    "unless --frozen-encoder, the encoders) and write results.h5ad (the query's factor values),\n"
+                    "the query model, umap_reference_query.png and report.html into --out-dir.",
+    )
+    p.add_argument("model_dir", help="directory of the reference model (e.g. OUT/model of `ldvae run`)")
+    p.add_argument("query", help=".h5ad (or another format `ldvae run` reads) of the new cells' raw counts")
+    p.add_argument("--reference-adata", default=None,
+                   help="the reference's cells (default: adata.h5ad saved with the model, else results.h5ad "
+                        "beside the model directory)")
+    p.add_argument("--query-batch", default="query",
+                   help="batch of every query cell when QUERY lacks the reference's batch column")
+    add_out_dir(p)
+    add_overwrite(p)
+    add_max_epochs(p, default=30)
+    add_lr(p)
+    p.add_argument("--frozen-encoder", action="store_true",
+                   help="keep the reference's encoders (fit only the new batches' decoder columns)")
+    add_seed(p, help="random seed (training, UMAP)")
+    add_accelerator(p)
+    p.add_argument("--color-by", nargs="+", default=[], help="obs columns to colour the UMAP by, besides dataset "
+                                                            "and batch")
+    p.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(handler=_handle_map)
+
+
+def _reference_adata(model_dir: Path, path: str | None):
+    import anndata
+
+    candidates = [Path(path)] if path else [model_dir / "adata.h5ad", model_dir.parent / "results.h5ad"]
+    for c in candidates:
+        if c.exists():
+            return anndata.read_h5ad(c)
+    raise FileNotFoundError(f"No reference cells found ({', '.join(map(str, candidates))}); pass --reference-adata.")
+
+
+def _query(path: str, setup: dict, query_batch: str):
+    from ..data.readers import read_counts
+
+    q = read_counts(path, progress_bar=False)
+    layer = setup.get("layer")
+    if layer is not None and layer not in q.layers:
+        q.layers[layer] = q.X  # the raw counts, checked when the query is set up
+    key = setup.get("batch_key")
+    if key is not None and key not in q.obs.columns:
+        q.obs[key] = query_batch
+    return q
+
+
+def _handle_map(args: argparse.Namespace) -> int:
+    from ..model import LinearSCVI
+    from ..util.settings import settings
+    from ..workflow.report import figure_html, note_html, table_html
+
+    d = _check_out_dir(args.out_dir, args.overwrite)
+    settings.seed = args.seed
+    model_dir = Path(args.model_dir)
+    reference = LinearSCVI.load(model_dir, adata=_reference_subset(model_dir, args.reference_adata),
+                                accelerator=args.accelerator)
+    query = LinearSCVI.prepare_query_anndata(_query(args.query, reference.setup_, args.query_batch), reference)
+    model = LinearSCVI.load_query_data(query, reference, train_encoder=not args.frozen_encoder,
+                                       accelerator=args.accelerator)
+    free = any(v is not None for v in model.frozen_.values())  # else the reference's encoder maps the cells as is
+    start = time.perf_counter()
+    if free:
+        model.train(args.max_epochs, plan_kwargs={"lr": args.lr}, progress_bar=args.progress_bar)
+    seconds = time.perf_counter() - start
+    _out_dir(d)
+    model.write_results(query, obs_columns=True)
+    query.write_h5ad(d / "results.h5ad", compression="gzip")
+    model.save(d / "model", overwrite=True)
+    _write(d, "query_latent.csv", query.obs[[f"Z_{i}" for i in range(model.n_latent)]])
+    together = _together(reference, model, args.color_by)
+    _save_figure(_umap(together, ["dataset", *( [reference.setup_["batch_key"]] if "batch_key" in reference.setup_
+                                                else []), *args.color_by]), d, "umap_reference_query.png")
+    new = [c for c in model.setup_.get("batch_categories", []) if c not in reference.setup_.get("batch_categories", [])]
+    summary = {"reference cells": reference.adata.n_obs, "query cells": query.n_obs, "new batches": ", ".join(new)
+               or "none", "genes": len(model.var_names_), "reference model": str(model_dir)}
+    fitted = (f"Fitted {args.max_epochs} epochs in {seconds:.1f} s on the query cells only: the decoder's columns of "
+              f"the new batches{'' if args.frozen_encoder else ' and the encoders'}; batch norm ran on the "
+              "reference's statistics." if free else "The query adds no batch: its cells are mapped by the "
+              "reference's encoder as they are, nothing was fitted.")
+    fitted += (" The factor loadings, gene intercepts and the reference's batch effects are the reference's, "
+               "unchanged, so the factors keep their meaning.")
+    counts = together.obs["dataset"].value_counts().rename_axis("dataset").reset_index(name="cells")
+    section = ("Reference and query", note_html(fitted) + table_html(counts)
+               + figure_html(d / "umap_reference_query.png", "UMAP of the factor values of reference and query cells."))
+    report = _write_report(d, f"LDVAE mapping: {Path(args.query).name} onto {model_dir.name}", summary,
+                           {"max_epochs": args.max_epochs, "lr": args.lr, "frozen_encoder": args.frozen_encoder,
+                            "seed": args.seed}, [section])
+    print(f"Mapped {query.n_obs} cells onto {model_dir} in {seconds:.1f} s; report: {report}")
+    return 0
+
+
+def _reference_subset(model_dir: Path, path: str | None):
+    import json
+
+    adata = _reference_adata(model_dir, path)
+    genes = json.loads((model_dir / "ldvae_model.json").read_text(encoding="utf-8"))["var_names"]
+    return adata if list(adata.var_names) == genes else adata[:, genes].copy()
+
+
+def _together(reference, query_model, color_by: list[str]):
+    """Reference and query cells with their factor values, for one UMAP."""
+    import anndata
+    import pandas as pd
+
+    parts = []
+    for name, m in (("reference", reference), ("query", query_model)):
+        obs = pd.DataFrame({"dataset": name}, index=m.adata.obs_names.astype(str) + f"-{name}")
+        for col in [reference.setup_.get("batch_key"), *color_by]:
+            if col is not None:
+                obs[col] = m.adata.obs[col].astype(str).to_numpy() if col in m.adata.obs else "NA"
+        parts.append(anndata.AnnData(obs=obs, obsm={"X_ldvae": np.asarray(m.get_latent_representation())}))
+    return anndata.concat(parts)
+
+
+def _umap(adata, color: list[str]):
+    import scanpy as sc
+
+    from ..workflow.plotting import umap
+
+    sc.pp.neighbors(adata, use_rep="X_ldvae", n_neighbors=20)
+    sc.tl.umap(adata, min_dist=0.3)
+    return umap(adata, color=color)
