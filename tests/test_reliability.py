@@ -515,8 +515,11 @@ def test_foreign_json(saved, adata):
 
 
 def test_directory_that_is_not_a_model(tmp_path, adata):
-    (tmp_path / "model.pt").write_bytes(b"scvi-tools layout")
+    (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(FileNotFoundError, match=r"ldvae_model.json does not exist; is .* a directory written by model.save\(\)"):
+        ldvae.LinearSCVI.load(tmp_path, adata=adata)
+    (tmp_path / "model.pt").write_bytes(b"scvi-tools layout")  # scvi-tools' file name, damaged
+    with pytest.raises(ldvae.ModelFileError, match=r"model.pt is not a readable scvi-tools model file"):
         ldvae.LinearSCVI.load(tmp_path, adata=adata)
 
 

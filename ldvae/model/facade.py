@@ -34,7 +34,8 @@ from ..train.streaming import StreamingSource
 from ..train.loop import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint
 from ..train.batches import split_cells
 from ..util.settings import settings
-from .files import read_model, read_saved_adata, save_model, split_of, train_state_of
+from .files import read_saved_adata, save_model, split_of, train_state_of
+from .scvi_files import read_any_model
 from .queries import Queries
 from .surface import LIBRARY_KEY, ScviSurface, minified_fields
 from .params import (
@@ -395,17 +396,27 @@ class LinearSCVI(Queries, ScviSurface):
         save_kwargs: dict | None = None,
         legacy_mudata_format: bool = False,
         datamodule=None,
+        *,
+        format: Literal["ldvae", "scvi"] = "ldvae",
         **anndata_write_kwargs,
     ) -> None:
         """Save to ``dir_path``: ``ldvae_model.json`` (settings, genes, categories, the split's
         cells, history, versions, the SHA-256 of the weights), ``model_state.pt`` (weights)
         and, with ``save_anndata``, ``adata.h5ad``. Each file is written atomically; the JSON
-        last. ``save_kwargs`` (for ``torch.save``), ``legacy_mudata_format``, ``datamodule``
-        and ``anndata_write_kwargs`` are accepted for scvi-tools' signature; ldvae's files
-        need none of them (the AnnData is written with anndata's defaults)."""
+        last. ``format="scvi"``: scvi-tools' layout (``model.pt``), which scvi-tools'
+        ``LinearSCVI.load`` reads (see :mod:`ldvae.model.scvi_files`). ``save_kwargs`` (for
+        ``torch.save``), ``legacy_mudata_format``, ``datamodule`` and ``anndata_write_kwargs``
+        are accepted for scvi-tools' signature; ldvae's files need none of them."""
         if datamodule is not None:
             raise SetupError("datamodule is not supported: ldvae saves the model and, optionally, its AnnData.")
-        save_model(self, dir_path, prefix, overwrite=overwrite, save_anndata=save_anndata)
+        if format == "scvi":
+            from .scvi_files import write_scvi_model
+
+            write_scvi_model(self, dir_path, prefix, overwrite=overwrite, save_anndata=save_anndata)
+        elif format == "ldvae":
+            save_model(self, dir_path, prefix, overwrite=overwrite, save_anndata=save_anndata)
+        else:
+            raise SetupError(f"format must be 'ldvae' or 'scvi', got {format!r}.")
 
     @classmethod
     def load(
@@ -419,16 +430,17 @@ class LinearSCVI(Queries, ScviSurface):
         datamodule=None,
         allowed_classes_names_list: list[str] | None = None,
     ) -> "LinearSCVI":
-        """Load a model saved with :meth:`save`. ``adata`` must have the model's genes (in order)
-        and only known categories; without ``adata`` the saved ``adata.h5ad`` is used (or
-        downloaded from ``backup_url`` when it is missing).
+        """Load a model saved with :meth:`save`, or by scvi-tools' ``LinearSCVI.save`` (its
+        ``model.pt`` is read admitting plain data types only). ``adata`` must have the model's
+        genes (in order) and only known categories; without ``adata`` the saved ``adata.h5ad``
+        is used (or downloaded from ``backup_url`` when it is missing).
 
         Every field of the JSON and the stored weights' keys, shapes and values are checked
         before anything is built (a ModelFileError naming the field, its value and the file);
         ``adata.uns["ldvae_setup"]`` is written only when the whole load succeeded."""
         if datamodule is not None:
             raise SetupError("datamodule is not supported: pass adata (in memory, or backed on disk).")
-        meta, state = read_model(dir_path, prefix)
+        meta, state = read_any_model(dir_path, prefix)
         device = resolve_device(accelerator, device if isinstance(device, int) else None)
         if adata is None:
             adata = read_saved_adata(dir_path, prefix, backup_url=backup_url)

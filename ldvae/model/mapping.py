@@ -149,10 +149,10 @@ def transfer_weights(module, ref_state: dict, ref_setup: dict, setup: dict, n_la
 
 def reference_of(reference) -> tuple[dict, dict]:
     """The settings (as saved) and weights of a reference model or of its saved directory."""
-    from .files import read_model
+    from .scvi_files import read_any_model
 
     if hasattr(reference, "module") and hasattr(reference, "setup_"):
         meta = {"var_names": list(reference.var_names_), "setup": reference.setup_,
                 "init_params": reference.init_params_}
         return meta, {k: v.detach().cpu() for k, v in reference.module.state_dict().items()}
-    return read_model(reference, None)
+    return read_any_model(reference, None)

@@ -218,9 +218,9 @@ class ScviSurface:
     @staticmethod
     def load_registry(dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
         """The registry of a model saved in ``dir_path``."""
-        from .files import read_model
+        from .scvi_files import read_any_model
 
-        meta, _ = read_model(dir_path, prefix)
+        meta, _ = read_any_model(dir_path, prefix)
         return registry_of(meta["setup"], meta["var_names"], int(meta.get("n_cells", 0)))
 
     @staticmethod
