@@ -520,3 +520,17 @@ def test_cli_stability_with_varimax(tmp_path, capsys):
     assert list(consensus.columns) == ["V_0", "V_1"] and len(consensus) == 30
     assert sorted(pd.read_csv(out / "stability.csv", index_col="factor").index) == ["V_0", "V_1"]
     assert "after a varimax rotation of each run&#x27;s loadings" in (out / "report.html").read_text()
+
+
+def test_kernels_are_compiled_once_before_workers_start(monkeypatch):
+    from ldvae.cpu import fused
+    from ldvae.factors import seeds
+
+    fits = []
+    monkeypatch.setattr(ldvae.LinearSCVI, "train", lambda self, *a, **k: fits.append(self.adata.shape))
+    monkeypatch.setattr(fused, "is_cached", lambda: True)
+    seeds.compile_once()
+    assert fits == []  # cached: nothing to do
+    monkeypatch.setattr(fused, "is_cached", lambda: False)
+    seeds.compile_once()
+    assert fits == [(64, 8)]  # one tiny fit in this process compiles the step for every worker

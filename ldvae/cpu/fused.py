@@ -216,6 +216,13 @@ def _cache_index() -> str | None:
         return None
 
 
+def is_cached() -> bool:
+    """Whether numba's cache already holds the compiled training step (else the first fit
+    compiles it, about 25 s)."""
+    index = _cache_index()
+    return index is None or os.path.exists(index)
+
+
 def _note_first_compile() -> None:
     index = _cache_index()
     if index is not None and not os.path.exists(index):

@@ -124,6 +124,7 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
     if n_jobs == 1:
         return [_fit_one(adata, kw, train_kwargs, seed) for kw, seed in jobs]
     threads = max(1, _n_cpus() // n_jobs)
+    compile_once()
     logger.info("Fitting %d models in %d worker processes (%d thread(s) each).", len(jobs), n_jobs, threads)
     # Fresh interpreters started by path, not multiprocessing: no fork of torch's thread
     # pools, and scripts need no `if __name__ == "__main__"` guard. Worker w fits jobs
@@ -145,6 +146,21 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
         finally:
             _kill(procs)
         return [_rebuild(adata, d / f"result{i}.pt") for i in range(len(jobs))]
+
+
+def compile_once() -> None:
+    """Compile the CPU training step in this process, before worker processes start, so that
+    on the first use after an install they load it from numba's cache instead of each
+    compiling it at once (on a 2-core machine the cold demo took 98 s that way)."""
+    from ..cpu import fused
+    from ..data.simulate import simulate
+    from ..model import LinearSCVI
+
+    if fused.is_cached():
+        return
+    tiny = simulate(64, 8, 2, seed=0)
+    LinearSCVI.setup_anndata(tiny, layer="counts")
+    LinearSCVI(tiny, n_latent=2, n_hidden=8).train(2, batch_size=32, check_val_every_n_epoch=1, progress_bar=False)
 
 
 def _fits_dir() -> tempfile.TemporaryDirectory:
@@ -240,6 +256,8 @@ class BackgroundFits:
         self._tmp = _fits_dir()
         self._dir = Path(self._tmp.name)
         self._procs: list[subprocess.Popen] = []
+        if not uses_gpu(train_kwargs.get("accelerator", "auto")):
+            compile_once()
         try:
             _write_jobs(self._dir, adata, self._jobs, train_kwargs, threads)
             env = _worker_env(threads)
