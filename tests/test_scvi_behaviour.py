@@ -262,3 +262,18 @@ def test_under_torchrun_train_points_to_the_distributed_fit(adata, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"under torchrun call ldvae.distributed.fit_distributed\(path, ...\)"):
         _model(adata).train(1, strategy="ddp")
+
+
+def test_fast_preset_sets_what_the_call_leaves_unset(adata, monkeypatch):
+    from ldvae.model import facade
+
+    seen = []
+    monkeypatch.setattr(facade, "fit", lambda module, source, config, state: seen.append(config) or state)
+    m = _model(adata)
+    m.train(preset="fast", progress_bar=False)
+    m.train(5, preset="fast", plan_kwargs={"lr": 1e-3}, batch_norm_momentum=0.2, progress_bar=False)
+    first, second = seen
+    assert (first.max_epochs, first.lr, first.n_epochs_kl_warmup, first.batch_norm_momentum) == (60, 2e-2, 3, 0.05)
+    assert (second.max_epochs, second.lr, second.batch_norm_momentum) == (5, 1e-3, 0.2)
+    with pytest.raises(ValueError, match=r"preset must be one of \['fast'\] or None, got 'quick'"):
+        m.train(1, preset="quick")

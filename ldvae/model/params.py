@@ -127,7 +127,12 @@ TRAIN_OPTIONS = {
     "lr": None, "progress_bar": True, "seed": None, "checkpoint_dir": None, "checkpoint_every_n_epochs": 10,
     "resume_from": None, "batch_norm_momentum": None, "threads": None, "check_val_every_n_epoch": None,
     "early_stopping_patience": 45, "early_stopping_monitor": "elbo_validation", "early_stopping_min_delta": 0.0,
-    "early_stopping_mode": "min", "early_stopping_warmup_epochs": 0, "strategy": "auto",
+    "early_stopping_mode": "min", "early_stopping_warmup_epochs": 0, "strategy": "auto", "preset": None,
+}
+# train(preset=...): settings that reach a plain fit's validation ELBO in fewer epochs,
+# used where the call does not set them (bench/RESULTS.md, time to scvi-tools' quality).
+PRESETS = {
+    "fast": {"max_epochs": 60, "lr": 2e-2, "n_epochs_kl_warmup": 3, "batch_norm_momentum": 0.05},
 }
 # scvi-tools' (Lightning's) Trainer options that have no counterpart here, with what ldvae does.
 TRAINER_NOTED = {
@@ -166,6 +171,8 @@ def train_options(trainer_kwargs: dict, trainer_config: dict | None) -> dict:
         raise TypeError(f"train got unknown arguments {unknown}; its options are {sorted(TRAIN_OPTIONS)} "
                         f"and scvi-tools' Trainer options {sorted(TRAINER_NOTED)}.")
     opts = {**TRAIN_OPTIONS, **given}
+    if opts["preset"] is not None and opts["preset"] not in PRESETS:
+        raise SetupError(f"preset must be one of {sorted(PRESETS)} or None, got {opts['preset']!r}.")
     if opts["early_stopping_mode"] not in ("min", "max"):
         raise SetupError(f"early_stopping_mode must be 'min' or 'max', got {opts['early_stopping_mode']!r}.")
     return opts
