@@ -283,3 +283,15 @@ def test_save_in_scvi_format_and_load_it_back_through_the_public_api(tmp_path, c
     assert "batch_key: 'batch'" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"format must be 'ldvae' or 'scvi', got 'h5'"):
         model.save(tmp_path / "x", format="h5")
+
+
+def test_new_batches_map_onto_a_model_trained_by_scvi_tools():
+    reference_dir = FIXTURES / "scvi151_nb_batch_labels"
+    query = counts()
+    query.obs["batch"] = "new"
+    query = ldvae.LinearSCVI.prepare_query_anndata(query, reference_dir)
+    mapped = ldvae.LinearSCVI.load_query_data(query, reference_dir)
+    mapped.train(2, progress_bar=False)
+    reference = load_scvi_dir(reference_dir)
+    assert mapped.setup_["batch_categories"] == [*reference.setup_["batch_categories"], "new"]
+    np.testing.assert_array_equal(mapped.get_loadings().to_numpy(), reference.get_loadings().to_numpy())
