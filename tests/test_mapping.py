@@ -139,3 +139,14 @@ def test_ldvae_map_writes_query_results_and_a_joint_report(data, tmp_path):
     html = (out / "report.html").read_text()
     assert "Reference and query" in html and "unchanged, so the factors keep their meaning" in html
     assert sp.issparse(res.layers["counts"])
+
+
+def test_a_mapping_fit_resumes_from_its_checkpoint(data, tmp_path):
+    reference, query = data
+    q = LinearSCVI.prepare_query_anndata(query, reference)
+    first = LinearSCVI.load_query_data(q.copy(), reference)
+    first.train(2, progress_bar=False, checkpoint_dir=tmp_path, checkpoint_every_n_epochs=1)
+    again = LinearSCVI.load_query_data(q.copy(), reference)
+    again.train(4, progress_bar=False, resume_from=tmp_path)  # the optimizer covers the same free parameters
+    assert again.train_state_.epoch == 4
+    np.testing.assert_array_equal(again.get_loadings().to_numpy(), reference.get_loadings().to_numpy())

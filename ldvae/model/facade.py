@@ -362,7 +362,7 @@ class LinearSCVI(Queries, ScviSurface):
         )
         state = self.train_state_ or TrainState()
         if payload is not None:
-            state = resume_state(self.module, payload, resume_from)
+            state = resume_state(self.module, payload, resume_from, getattr(self, "frozen_", None))
             config.max_epochs = max(max_epochs - state.epoch, 0)
         self.module.to(self.device)
         source = self._source(train_idx, val_idx, batch_size)

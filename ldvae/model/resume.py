@@ -7,13 +7,15 @@ import os
 
 from ..nn.module import LDVAEModule
 from ..train.loop import ModelFileError, TrainState, check_weights
-from ..train.optim import check_state_dict
+from ..train.optim import check_state_dict, optimized_parameters
 
 logger = logging.getLogger(__name__)
 
 
-def resume_state(module: LDVAEModule, payload: dict, resume_from: str | os.PathLike) -> TrainState:
-    """Load the checkpoint ``payload`` into ``module`` and return its training state.
+def resume_state(module: LDVAEModule, payload: dict, resume_from: str | os.PathLike,
+                 frozen: dict | None = None) -> TrainState:
+    """Load the checkpoint ``payload`` into ``module`` and return its training state
+    (``frozen``: the parameters held fixed, as ``TrainConfig.frozen``).
 
     Every check comes first: a checkpoint that does not fit leaves the module as it was."""
 
@@ -27,7 +29,7 @@ def resume_state(module: LDVAEModule, payload: dict, resume_from: str | os.PathL
     resumed = TrainState(**payload["train_state"])
     if resumed.optimizer_state is not None:
         try:
-            check_state_dict(resumed.optimizer_state, [p for p in module.parameters() if p.requires_grad])
+            check_state_dict(resumed.optimizer_state, optimized_parameters(module, frozen))
         except ValueError as err:
             raise ModelFileError(f"The checkpoint {resume_from} is damaged: {err}.") from err
     module.load_state_dict(payload["module_state"])

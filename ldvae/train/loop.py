@@ -33,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import HISTORY_KEYS, ModelFileError, NonFiniteLossError, TrainConfig, TrainState
-from .optim import adam
+from .optim import adam, optimized_parameters
 from .steps import Step, choose_step
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     state.interrupted = False  # set again below if this call is interrupted
     if state.step == 0 and state.warmup_steps == 0:
         state.warmup_steps = _warmup_steps(config, source.steps_per_epoch)
-    frozen = config.frozen or {}
-    optimizer = adam([p for n, p in module.named_parameters() if p.requires_grad and frozen.get(n, 0) is not None],
-                     config)
+    optimizer = adam(optimized_parameters(module, config.frozen), config)
     step = choose_step(module, optimizer, source, state, config)
     first_epoch = state.epoch
     last_epoch = first_epoch + config.max_epochs

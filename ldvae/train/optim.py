@@ -290,6 +290,13 @@ class _CheckedAdam(torch.optim.Adam):
         return False
 
 
+def optimized_parameters(module, frozen: dict | None) -> list[Tensor]:
+    """The parameters a fit's optimizer steps: all but those held fixed whole
+    (``TrainConfig.frozen`` maps their names to None)."""
+    frozen = frozen or {}
+    return [p for n, p in module.named_parameters() if p.requires_grad and frozen.get(n, 0) is not None]
+
+
 def adam(params: list[Tensor], config):
     """Adam (``config.optimizer == "AdamW"``: with decoupled weight decay) with scvi-tools' settings (``config``: a ``train.TrainConfig``): ``FusedAdam``
     when every parameter is float32 on one device (CPU or CUDA), torch's Adam otherwise.
