@@ -8,7 +8,6 @@ writes CSV tables, PNG figures and a self-contained ``report.html`` into ``--out
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .options import (
@@ -89,15 +88,16 @@ def add_factors(subparsers) -> None:
 
 
 def _load_model(model_dir: str, adata_path: str | None, accelerator: str):
+    """A saved model on ``adata_path`` (subset to the model's genes; default: the AnnData saved with it)."""
     from ..model import LinearSCVI
+    from ..model.scvi_files import read_any_model
 
     adata = None
     if adata_path is not None:
         import anndata
 
         adata = anndata.read_h5ad(adata_path)
-        meta = json.loads((Path(model_dir) / "ldvae_model.json").read_text(encoding="utf-8"))
-        wanted = meta.get("var_names", [])
+        wanted = read_any_model(model_dir, None)[0]["var_names"]  # ldvae's files or scvi-tools
         missing = [g for g in wanted if g not in adata.var_names]
         if missing:
             raise ValueError(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .interpret import _check_out_dir, _out_dir, _save_figure, _write, _write_report
+from .interpret import _check_out_dir, _load_model, _out_dir, _save_figure, _write, _write_report
 from .options import HelpFormatter, add_accelerator, add_lr, add_max_epochs, add_out_dir, add_overwrite, add_seed
 
 
@@ -46,13 +46,13 @@ def add_map(subparsers) -> None:
     p.set_defaults(handler=_handle_map)
 
 
-def _reference_adata(model_dir: Path, path: str | None):
-    import anndata
-
+def _reference_cells(model_dir: Path, path: str | None) -> str:
+    """Where the reference's cells are: --reference-adata, the AnnData saved with the model, or
+    results.h5ad beside the model directory (``ldvae run``'s layout)."""
     candidates = [Path(path)] if path else [model_dir / "adata.h5ad", model_dir.parent / "results.h5ad"]
     for c in candidates:
         if c.exists():
-            return anndata.read_h5ad(c)
+            return str(c)
     raise FileNotFoundError(f"No reference cells found ({', '.join(map(str, candidates))}); pass --reference-adata.")
 
 
@@ -77,8 +77,7 @@ def _handle_map(args: argparse.Namespace) -> int:
     d = _check_out_dir(args.out_dir, args.overwrite)
     settings.seed = args.seed
     model_dir = Path(args.model_dir)
-    reference = LinearSCVI.load(model_dir, adata=_reference_subset(model_dir, args.reference_adata),
-                                accelerator=args.accelerator)
+    reference = _load_model(str(model_dir), _reference_cells(model_dir, args.reference_adata), args.accelerator)
     query = LinearSCVI.prepare_query_anndata(_query(args.query, reference.setup_, args.query_batch), reference)
     model = LinearSCVI.load_query_data(query, reference, train_encoder=not args.frozen_encoder,
                                        accelerator=args.accelerator)
@@ -112,14 +111,6 @@ def _handle_map(args: argparse.Namespace) -> int:
                             "seed": args.seed}, [section])
     print(f"Mapped {query.n_obs} cells onto {model_dir} in {seconds:.1f} s; report: {report}")
     return 0
-
-
-def _reference_subset(model_dir: Path, path: str | None):
-    import json
-
-    adata = _reference_adata(model_dir, path)
-    genes = json.loads((model_dir / "ldvae_model.json").read_text(encoding="utf-8"))["var_names"]
-    return adata if list(adata.var_names) == genes else adata[:, genes].copy()
 
 
 def _together(reference, query_model, color_by: list[str]):

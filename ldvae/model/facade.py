@@ -515,8 +515,7 @@ class LinearSCVI(Queries, ScviSurface):
                              "adata = LinearSCVI.prepare_query_anndata(adata, reference).")
         setup = query_setup(adata, meta["setup"])
         params = meta["init_params"]
-        ldvae_settings = {k: params[k] for k in ("use_batch_norm", "bias")}
-        model = cls(adata, **{k: v for k, v in params.items() if k not in ldvae_settings}, **ldvae_settings)
+        model = cls(adata, **params)
         model.setup_ = setup
         model.frozen_ = transfer_weights(model.module, state, meta["setup"], setup, params["n_latent"],
                                          train_encoder=train_encoder)

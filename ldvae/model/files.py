@@ -27,13 +27,19 @@ SPLIT_NAMES = ("train", "validation", "test")
 LEGACY_WEIGHTS = "model_params.pt"  # scvi-tools' layout before 0.15: with attr.pkl and var_names.csv
 
 
-def save_model(model, dir_path: str | os.PathLike, prefix: str | None, *, overwrite: bool, save_anndata: bool) -> None:
-    """Write ``model`` (a ``LinearSCVI``) into ``dir_path``: each file atomically, the JSON last."""
+def model_dir(dir_path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """The directory a model is saved into, made if missing; a non-empty one only with ``overwrite``."""
     d = Path(dir_path)
-    p = prefix or ""
     if d.exists() and any(d.iterdir()) and not overwrite:
         raise FileExistsError(f"{d} already exists and is not empty. Pass overwrite=True to replace it.")
     d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def save_model(model, dir_path: str | os.PathLike, prefix: str | None, *, overwrite: bool, save_anndata: bool) -> None:
+    """Write ``model`` (a ``LinearSCVI``) into ``dir_path``: each file atomically, the JSON last."""
+    d = model_dir(dir_path, overwrite=overwrite)
+    p = prefix or ""
     st = model.train_state_
     meta = {
         "format": "ldvae-model",

@@ -21,6 +21,7 @@ import torch
 from ..data.contract import SETUP_KEY, obs_categories
 from ..data.setup import setup_anndata
 from ..util.checks import SetupError
+from .params import covariate_names
 
 logger = logging.getLogger(__name__)
 
@@ -90,18 +91,6 @@ def query_setup(adata, ref_setup: dict) -> dict:
         setup["categorical_covariate_categories"][key] = list(known)
     adata.uns[SETUP_KEY] = setup
     return setup
-
-
-def covariate_names(setup: dict) -> list[str]:
-    """The decoder's covariate columns after z (``LinearSCVI.covariate_column_names``)."""
-    names = []
-    if len(setup.get("batch_categories", ["0"])) > 1:
-        names += [f"{setup['batch_key']}:{c}" for c in setup["batch_categories"]]
-    for k in setup.get("categorical_covariate_keys", []):
-        cats = setup["categorical_covariate_categories"][k]
-        if len(cats) > 1:
-            names += [f"{k}:{c}" for c in cats]
-    return names + list(setup.get("continuous_covariate_keys", []))
 
 
 def transfer_weights(module, ref_state: dict, ref_setup: dict, setup: dict, n_latent: int, *,

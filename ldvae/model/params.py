@@ -4,6 +4,7 @@ checks of the constructor's and ``train``'s arguments."""
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -73,6 +74,20 @@ def module_config(setup: dict, n_genes: int, params: dict) -> ModuleConfig:
         n_continuous_cov=len(setup.get("continuous_covariate_keys", [])),
         **{name: params[name] for name in INIT_PARAMS},
     )
+
+
+def covariate_names(setup: dict) -> list[str]:
+    """Names of the decoder's input columns after z under ``setup_anndata``'s record ``setup``:
+    ``batch_key:category`` (two or more batches), ``key:category`` of each categorical
+    covariate with two or more categories, then the continuous covariates."""
+    names = []
+    if len(setup.get("batch_categories", ["0"])) > 1:
+        names += [f"{setup['batch_key']}:{c}" for c in setup["batch_categories"]]
+    for k in setup.get("categorical_covariate_keys", []):
+        cats = setup["categorical_covariate_categories"][k]
+        if len(cats) > 1:
+            names += [f"{k}:{c}" for c in cats]
+    return names + list(setup.get("continuous_covariate_keys", []))
 
 
 def _positive_number(name: str, value) -> None:
@@ -210,8 +225,6 @@ def splitter_options(datasplitter_kwargs: dict | None, n_cells: int) -> list[np.
 def check_strategy(strategy, devices) -> None:
     """scvi-tools' ``strategy``/``devices``: one process trains here; several GPUs or machines
     run ``ldvae.distributed`` under torchrun."""
-    import os
-
     # under torchrun without a process group (ldvae.distributed makes one): ranks would train apart
     grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not grouped:

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..query import de, deviance, posterior, target
 from ..util.checks import SetupError
 from ..util.settings import settings
+from .params import covariate_names
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +65,8 @@ class Queries:
         return target.gene_intercepts(self.module, self.var_names_)
 
     def covariate_column_names(self) -> list[str]:
-        s = self.setup_
-        names = []
-        if self.n_batch > 1:
-            names += [f"{s['batch_key']}:{c}" for c in s["batch_categories"]]
-        for k in s.get("categorical_covariate_keys", []):
-            cats = s["categorical_covariate_categories"][k]
-            if len(cats) > 1:
-                names += [f"{k}:{c}" for c in cats]
-        names += list(s.get("continuous_covariate_keys", []))
-        return names
+        """The decoder's covariate columns (``batch:A``, ...), as :meth:`get_covariate_coefficients` names them."""
+        return covariate_names(self.setup_)
 
     def get_covariate_coefficients(self) -> pd.DataFrame:
         """Decoder coefficients of batch and covariates (genes x columns such as ``batch:A``),
@@ -143,8 +136,11 @@ class Queries:
         """
         batch_size = _loader(dataloader, data_loader_kwargs, batch_size)
         if weights == "importance" and n_samples_overall is not None:
-            return self._importance_expression(
-                adata=adata, indices=indices, transform_batch=transform_batch, gene_list=gene_list,
+            from ..query.importance import weighted_expression
+
+            self._refuse_if_minified("weights='importance'")
+            return weighted_expression(
+                self._fitted(), adata=adata, indices=indices, transform_batch=transform_batch, gene_list=gene_list,
                 library_size=library_size, n_samples_overall=n_samples_overall, batch_size=batch_size,
                 return_numpy=return_numpy, **importance_weighting_kwargs)
         if weights == "importance":  # as scvi-tools: the weights choose among draws of n_samples_overall
@@ -421,33 +417,6 @@ class Queries:
                 fitted, adata, cells, qz.loc, qz.scale.square(), px, zs.reshape(-1, zs.shape[-1]),
                 max_cells=max_cells, truncation=truncation, n_mc_samples=n_mc_samples,
                 rng=np.random.default_rng(settings.seed))
-
-    def _importance_expression(self, *, adata, indices, transform_batch, gene_list, library_size, n_samples_overall,
-                               batch_size, return_numpy, **weighting) -> np.ndarray | pd.DataFrame:
-        """``get_normalized_expression(weights="importance", n_samples_overall=...)``: draws of
-        every cell, resampled by their importance weights."""
-        from ..query.importance import draw, importance_weights
-        from ..query.target import start
-
-        self._refuse_if_minified("weights='importance'")
-        fitted = self._fitted()
-        codes = target.batch_codes(fitted, transform_batch)
-        if len(codes) != 1:
-            raise ValueError("Importance weights cannot be computed when expression is averaged over batches.")
-        mask = target.gene_mask(fitted, gene_list)
-        data, rows, size = start(fitted, adata, indices, batch_size)
-        cells = rows.cpu().numpy()
-        rng = np.random.default_rng(settings.seed)
-        with target.querying(fitted.device):
-            d = draw(fitted, data, rows, size, n_samples_overall // len(cells) + 1, codes[0], library_size)
-            p = importance_weights(fitted, adata, cells, d.qz_m, d.qz_v, d.px, d.z, rng=rng,
-                                   **{k: v for k, v in weighting.items() if k != "n_mc_samples_per_pass"})
-        expr = d.expression[rng.choice(len(p), size=n_samples_overall, p=p, replace=True)]
-        expr = expr if mask is None else expr[:, mask]
-        if return_numpy:
-            return expr
-        genes = fitted.var_names if mask is None else fitted.var_names[mask]
-        return pd.DataFrame(expr, columns=genes.copy())
 
     # --- results into AnnData ---------------------------------------------------------------
     def write_results(self, adata=None, *, key_added: str = "ldvae", obs_columns: bool = False, copy: bool = False):

@@ -39,7 +39,7 @@ from ..train.config import ModelFileError
 from ..util.checks import SetupError
 from ..util.io import atomic_torch_save
 from ..util.safe_pickle import ALLOWED, RefusedPickle, safe_torch_load
-from .files import ADATA_FILE, FORMAT_VERSION, MODEL_JSON, SPLIT_NAMES, _check_meta, _write_h5ad_untouched
+from .files import ADATA_FILE, FORMAT_VERSION, MODEL_JSON, SPLIT_NAMES, _check_meta, _write_h5ad_untouched, model_dir
 from .params import check_model_kwargs, module_config
 
 SCVI_MODEL_FILE = "model.pt"
@@ -343,10 +343,7 @@ def write_scvi_model(model, dir_path: str | os.PathLike, prefix: str | None = No
     """
     config, setup = model.config, model.setup_
     _refuse_unsupported(config, setup, "write_scvi_model")
-    d, p = Path(dir_path), prefix or ""
-    if d.exists() and any(d.iterdir()) and not overwrite:
-        raise FileExistsError(f"{d} already exists and is not empty. Pass overwrite=True to replace it.")
-    d.mkdir(parents=True, exist_ok=True)
+    d, p = model_dir(dir_path, overwrite=overwrite), prefix or ""
     own = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
     table = key_table(config.n_layers)
     state = OrderedDict()

@@ -142,6 +142,14 @@ class SetupView:
         return fields[key]
 
 
+def _stored(name: str, convert=None, doc: str = "") -> property:
+    """scvi-tools' public name for the attribute ``name`` (set through it: ``convert(value)``)."""
+    def set_(self, value) -> None:
+        setattr(self, name, value if convert is None else convert(value))
+
+    return property(lambda self: getattr(self, name), set_, doc=doc)
+
+
 class ScviSurface:
     """scvi-tools' base-model members of ``LinearSCVI``: the model supplies ``adata``,
     ``setup_``, ``var_names_``, ``module``, ``config``, ``init_params_``, ``device``,
@@ -149,20 +157,23 @@ class ScviSurface:
 
     get_normalized_function_name_ = "get_normalized_expression"
     trainer = None  # no Lightning Trainer: the loop is ldvae.train.loop.fit
+    run_id_ = run_name_ = None
 
     def _reset_surface(self) -> None:
         """The registry and identifiers of a model just built or loaded."""
         self.registry_ = registry_of(self.setup_, self.var_names_, int(self.adata.n_obs))
-        self.summary_stats = SetupView(self.adata, self.registry_).summary_stats
         if not hasattr(self, "id"):
             self.id = uuid.uuid4().hex
-        self.run_id_ = getattr(self, "run_id_", None)
-        self.run_name_ = getattr(self, "run_name_", None)
 
     # --- the setup, read-only -------------------------------------------------------------
     @property
     def registry(self) -> dict:
         return self.registry_
+
+    @property
+    def summary_stats(self) -> Attrdict:
+        """Sizes of the setup: ``n_vars``, ``n_cells``, ``n_batch``, ``n_labels``, covariates."""
+        return self.adata_manager.summary_stats
 
     @property
     def adata_manager(self) -> SetupView:
@@ -311,61 +322,21 @@ class ScviSurface:
                              "full data: LinearSCVI.load(dir_path, adata=full_adata).")
 
     # --- status --------------------------------------------------------------------------
-    @property
-    def is_trained(self) -> bool:
-        return self.is_trained_
-
-    @is_trained.setter
-    def is_trained(self, value: bool) -> None:
-        self.is_trained_ = bool(value)
+    is_trained = _stored("is_trained_", bool, "True once a training step completed")
 
     @property
     def n_latent(self) -> int:
         return self.config.n_latent
 
-    @property
-    def train_indices(self) -> np.ndarray:
-        return self.train_indices_
-
-    @train_indices.setter
-    def train_indices(self, value) -> None:
-        self.train_indices_ = np.asarray(value)
-
-    @property
-    def validation_indices(self) -> np.ndarray:
-        return self.validation_indices_
-
-    @validation_indices.setter
-    def validation_indices(self, value) -> None:
-        self.validation_indices_ = np.asarray(value)
-
-    @property
-    def test_indices(self) -> np.ndarray:
-        return self.test_indices_
-
-    @test_indices.setter
-    def test_indices(self, value) -> None:
-        self.test_indices_ = np.asarray(value)
+    train_indices = _stored("train_indices_", np.asarray, "the training cells, saved with the model")
+    validation_indices = _stored("validation_indices_", np.asarray, "the validation cells, saved with the model")
+    test_indices = _stored("test_indices_", np.asarray, "the cells of neither split, saved with the model")
+    run_id = _stored("run_id_", doc="None until set: there is no experiment tracker")
+    run_name = _stored("run_name_", doc="None until set")
 
     @property
     def history_(self) -> dict:
         return self.history
-
-    @property
-    def run_id(self) -> str | None:
-        return self.run_id_
-
-    @run_id.setter
-    def run_id(self, value) -> None:
-        self.run_id_ = value
-
-    @property
-    def run_name(self) -> str | None:
-        return self.run_name_
-
-    @run_name.setter
-    def run_name(self, value) -> None:
-        self.run_name_ = value
 
     @property
     def get_normalized_function_name(self) -> str:

@@ -129,16 +129,13 @@ def _sample_scales(fitted: Fitted, data, cells: np.ndarray, codes, n_total: int,
     ``importance`` (keywords of ``importance_weights``): ``n_total // n_cells + 1`` draws per
     cell, resampled by their importance weights (each cell decoded in its own batch)."""
     if importance is not None:
-        from .importance import draw, importance_weights
+        from .importance import resampled_expression
 
         if codes != [None]:
             raise ValueError("Importance weights need each cell decoded in its own batch (batch_correction=False).")
-        per_cell = n_total // len(cells) + 1
-        d = draw(fitted, data, torch.as_tensor(cells, device=data.device), size, per_cell, None)
-        opts = {k: v for k, v in importance.items() if k != "n_mc_samples_per_pass"}
-        p = importance_weights(fitted, adata, cells, d.qz_m, d.qz_v, d.px, d.z, rng=rng, **opts)
-        pick = rng.choice(len(p), size=n_total, p=p, replace=True)
-        return d.expression[pick].astype(np.float32), np.full(n_total, -1)
+        rows = torch.as_tensor(cells, device=data.device)
+        scales = resampled_expression(fitted, adata, data, rows, size, n_total, None, 1, rng, **importance)
+        return scales.astype(np.float32), np.full(n_total, -1)
     per_code = max(n_total // len(codes), 2)
     cells_t = torch.as_tensor(cells, device=data.device)
     scales, ids = [], []
