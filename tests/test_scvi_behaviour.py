@@ -134,9 +134,10 @@ def test_early_stopping_follows_its_monitor_and_mode(adata):
 def test_lightning_only_options_are_accepted_and_unknown_ones_named(adata, caplog):
     m = _model(adata)
     m.train(1, logger=True, callbacks=["cb"], enable_checkpointing=True, load_sparse_tensor=True,
-            datasplitter_kwargs={"pin_memory": True, "num_workers": 2}, plan_config={"lr": 1e-3},
-            trainer_config={"log_every_n_steps": 5}, progress_bar=False)
+            datasplitter_kwargs={"pin_memory": True, "num_workers": 2, "drop_dataset_tail": True},
+            plan_config={"lr": 1e-3}, trainer_config={"log_every_n_steps": 5}, progress_bar=False)
     assert "train callbacks=['cb']: ldvae has no callbacks" in caplog.text
+    assert "drop_dataset_tail=True: ldvae.distributed gives each rank its share" in caplog.text
     with pytest.raises(TypeError, match=r"train got unknown arguments \['max_epoch'\]"):
         m.train(1, max_epoch=3)
 

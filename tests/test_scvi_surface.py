@@ -17,6 +17,7 @@ import torch
 
 import ldvae
 from ldvae import LinearSCVI
+from ldvae.data.setup import setup_anndata
 from ldvae.train.loop import ModelFileError
 
 SURFACE = json.loads((Path(__file__).parent / "data" / "scvi_linear_scvi_surface.json").read_text())
@@ -130,12 +131,12 @@ def test_status_split_and_summary(trained):
 def test_registry_views(trained, capsys, tmp_path):
     m = trained
     assert m.adata_manager.registry is m.registry_ and m.registry is m.registry_
-    assert dict(m.adata_manager.data_registry.batch) == {"attr_name": "obs", "attr_key": "batch"}
+    assert dict(m.adata_manager.data_registry.batch) == {"attr_name": "obs", "attr_key": "_scvi_batch"}
     assert m.get_state_registry("batch").categorical_mapping == ["b0", "b1"]
     codes = m.get_from_registry(m.adata, "batch").ravel()
     assert np.array_equal(codes, (m.adata.obs["batch"] == "b1").to_numpy().astype(int))
     m.view_anndata_setup()
-    assert "batch: obs['batch']; n_batch=2" in capsys.readouterr().out
+    assert "batch: obs['_scvi_batch']; n_batch=2" in capsys.readouterr().out
     other = m.adata.copy()
     del other.uns["ldvae_setup"]
     assert m.get_anndata_manager(other) is None
@@ -148,6 +149,31 @@ def test_registry_views(trained, capsys, tmp_path):
     LinearSCVI.view_setup_args(tmp_path / "m")
     assert "batch_key: 'batch'" in capsys.readouterr().out
     assert LinearSCVI.load_registry(tmp_path / "m")["setup_args"]["labels_key"] == "labels"
+
+
+def test_scvi_code_columns_are_written_where_scvi_tools_writes_them(trained, tmp_path):
+    """LinearSCVI's setup, transfer_fields and load write scvi-tools' code columns; ldvae's own
+    setup writes none, and the registry then names the user's columns."""
+    m = trained
+    want = (m.adata.obs["batch"] == "b1").to_numpy().astype(int)
+    assert np.array_equal(m.adata.obs["_scvi_batch"].to_numpy(), want)
+    assert np.array_equal(m.adata.obs["_scvi_labels"].to_numpy(), (m.adata.obs["labels"] == "b").to_numpy())
+    plain = m.adata[:, :].copy()
+    plain.obs = plain.obs[["batch", "labels"]].copy()
+    del plain.uns["ldvae_setup"]
+    setup_anndata(plain, layer="counts", batch_key="batch", labels_key="labels")
+    assert list(plain.obs.columns) == ["batch", "labels"]
+    model = LinearSCVI(plain, n_latent=3, n_hidden=16)
+    assert dict(model.adata_manager.data_registry.batch) == {"attr_name": "obs", "attr_key": "batch"}
+    m.save(tmp_path / "m")
+    bad = plain.copy()
+    bad.obs["batch"] = bad.obs["batch"].astype(str).replace("b1", "new")
+    with pytest.raises(ValueError, match="new"):
+        LinearSCVI.load(tmp_path / "m", adata=bad)
+    assert "_scvi_batch" not in bad.obs  # a failed load writes nothing
+    loaded = LinearSCVI.load(tmp_path / "m", adata=plain)
+    assert np.array_equal(plain.obs["_scvi_batch"].to_numpy(), want)
+    assert loaded.adata_manager.data_registry.labels.attr_key == "_scvi_labels"
 
 
 def test_split_and_status_survive_save_and_load(trained, tmp_path):

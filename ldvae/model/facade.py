@@ -37,7 +37,7 @@ from ..util.settings import settings
 from .files import read_saved_adata, save_model, split_of, train_state_of
 from .scvi_files import read_any_model
 from .queries import Queries
-from .surface import LIBRARY_KEY, ScviSurface, minified_fields
+from .surface import LIBRARY_KEY, ScviSurface, minified_fields, write_scvi_codes
 from .params import (
     check_init_params, check_model_kwargs, check_plan, check_registry, check_strategy, check_train_args, init_params_of,
     PRESETS, module_config, resolve_device, splitter_options, train_options,
@@ -141,7 +141,8 @@ class LinearSCVI(Queries, ScviSurface):
         layer: str | None = None,
         **kwargs,
     ) -> None:
-        """Check raw counts and covariates; record the choices in ``adata.uns["ldvae_setup"]``.
+        """Check raw counts and covariates; record the choices in ``adata.uns["ldvae_setup"]``
+        and write scvi-tools' code columns ``obs["_scvi_batch"]`` and ``obs["_scvi_labels"]``.
 
         ``kwargs``: ``categorical_covariate_keys`` and ``continuous_covariate_keys`` (obs
         columns the decoder adds to the log rate). See :func:`ldvae.data.setup.setup_anndata`.
@@ -159,6 +160,7 @@ class LinearSCVI(Queries, ScviSurface):
             categorical_covariate_keys=list(cats) if cats else None,
             continuous_covariate_keys=list(conts) if conts else None,
         )
+        write_scvi_codes(adata, adata.uns["ldvae_setup"])
 
     @property
     def n_batch(self) -> int:
@@ -445,7 +447,8 @@ class LinearSCVI(Queries, ScviSurface):
 
         Every field of the JSON and the stored weights' keys, shapes and values are checked
         before anything is built (a ModelFileError naming the field, its value and the file);
-        ``adata.uns["ldvae_setup"]`` is written only when the whole load succeeded."""
+        ``adata.uns["ldvae_setup"]`` and scvi-tools' code columns are written only when the
+        whole load succeeded."""
         if datamodule is not None:
             raise SetupError("datamodule is not supported: pass adata (in memory, or backed on disk).")
         meta, state = read_any_model(dir_path, prefix)
@@ -472,9 +475,11 @@ class LinearSCVI(Queries, ScviSurface):
         model.train_state_ = train_state_of(meta)
         model.is_trained_ = bool(meta.get("is_trained"))
         model.train_indices_, model.validation_indices_, model.test_indices_ = split_of(meta)
-        model._reset_surface()
-        if record_setup:  # only once everything succeeded: a failed load leaves adata untouched
+        if not adata.is_view:  # only once everything succeeded: a failed load leaves adata untouched
+            write_scvi_codes(adata, saved_setup)
+        if record_setup:
             adata.uns["ldvae_setup"] = saved_setup
+        model._reset_surface()
         return model
 
     # --- mapping new cells onto this model (ldvae.model.mapping) -----------------------------
@@ -485,15 +490,9 @@ class LinearSCVI(Queries, ScviSurface):
         lacks): a new AnnData, or the reference's genes with ``return_reference_var_names``.
         ``reference_model``: a model or its saved directory. ``inplace=True`` is refused (a
         gene axis cannot grow in place)."""
-        from .mapping import prepare_query, reference_of
+        from .mapping import prepare_query_anndata
 
-        names = pd.Index(reference_of(reference_model)[0]["var_names"])
-        if return_reference_var_names:
-            return names
-        if inplace:
-            raise SetupError("prepare_query_anndata(inplace=True) is not supported; use its result: "
-                             "adata = LinearSCVI.prepare_query_anndata(adata, reference).")
-        return prepare_query(adata, names)
+        return prepare_query_anndata(adata, reference_model, return_reference_var_names, inplace)
 
     @classmethod
     def load_query_data(cls, adata, reference_model, *, train_encoder: bool = True, accelerator: str = "auto",
@@ -519,6 +518,7 @@ class LinearSCVI(Queries, ScviSurface):
         model.setup_ = setup
         model.frozen_ = transfer_weights(model.module, state, meta["setup"], setup, params["n_latent"],
                                          train_encoder=train_encoder)
+        write_scvi_codes(adata, setup)
         model.is_trained_ = True  # the reference's weights: its encoder maps the query already
         model.to_device(resolve_device(accelerator, device if isinstance(device, int) else None))
         return model

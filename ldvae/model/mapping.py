@@ -29,6 +29,18 @@ MIN_SHARED_GENES = 0.8  # below this share of the reference's genes the mapping 
 ENCODERS = ("z_encoder.", "l_encoder.")
 
 
+def prepare_query_anndata(adata, reference_model, return_reference_var_names: bool = False,
+                          inplace: bool = False):
+    """``LinearSCVI.prepare_query_anndata``: the query over the reference's genes, or those genes."""
+    names = pd.Index(reference_of(reference_model)[0]["var_names"])
+    if return_reference_var_names:
+        return names
+    if inplace:
+        raise SetupError("prepare_query_anndata(inplace=True) is not supported; use its result: "
+                         "adata = LinearSCVI.prepare_query_anndata(adata, reference).")
+    return prepare_query(adata, names)
+
+
 def prepare_query(adata, var_names: pd.Index):
     """A new AnnData of ``adata``'s cells over ``var_names`` in that order: genes the query
     lacks are zero in ``X`` and every layer; genes the reference lacks are dropped."""

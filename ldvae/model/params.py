@@ -166,7 +166,12 @@ TRAINER_NOTED = {
 }
 SPLITTER_NOTED = {
     "pin_memory": "ldvae gathers minibatches on the compute device", "num_workers": "ldvae's data path needs no workers",
-    "persistent_workers": "ldvae's data path needs no workers", "load_sparse_tensor": "ldvae always keeps counts sparse",
+    "persistent_workers": "ldvae's data path needs no workers", "prefetch_factor": "ldvae's data path needs no workers",
+    "load_sparse_tensor": "ldvae always keeps counts sparse",
+    "drop_dataset_tail": "ldvae.distributed gives each rank its share of cells itself",
+    "distributed_sampler": "ldvae.distributed gives each rank its share of cells itself",
+    "iter_ndarray": "ldvae hands minibatches to the model as tensors",
+    "data_and_attributes": "ldvae reads the fields of its setup",
 }
 
 

@@ -2,9 +2,10 @@
 the setup as a read-only registry (``adata_manager``, ``registry_``, ``summary_stats``), the
 split's indices, the training status and summary, moving to a device, and the setup views.
 
-ldvae records a setup as one plain dict in ``adata.uns["ldvae_setup"]`` and writes no
-``_scvi_*`` columns, so the registry here describes the user's own columns: the
-``data_registry`` entry of the batch is ``{"attr_name": "obs", "attr_key": <batch_key>}``."""
+ldvae records a setup as one plain dict in ``adata.uns["ldvae_setup"]`` and reads the user's
+own columns. ``LinearSCVI.setup_anndata`` also writes scvi-tools' code columns
+``obs["_scvi_batch"]`` and ``obs["_scvi_labels"]`` (:func:`write_scvi_codes`), as scvi-tools
+does, and the registry points to them where they exist, to the user's column otherwise."""
 
 from __future__ import annotations
 
@@ -25,6 +26,24 @@ MINIFIED_FIELDS = "ldvae_minified"  # uns: where a minified AnnData keeps q(z | 
 LIBRARY_KEY = "observed_lib_size"  # obs column of the observed library, as scvi-tools
 
 
+SCVI_CODE_COLUMNS = {"batch": "_scvi_batch", "labels": "_scvi_labels"}  # obs columns scvi-tools writes
+
+
+def write_scvi_codes(adata, setup: dict) -> None:
+    """Write scvi-tools' integer code columns of the batch and the labels into ``adata.obs``
+    (0 for every cell where the setup has no such key), as scvi-tools' setup does."""
+    from ..data.contract import read_covariates
+
+    cov = read_covariates(adata, setup)  # fails, naming the column, before anything is written
+    adata.obs[SCVI_CODE_COLUMNS["batch"]] = cov.batch.astype(np.int64)
+    adata.obs[SCVI_CODE_COLUMNS["labels"]] = cov.label.astype(np.int64)
+
+
+def coded_fields(adata) -> set[str]:
+    """The fields whose scvi-tools code column ``adata`` has."""
+    return {f for f, col in SCVI_CODE_COLUMNS.items() if adata is not None and col in adata.obs}
+
+
 def minified_fields(adata) -> dict | None:
     """The obsm keys of q(z | x) and the obs column of the library of a minified AnnData."""
     if adata is None or adata.uns.get(MINIFIED_KEY) != LATENT_POSTERIOR:
@@ -42,8 +61,9 @@ class Attrdict(dict):
             raise AttributeError(name) from None
 
 
-def registry_of(setup: dict, var_names, n_cells: int) -> dict:
-    """scvi-tools' registry layout for ``setup_anndata``'s record ``setup``."""
+def registry_of(setup: dict, var_names, n_cells: int, coded: set[str] = frozenset()) -> dict:
+    """scvi-tools' registry layout for ``setup_anndata``'s record ``setup``; the fields in
+    ``coded`` are read from scvi-tools' code columns, the others from the user's."""
     layer = setup.get("layer")
     fields = {
         "X": {"data_registry": {"attr_name": "X" if layer is None else "layers", "attr_key": layer},
@@ -53,7 +73,8 @@ def registry_of(setup: dict, var_names, n_cells: int) -> dict:
     for field, key, cats, stat in (("batch", "batch_key", "batch_categories", "n_batch"),
                                    ("labels", "labels_key", "label_categories", "n_labels")):
         categories = setup.get(cats, ["0"])
-        fields[field] = {"data_registry": {"attr_name": "obs", "attr_key": setup.get(key)},
+        source = SCVI_CODE_COLUMNS[field] if field in coded else setup.get(key)
+        fields[field] = {"data_registry": {"attr_name": "obs", "attr_key": source},
                          "state_registry": {"categorical_mapping": list(categories), "original_key": setup.get(key)},
                          "summary_stats": {stat: len(categories)}}
     cat_keys = setup.get("categorical_covariate_keys", [])
@@ -161,7 +182,7 @@ class ScviSurface:
 
     def _reset_surface(self) -> None:
         """The registry and identifiers of a model just built or loaded."""
-        self.registry_ = registry_of(self.setup_, self.var_names_, int(self.adata.n_obs))
+        self.registry_ = registry_of(self.setup_, self.var_names_, int(self.adata.n_obs), coded_fields(self.adata))
         if not hasattr(self, "id"):
             self.id = uuid.uuid4().hex
 
@@ -186,7 +207,7 @@ class ScviSurface:
         from ..data.contract import SETUP_KEY
 
         if adata is self.adata or (SETUP_KEY in adata.uns and adata.uns[SETUP_KEY] == self.setup_):
-            return SetupView(adata, registry_of(self.setup_, self.var_names_, int(adata.n_obs)))
+            return SetupView(adata, registry_of(self.setup_, self.var_names_, int(adata.n_obs), coded_fields(adata)))
         if required:
             raise SetupError("adata is not set up as this model's AnnData. Run model.transfer_fields(adata) first.")
         return None
@@ -207,12 +228,13 @@ class ScviSurface:
         return np.asarray(self.var_names_, dtype=object)
 
     def transfer_fields(self, adata, **kwargs):
-        """Set up ``adata`` with this model's setup (same genes, known categories) and return it."""
-        from ..data.contract import SETUP_KEY, check_not_view, read_covariates
+        """Set up ``adata`` with this model's setup (same genes, known categories; scvi-tools'
+        code columns written) and return it."""
+        from ..data.contract import SETUP_KEY, check_not_view
 
         check_not_view(adata, "transfer_fields")
         self._check_genes(adata)
-        read_covariates(adata, self.setup_)  # an unknown category fails here, naming it
+        write_scvi_codes(adata, self.setup_)  # an unknown category fails here, naming it
         adata.uns[SETUP_KEY] = dict(self.setup_)
         return adata
 

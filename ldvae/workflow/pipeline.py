@@ -25,6 +25,7 @@ import pandas as pd
 from ..data.contract import SetupError
 from ..data.readers import read_counts
 from ..data.results import result_keys
+from ..data.setup import setup_anndata
 from ..factors.consensus import ConsensusFactors, consensus_factors, write_factors
 from ..factors.seeds import BackgroundFits, fit_seeds, uses_gpu
 from ..factors.stability import StabilityResult, factor_stability
@@ -108,9 +109,10 @@ def fit(
     """``setup_anndata(adata, layer="counts", batch_key=...)``, then a trained ``LinearSCVI``
     (``threads``: torch CPU threads while training, see :meth:`LinearSCVI.train`).
 
-    Writes ``adata.uns["ldvae_setup"]`` (see :func:`ldvae.data.contract.setup_anndata`).
+    Writes ``adata.uns["ldvae_setup"]`` only (:func:`ldvae.data.setup.setup_anndata`: no
+    scvi-tools code columns).
     """
-    LinearSCVI.setup_anndata(adata, layer="counts", batch_key=batch_key)
+    setup_anndata(adata, layer="counts", batch_key=batch_key)
     model = LinearSCVI(adata, n_latent=n_latent, gene_likelihood=gene_likelihood)
     model.train(
         max_epochs=max_epochs,
@@ -473,7 +475,7 @@ def _fit_and_interpret(adata, options: dict):
     background = None
     if extra_seeds and not uses_gpu(o["accelerator"]):
         # Started before the main fit so that they run beside it on the other cores.
-        LinearSCVI.setup_anndata(adata, layer="counts", batch_key=o["batch_key"])
+        setup_anndata(adata, layer="counts", batch_key=o["batch_key"])
         background = BackgroundFits(adata, extra_seeds, train_kwargs=train, **model_kwargs)
     with background or contextlib.nullcontext():
         t0 = time.perf_counter()
