@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from ldvae.cpu import fused
+from ldvae.cpu import kernels as cpu_kernels
 from ldvae.data.contract import CountData, Covariates, to_csr
 from ldvae.nn.module import LDVAEModule, ModuleConfig
 from ldvae.train.loop import InMemorySource, TrainConfig, fit
@@ -54,8 +55,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
-def test_compiled_step_equals_module_loss_backward(case):
+def test_compiled_step_equals_module_loss_backward(case, parts, monkeypatch):
+    """On one thread, and with the cells in 3 parts (of 13, 13 and 14) over numba's threads."""
+    monkeypatch.setattr(fused, "step_threads", lambda: parts)
     module_kwargs, data_kwargs = CASES[case]
     module = _module(**module_kwargs)
     if case == "cumulative bn":
@@ -220,6 +224,51 @@ def test_first_compile_is_announced(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(fused, "_cache_index", lambda: __file__)  # an index that exists
     fused.TrainStep.for_module(_module())
     assert not caplog.records
+
+
+def test_fit_on_threads_trains_as_on_one(monkeypatch):
+    """A fit whose compiled runs split each step's cells over threads takes the steps of a
+    one-thread fit (float sums in another order apart), and numba's thread count is put back."""
+    import numba
+
+    seen = []
+    original = fused.step_threads
+    monkeypatch.setattr(fused, "step_threads", lambda: seen.append(original()) or seen[-1])
+    before = numba.get_num_threads()
+    states = {}
+    for threads in (1, 2):
+        module = _module(seed=2)
+        source = InMemorySource(_data(), np.arange(32), np.arange(32, N_CELLS), batch_size=16)
+        fit(module, source, TrainConfig(max_epochs=4, batch_size=16, lr=1e-2, progress_bar=False, seed=3,
+                                        threads=threads))
+        states[threads] = _state(module)
+        assert seen[-1] == min(threads, numba.config.NUMBA_NUM_THREADS)
+    assert numba.get_num_threads() == before
+    for name, value in states[2].items():
+        if name.endswith(("trunk.0.bias", "factor_regressor.bias")):
+            continue  # before a batch norm: gradient 0 but for rounding, which Adam scales up to steps
+        torch.testing.assert_close(value, states[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_default_threads_use_every_cpu_with_64_cells_each():
+    import numba
+
+    from ldvae.util.settings import usable_cpus
+
+    every = min(usable_cpus(), numba.config.NUMBA_NUM_THREADS)
+    assert fused.default_threads(16) == 1
+    assert fused.default_threads(128) == min(every, 2)
+    assert fused.default_threads(1_000_000) == every
+
+
+def test_gather_in_parts_equals_gather():
+    data = _data()
+    rows = np.array([5, 0, 39, 5, 17, 2, 8], np.int64)
+    args = (data.indptr.numpy(), data.indices.numpy(), data.values.numpy(), rows)
+    one = cpu_kernels.gather_nonzeros(*args)
+    for parts in (2, 3):
+        for got, want in zip(cpu_kernels.gather_nonzeros_threaded(*args, parts), one):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_compiled_gather_equals_torch_gather():

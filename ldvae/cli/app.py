@@ -78,8 +78,9 @@ def _workflow_options(
     add_seed(model, help="random seed (split, training, UMAP, Leiden)")
     add_accelerator(model, help="compute device; auto uses a CUDA GPU when there is one")
     model.add_argument("--n-threads", type=int, default=n_threads,
-                       help="torch CPU threads; None: torch's own choice" if n_threads is None
-                       else "torch CPU threads (the demo's small minibatches gain little from more)")
+                       help="CPU threads of training (its compiled step and torch); default: every usable CPU "
+                       "for the step" if n_threads is None
+                       else "CPU threads of training (the demo's refits run beside it on the other cores)")
     model.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
                        help="show download and training progress bars")
     model.add_argument("--stability-seeds", type=int, default=FACTOR_SEEDS if stability_seeds is None else stability_seeds,

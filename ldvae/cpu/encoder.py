@@ -76,9 +76,16 @@ def encoder_block_forward(
     statistics and a running update in training, running statistics otherwise). Dropout at
     ``rate`` in training only, its mask drawn from ``seed``. Writes out (n, H) and, for the
     backward, xhat (n, H), mult = d out / d BN-output (n, H) and inv_std (H,)."""
-    n, H = out.shape
     _sparse_product(weight_t, bias, row_start, col, log1p_val, out)
     mu = _batch_norm_statistics(out, mean, var, training, momentum, eps, inv_std)
+    encoder_rows(out, xhat, mult, mu, inv_std, gamma, beta, training, rate, seed, 0)
+
+
+@nb.njit(**_JIT)
+def encoder_rows(out, xhat, mult, mu, inv_std, gamma, beta, training, rate, seed, first):
+    """``encoder_block_forward`` after the product and the statistics, on rows of the batch
+    that start at its row ``first`` (dropout's mask is drawn per row of the whole batch)."""
+    n, H = out.shape
     drop = training and rate > 0.0
     scale = f32(1.0 / (1.0 - rate)) if drop else f32(1.0)
     threshold = np.uint64(min(rate, 1.0) * 4294967296.0)
@@ -91,7 +98,7 @@ def encoder_block_forward(
             xh[j] = xv
             y = xv * gamma[j] + beta[j]
             m = scale if y > 0 else f32(0.0)
-            if drop and not _keep(np.uint64(seed), np.uint64(i * H + j), threshold):
+            if drop and not _keep(np.uint64(seed), np.uint64((first + i) * H + j), threshold):
                 m = f32(0.0)
             mi[j] = m
             o[j] = y * m
@@ -101,24 +108,50 @@ def encoder_block_forward(
 def by_gene(row_start, col, val, G):
     """The minibatch's nonzeros (by cell) regrouped by gene (a counting sort): gene g's are
     [ptr[g], ptr[g + 1]) of rows (their cells, ascending) and vals."""
-    n = row_start.shape[0] - 1
-    nnz = row_start[n]
-    ptr = np.zeros(G + 1, np.int64)
-    for k in range(nnz):
-        ptr[col[k] + 1] += 1
+    counts = np.zeros((1, G), np.int64)
+    count_genes(row_start, col, counts[0])
+    ptr, starts = gene_offsets(counts)
+    rows = np.empty(ptr[G], np.int64)
+    vals = np.empty(ptr[G], np.float32)
+    scatter_by_gene(row_start, col, val, 0, starts[0], rows, vals)
+    return ptr, rows, vals
+
+
+@nb.njit(**_JIT)
+def count_genes(row_start, col, counts):
+    """counts[g] += the nonzeros of gene g among the cells of row_start."""
+    for k in range(row_start[0], row_start[row_start.shape[0] - 1]):
+        counts[col[k]] += 1
+
+
+@nb.njit(**_JIT)
+def gene_offsets(counts):
+    """From each part's counts per gene (T, G), in order of parts: where each gene's nonzeros
+    start (G + 1,) and where each part's start within them (T, G)."""
+    T, G = counts.shape
+    ptr = np.empty(G + 1, np.int64)
+    starts = np.empty((T, G), np.int64)
+    pos = 0
     for g in range(G):
-        ptr[g + 1] += ptr[g]
-    pos = ptr[:G].copy()
-    rows = np.empty(nnz, np.int64)
-    vals = np.empty(nnz, np.float32)
-    for i in range(n):
+        ptr[g] = pos
+        for t in range(T):
+            starts[t, g] = pos
+            pos += counts[t, g]
+    ptr[G] = pos
+    return ptr, starts
+
+
+@nb.njit(**_JIT)
+def scatter_by_gene(row_start, col, val, first_row, pos, rows, vals):
+    """The nonzeros of the cells of row_start (rows first_row, first_row + 1, ... of the
+    batch) into rows and vals by gene, from positions ``pos`` (G,), which advance."""
+    for i in range(row_start.shape[0] - 1):
         for k in range(row_start[i], row_start[i + 1]):
             g = col[k]
             d = pos[g]
             pos[g] = d + 1
-            rows[d] = i
+            rows[d] = first_row + i
             vals[d] = val[k]
-    return ptr, rows, vals
 
 
 @nb.njit(**_JIT)
@@ -127,24 +160,37 @@ def _encoder_grad_pre(grad, gamma, training, xhat, mult, inv_std, grad_bias, gra
     and of the BN affine."""
     n, H = grad.shape
     gy = np.empty((n, H), np.float32)
-    acc_b = np.zeros(H, np.float32)
-    acc_g = np.zeros(H, np.float32)
+    encoder_grad_sums(grad, mult, xhat, gy, grad_beta, grad_gamma)
+    _batch_norm_backward(gy, xhat, gamma, inv_std, training, grad_beta, grad_gamma)
+    column_sums(gy, grad_bias)
+    return gy
+
+
+@nb.njit(**_JIT)
+def encoder_grad_sums(grad, mult, xhat, gy, sum_gy, sum_gy_xhat):
+    """gy = grad * mult, the gradient with respect to the BN output, for some rows; its column
+    sums and those of gy * xhat (float32, (H,), overwritten): the BN affine's gradients."""
+    n, H = grad.shape
+    for j in range(H):
+        sum_gy[j] = 0.0
+        sum_gy_xhat[j] = 0.0
     for i in range(n):
         for j in range(H):
             v = grad[i, j] * mult[i, j]
             gy[i, j] = v
-            acc_b[j] += v
-            acc_g[j] += v * xhat[i, j]
-    for j in range(H):
-        grad_beta[j] = acc_b[j]
-        grad_gamma[j] = acc_g[j]
-        grad_bias[j] = 0.0
-    _batch_norm_backward(gy, xhat, gamma, inv_std, training, acc_b, acc_g)
-    for i in range(n):
-        g = gy[i]
-        for j in range(H):
-            grad_bias[j] += g[j]
-    return gy
+            sum_gy[j] += v
+            sum_gy_xhat[j] += v * xhat[i, j]
+
+
+@nb.njit(**_JIT)
+def column_sums(x, out):
+    """out (float32, overwritten) = the column sums of x."""
+    for j in range(out.shape[0]):
+        out[j] = 0.0
+    for i in range(x.shape[0]):
+        xi = x[i]
+        for j in range(out.shape[0]):
+            out[j] += xi[j]
 
 
 @nb.njit(**_JIT)

@@ -22,6 +22,7 @@ to force the torch path everywhere, the minibatch gather included.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -40,7 +41,48 @@ except ImportError:  # pragma: no cover
     cpu_encoder = cpu_kernels = cpu_loop = cpu_step = None
 from ..nn import module as _module
 from ..nn.module import LossOutput
+from ..util.settings import usable_cpus
 from .layout import OFFSETS, Layout
+
+
+# Cells of a minibatch per thread of the compiled step, at least: at batch 128 two threads
+# still take 1.2x less time per step than one (bench/step_timing.py, RESULTS.md).
+CELLS_PER_THREAD = 64
+
+
+def default_threads(batch_size: int) -> int:
+    """Threads of the compiled step when the user names none: every CPU the process may use
+    (at most numba's limit, ``NUMBA_NUM_THREADS``), each with CELLS_PER_THREAD cells or more."""
+    limit = usable_cpus()
+    if cpu_step is not None:
+        import numba
+
+        limit = min(limit, numba.config.NUMBA_NUM_THREADS)
+    return max(1, min(limit, batch_size // CELLS_PER_THREAD))
+
+
+def step_threads() -> int:
+    """Threads of the compiled training step now: numba's count, which a fit sets
+    (``use_threads``); 1 runs the single-thread build of the step."""
+    import numba
+
+    return numba.get_num_threads()
+
+
+@contextlib.contextmanager
+def use_threads(n: int):
+    """The compiled step on ``n`` threads (capped at numba's limit) inside the block."""
+    if cpu_step is None:
+        yield
+        return
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 def applies(h: Tensor, bn: nn.BatchNorm1d | None, log_theta: Tensor | None) -> bool:
@@ -333,7 +375,7 @@ class TrainStep:
             zbn.running_mean.numpy(), zbn.running_var.numpy(), self.l_stats[0].numpy(), self.l_stats[1].numpy(),
             dbn.running_mean.numpy(), dbn.running_var.numpy(),
             mom_z, mom_l[0] if mom_l else 0.0, mom_d, float(dbn.eps), rate, seed_z,
-            seed_l, float(kl_weight), rec.numpy(), kl_z.numpy(), kl_l.numpy(),
+            seed_l, float(kl_weight), rec.numpy(), kl_z.numpy(), kl_l.numpy(), step_threads(),
         )
         return LossOutput(torch.tensor(loss, dtype=torch.float32), rec, kl_z, kl_l)
 
@@ -414,7 +456,7 @@ class StepRunner:
             zbn.running_mean.numpy(), zbn.running_var.numpy(), step.l_stats[0].numpy(), step.l_stats[1].numpy(),
             dbn.running_mean.numpy(), dbn.running_var.numpy(), float(dbn.eps), self.rate_z,
             moments[0].numpy(), moments[1].numpy(), adam.numpy(),
-            rec.numpy(), kl_z.numpy(), kl_l.numpy(), losses.numpy(), failure,
+            rec.numpy(), kl_z.numpy(), kl_l.numpy(), losses.numpy(), failure, step_threads(),
         )
         self.optimizer.advance(done)
         for bn in self.norms:

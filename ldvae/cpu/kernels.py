@@ -23,6 +23,7 @@ from .special import (  # noqa: F401  vexp, vlog, lgamma64, digamma64: the kerne
     digamma64,
     f32,
     lgamma64,
+    twins,
     vexp,
     vlog,
 )
@@ -70,7 +71,15 @@ def _batch_norm_backward(grad, xhat, gamma, inv_std, training, sum_grad, sum_gra
     with respect to its input: gamma * inv_std * (grad - mean(grad) - xhat * mean(grad * xhat))
     with batch statistics, gamma * inv_std * grad with running ones. ``sum_grad`` and
     ``sum_grad_xhat`` (F,) are the column sums of grad and grad * xhat."""
-    n, F = grad.shape
+    c0, c1, c2 = batch_norm_backward_terms(gamma, inv_std, training, sum_grad, sum_grad_xhat, grad.shape[0])
+    batch_norm_backward_rows(grad, xhat, c0, c1, c2)
+
+
+@nb.njit(**_JIT)
+def batch_norm_backward_terms(gamma, inv_std, training, sum_grad, sum_grad_xhat, n):
+    """``_batch_norm_backward``'s per-feature terms for a batch of n cells: gamma * inv_std,
+    mean(grad) and mean(grad * xhat) (0 with running statistics)."""
+    F = gamma.shape[0]
     c0 = np.empty(F, np.float32)
     c1 = np.empty(F, np.float32)
     c2 = np.empty(F, np.float32)
@@ -78,10 +87,16 @@ def _batch_norm_backward(grad, xhat, gamma, inv_std, training, sum_grad, sum_gra
         c0[f] = gamma[f] * inv_std[f]
         c1[f] = sum_grad[f] / n if training else 0.0
         c2[f] = sum_grad_xhat[f] / n if training else 0.0
-    for i in range(n):
+    return c0, c1, c2
+
+
+@nb.njit(**_JIT)
+def batch_norm_backward_rows(grad, xhat, c0, c1, c2):
+    """``_batch_norm_backward`` on some of the batch's rows, from its terms."""
+    for i in range(grad.shape[0]):
         gi = grad[i]
         xh = xhat[i]
-        for f in range(F):
+        for f in range(gi.shape[0]):
             gi[f] = c0[f] * (gi[f] - c1[f] - xh[f] * c2[f])
 
 
@@ -357,7 +372,23 @@ def bn_softmax_nb_train(
     come from h's column sums and sums of squares (float64, (G,)), which the caller adds up
     as it writes h. Overwrites h with xhat (no longer needed by the training step)."""
     n, G = h.shape
-    kbuf = np.empty(G, np.int32)
+    terms = decoder_train_terms(h_sum, h_sum_sq, n, mean, var, momentum, eps, log_theta)
+    acc_theta = np.zeros(G, np.float32)
+    acc_beta = np.zeros(G, np.float32)
+    acc_gamma = np.zeros(G, np.float32)
+    grad_log_theta[:] = 0.0
+    decoder_train_cells(h, terms, gamma, beta, library, log_theta, row_start, col, val, grad, ll, grad_h,
+                        grad_library, acc_theta, acc_beta, acc_gamma, grad_log_theta)
+    _finish_backward(grad_h, h, gamma, terms[1], True, acc_theta, acc_beta, acc_gamma,
+                     grad_gamma, grad_beta, grad_log_theta)
+
+
+@nb.njit(**_JIT)
+def decoder_train_terms(h_sum, h_sum_sq, n, mean, var, momentum, eps, log_theta):
+    """What every cell of a training step's decoder pass shares: the batch mean and inv_std of
+    h (from its column sums over the n cells; the running statistics updated), theta, 1 / theta,
+    min log theta and the lgamma and digamma ratio tables."""
+    G = h_sum.shape[0]
     inv_std = np.empty(G, np.float32)
     mu_g = np.empty(G, np.float32)
     for g in range(G):
@@ -366,12 +397,19 @@ def bn_softmax_nb_train(
         _batch_norm_update(g, batch_mean, max(h_sum_sq[g] / n - batch_mean * batch_mean, 0.0), n, mean, var,
                            momentum, eps, inv_std)
     theta, inv_theta, log_theta_min = _dispersion(log_theta)
-    lg_ratio = _lgamma_ratio_table(theta, kbuf)
-    dg_ratio = _digamma_ratio_table(theta)
-    acc_theta = np.zeros(G, np.float32)
-    acc_beta = np.zeros(G, np.float32)
-    acc_gamma = np.zeros(G, np.float32)
-    grad_log_theta[:] = 0.0
+    lg_ratio = _lgamma_ratio_table(theta, np.empty(G, np.int32))
+    return mu_g, inv_std, theta, inv_theta, log_theta_min, lg_ratio, _digamma_ratio_table(theta)
+
+
+@nb.njit(**_JIT)
+def decoder_train_cells(h, terms, gamma, beta, library, log_theta, row_start, col, val, grad, ll, grad_h,
+                        grad_library, acc_theta, acc_beta, acc_gamma, grad_log_theta):
+    """``bn_softmax_nb_train``'s pass over the cells (rows) of h, with ``decoder_train_terms``'
+    ``terms``; adds each gene's sums over these cells into acc_theta, acc_beta, acc_gamma and
+    grad_log_theta. Cell i's nonzeros are [row_start[i], row_start[i + 1]) of col and val."""
+    mu_g, inv_std, theta, inv_theta, log_theta_min, lg_ratio, dg_ratio = terms
+    n, G = h.shape
+    kbuf = np.empty(G, np.int32)
     t, pi, spi = np.empty(G, np.float32), np.empty(G, np.float32), np.empty(G, np.float32)
     for i in range(n):
         start, stop, gi, gd = row_start[i], row_start[i + 1], grad[i], grad_h[i]
@@ -399,14 +437,11 @@ def bn_softmax_nb_train(
                                 col, val, pi, gd, grad_log_theta)
         ll[i] = dense + nz
         grad_library[i] = _cell_grad_finish(gi, theta, pi, spi, xh, gd, acc_theta, acc_beta, acc_gamma)
-    _finish_backward(grad_h, h, gamma, inv_std, True, acc_theta, acc_beta, acc_gamma,
-                     grad_gamma, grad_beta, grad_log_theta)
 
 
-@nb.njit(**_JIT)
-def gather_nonzeros(indptr, indices, values, rows):
+def _gather_nonzeros(indptr, indices, values, rows, T):
     """The CSR nonzeros of cells ``rows``: row pointer (n + 1,), gene (int64), count and
-    log1p(count) (float32, exact 1 + x for counts below 2^24)."""
+    log1p(count) (float32, exact 1 + x for counts below 2^24); copied in T parts."""
     n = rows.shape[0]
     ptr = np.empty(n + 1, np.int64)
     ptr[0] = 0
@@ -416,17 +451,34 @@ def gather_nonzeros(indptr, indices, values, rows):
     nnz = ptr[n]
     col = np.empty(nnz, np.int64)
     val = np.empty(nnz, np.float32)
-    for i in range(n):
+    log1p = np.empty(nnz, np.float32)
+    for t in nb.prange(T):
+        _copy_rows(indptr, indices, values, rows[t * n // T : (t + 1) * n // T], ptr[t * n // T :], col, val, log1p)
+    return ptr, col, val, log1p
+
+
+@nb.njit(**_JIT)
+def _copy_rows(indptr, indices, values, rows, ptr, col, val, log1p):
+    """Cells ``rows``' nonzeros into col, val and log1p from ptr[0] on (ptr as ``_gather_nonzeros``'s)."""
+    for i in range(rows.shape[0]):
         src = indptr[rows[i]]
         dst = ptr[i]
         for k in range(ptr[i + 1] - dst):
             col[dst + k] = indices[src + k]
             val[dst + k] = values[src + k]
-    log1p = np.empty(nnz, np.float32)
-    for k in range(nnz):
+    a, b = ptr[0], ptr[rows.shape[0]]
+    for k in range(a, b):
         log1p[k] = f32(1.0) + val[k]
-    _log_into(log1p, log1p, np.empty(nnz, np.int32))
-    return ptr, col, val, log1p
+    _log_into(log1p[a:b], log1p[a:b], np.empty(b - a, np.int32))
+
+
+gather_nonzeros_parts, gather_nonzeros_threaded = twins(_gather_nonzeros)
+
+
+@nb.njit(**_JIT)
+def gather_nonzeros(indptr, indices, values, rows):
+    """``_gather_nonzeros`` on one thread."""
+    return gather_nonzeros_parts(indptr, indices, values, rows, 1)
 
 
 @nb.njit(**_JIT)

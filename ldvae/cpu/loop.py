@@ -16,7 +16,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .kernels import _JIT, gather_nonzeros
+from .kernels import _JIT, gather_nonzeros, gather_nonzeros_threaded
 from .step import train_step_flat
 
 f32 = np.float32
@@ -154,7 +154,7 @@ def train_steps(
     indptr, indices, values, log_total, lgamma_x1, batch, cat, one_hot_widths, cont, prior_means, prior_vars,
     rows, bounds, noise_z, noise_l, seeds, kl_weights, momenta,
     params, grads, layout, rmz, rvz, rml, rvl, rmd, rvd, bn_eps, rate,
-    exp_avg, exp_avg_sq, adam, rec, kl_z, kl_l, losses, failure,
+    exp_avg, exp_avg_sq, adam, rec, kl_z, kl_l, losses, failure, threads,
 ):
     """Train on minibatch j = 0, 1, ... of cells ``rows[bounds[j]:bounds[j + 1]]``.
 
@@ -166,7 +166,8 @@ def train_steps(
     dropout seeds ``seeds[j]`` (z, l), ``kl_weights[j]`` and batch-norm ``momenta[j]``
     (z, l, decoder). ``adam``: (lr, beta1, beta2, eps, weight_decay, steps taken so far).
     Parameters, gradients and ``train_step_flat``'s other arguments as there; exp_avg and
-    exp_avg_sq laid out as ``params``.
+    exp_avg_sq laid out as ``params``. ``threads``: numba's threads (the caller sets them),
+    over which each step splits its cells.
 
     Writes the per-cell terms (rec, kl_z, kl_l at the same rows as the noise) and each
     step's loss. Returns the number of steps completed: fewer than len(bounds) - 1 when
@@ -181,7 +182,10 @@ def train_steps(
     for j in range(bounds.shape[0] - 1):
         a, b = bounds[j], bounds[j + 1]
         cells = rows[a:b]
-        ptr, col, val, log1p = gather_nonzeros(indptr, indices, values, cells)
+        if threads > 1:
+            ptr, col, val, log1p = gather_nonzeros_threaded(indptr, indices, values, cells, threads)
+        else:
+            ptr, col, val, log1p = gather_nonzeros(indptr, indices, values, cells)
         n = b - a
         lt = np.empty(n, np.float32)
         lg = np.empty(n, np.float32)
@@ -199,7 +203,7 @@ def train_steps(
             ptr, col, val, log1p, cv, lg, bt, prior_means, prior_vars, lt, noise_z[a:b], noise_l[a:b],
             params, grads, layout, rmz, rvz, rml, rvl, rmd, rvd,
             momenta[j, 0], momenta[j, 1], momenta[j, 2], bn_eps, rate, seeds[j, 0], seeds[j, 1],
-            kl_weights[j], rec[a:b], kl_z[a:b], kl_l[a:b],
+            kl_weights[j], rec[a:b], kl_z[a:b], kl_l[a:b], threads,
         )
         losses[j] = loss
         failure[0] = 0
@@ -233,9 +237,9 @@ def _stamp_caches() -> None:
     import sys
     from pathlib import Path
 
-    from . import encoder, kernels, layout, special, step
+    from . import dense, encoder, kernels, layout, special, step
 
-    modules = (special, kernels, encoder, layout, step, sys.modules[__name__])
+    modules = (special, kernels, encoder, dense, layout, step, sys.modules[__name__])
     digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
     for module in modules:
         for obj in vars(module).values():

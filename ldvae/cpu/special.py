@@ -9,12 +9,26 @@ file, or in numba's user cache when that is read-only) on first use.
 from __future__ import annotations
 
 import math
+import types
 
 import numba as nb
 import numpy as np
 
 f32 = np.float32
 _JIT = dict(nogil=True, fastmath=True, cache=True, error_model="numpy")
+
+
+def twins(fn):
+    """``fn`` (whose last argument is its number of parts T) compiled twice: for one thread,
+    where its ``prange`` loops run in order, and in parallel, named ``fn``'s name without its
+    leading underscore, plus ``_threaded``; numba caches each under its own name."""
+    def copy(name):
+        twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = name
+        return twin
+
+    name = fn.__name__.lstrip("_")
+    return nb.njit(**_JIT)(copy(name)), nb.njit(parallel=True, **_JIT)(copy(name + "_threaded"))
 
 
 @nb.njit(inline="always", **_JIT)

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from ..util.settings import usable_cpus
+
 if TYPE_CHECKING:
     from ..model import LinearSCVI
 
@@ -95,13 +97,6 @@ def _rebuild(adata, path: Path) -> LinearSCVI:
     return model
 
 
-def _n_cpus() -> int:
-    """CPUs this process may run on (the affinity mask, not the machine's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
 def uses_gpu(accelerator: str = "auto") -> bool:
     """Whether training with ``accelerator`` runs on a CUDA GPU."""
     return torch.cuda.is_available() and str(accelerator).lower() != "cpu"
@@ -110,7 +105,7 @@ def uses_gpu(accelerator: str = "auto") -> bool:
 def _default_n_jobs(n_fits: int, train_kwargs: dict) -> int:
     if uses_gpu(train_kwargs.get("accelerator", "auto")):
         return 1  # one GPU: fits run one after another on it
-    return max(1, min(n_fits, _n_cpus()))
+    return max(1, min(n_fits, usable_cpus()))
 
 
 def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwargs: dict) -> list[LinearSCVI]:
@@ -123,7 +118,7 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
     n_jobs = min(int(n_jobs), len(jobs))
     if n_jobs == 1:
         return [_fit_one(adata, kw, train_kwargs, seed) for kw, seed in jobs]
-    threads = max(1, _n_cpus() // n_jobs)
+    threads = max(1, usable_cpus() // n_jobs)
     compile_once()
     logger.info("Fitting %d models in %d worker processes (%d thread(s) each).", len(jobs), n_jobs, threads)
     # Fresh interpreters started by path, not multiprocessing: no fork of torch's thread
@@ -191,7 +186,8 @@ def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict
 
 def _worker_env(threads: int) -> dict:
     package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               NUMBA_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     return env
 

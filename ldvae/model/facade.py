@@ -305,7 +305,7 @@ class LinearSCVI(Queries, ScviSurface):
             ``checkpoint_dir`` with ``checkpoint_every_n_epochs`` (10), ``resume_from`` (a
             checkpoint; ``max_epochs`` counts its epochs; the same result as an uninterrupted
             fit), ``batch_norm_momentum`` (default the model's 0.01) and ``threads`` (CPU threads
-            during the fit; default one for small minibatches). Lightning-only options
+            of the fit; default every usable CPU for the compiled step, 64 cells each at least). Lightning-only options
             (``logger``, ``callbacks``, ...) are accepted and logged with what ldvae does instead.
         """
         self._refuse_if_minified("train")

@@ -64,7 +64,8 @@ class TrainConfig:
     # Batch-norm momentum while training; None keeps the module's (0.01, as scvi-tools).
     # Larger values let eval-mode statistics follow the parameters with few steps per epoch.
     batch_norm_momentum: float | None = None
-    # Intra-op CPU threads during the fit; None: one when a step is small (see _fit_threads).
+    # CPU threads during the fit: torch's and the compiled step's. None: the compiled step uses
+    # every usable CPU (fused.default_threads), torch one when a step is small (_fit_threads).
     threads: int | None = None
 
 

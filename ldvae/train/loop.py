@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..cpu import fused
 from ..nn.module import LDVAEModule
 from .batches import InMemorySource, minibatches, n_minibatches, split_indices, validation_batch_size
 from .checkpoint import (
@@ -210,8 +211,10 @@ def _fit_settings(module: LDVAEModule, config: TrainConfig, device: torch.device
     threads = _fit_threads(config, device, module.config.n_genes, previous_threads)
     if threads != previous_threads:
         torch.set_num_threads(threads)
+    step_threads = config.threads if config.threads is not None else fused.default_threads(config.batch_size)
     try:
-        yield
+        with fused.use_threads(step_threads):
+            yield
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

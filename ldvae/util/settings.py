@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class Settings:
     """Package-wide defaults, as ``scvi.settings``: ``ldvae.settings.seed = 0``."""
@@ -10,3 +12,10 @@ class Settings:
 
 
 settings = Settings()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)

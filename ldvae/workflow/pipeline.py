@@ -31,6 +31,7 @@ from ..factors.seeds import BackgroundFits, fit_seeds, uses_gpu
 from ..factors.stability import StabilityResult, factor_stability
 from ..model import LinearSCVI
 from ..util.io import atomic_path, atomic_write_h5ad, atomic_write_text
+from ..util.settings import usable_cpus
 # FIGURE_FORMATS, MAX_SEED, check_option, OUTPUT_MARKER and MIN_VARYING_GENES are also read from here.
 from .checks import FACTOR_SEEDS, FIGURE_FORMATS, MAX_SEED, check_option, check_workflow_options, refit_seeds  # noqa: F401
 from .outputs import OUTPUT_MARKER, check_out_dir, staged  # noqa: F401
@@ -479,9 +480,13 @@ def _fit_and_interpret(adata, options: dict):
         background = BackgroundFits(adata, extra_seeds, train_kwargs=train, **model_kwargs)
     with background or contextlib.nullcontext():
         t0 = time.perf_counter()
-        # An explicit n_threads holds for training too (it otherwise picks its own count).
+        # An explicit n_threads holds for training too; otherwise, beside the refits' workers
+        # (one thread each), the main fit takes the CPUs they leave.
+        threads = o["n_threads"]
+        if threads is None and background is not None:
+            threads = max(1, usable_cpus() - len(extra_seeds))
         model = fit(adata, batch_key=o["batch_key"], seed=o["seed"], progress_bar=o["progress_bar"],
-                    threads=o["n_threads"], **model_kwargs, **train)
+                    threads=threads, **model_kwargs, **train)
         if model.train_state_.interrupted:  # Ctrl-C: training stopped early, at a step boundary
             raise KeyboardInterrupt
         train_seconds = time.perf_counter() - t0
