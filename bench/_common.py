@@ -36,3 +36,10 @@ def load_tutorial_hvg(path: str | os.PathLike = DATA, cache: Path | None = CACHE
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step_threads(batch_size: int) -> int:
+    """Threads of ldvae's compiled training step in a fit at its default (NUMBA_NUM_THREADS caps them)."""
+    from ldvae.cpu import fused
+
+    return fused.default_threads(batch_size)

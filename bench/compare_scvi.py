@@ -16,7 +16,8 @@ Three parts (``--parts``), each run as fresh processes so peak RSS is per run:
 3. ``scaling``: seconds per epoch and peak RSS on simulated counts (bench/scaling.py),
    ldvae at every ``--scaling-sizes``, scvi-tools at ``--scvi-scaling-sizes``.
 
-Threads: both packages run with ``--threads`` (default 1) intra-op threads; on a
+Threads: both packages run with ``--threads`` (default 1) threads (torch's, and ldvae's
+compiled step's); ``--threads 0`` leaves each at its own default (every core for both). On a
 machine shared with other jobs one thread per process gives the steadiest timings.
 Results go to bench/out/compare_*.json and a table to ``--results`` (bench/out/compare.md);
 bench/RESULTS.md is the curated record, edited by hand from these.
@@ -42,7 +43,13 @@ OUT = BENCH_DIR / "out"
 
 
 def _run(python: Path, script: str, args: list[str], threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    """One benchmark process; ``threads`` 0: each package at its own default thread counts."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
+    else:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            env.pop(name, None)
     cmd = [str(python), str(BENCH_DIR / script), *args]
     print("$", " ".join(cmd[1:]), flush=True)
     proc = subprocess.run(cmd, cwd=BENCH_DIR, env=env, capture_output=True, text=True)

@@ -16,7 +16,7 @@ import json
 import math
 import time
 
-from _common import load_tutorial_hvg, peak_rss_mib
+from _common import load_tutorial_hvg, peak_rss_mib, step_threads
 
 
 def main() -> None:
@@ -104,6 +104,7 @@ def main() -> None:
         "bn_momentum": args.bn_momentum,
         "lr_decay_epochs": args.lr_decay_epochs,
         "threads": torch.get_num_threads(),
+        "step_threads": step_threads(args.batch_size),
         "reached": reached is not None,
         "wall_s": reached if reached is not None else time.perf_counter() - t0,
         "cpu_s": cpu,

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from _common import load_tutorial_hvg, peak_rss_mib
+from _common import load_tutorial_hvg, peak_rss_mib, step_threads
 
 
 def run(epochs: int, batch_size: int, lr: float, seed: int, val_every: int, **train_kwargs) -> dict:
@@ -48,6 +48,7 @@ def run(epochs: int, batch_size: int, lr: float, seed: int, val_every: int, **tr
         "batch_size": batch_size,
         "lr": lr,
         "threads": torch.get_num_threads(),
+        "step_threads": step_threads(batch_size),
         "train_wall_s": wall,
         "train_cpu_s": cpu,
         "peak_rss_mib": peak_rss_mib(),

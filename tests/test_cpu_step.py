@@ -213,16 +213,24 @@ def test_flat_adam_takes_torch_adams_steps():
 
 
 def test_first_compile_is_announced(monkeypatch, tmp_path, caplog):
-    """Without numba's cache (first use after an install) the ~15 s compile is logged."""
+    """Without numba's cache (first use after an install) the compile is logged, once per
+    build (one thread, several), and not when the cache holds it."""
     import logging
 
     caplog.set_level(logging.INFO, logger="ldvae.cpu.fused")
-    monkeypatch.setattr(fused, "_cache_index", lambda: str(tmp_path / "absent.nbi"))
-    fused.TrainStep.for_module(_module())
-    assert any("Compiling ldvae's CPU training step" in r.getMessage() for r in caplog.records)
+    b = _data().gather(torch.arange(N_CELLS))
+    monkeypatch.setattr(fused, "_announced", set())
+    monkeypatch.setattr(fused, "_cache_index", lambda threads=1: str(tmp_path / f"absent{threads > 1}.nbi"))
+    step = fused.TrainStep.for_module(_module())
+    for threads in (1, 1, 2):
+        monkeypatch.setattr(fused, "step_threads", lambda: threads)
+        step(b, 1.0)
+    notes = [r.getMessage() for r in caplog.records if "Compiling ldvae's CPU training step" in r.getMessage()]
+    assert len(notes) == 2 and "for one thread" in notes[0] and "for several threads" in notes[1]
     caplog.clear()
-    monkeypatch.setattr(fused, "_cache_index", lambda: __file__)  # an index that exists
-    fused.TrainStep.for_module(_module())
+    monkeypatch.setattr(fused, "_announced", set())
+    monkeypatch.setattr(fused, "_cache_index", lambda threads=1: __file__)  # an index that exists
+    step(b, 1.0)
     assert not caplog.records
 
 

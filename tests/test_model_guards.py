@@ -253,8 +253,9 @@ def test_update_that_overflows_the_parameters_is_refused(adata, monkeypatch, pat
     """lr=1e38 is finite, but its step size lr / (1 - beta1) overflows float32: every
     parameter the first update touches becomes inf or NaN, from finite gradients."""
     calls = []
-    original = cpu_loop.train_steps
-    monkeypatch.setattr(cpu_loop, "train_steps", lambda *args: calls.append(1) or original(*args))
+    for name in ("train_steps", "train_steps_threaded"):  # one thread, several
+        original = getattr(cpu_loop, name)
+        monkeypatch.setattr(cpu_loop, name, lambda *args, run=original: calls.append(1) or run(*args))
     if path != "runner":
         monkeypatch.setattr(fused.StepRunner, "for_fit", classmethod(lambda cls, *args: None))
     if path == "autograd":

@@ -250,26 +250,36 @@ def encoder_block(
     )
 
 
-def _cache_index() -> str | None:
-    """Where numba keeps the compiled training step's cache index (None if unknown)."""
+def _cache_index(threads: int = 1) -> str | None:
+    """Where numba keeps the cache index of the training step for ``threads`` threads (None
+    if unknown)."""
     try:
-        return cpu_step.train_step_flat._cache._cache_file._index_path
+        step = cpu_step.train_step_flat_threaded if threads > 1 else cpu_step.train_step_flat
+        return step._cache._cache_file._index_path
     except AttributeError:  # another numba version's internals
         return None
 
 
-def is_cached() -> bool:
-    """Whether numba's cache already holds the compiled training step (else the first fit
-    compiles it, about 25 s)."""
-    index = _cache_index()
+def is_cached(threads: int = 1) -> bool:
+    """Whether numba's cache already holds the compiled training step for ``threads`` threads
+    (else the first fit compiles it: about 25 s on one thread, a minute more for several)."""
+    index = _cache_index(threads)
     return index is None or os.path.exists(index)
 
 
-def _note_first_compile() -> None:
-    index = _cache_index()
+_announced: set[bool] = set()
+
+
+def _note_first_compile(threads: int) -> None:
+    several = threads > 1
+    if several in _announced:
+        return
+    _announced.add(several)
+    index = _cache_index(threads)
     if index is not None and not os.path.exists(index):
-        logger.info("Compiling ldvae's CPU training step (numba): about 25 s on first use after an install "
-                    "or upgrade, then cached in %s.", os.path.dirname(index))
+        logger.info("Compiling ldvae's CPU training step (numba) for %s: %s on first use after an install or "
+                    "upgrade, then cached in %s.", "several threads" if several else "one thread",
+                    "about a minute" if several else "about 25 s", os.path.dirname(index))
 
 
 class TrainStep:
@@ -283,7 +293,6 @@ class TrainStep:
     ``for_module`` returns None for a model it does not handle, which then takes autograd."""
 
     def __init__(self, module: nn.Module, roles: list):
-        _note_first_compile()
         self.module = module
         params = list(module.parameters())
         sizes = [p.numel() for p in params]
@@ -367,7 +376,9 @@ class TrainStep:
         cov = noise_l.new_zeros(n, 0) if cov is None else cov.contiguous()
         zbn, dbn = self.norms[0], self.norms[1]
         rec, kl_z, kl_l = torch.empty(n), torch.empty(n), torch.empty(n)
-        loss = cpu_step.train_step_flat(
+        threads = step_threads()
+        _note_first_compile(threads)
+        loss = (cpu_step.train_step_flat_threaded if threads > 1 else cpu_step.train_step_flat)(
             b.indptr.numpy(), b.col.numpy(), b.val.numpy(), b.log1p_val.numpy(), cov.numpy(),
             b.lgamma_x1.numpy(), b.batch.numpy(), m.library_log_means.numpy(), m.library_log_vars.numpy(),
             b.log_total.numpy(), noise_z.numpy(), noise_l.numpy(),
@@ -375,7 +386,7 @@ class TrainStep:
             zbn.running_mean.numpy(), zbn.running_var.numpy(), self.l_stats[0].numpy(), self.l_stats[1].numpy(),
             dbn.running_mean.numpy(), dbn.running_var.numpy(),
             mom_z, mom_l[0] if mom_l else 0.0, mom_d, float(dbn.eps), rate, seed_z,
-            seed_l, float(kl_weight), rec.numpy(), kl_z.numpy(), kl_l.numpy(), step_threads(),
+            seed_l, float(kl_weight), rec.numpy(), kl_z.numpy(), kl_l.numpy(), threads,
         )
         return LossOutput(torch.tensor(loss, dtype=torch.float32), rec, kl_z, kl_l)
 
@@ -449,14 +460,16 @@ class StepRunner:
         losses = torch.empty(len(parts), dtype=torch.float64)
         failure = np.zeros(1, np.int64)
         zbn, dbn = self.norms[0], self.norms[1]
-        done = cpu_loop.train_steps(
+        threads = step_threads()
+        _note_first_compile(threads)
+        done = (cpu_loop.train_steps_threaded if threads > 1 else cpu_loop.train_steps)(
             *self.arrays, torch.cat(parts).numpy(), bounds.numpy(), noise_z.numpy(), noise_l.numpy(),
             seeds, np.asarray(kl_weights, dtype=np.float64), momenta.numpy(),
             step.flat.numpy(), step.flat_grad.numpy(), step.layout,
             zbn.running_mean.numpy(), zbn.running_var.numpy(), step.l_stats[0].numpy(), step.l_stats[1].numpy(),
             dbn.running_mean.numpy(), dbn.running_var.numpy(), float(dbn.eps), self.rate_z,
             moments[0].numpy(), moments[1].numpy(), adam.numpy(),
-            rec.numpy(), kl_z.numpy(), kl_l.numpy(), losses.numpy(), failure, step_threads(),
+            rec.numpy(), kl_z.numpy(), kl_l.numpy(), losses.numpy(), failure, threads,
         )
         self.optimizer.advance(done)
         for bn in self.norms:

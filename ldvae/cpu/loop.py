@@ -16,8 +16,9 @@ import math
 import numba as nb
 import numpy as np
 
-from .kernels import _JIT, gather_nonzeros, gather_nonzeros_threaded
-from .step import train_step_flat
+from .kernels import _JIT, gather_nonzeros_parts, gather_nonzeros_threaded
+from .special import twins
+from .step import train_step_flat, train_step_flat_threaded
 
 f32 = np.float32
 
@@ -149,8 +150,7 @@ def _covariate_columns(cells, batch, widths, cat, cont, width):
     return cv
 
 
-@nb.njit(**_JIT)
-def train_steps(
+def _train_steps(
     indptr, indices, values, log_total, lgamma_x1, batch, cat, one_hot_widths, cont, prior_means, prior_vars,
     rows, bounds, noise_z, noise_l, seeds, kl_weights, momenta,
     params, grads, layout, rmz, rvz, rml, rvl, rmd, rvd, bn_eps, rate,
@@ -166,8 +166,8 @@ def train_steps(
     dropout seeds ``seeds[j]`` (z, l), ``kl_weights[j]`` and batch-norm ``momenta[j]``
     (z, l, decoder). ``adam``: (lr, beta1, beta2, eps, weight_decay, steps taken so far).
     Parameters, gradients and ``train_step_flat``'s other arguments as there; exp_avg and
-    exp_avg_sq laid out as ``params``. ``threads``: numba's threads (the caller sets them),
-    over which each step splits its cells.
+    exp_avg_sq laid out as ``params``. ``threads``: the parts each step splits its cells into,
+    one per numba thread (the caller sets them) in the twin ``train_steps_threaded``.
 
     Writes the per-cell terms (rec, kl_z, kl_l at the same rows as the noise) and each
     step's loss. Returns the number of steps completed: fewer than len(bounds) - 1 when
@@ -182,10 +182,7 @@ def train_steps(
     for j in range(bounds.shape[0] - 1):
         a, b = bounds[j], bounds[j + 1]
         cells = rows[a:b]
-        if threads > 1:
-            ptr, col, val, log1p = gather_nonzeros_threaded(indptr, indices, values, cells, threads)
-        else:
-            ptr, col, val, log1p = gather_nonzeros(indptr, indices, values, cells)
+        ptr, col, val, log1p = gather_nonzeros_parts(indptr, indices, values, cells, threads)
         n = b - a
         lt = np.empty(n, np.float32)
         lg = np.empty(n, np.float32)
@@ -227,6 +224,11 @@ def train_steps(
                 live[s][:] = saved[s]
             return j
     return bounds.shape[0] - 1
+
+
+train_steps, train_steps_threaded = twins(
+    _train_steps, parallel=False, gather_nonzeros_parts=gather_nonzeros_threaded, train_step_flat=train_step_flat_threaded,
+)
 
 
 def _stamp_caches() -> None:

@@ -18,17 +18,21 @@ f32 = np.float32
 _JIT = dict(nogil=True, fastmath=True, cache=True, error_model="numpy")
 
 
-def twins(fn):
-    """``fn`` (whose last argument is its number of parts T) compiled twice: for one thread,
-    where its ``prange`` loops run in order, and in parallel, named ``fn``'s name without its
-    leading underscore, plus ``_threaded``; numba caches each under its own name."""
-    def copy(name):
-        twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+def twins(fn, parallel: bool = True, **threaded_globals):
+    """``fn`` compiled twice, each under its own name (numba caches each apart): for one
+    thread, named ``fn``'s name without its leading underscore, and for several, that name
+    plus ``_threaded``. The threaded twin is compiled in parallel (its ``prange`` loops run
+    on numba's threads; in the other they run in order) and reads the globals
+    ``threaded_globals`` (the threaded twins of what it calls) in place of ``fn``'s. Each
+    compiles on its first call, so a fit on one thread never compiles the threaded one."""
+    def copy(name, namespace):
+        twin = types.FunctionType(fn.__code__, namespace, name, fn.__defaults__, fn.__closure__)
         twin.__qualname__ = name
         return twin
 
     name = fn.__name__.lstrip("_")
-    return nb.njit(**_JIT)(copy(name)), nb.njit(parallel=True, **_JIT)(copy(name + "_threaded"))
+    threaded = copy(name + "_threaded", {**fn.__globals__, **threaded_globals})
+    return nb.njit(**_JIT)(copy(name, fn.__globals__)), nb.njit(parallel=parallel, **_JIT)(threaded)
 
 
 @nb.njit(inline="always", **_JIT)

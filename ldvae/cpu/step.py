@@ -362,24 +362,19 @@ def _views(flat, L):
     )
 
 
-@nb.njit(**_JIT)
-def train_step_flat(
+def _train_step_flat(
     indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
     params, grads, layout, rmz, rvz, rml, rvl, rmd, rvd,
     mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight, rec, kl_z, kl_l, threads,
 ):
     """``train_step`` with every parameter and gradient a view of one flat array, placed by
-    ``layout`` (a ``layout.Layout``), on ``threads`` threads (numba's, set by the caller)."""
-    p, g = _views(params, layout), _views(grads, layout)
-    stats = (rmz, rvz, rml, rvl, rmd, rvd)
-    observed = layout.l_weight < 0
-    if threads > 1:
-        return train_step_threaded(
-            indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z,
-            noise_l, p, g, stats, observed, mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight, rec, kl_z,
-            kl_l, threads,
-        )
+    ``layout`` (a ``layout.Layout``), its cells in ``threads`` parts (one each of numba's
+    threads, which the caller sets; the twin ``train_step_flat_threaded`` runs them in parallel)."""
     return train_step(
         indptr, col, val, log1p_val, cov, lgamma_x1, batch, prior_means, prior_vars, log_total, noise_z, noise_l,
-        p, g, stats, observed, mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight, rec, kl_z, kl_l, 1,
+        _views(params, layout), _views(grads, layout), (rmz, rvz, rml, rvl, rmd, rvd), layout.l_weight < 0,
+        mom_z, mom_l, mom_d, bn_eps, rate, seed_z, seed_l, kl_weight, rec, kl_z, kl_l, threads,
     )
+
+
+train_step_flat, train_step_flat_threaded = twins(_train_step_flat, parallel=False, train_step=train_step_threaded)
