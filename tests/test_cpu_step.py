@@ -5,6 +5,8 @@ every model it accepts; it declines the others; ``fit`` uses it and trains the s
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -267,6 +269,30 @@ def test_default_threads_use_every_cpu_with_64_cells_each():
     assert fused.default_threads(16) == 1
     assert fused.default_threads(128) == min(every, 2)
     assert fused.default_threads(1_000_000) == every
+    # a CPU left to a background reader, one thread at least
+    assert fused.default_threads(1_000_000, reserved=1) == max(1, min(usable_cpus() - 1, every))
+    assert fused.default_threads(1_000_000, reserved=10**6) == 1
+
+
+def test_a_source_reading_in_the_background_keeps_its_cpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from ldvae.train import loop as train_loop
+
+    chosen = []
+    monkeypatch.setattr(train_loop.fused, "use_threads", lambda n: chosen.append(n) or contextlib.nullcontext())
+    monkeypatch.setattr(train_loop.fused, "default_threads", lambda batch, reserved=0: 100 * reserved + batch)
+    config = TrainConfig(max_epochs=1, batch_size=128, progress_bar=False)
+    for source in (SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cpu"), reader_cpus=1)):
+        with train_loop._fit_settings(_module(), config, source):
+            pass
+    config.threads = 3  # a count the user names holds either way
+    with train_loop._fit_settings(_module(), config, SimpleNamespace(device=torch.device("cpu"), reader_cpus=1)):
+        pass
+    assert chosen == [128, 228, 3]
+    from ldvae.train.streaming import StreamingSource
+
+    assert StreamingSource.reader_cpus == 1
 
 
 def test_gather_in_parts_equals_gather():

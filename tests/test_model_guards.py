@@ -307,11 +307,15 @@ def test_compiled_adam_skips_its_checks_only_while_bounds_keep_the_update_finite
     settings = (7.0, 5e-3, 0.9, 0.999, 1e-8, 1e-6)
     largest = [float(np.abs(a).max()) for a in (p, m, v, g)]
     assert [cpu_loop._largest(a) for a in (p, m, v)] == largest[:3]
-    assert cpu_loop._largest_gradient(np.zeros(1), g) == largest[3]
     g_bad = g.copy()
     g_bad[7] = np.nan
-    assert cpu_loop._largest_gradient(np.zeros(1), g_bad) == -1.0
-    assert cpu_loop._largest_gradient(np.array([np.inf]), g) == -1.0
+    for parts in (1, 3):  # the largest gradient found over parts of the array, one per thread
+        for largest_bits in (cpu_loop.largest_bits_parts, cpu_loop.largest_bits_threaded):
+            top = largest_bits(g, parts)
+            assert top == cpu_loop._largest_bits(g)
+            assert cpu_loop._largest_gradient(np.zeros(1), top) == largest[3]
+            assert cpu_loop._largest_gradient(np.zeros(1), largest_bits(g_bad, parts)) == -1.0
+            assert cpu_loop._largest_gradient(np.array([np.inf]), top) == -1.0
     bounded, *bounds = cpu_loop.update_bounds(*largest, *settings)
     assert bounded
     checked = [a.copy() for a in (p, g, m, v)]
@@ -320,6 +324,12 @@ def test_compiled_adam_skips_its_checks_only_while_bounds_keep_the_update_finite
     cpu_loop._adam_unchecked(*fast, *settings)
     for got, want in zip(fast, checked):  # the same update, to rounding (the two compile differently)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for parts in (1, 3):  # the update over parts of the parameters, one per thread: the same, exactly
+        for adam in (cpu_loop.adam_parts, cpu_loop.adam_parts_threaded):
+            split = [a.copy() for a in (p, g, m, v)]
+            adam(*split, *settings, parts)
+            for got, want in zip(split, fast):
+                np.testing.assert_array_equal(got, want)
     for bound, a in zip(bounds, (fast[0], fast[2], fast[3])):  # true upper bounds, and finite
         assert float(np.abs(a).max()) <= bound < 1e37
     # bounds that could reach float32's largest value send the step to the checked update

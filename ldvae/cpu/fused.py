@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -50,10 +51,11 @@ from .layout import OFFSETS, Layout
 CELLS_PER_THREAD = 64
 
 
-def default_threads(batch_size: int) -> int:
+def default_threads(batch_size: int, reserved: int = 0) -> int:
     """Threads of the compiled step when the user names none: every CPU the process may use
-    (at most numba's limit, ``NUMBA_NUM_THREADS``), each with CELLS_PER_THREAD cells or more."""
-    limit = usable_cpus()
+    but ``reserved`` (kept for a background reader), at most numba's limit
+    (``NUMBA_NUM_THREADS``), each with CELLS_PER_THREAD cells or more."""
+    limit = usable_cpus() - reserved
     if cpu_step is not None:
         import numba
 
@@ -61,28 +63,36 @@ def default_threads(batch_size: int) -> int:
     return max(1, min(limit, batch_size // CELLS_PER_THREAD))
 
 
-def step_threads() -> int:
-    """Threads of the compiled training step now: numba's count, which a fit sets
-    (``use_threads``); 1 runs the single-thread build of the step."""
-    import numba
+_current = threading.local()  # the compiled step's threads in this thread (use_threads sets them)
 
-    return numba.get_num_threads()
+
+def step_threads() -> int:
+    """Threads of the compiled training step now, in this thread: those a fit sets
+    (``use_threads``), else 1; 1 runs the single-thread build of the step."""
+    return getattr(_current, "threads", 1)
 
 
 @contextlib.contextmanager
 def use_threads(n: int):
-    """The compiled step on ``n`` threads (capped at numba's limit) inside the block."""
+    """The compiled step on ``n`` threads (capped at numba's limit) inside the block. numba's
+    thread pool is started and sized only for more than one: a started OpenMP pool slows
+    the torch work of other threads (a streamed fit's reader) even while the step runs alone."""
     if cpu_step is None:
         yield
         return
     import numba
 
-    previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    previous, previous_pool = step_threads(), numba.get_num_threads() if n > 1 else None
+    if n > 1:
+        numba.set_num_threads(n)
+    _current.threads = n
     try:
         yield
     finally:
-        numba.set_num_threads(previous)
+        _current.threads = previous
+        if previous_pool is not None:
+            numba.set_num_threads(previous_pool)
 
 
 def applies(h: Tensor, bn: nn.BatchNorm1d | None, log_theta: Tensor | None) -> bool:

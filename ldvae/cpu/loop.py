@@ -47,12 +47,25 @@ def _largest(a):
     return _float_of_bits(_largest_bits(a))
 
 
+def _largest_bits_parts(a, parts):
+    """``_largest_bits`` of ``a`` over ``parts`` contiguous slices, one per numba thread in the
+    threaded twin."""
+    n = a.shape[0]
+    tops = np.zeros(parts, np.int32)
+    for t in nb.prange(parts):
+        tops[t] = _largest_bits(a[n * t // parts : n * (t + 1) // parts])
+    return tops.max()
+
+
+largest_bits_parts, largest_bits_threaded = twins(_largest_bits_parts)
+
+
 @nb.njit(**_JIT)
-def _largest_gradient(loss, grads):
-    """The largest |gradient| (float64), or -1.0 when loss[0] (float64) or a gradient is not finite."""
+def _largest_gradient(loss, top):
+    """The largest |gradient| (float64) from ``top``, the bits of the gradients' largest
+    |value| (``_largest_bits``), or -1.0 when loss[0] (float64) or a gradient is not finite."""
     if (loss.view(np.int64)[0] & 0x7FF0000000000000) == 0x7FF0000000000000:
         return -1.0
-    top = _largest_bits(grads)
     return -1.0 if top >= 0x7F800000 else _float_of_bits(top)
 
 
@@ -72,6 +85,19 @@ def _adam_unchecked(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, 
         exp_avg[i] = m
         exp_avg_sq[i] = v
         params[i] -= step_size * m / (np.sqrt(v) * inv_bias2_sqrt + e)
+
+
+def _adam_parts(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, parts):
+    """``_adam_unchecked`` over ``parts`` contiguous slices of the parameters, one per numba
+    thread in the threaded twin (each element's update is the same either way)."""
+    n = params.shape[0]
+    for t in nb.prange(parts):
+        a, b = n * t // parts, n * (t + 1) // parts
+        _adam_unchecked(params[a:b], grads[a:b], exp_avg[a:b], exp_avg_sq[a:b], step, lr, beta1, beta2, eps,
+                        weight_decay)
+
+
+adam_parts, adam_parts_threaded = twins(_adam_parts)
 
 
 @nb.njit(**{**_JIT, "fastmath": False})  # scalar; its comparisons must see inf as inf
@@ -204,7 +230,7 @@ def _train_steps(
         )
         losses[j] = loss
         failure[0] = 0
-        largest_g = _largest_gradient(losses[j : j + 1], grads)
+        largest_g = _largest_gradient(losses[j : j + 1], largest_bits_parts(grads, threads))
         step = taken + j + 1
         if largest_g < 0.0:
             failure[0] = 1
@@ -212,7 +238,7 @@ def _train_steps(
             bounded, bound_p, bound_m, bound_v = update_bounds(largest_p, largest_m, largest_v, largest_g, step, lr, beta1,
                                                        beta2, eps, weight_decay)
             if bounded:  # surely finite: the plain update, and the bounds carried forward
-                _adam_unchecked(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+                adam_parts(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, threads)
                 largest_p, largest_m, largest_v = bound_p, bound_m, bound_v
             elif _adam(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
                        old_p, old_m, old_v):  # could overflow: checked element by element, exact maxima again
@@ -228,6 +254,7 @@ def _train_steps(
 
 train_steps, train_steps_threaded = twins(
     _train_steps, parallel=False, gather_nonzeros_parts=gather_nonzeros_threaded, train_step_flat=train_step_flat_threaded,
+    largest_bits_parts=largest_bits_threaded, adam_parts=adam_parts_threaded,
 )
 
 

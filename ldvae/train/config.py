@@ -65,7 +65,8 @@ class TrainConfig:
     # Larger values let eval-mode statistics follow the parameters with few steps per epoch.
     batch_norm_momentum: float | None = None
     # CPU threads during the fit: torch's and the compiled step's. None: the compiled step uses
-    # every usable CPU (fused.default_threads), torch one when a step is small (_fit_threads).
+    # every usable CPU (fused.default_threads) but one per background reader of a streamed
+    # source, torch one when a step is small (_fit_threads).
     threads: int | None = None
 
 

@@ -63,7 +63,7 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     plateau = _Plateau(config, optimizer)
     guard = _DeferredInterrupt()
     try:
-        with guard, _fit_settings(module, config, source.device):
+        with guard, _fit_settings(module, config, source):
             module.train()
             if config.frozen:  # batch norm of a model being mapped onto: its statistics fixed
                 for m in module.modules():
@@ -200,8 +200,10 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 @contextlib.contextmanager
-def _fit_settings(module: LDVAEModule, config: TrainConfig, device: torch.device):
-    """The fit's batch-norm momentum and CPU threads, put back afterwards."""
+def _fit_settings(module: LDVAEModule, config: TrainConfig, source):
+    """The fit's batch-norm momentum and CPU threads, put back afterwards. The compiled step
+    leaves a CPU to a source that reads in the background (``source.reader_cpus``)."""
+    device = source.device
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     if config.batch_norm_momentum is not None:
@@ -211,7 +213,9 @@ def _fit_settings(module: LDVAEModule, config: TrainConfig, device: torch.device
     threads = _fit_threads(config, device, module.config.n_genes, previous_threads)
     if threads != previous_threads:
         torch.set_num_threads(threads)
-    step_threads = config.threads if config.threads is not None else fused.default_threads(config.batch_size)
+    step_threads = config.threads
+    if step_threads is None:
+        step_threads = fused.default_threads(config.batch_size, getattr(source, "reader_cpus", 0))
     try:
         with fused.use_threads(step_threads):
             yield

@@ -61,6 +61,9 @@ class StreamingSource:
     ``train.fit`` how to combine gradients and metrics.
     """
 
+    # CPUs the background reader keeps busy: the compiled step's default threads leave them
+    reader_cpus = 1
+
     def __init__(
         self,
         disk: DiskCSR | DiskDense,
