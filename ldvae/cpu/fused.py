@@ -272,7 +272,7 @@ def _cache_index(threads: int = 1) -> str | None:
 
 def is_cached(threads: int = 1) -> bool:
     """Whether numba's cache already holds the compiled training step for ``threads`` threads
-    (else the first fit compiles it: about 25 s on one thread, a minute more for several)."""
+    (else the first fit compiles it: about a minute for each of the two builds)."""
     index = _cache_index(threads)
     return index is None or os.path.exists(index)
 
@@ -287,9 +287,9 @@ def _note_first_compile(threads: int) -> None:
     _announced.add(several)
     index = _cache_index(threads)
     if index is not None and not os.path.exists(index):
-        logger.info("Compiling ldvae's CPU training step (numba) for %s: %s on first use after an install or "
-                    "upgrade, then cached in %s.", "several threads" if several else "one thread",
-                    "about a minute" if several else "about 25 s", os.path.dirname(index))
+        logger.info("Compiling ldvae's CPU training step (numba) for %s: about a minute on first use after an "
+                    "install or upgrade, then cached in %s.", "several threads" if several else "one thread",
+                    os.path.dirname(index))
 
 
 class TrainStep:
