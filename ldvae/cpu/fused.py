@@ -83,16 +83,17 @@ def use_threads(n: int):
     import numba
 
     n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-    previous, previous_pool = step_threads(), numba.get_num_threads() if n > 1 else None
+    previous, pool = step_threads(), None
     if n > 1:
+        pool = numba.get_num_threads()
         numba.set_num_threads(n)
     _current.threads = n
     try:
         yield
     finally:
         _current.threads = previous
-        if previous_pool is not None:
-            numba.set_num_threads(previous_pool)
+        if pool is not None:
+            numba.set_num_threads(pool)
 
 
 def applies(h: Tensor, bn: nn.BatchNorm1d | None, log_theta: Tensor | None) -> bool:

@@ -23,6 +23,7 @@ from .special import (  # noqa: F401  vexp, vlog, lgamma64, digamma64: the kerne
     digamma64,
     f32,
     lgamma64,
+    part,
     twins,
     vexp,
     vlog,
@@ -453,7 +454,8 @@ def _gather_nonzeros(indptr, indices, values, rows, T):
     val = np.empty(nnz, np.float32)
     log1p = np.empty(nnz, np.float32)
     for t in nb.prange(T):
-        _copy_rows(indptr, indices, values, rows[t * n // T : (t + 1) * n // T], ptr[t * n // T :], col, val, log1p)
+        a, b = part(n, T, t)
+        _copy_rows(indptr, indices, values, rows[a:b], ptr[a:], col, val, log1p)
     return ptr, col, val, log1p
 
 

@@ -17,7 +17,7 @@ import numba as nb
 import numpy as np
 
 from .kernels import _JIT, gather_nonzeros_parts, gather_nonzeros_threaded
-from .special import twins
+from .special import part, twins
 from .step import train_step_flat, train_step_flat_threaded
 
 f32 = np.float32
@@ -53,7 +53,8 @@ def _largest_bits_parts(a, parts):
     n = a.shape[0]
     tops = np.zeros(parts, np.int32)
     for t in nb.prange(parts):
-        tops[t] = _largest_bits(a[n * t // parts : n * (t + 1) // parts])
+        lo, hi = part(n, parts, t)
+        tops[t] = _largest_bits(a[lo:hi])
     return tops.max()
 
 
@@ -92,7 +93,7 @@ def _adam_parts(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
     thread in the threaded twin (each element's update is the same either way)."""
     n = params.shape[0]
     for t in nb.prange(parts):
-        a, b = n * t // parts, n * (t + 1) // parts
+        a, b = part(n, parts, t)
         _adam_unchecked(params[a:b], grads[a:b], exp_avg[a:b], exp_avg_sq[a:b], step, lr, beta1, beta2, eps,
                         weight_decay)
 

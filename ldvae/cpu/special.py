@@ -36,6 +36,13 @@ def twins(fn, parallel: bool = True, **threaded_globals):
 
 
 @nb.njit(inline="always", **_JIT)
+def part(n, parts, t):
+    """Bounds (start, stop) of part t of n items split into ``parts`` contiguous parts: the
+    split of every ``prange`` over parts in the threaded twins."""
+    return t * n // parts, (t + 1) * n // parts
+
+
+@nb.njit(inline="always", **_JIT)
 def _exp_into(x, out, kbuf):
     """out[j] = exp(x[j]) for a contiguous float32 row (x may be out)."""
     _exp_shifted_into(x, f32(0.0), out, kbuf)

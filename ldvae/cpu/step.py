@@ -22,17 +22,11 @@ from .encoder import (
     _sparse_product, _weight_grad_by_gene, column_sums, count_genes, encoder_grad_sums, encoder_rows, gene_offsets,
     scatter_by_gene,
 )
-from .special import twins
+from .special import part, twins
 from .kernels import (
     _JIT, _batch_norm_update, batch_norm_backward_rows, batch_norm_backward_terms, decoder_train_cells,
     decoder_train_terms,
 )
-
-
-@nb.njit(inline="always", **_JIT)
-def _rows(n, T, t):
-    """The rows of part t of n split into T parts."""
-    return t * n // T, (t + 1) * n // T
 
 
 @nb.njit(**_JIT)
@@ -179,7 +173,7 @@ def _train_step(
     sums = np.zeros((2, T, H))  # z, l
     gene_counts = np.zeros((T, G), np.int64)  # for the nonzeros by gene, which the backward needs
     for t in nb.prange(T):
-        lo, hi = _rows(n, T, t)
+        lo, hi = part(n, T, t)
         count_genes(indptr[lo : hi + 1], col, gene_counts[t])
         _sparse_product(wz_t, bz, indptr[lo : hi + 1], col, log1p_val, a_z[lo:hi])
         _add_columns(a_z[lo:hi], sums[0, t])
@@ -191,7 +185,7 @@ def _train_step(
     gene_ptr, gene_starts = gene_offsets(gene_counts)
     gene_rows, gene_vals = np.empty(gene_ptr[G], np.int64), np.empty(gene_ptr[G], f32)
     for t in nb.prange(T):
-        lo, hi = _rows(n, T, t)
+        lo, hi = part(n, T, t)
         scatter_by_gene(indptr[lo : hi + 1], col, log1p_val, lo, gene_starts[t], gene_rows, gene_vals)
         _add_squared_deviations(a_z[lo:hi], mu_z, squares[0, t])
         if not observed:
@@ -215,7 +209,7 @@ def _train_step(
     h = np.empty((n, G), f32)
     h_parts = np.zeros((2, T, G))  # column sums and sums of squares
     for t in nb.prange(T):
-        lo, hi = _rows(n, T, t)
+        lo, hi = part(n, T, t)
         encoder_rows(a_z[lo:hi], xhat_z[lo:hi], mult_z[lo:hi], mu_z, inv_z, gz, betaz, True, rate, seed_z, lo)
         _heads_forward(a_z[lo:hi], wzm, bzm, wzv, bzv, noise_z[lo:hi], qz_m[lo:hi], qz_v[lo:hi], z[lo:hi])
         if observed:
@@ -244,7 +238,7 @@ def _train_step(
     g_library = np.empty(n, f32)
     gene_parts = np.zeros((4, T, G), f32)  # per gene: theta, beta, gamma and log-theta sums
     for t in nb.prange(T):
-        lo, hi = _rows(n, T, t)
+        lo, hi = part(n, T, t)
         decoder_train_cells(h[lo:hi], terms, gd, betad, library[lo:hi], log_theta, indptr[lo : hi + 1], col, val,
                             upstream[lo:hi], ll[lo:hi], g_h[lo:hi], g_library[lo:hi], gene_parts[0, t],
                             gene_parts[1, t], gene_parts[2, t], gene_parts[3, t])
@@ -270,7 +264,7 @@ def _train_step(
     g_ml, g_vl = np.empty((n, 1), f32), np.empty((n, 1), f32)
     w = kl_weight * inv_n
     for t in nb.prange(T):
-        lo, hi = _rows(n, T, t)
+        lo, hi = part(n, T, t)
         batch_norm_backward_rows(g_h[lo:hi], h[lo:hi], c0, c1, c2)
         totals[t] = _loss_rows(lgamma_x1[lo:hi], ll[lo:hi], qz_m[lo:hi], qz_v[lo:hi], ql_m[lo:hi], ql_v[lo:hi],
                                batch[lo:hi], prior_means, prior_vars, observed, kl_weight, rec[lo:hi], kl_z[lo:hi],
@@ -310,7 +304,7 @@ def _train_step(
     # --- backward: the encoders' batch norms, then their first weights by gene -------------------
     bias_parts = np.empty((2, T, H), f32)
     for t in nb.prange(T):
-        lo, hi = _rows(n, T, t)
+        lo, hi = part(n, T, t)
         batch_norm_backward_rows(gy_z[lo:hi], xhat_z[lo:hi], cz0, cz1, cz2)
         column_sums(gy_z[lo:hi], bias_parts[0, t])
         if not observed:
