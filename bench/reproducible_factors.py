@@ -9,7 +9,9 @@ preparation (1000 seurat_v3 HVGs), and compares the analyses' factors:
 - the top-10 genes (positive side, by score and by raw loading) shared by matched
   reproducible factors;
 - with labels, each labelled population's best one-vs-rest AUC over the factors;
-- each fit's validation ELBO (a rotation leaves it unchanged; printed for reference).
+- each fit's validation ELBO (a rotation leaves it unchanged; printed for reference);
+- the canonical correlations between two single fits' latent spaces: how many dimensions
+  come back at all, whatever their rotation.
 
 Compared: the consensus factors (``consensus_factors``), each main fit's own factors and
 the main fit's own factors after a varimax rotation of its loadings.
@@ -77,6 +79,8 @@ def main() -> None:
     p.add_argument("--n-latent", type=int, default=10)
     p.add_argument("--max-epochs", type=int, default=250)
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--init", default="pca", choices=["pca", "random"], help="train(init=...): where each fit starts")
+    p.add_argument("--criterion", default="auto", choices=["auto", "latent", "loadings"])
     args = p.parse_args()
 
     import anndata
@@ -96,17 +100,23 @@ def main() -> None:
     seeds = [[a, *refit_seeds(a, args.fits - 1)] for a in range(args.analyses)]
     all_seeds = [s for group in seeds for s in group]
     t0 = time.perf_counter()
-    fits = fit_seeds(adata, all_seeds, train_kwargs={"max_epochs": args.max_epochs, "plan_kwargs": {"lr": args.lr}},
+    fits = fit_seeds(adata, all_seeds, train_kwargs={"max_epochs": args.max_epochs, "plan_kwargs": {"lr": args.lr},
+                                                          "init": args.init},
                      n_latent=args.n_latent)
     fit_s = time.perf_counter() - t0
     by_seed = dict(zip(all_seeds, fits))
     print(f"{adata.n_obs} cells x {adata.n_vars} genes, K = {args.n_latent}, {args.analyses} analyses x "
           f"{args.fits} fits, {args.max_epochs} epochs: {fit_s:.0f} s of fitting")
     elbo = [float(m.get_elbo(indices=m.validation_indices_)) for m in fits]
+    from ldvae.data.simulate import canonical_correlations
+    lat = {s: by_seed[s].get_latent_representation() for s in all_seeds}
+    cc = [canonical_correlations(lat[a], lat[b]) for group in seeds for i, a in enumerate(group) for b in group[i + 1:]]
+    print(f"canonical correlations between two fits' latent spaces (pairs within an analysis, mean): "
+          f"{np.round(np.mean(cc, axis=0), 3)}")
     print(f"validation ELBO per fit: median {np.median(elbo):.2f} (range {min(elbo):.2f} … {max(elbo):.2f})")
 
     t0 = time.perf_counter()
-    results = [consensus_factors([by_seed[s] for s in group]) for group in seeds]
+    results = [consensus_factors([by_seed[s] for s in group], criterion=args.criterion) for group in seeds]
     cons_s = (time.perf_counter() - t0) / len(results)
     mains = [by_seed[group[0]] for group in seeds]
     own = [m.get_latent_representation() for m in mains]

@@ -152,6 +152,7 @@ def test_stability_of_the_workflow_factors(finished):
     seeds = list(stored["seeds"])
     assert seeds[0] == 0 and len(set(seeds)) == 3 and res.uns["ldvae_workflow"]["settings"]["stability_seeds"] == 2
     assert seeds[1:] == workflow.refit_seeds(0, 2)
+    assert res.uns["ldvae_workflow"]["settings"]["init"] == "pca"  # every fit starts from the components
     np.testing.assert_allclose(pd.Series(stored["stability"], index=stored["factor"])[table.index], table["stability"])
     html = (result.out_dir / "report.html").read_text()
     assert "<h2>Factor stability across seeds</h2>" in html and "<th>reproducible</th>" in html

@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 FITS_DIR_STEM = "ldvae-fits-"
 
 
+def _train_defaults(train_kwargs: dict | None) -> dict:
+    """The fits' ``train`` options: every fit starts from the principal components of the
+    counts unless ``init`` says otherwise (see :func:`fit_seeds`)."""
+    return {"init": "pca", **dict(train_kwargs or {})}
+
+
 def _fit_one(adata, model_kwargs: dict, train_kwargs: dict, seed: int) -> LinearSCVI:
     from ..model import LinearSCVI, settings
 
@@ -248,7 +254,7 @@ class BackgroundFits:
         get_setup(adata)
         self._adata = adata
         self._jobs = [(dict(model_kwargs), s) for s in _check_seeds(seeds, 1)]
-        train_kwargs = dict(train_kwargs or {})
+        train_kwargs = _train_defaults(train_kwargs)
         self._tmp = _fits_dir()
         self._dir = Path(self._tmp.name)
         self._procs: list[subprocess.Popen] = []
@@ -317,7 +323,12 @@ def fit_seeds(
         its share of the seeds one after another.
     train_kwargs
         Passed to :meth:`LinearSCVI.train` (``max_epochs``, ``lr``, ``plan_kwargs``,
-        ``batch_size``, ...); ``seed`` and ``progress_bar`` are set here.
+        ``batch_size``, ...); ``seed`` and ``progress_bar`` are set here. ``init`` defaults
+        to ``"pca"``: every fit starts from the principal components of the counts
+        (:mod:`ldvae.model.start`), so the seeds differ in the split, the minibatch order
+        and the sampling, and the fits end on the same factors far more often than from
+        their own random weights; ``init="random"`` starts each from the weights its seed
+        builds.
     **model_kwargs
         Passed to :class:`LinearSCVI` (``n_latent``, ``gene_likelihood``, ...).
 
@@ -327,5 +338,5 @@ def fit_seeds(
         The trained models, in the order of ``seeds``.
     """
     seeds = _check_seeds(seeds, 1)
-    train_kwargs = dict(train_kwargs or {})
+    train_kwargs = _train_defaults(train_kwargs)
     return _fit_many(adata, [(dict(model_kwargs), s) for s in seeds], n_jobs, train_kwargs)

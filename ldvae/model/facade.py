@@ -43,6 +43,7 @@ from .params import (
     PRESETS, module_config, resolve_device, splitter_options, train_options,
 )
 from .resume import resume_state
+from .start import start_from_counts
 
 logger = logging.getLogger(__name__)
 
@@ -366,6 +367,8 @@ class LinearSCVI(Queries, ScviSurface):
         if payload is not None:
             state = resume_state(self.module, payload, resume_from, getattr(self, "frozen_", None))
             config.max_epochs = max(max_epochs - state.epoch, 0)
+        start_from_counts(opts["init"], self.module, self.adata, self.setup_,
+                          frozen=getattr(self, "frozen_", None), fresh=state.step == 0)
         self.module.to(self.device)
         source = self._source(train_idx, val_idx, batch_size)
         try:
@@ -395,7 +398,6 @@ class LinearSCVI(Queries, ScviSurface):
             out[key] = pd.DataFrame({key: arr[:, 1]}, index=pd.Index(arr[:, 0].astype(int), name="epoch"))
         return out
 
-    # --- queries -------------------------------------------------------------------------------
     # --- save / load -----------------------------------------------------------------------------
     def save(
         self,

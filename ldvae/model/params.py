@@ -14,6 +14,8 @@ from ..util.checks import SetupError, check_number, positive_int
 
 logger = logging.getLogger(__name__)
 
+INITS = ("random", "pca")  # train(init=...): where an untrained model starts (ldvae.model.start)
+
 CHOICES = {
     "dispersion": ("gene", "gene-batch", "gene-label", "gene-cell"),
     "gene_likelihood": ("nb", "zinb", "poisson"),
@@ -143,6 +145,7 @@ TRAIN_OPTIONS = {
     "resume_from": None, "batch_norm_momentum": None, "threads": None, "check_val_every_n_epoch": None,
     "early_stopping_patience": 45, "early_stopping_monitor": "elbo_validation", "early_stopping_min_delta": 0.0,
     "early_stopping_mode": "min", "early_stopping_warmup_epochs": 0, "strategy": "auto", "preset": None,
+    "init": "random",
 }
 # train(preset=...): settings that reach a plain fit's validation ELBO in fewer epochs,
 # used where the call does not set them (bench/RESULTS.md, time to scvi-tools' quality).
@@ -193,6 +196,8 @@ def train_options(trainer_kwargs: dict, trainer_config: dict | None) -> dict:
     opts = {**TRAIN_OPTIONS, **given}
     if opts["preset"] is not None and opts["preset"] not in PRESETS:
         raise SetupError(f"preset must be one of {sorted(PRESETS)} or None, got {opts['preset']!r}.")
+    if opts["init"] not in INITS:
+        raise SetupError(f"init must be one of {list(INITS)}, got {opts['init']!r}.")
     if opts["early_stopping_mode"] not in ("min", "max"):
         raise SetupError(f"early_stopping_mode must be 'min' or 'max', got {opts['early_stopping_mode']!r}.")
     return opts

@@ -8,6 +8,7 @@ from ..util.checks import SetupError, check_number
 FIGURE_FORMATS = ("png", "svg", "pdf")
 #: Extra fits beside the main one by default: the factors are the consensus of all fits.
 FACTOR_SEEDS = 3
+START = "pca"  # where every fit of the workflow starts: train(init=...), ldvae.model.start
 
 
 def check_option(name: str, value, *, flag: str | None = None, **constraint) -> None:

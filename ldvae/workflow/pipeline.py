@@ -33,7 +33,7 @@ from ..model import LinearSCVI
 from ..util.io import atomic_path, atomic_write_h5ad, atomic_write_text
 from ..util.settings import usable_cpus
 # FIGURE_FORMATS, MAX_SEED, check_option, OUTPUT_MARKER and MIN_VARYING_GENES are also read from here.
-from .checks import FACTOR_SEEDS, FIGURE_FORMATS, MAX_SEED, check_option, check_workflow_options, refit_seeds  # noqa: F401
+from .checks import FACTOR_SEEDS, FIGURE_FORMATS, MAX_SEED, START, check_option, check_workflow_options, refit_seeds  # noqa: F401
 from .outputs import OUTPUT_MARKER, check_out_dir, staged  # noqa: F401
 from .plotting import latent_pairs, loadings_frame, loadings_heatmap, top_genes, top_genes_bars, training_curves, umap
 from .prepare import MIN_VARYING_GENES, prepare  # noqa: F401
@@ -106,9 +106,11 @@ def fit(
     accelerator: str = "auto",
     progress_bar: bool = True,
     threads: int | None = None,
+    init: Literal["random", "pca"] = "pca",
 ) -> LinearSCVI:
     """``setup_anndata(adata, layer="counts", batch_key=...)``, then a trained ``LinearSCVI``
-    (``threads``: torch CPU threads while training, see :meth:`LinearSCVI.train`).
+    (``threads``: torch CPU threads while training; ``init``: where the fit starts, by default
+    the principal components of the counts; see :meth:`LinearSCVI.train`).
 
     Writes ``adata.uns["ldvae_setup"]`` only (:func:`ldvae.data.setup.setup_anndata`: no
     scvi-tools code columns).
@@ -124,6 +126,7 @@ def fit(
         seed=seed,
         progress_bar=progress_bar,
         threads=threads,
+        init=init,
     )
     return model
 
@@ -470,7 +473,7 @@ def _fit_and_interpret(adata, options: dict):
     it and the consensus factors of all fits: ``(model, stability or None, factors, training seconds)``."""
     o = options
     train = dict(max_epochs=o["max_epochs"], lr=o["lr"], batch_size=o["batch_size"],
-                 check_val_every_n_epoch=o["check_val_every_n_epoch"], accelerator=o["accelerator"])
+                 check_val_every_n_epoch=o["check_val_every_n_epoch"], accelerator=o["accelerator"], init=START)
     model_kwargs = dict(n_latent=o["n_latent"], gene_likelihood=o["gene_likelihood"])
     extra_seeds = refit_seeds(o["seed"], o["stability_seeds"])
     background = None

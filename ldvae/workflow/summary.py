@@ -11,7 +11,7 @@ import pandas as pd
 from .._version import __version__
 from ..data.contract import get_counts
 from ..factors.stability import StabilityResult
-from .checks import refit_seeds
+from .checks import START, refit_seeds
 
 WORKFLOW_KEY = "ldvae_workflow"
 
@@ -82,6 +82,7 @@ def record_run(raw, adata, model, stability, options: dict, *, input_name: str, 
         "batch_size": int(o["batch_size"]),
         "check_val_every_n_epoch": int(o["check_val_every_n_epoch"]),
         "seed": int(o["seed"]),
+        "init": START,
         "device": str(model.device),
         "torch CPU threads": int(torch.get_num_threads()),
         "training time (s)": round(train_seconds, 1),
