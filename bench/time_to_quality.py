@@ -31,12 +31,15 @@ def main() -> None:
                     help="seed of the training randomness (default: --seed); vary it to see the spread")
     ap.add_argument("--bn-momentum", type=float, default=None,
                     help="batch-norm momentum during training (default: the model's 0.01, as scvi-tools)")
+    ap.add_argument("--init", default="random", choices=["random", "pca"],
+                    help="where the fit starts (train(init=...)); the start's time is on the clock")
     ap.add_argument("--lr-decay-epochs", type=int, default=0,
                     help="cosine decay of lr to 5 %% over this many epochs (0: constant lr)")
     args = ap.parse_args()
     import torch
 
     import ldvae
+    from ldvae.model.start import start_from_counts
     from ldvae.train.loop import InMemorySource, TrainConfig, TrainState, evaluate, fit, split_indices
 
     lr = args.lr or 5e-3 * math.sqrt(args.batch_size / 128)
@@ -44,6 +47,7 @@ def main() -> None:
     ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
     model = ldvae.LinearSCVI(adata, n_latent=10)
     t0, c0 = time.perf_counter(), time.process_time()
+    start_from_counts(args.init, model.module, adata, model.setup_, frozen=None, fresh=True)
     train_idx, val_idx = split_indices(adata.n_obs, 0.9, None, args.seed)
     source = InMemorySource(model._data(), train_idx, val_idx, args.batch_size)
     config = TrainConfig(
@@ -103,6 +107,7 @@ def main() -> None:
         "warmup_epochs": args.warmup_epochs,
         "bn_momentum": args.bn_momentum,
         "lr_decay_epochs": args.lr_decay_epochs,
+        "init": args.init,
         "threads": torch.get_num_threads(),
         "step_threads": step_threads(args.batch_size),
         "reached": reached is not None,

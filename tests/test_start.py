@@ -16,7 +16,7 @@ import torch
 
 import ldvae
 from ldvae.data.simulate import canonical_correlations, simulate
-from ldvae.model.start import log_normalized, pca_start, principal_components, start_cells
+from ldvae.model.start import log_normalized, pca_start, principal_components, start_cells, start_from_counts
 from ldvae.util.checks import SetupError
 
 
@@ -122,3 +122,45 @@ def test_start_refuses_what_it_cannot_start(planted):
     with pytest.raises(SetupError, match="init='pca' needs latent_distribution='normal'"):
         ln.train(max_epochs=1, init="pca", progress_bar=False)
     assert not ln.is_trained_
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"gene_likelihood": "poisson"},
+    {"gene_likelihood": "zinb", "n_layers": 2},
+    {"n_latent": 70, "use_observed_lib_size": True},
+    {"dispersion": "gene-cell", "use_batch_norm": False, "bias": True},
+])
+def test_every_model_starts_and_trains(planted, kwargs):
+    kwargs = {"n_latent": 4, **kwargs}
+    k = kwargs["n_latent"]
+    model = ldvae.LinearSCVI(planted, **kwargs)
+    model.train(max_epochs=2, init="pca", progress_bar=False)
+    assert np.isfinite(float(model.get_elbo()))
+    assert np.isfinite(model.get_latent_representation()).all()
+    assert model.get_loadings().shape == (150, k)
+
+
+def test_dense_counts_and_a_continuous_covariate_start_as_sparse_ones(planted):
+    dense = planted.copy()
+    dense.layers["counts"] = planted.layers["counts"].toarray()
+    dense.obs["depth"] = np.log(planted.layers["counts"].sum(axis=1).A1)
+    ldvae.LinearSCVI.setup_anndata(dense, layer="counts", batch_key="batch", continuous_covariate_keys=["depth"])
+    weights = []
+    for adata in (planted, dense):
+        model = _model(adata, 3)
+        start_from_counts("pca", model.module, adata, model.setup_, frozen=None, fresh=True)
+        weights.append(model.module.factor_regressor.weight.detach().numpy())
+        model.train(max_epochs=1, progress_bar=False)
+        assert np.isfinite(float(model.get_elbo()))
+    assert weights[1].shape[1] == weights[0].shape[1] + 1  # the covariate's decoder column
+    np.testing.assert_allclose(weights[1][:, :4], weights[0][:, :4], rtol=1e-5, atol=1e-7)
+
+
+def test_a_mapped_query_keeps_its_reference_weights(planted):
+    model = _model(planted, 0)
+    with pytest.raises(SetupError, match="init='pca' starts a new model; a query mapped onto a reference keeps"):
+        start_from_counts("pca", model.module, planted, model.setup_, frozen={"factor_regressor.weight": None},
+                          fresh=True)
+    before = model.module.factor_regressor.weight.detach().clone()
+    start_from_counts("random", model.module, planted, model.setup_, frozen=None, fresh=True)
+    assert torch.equal(model.module.factor_regressor.weight, before)
