@@ -69,6 +69,15 @@ def compare(latents, tops=None):
     return np.mean(counts), np.mean(medians, axis=0), overlaps
 
 
+def compare_to_first(first, other):
+    """|correlation| of each factor of ``first`` with its match in ``other``, in first's order."""
+    c = np.abs(_corr(first, other))
+    rows, cols = linear_sum_assignment(-c)
+    out = np.empty(first.shape[1])
+    out[rows] = c[rows, cols]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pbmc3k_10x_raw_seurat_labels.h5ad"))
@@ -156,6 +165,16 @@ def main() -> None:
     print("reproducibility reported by each analysis (single fits, each rotated on its own):")
     for r in results:
         print("  ", np.round(r.table["reproducibility"].to_numpy(), 2))
+    print("consensus reproducibility estimated by each analysis (split-half of its fits, Spearman-Brown), "
+          "in the order of the first line's factors:")
+    lat0 = results[0].latent.to_numpy()
+    for r in results:
+        match = [int(np.argmax(np.abs(_corr(lat0, r.latent.to_numpy())[k]))) for k in range(lat0.shape[1])]
+        print("  ", np.round(r.table["consensus_reproducibility"].to_numpy()[match], 2))
+    others = [compare_to_first(results[0].latent.to_numpy(), r.latent.to_numpy()) for r in results[1:]]
+    print("measured: matched |correlation| of the first analysis's factors with each other analysis's:")
+    for o in others:
+        print("  ", np.round(o, 2))
 
 
 if __name__ == "__main__":

@@ -222,3 +222,42 @@ def test_refuses_bad_input(populations, sparse_loadings):
         consensus_factors([models[0], sparse_loadings[1][0]])
     with pytest.raises(ValueError, match="by must be"):
         consensus_factors(models[:1]).top_genes(by="weight")
+
+
+def test_consensus_reproducibility_is_the_correlation_a_rerun_would_give():
+    """Runs = skewed factors + independent noise of variance 0.5, each run seen in its own
+    rotation: two consensuses of 6 runs correlate 1 / (1 + 0.5 / 6) per factor."""
+    from scipy.stats import ortho_group
+
+    from ldvae.factors.consensus import _consensus_of, _split_half
+
+    rng = np.random.default_rng(0)
+    signal = rng.exponential(1.0, (4000, 3))
+    signal = (signal - signal.mean(0)) / signal.std(0)
+    weights = rng.normal(size=(50, 3))
+
+    def runs(n):
+        out = []
+        for _ in range(n):
+            r = ortho_group.rvs(3, random_state=rng)
+            out.append(((signal + rng.normal(0.0, np.sqrt(0.5), signal.shape)) @ r, weights @ r))
+        return [z for z, _ in out], [w for _, w in out]
+
+    latents, w = runs(6)
+    consensus = _consensus_of(latents, w, "latent")
+    estimate = _split_half(consensus, latents, w, "latent")
+    np.testing.assert_allclose(estimate, 1 / (1 + 0.5 / 6), atol=0.02)
+    again = _consensus_of(*runs(6), "latent")  # a re-run: other noise, other rotations
+    measured = _matched(consensus, again)
+    np.testing.assert_allclose(measured, estimate, atol=0.03)
+    assert np.isnan(_split_half(consensus, latents[:1], w[:1], "latent")).all()
+
+
+def test_identical_runs_are_fully_reproducible(populations):
+    adata, z, models, f = populations
+    same = consensus_factors([models[0]] * 4)
+    np.testing.assert_allclose(same.table["consensus_reproducibility"], 1.0, atol=1e-9)
+    assert same.table["reproducible"].all()
+    one = consensus_factors(models[:1])
+    assert one.table["consensus_reproducibility"].isna().all() and not one.table["reproducible"].any()
+    assert (f.table["reproducible"] == (f.table["consensus_reproducibility"] >= 0.9)).all()

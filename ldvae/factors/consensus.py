@@ -20,7 +20,11 @@ Each run's factors are exactly a rotation of its own model (``runs_rotations[s]`
 model, its ELBO and ``get_loadings()`` are untouched. A factor's ``reproducibility`` is the
 median, over pairs of runs each rotated by its own rotation (no shared alignment), of the
 correlation over cells between the factors matched to it: what a re-run of one fit would
-give. The consensus of several runs is itself more reproducible than that.
+give. The consensus of several runs is itself more reproducible than that: its
+``consensus_reproducibility`` estimates the correlation with the factor of a re-run of the
+whole analysis (as many fits, other seeds) by splitting the runs into halves, taking the
+consensus of each half and stepping the halves' correlation up to all runs
+(Spearman-Brown). A factor is ``reproducible`` when that estimate reaches the threshold.
 
 Top genes are ranked by a ``score`` robust to weakly expressed genes: the loading times
 the square root of the gene's Fisher information for its log-rate, averaged over cells
@@ -50,6 +54,7 @@ logger = logging.getLogger(__name__)
 CRITERIA = ("auto", "latent", "loadings")
 ROTATION_CELLS = 20000  # cells (a fixed random subset) that the rotations are computed from
 INFORMATION_CELLS = 5000  # cells used for each gene's Fisher information
+SPLITS = 10  # random half-splits of the runs behind consensus_reproducibility
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,10 @@ class ConsensusFactors:
     table
         One row per factor ``F_k`` (ordered by deviance explained in the main run):
         ``fraction_of_model`` (share of the deviance the model explains, main run),
-        ``reproducibility``, ``min_correlation``, ``reproducible`` (>= ``threshold``).
+        ``reproducibility`` (one fit against another, median over pairs), ``min_correlation``
+        (their minimum), ``consensus_reproducibility`` (this consensus against that of a re-run
+        with as many fits, estimated) and ``reproducible`` (``consensus_reproducibility`` >=
+        ``threshold``).
     latent
         Cells x factors: mean over runs of each run's rotated latent means.
     loadings
@@ -186,6 +194,37 @@ def _reproducibility(consensus: np.ndarray, factors: list[np.ndarray]) -> tuple[
     return np.median(per_pair, axis=0), per_pair.min(axis=0)
 
 
+def _consensus_of(latents, weights, criterion: str) -> np.ndarray:
+    """The consensus latent of some runs: aligned, averaged and rotated to simple structure."""
+    align = _align(latents)
+    mean_latent = np.mean([z @ p for z, p in zip(latents, align)], axis=0)
+    mean_weights = np.mean([w @ p for w, p in zip(weights, align)], axis=0)
+    return mean_latent @ _simple_rotation(criterion, mean_latent, mean_weights)
+
+
+def _split_half(consensus: np.ndarray, latents, weights, criterion: str, *, n_splits: int = SPLITS,
+                seed: int = 0) -> np.ndarray:
+    """Per consensus factor, the correlation expected between this consensus and that of a
+    re-run with as many fits: the runs split into two halves (``n_splits`` random splits),
+    each half's consensus matched to ``consensus``, the halves' |correlation| per factor
+    (median over splits), stepped up from half the runs to all by Spearman-Brown,
+    ``2 r / (1 + r)``. NaN with fewer than 2 runs."""
+    n = len(latents)
+    if n < 2:
+        return np.full(consensus.shape[1], np.nan)
+    rng = np.random.default_rng(seed)
+    per_split = []
+    for _ in range(n_splits):
+        order = rng.permutation(n)
+        halves = [order[: n // 2], order[n // 2:]]
+        found = [_consensus_of([latents[i] for i in h], [weights[i] for i in h], criterion) for h in halves]
+        (match_a, _), (match_b, _) = (_matched(consensus, f) for f in found)
+        c = np.abs(_column_correlations(found[0], found[1]))
+        per_split.append(c[match_a, match_b])
+    r = np.median(np.array(per_split), axis=0)
+    return 2 * r / (1 + r)
+
+
 def gene_information(model: LinearSCVI, *, n_cells: int = INFORMATION_CELLS, seed: int = 0) -> pd.Series:
     """Each gene's Fisher information for its log-rate, averaged over cells: mu theta / (mu + theta)
     under the negative binomial (also for ZINB, its count part), mu under Poisson; mu and
@@ -274,7 +313,7 @@ def consensus_factors(
     mean_latent = np.mean([z @ p for z, p in zip(latents, align)], axis=0)
     mean_weights = np.mean([w @ p for w, p in zip(weights, align)], axis=0)
     final = _simple_rotation(criterion, mean_latent, mean_weights)
-    rotations = [p @ final for p in align]
+    rotations = [p @ final for p in align]  # mean_latent @ final is _consensus_of(latents, weights, criterion)
 
     # order by the deviance each factor explains in the main run; sign by the consensus loadings
     deviance = factor_deviance(first, rotation=rotations[0])
@@ -295,6 +334,7 @@ def consensus_factors(
         median, minimum = _reproducibility(consensus_rows, own[criterion])
     else:
         median = minimum = np.full(len(names), np.nan)
+    of_consensus = _split_half(consensus_rows, latents, weights, criterion, seed=seed)
     full = [np.asarray(m.get_latent_representation(), dtype=float) for m in models]
     latent = np.mean([z @ r for z, r in zip(full, rotations)], axis=0)
 
@@ -308,7 +348,8 @@ def consensus_factors(
             "fraction_of_model": deviance["fraction_of_model"].to_numpy(),
             "reproducibility": median,
             "min_correlation": minimum,
-            "reproducible": median >= threshold,
+            "consensus_reproducibility": of_consensus,
+            "reproducible": np.nan_to_num(of_consensus, nan=0.0) >= threshold,
         },
         index=pd.Index(names, name="factor"),
     )
@@ -395,8 +436,10 @@ def read_factors(adata, *, key_added: str = "ldvae") -> ConsensusFactors:
         raise KeyError(f"adata.uns has no {key!r}: the factors were not written (ldvae run writes them).")
     rec = adata.uns[key]
     names = [str(n) for n in rec["names"]]
-    columns = ["fraction_of_model", "reproducibility", "min_correlation", "reproducible"]  # h5ad sorts the keys
-    table = pd.DataFrame({c: np.asarray(rec["table"][c]) for c in columns}, index=pd.Index(names, name="factor"))
+    columns = ["fraction_of_model", "reproducibility", "min_correlation", "consensus_reproducibility",
+               "reproducible"]  # h5ad sorts the keys
+    nan = np.full(len(names), np.nan)  # factors written before the consensus estimate existed
+    table = pd.DataFrame({c: np.asarray(rec["table"].get(c, nan)) for c in columns}, index=pd.Index(names, name="factor"))
     table["reproducible"] = table["reproducible"].astype(bool)
     table.attrs.update(threshold=float(rec["threshold"]), n_runs=int(rec["n_runs"]), criterion=str(rec["criterion"]))
     frame = lambda m: pd.DataFrame(np.asarray(m, dtype=float), index=adata.var_names.copy(), columns=names)  # noqa: E731

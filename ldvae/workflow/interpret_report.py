@@ -154,6 +154,7 @@ def factors_table(factors: ConsensusFactors, groups=None, *, n_genes: int = 5) -
     t = factors.table
     out = pd.DataFrame({"factor": t.index, "share": t["fraction_of_model"].to_numpy(),
                         "reproducibility": t["reproducibility"].to_numpy(),
+                        "consensus reproducibility": t["consensus_reproducibility"].to_numpy(),
                         "reproducible": t["reproducible"].map({True: "yes", False: "no"}).to_numpy()})
     if groups is not None:
         marks = marked_groups(factors, groups)
@@ -178,9 +179,11 @@ def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str =
     if n_runs > 1:
         found = (f"{n_runs} fits that differ only by their seed, aligned by rotation (generalized Procrustes "
                  f"over cells), averaged and rotated to simple structure of {simple}. "
-                 f"{int(t['reproducible'].sum())} of {len(t)} factors are reproducible: the factor of one "
-                 f"fit, rotated on its own, matches that of another with median |correlation| over cells "
-                 f">= {t.attrs.get('threshold')} (reproducibility). ")
+                 f"{int(t['reproducible'].sum())} of {len(t)} factors are reproducible: a re-run of the analysis "
+                 f"with {n_runs} other seeds is expected to give the same factor with |correlation| over cells "
+                 f">= {t.attrs.get('threshold')} (consensus reproducibility: the consensus of each half of the "
+                 f"fits against the other, stepped up to all fits by Spearman-Brown). One fit, rotated on its "
+                 f"own, matches another with the median |correlation| in 'reproducibility'. ")
     else:
         found = (f"one fit, rotated to simple structure of {simple}; reproducibility needs more fits "
                  "(--stability-seeds). ")

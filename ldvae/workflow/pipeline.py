@@ -188,7 +188,8 @@ def format_factors(factors: ConsensusFactors, n_genes: int = 6) -> str:
     lines = [f"Factors ({factors.n_runs} fit(s); {int(t['reproducible'].sum())} of {len(t)} reproducible), "
              "by deviance explained; top genes by score"]
     for f, row in t.iterrows():
-        repro = "" if np.isnan(row["reproducibility"]) else f"reproducibility {row['reproducibility']:.2f}"
+        repro = "" if np.isnan(row["consensus_reproducibility"]) else (
+            f"reproducibility {row['consensus_reproducibility']:.2f} (one fit {row['reproducibility']:.2f})")
         top = ", ".join(genes[(genes["factor"] == f) & (genes["direction"] == "+")]["gene"])
         lines.append(f"{f}\tshare {row['fraction_of_model']:.3f}  {repro}{' *' if row['reproducible'] else ''}\t{top}")
     return "\n".join(lines)
