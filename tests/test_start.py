@@ -164,3 +164,14 @@ def test_a_mapped_query_keeps_its_reference_weights(planted):
     before = model.module.factor_regressor.weight.detach().clone()
     start_from_counts("random", model.module, planted, model.setup_, frozen=None, fresh=True)
     assert torch.equal(model.module.factor_regressor.weight, before)
+
+
+def test_too_few_cells_keep_the_random_start(caplog):
+    adata = simulate(n_cells=6, n_genes=30, n_latent=2, seed=1)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    model = ldvae.LinearSCVI(adata, n_latent=5)
+    before = model.module.factor_regressor.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="ldvae"):
+        start_from_counts("pca", model.module, adata, model.setup_, frozen=None, fresh=True)
+    assert "needs more cells and genes than factors (6 cells, 30 genes, n_latent=5)" in caplog.text
+    assert torch.equal(model.module.factor_regressor.weight, before)

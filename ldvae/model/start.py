@@ -127,7 +127,9 @@ def pca_start(module: LDVAEModule, counts: sp.csr_matrix, batch: np.ndarray) -> 
         raise SetupError("init='pca' needs latent_distribution='normal' (the decoder of 'ln' sees softmax(z)).")
     n, g = counts.shape
     if n < k + 2 or g < k:
-        raise SetupError(f"init='pca' needs more cells and genes than factors: {n} cells, {g} genes, n_latent={k}.")
+        logger.warning("init='pca' needs more cells and genes than factors (%d cells, %d genes, n_latent=%d); "
+                       "the fit starts from its random weights.", n, g, k)
+        return
     with torch.random.fork_rng(devices=[]):  # the weights no component sets: the same for every seed
         torch.manual_seed(0)
         fixed = type(module)(c, module.library_log_means.cpu(), module.library_log_vars.cpu())
