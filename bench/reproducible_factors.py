@@ -141,7 +141,8 @@ def main() -> None:
         ("main fit, own factors", own, None, None),
         ("main fit, varimax of loadings", vari, None, None),
     ]
-    print(f"consensus: {cons_s:.1f} s per analysis; criterion {[r.criterion for r in results]}")
+    print(f"consensus: {cons_s:.1f} s per analysis; criterion {[r.criterion for r in results]}; agreement "
+          f"{[{k: round(v, 3) for k, v in r.agreement.items()} for r in results]}")
     for name, latents, top_scores, top_loadings in rows:
         n, med, ov = compare(latents, top_scores)
         line = f"{name:32s} reproducible {n:.1f} of {args.n_latent}: {np.round(med, 2)}"
