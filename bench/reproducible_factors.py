@@ -69,15 +69,6 @@ def compare(latents, tops=None):
     return np.mean(counts), np.mean(medians, axis=0), overlaps
 
 
-def compare_to_first(first, other):
-    """|correlation| of each factor of ``first`` with its match in ``other``, in first's order."""
-    c = np.abs(_corr(first, other))
-    rows, cols = linear_sum_assignment(-c)
-    out = np.empty(first.shape[1])
-    out[rows] = c[rows, cols]
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pbmc3k_10x_raw_seurat_labels.h5ad"))
@@ -94,7 +85,7 @@ def main() -> None:
 
     import anndata
     import ldvae
-    from ldvae.factors.consensus import consensus_factors
+    from ldvae.factors.consensus import _matched, consensus_factors
     from ldvae.factors.stability import fit_seeds, varimax
     from ldvae.workflow.checks import refit_seeds
     from ldvae.workflow.prepare import prepare
@@ -170,9 +161,9 @@ def main() -> None:
           "in the order of the first line's factors:")
     lat0 = results[0].latent.to_numpy()
     for r in results:
-        match = [int(np.argmax(np.abs(_corr(lat0, r.latent.to_numpy())[k]))) for k in range(lat0.shape[1])]
+        match, _ = _matched(lat0, r.latent.to_numpy())
         print("  ", np.round(r.table["consensus_reproducibility"].to_numpy()[match], 2))
-    others = [compare_to_first(results[0].latent.to_numpy(), r.latent.to_numpy()) for r in results[1:]]
+    others = [_matched(lat0, r.latent.to_numpy())[1] for r in results[1:]]
     print("measured: matched |correlation| of the first analysis's factors with each other analysis's:")
     for o in others:
         print("  ", np.round(o, 2))

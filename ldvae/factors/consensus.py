@@ -194,12 +194,19 @@ def _reproducibility(consensus: np.ndarray, factors: list[np.ndarray]) -> tuple[
     return np.median(per_pair, axis=0), per_pair.min(axis=0)
 
 
-def _consensus_of(latents, weights, criterion: str) -> np.ndarray:
-    """The consensus latent of some runs: aligned, averaged and rotated to simple structure."""
+def _consensus_rotations(latents, weights, criterion: str) -> list[np.ndarray]:
+    """Per run, the rotation onto the consensus: the runs aligned (generalized Procrustes),
+    and their mean rotated to simple structure."""
     align = _align(latents)
     mean_latent = np.mean([z @ p for z, p in zip(latents, align)], axis=0)
     mean_weights = np.mean([w @ p for w, p in zip(weights, align)], axis=0)
-    return mean_latent @ _simple_rotation(criterion, mean_latent, mean_weights)
+    final = _simple_rotation(criterion, mean_latent, mean_weights)
+    return [p @ final for p in align]
+
+
+def _consensus_of(latents, weights, criterion: str) -> np.ndarray:
+    """The consensus latent of some runs: the mean of their latents, each rotated onto it."""
+    return np.mean([z @ r for z, r in zip(latents, _consensus_rotations(latents, weights, criterion))], axis=0)
 
 
 def _split_half(consensus: np.ndarray, latents, weights, criterion: str, *, n_splits: int = SPLITS,
@@ -309,11 +316,7 @@ def consensus_factors(
     if criterion == "auto":
         criterion = max(agreement, key=agreement.get) if agreement else "latent"
 
-    align = _align(latents)
-    mean_latent = np.mean([z @ p for z, p in zip(latents, align)], axis=0)
-    mean_weights = np.mean([w @ p for w, p in zip(weights, align)], axis=0)
-    final = _simple_rotation(criterion, mean_latent, mean_weights)
-    rotations = [p @ final for p in align]  # mean_latent @ final is _consensus_of(latents, weights, criterion)
+    rotations = _consensus_rotations(latents, weights, criterion)
 
     # order by the deviance each factor explains in the main run; sign by the consensus loadings
     deviance = factor_deviance(first, rotation=rotations[0])

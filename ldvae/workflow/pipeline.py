@@ -106,7 +106,7 @@ def fit(
     accelerator: str = "auto",
     progress_bar: bool = True,
     threads: int | None = None,
-    init: Literal["random", "pca"] = "pca",
+    init: Literal["random", "pca"] = START,
 ) -> LinearSCVI:
     """``setup_anndata(adata, layer="counts", batch_key=...)``, then a trained ``LinearSCVI``
     (``threads``: torch CPU threads while training; ``init``: where the fit starts, by default
