@@ -1,8 +1,9 @@
 """Do the default factors come back when the whole analysis is re-run?
 
 Fits ``--analyses`` independent analyses, each of ``--fits`` seeds (the workflow's main fit
-and its refits; no seed shared between analyses), on real counts with the tutorial's
-preparation (1000 seurat_v3 HVGs), and compares the analyses' factors:
+and its refits; no seed shared between analyses; every fit holds out the same cells, as in the
+workflow, unless ``--split`` says otherwise), on real counts with the tutorial's preparation
+(1000 seurat_v3 HVGs), and compares the analyses' factors:
 
 - factors of two analyses matched over cells (optimal one-to-one assignment); a factor is
   reproducible when its median matched |correlation| over the other analyses is >= 0.9;
@@ -81,6 +82,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--init", default="pca", choices=["pca", "random"], help="train(init=...): where each fit starts")
     p.add_argument("--criterion", default="auto", choices=["auto", "latent", "loadings"])
+    p.add_argument("--split", default="shared", choices=["shared", "seed", "none"],
+                   help="training cells: one split (split_seed 0, the default) for every fit of every analysis, "
+                        "each fit's own seeded split (split_seed=None), or all cells")
     args = p.parse_args()
 
     import anndata
@@ -99,15 +103,18 @@ def main() -> None:
     ldvae.LinearSCVI.setup_anndata(adata, layer="counts", batch_key=args.batch_key)
     seeds = [[a, *refit_seeds(a, args.fits - 1)] for a in range(args.analyses)]
     all_seeds = [s for group in seeds for s in group]
+    train = {"max_epochs": args.max_epochs, "plan_kwargs": {"lr": args.lr}, "init": args.init}
+    if args.split == "none":
+        train["train_size"] = 1.0
+    elif args.split == "seed":
+        train["split_seed"] = None
     t0 = time.perf_counter()
-    fits = fit_seeds(adata, all_seeds, train_kwargs={"max_epochs": args.max_epochs, "plan_kwargs": {"lr": args.lr},
-                                                          "init": args.init},
-                     n_latent=args.n_latent)
+    fits = fit_seeds(adata, all_seeds, train_kwargs=train, n_latent=args.n_latent)
     fit_s = time.perf_counter() - t0
     by_seed = dict(zip(all_seeds, fits))
     print(f"{adata.n_obs} cells x {adata.n_vars} genes, K = {args.n_latent}, {args.analyses} analyses x "
           f"{args.fits} fits, {args.max_epochs} epochs: {fit_s:.0f} s of fitting")
-    elbo = [float(m.get_elbo(indices=m.validation_indices_)) for m in fits]
+    elbo = [float(m.get_elbo(indices=m.validation_indices_ if len(m.validation_indices_) else None)) for m in fits]
     from ldvae.data.simulate import canonical_correlations
     lat = {s: by_seed[s].get_latent_representation() for s in all_seeds}
     cc = [canonical_correlations(lat[a], lat[b]) for group in seeds for i, a in enumerate(group) for b in group[i + 1:]]

@@ -292,6 +292,13 @@ def test_parallel_and_sequential_fits_agree():
         np.testing.assert_array_equal(got.validation_indices_, want.validation_indices_)
         assert got.history["elbo_train"].shape == want.history["elbo_train"].shape
     assert not np.allclose(pool[1].get_loadings(), sequential[0].get_loadings())
+    # every seed holds out the same cells unless asked otherwise
+    np.testing.assert_array_equal(pool[1].validation_indices_, pool[0].validation_indices_)
+    from ldvae.train.batches import split_cells
+
+    own = fit_seeds(adata, [7, 8], n_jobs=1, train_kwargs={**train, "split_seed": None}, n_latent=2)
+    np.testing.assert_array_equal(own[0].validation_indices_, split_cells(adata.n_obs, None, None, 7, 128)[1])
+    assert not np.array_equal(own[0].validation_indices_, own[1].validation_indices_)
     with pytest.raises(RuntimeError, match=r"The fit of seed 1 \(\{'n_latent': -1\}\) failed in its worker process"):
         with BackgroundFits(adata, [1], train_kwargs=train, n_latent=-1) as failing:
             failing.result()

@@ -320,6 +320,27 @@ def test_interrupted_then_resumed_fit_equals_uninterrupted_fit(adata, monkeypatc
     np.testing.assert_array_equal(resumed.get_latent_representation(), reference.get_latent_representation())
 
 
+def test_split_seed_sets_the_held_out_cells_and_resumes_with_them(adata, tmp_path):
+    from ldvae.train.batches import split_cells
+
+    a, b = new_model(adata), new_model(adata)
+    a.train(max_epochs=2, seed=1, split_seed=5, progress_bar=False, checkpoint_dir=tmp_path,
+            checkpoint_every_n_epochs=1)
+    b.train(max_epochs=1, seed=2, split_seed=5, progress_bar=False)
+    want = split_cells(adata.n_obs, None, None, 5, 128)
+    for m in (a, b):
+        np.testing.assert_array_equal(m.validation_indices_, want[1])
+        np.testing.assert_array_equal(m.train_indices_, want[0])
+    assert load_checkpoint(tmp_path)["train_config"]["split_seed"] == 5
+    resumed = new_model(adata)
+    resumed.train(max_epochs=3, resume_from=tmp_path, progress_bar=False)  # seed and split from the checkpoint
+    np.testing.assert_array_equal(resumed.validation_indices_, want[1])
+    assert resumed.train_state_.epoch == 3
+    for bad in (-1, 1.5, "0", 2**32):
+        with pytest.raises(ldvae.SetupError, match=rf"split_seed must be an integer in \[0, 4294967295\], got {bad!r}"):
+            new_model(adata).train(max_epochs=1, split_seed=bad, progress_bar=False)
+
+
 def test_crash_between_checkpoint_writes_keeps_previous_checkpoint(adata, monkeypatch, tmp_path):
     real_save = torch.save
     calls = []

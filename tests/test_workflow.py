@@ -153,6 +153,7 @@ def test_stability_of_the_workflow_factors(finished):
     assert seeds[0] == 0 and len(set(seeds)) == 3 and res.uns["ldvae_workflow"]["settings"]["stability_seeds"] == 2
     assert seeds[1:] == workflow.refit_seeds(0, 2)
     assert res.uns["ldvae_workflow"]["settings"]["init"] == "pca"  # every fit starts from the components
+    assert res.uns["ldvae_workflow"]["settings"]["split_seed"] == 0
     np.testing.assert_allclose(pd.Series(stored["stability"], index=stored["factor"])[table.index], table["stability"])
     html = (result.out_dir / "report.html").read_text()
     assert "<h2>Factor stability across seeds</h2>" in html and "<th>reproducible</th>" in html
@@ -198,6 +199,28 @@ def test_refit_seeds_are_distinct_and_not_shared_between_seeds():
     assert len(set(a)) == 3 and 0 not in a and a == workflow.refit_seeds(0, 3)
     assert not set(a) & set(b) and not {0, 1} & set(a + b)  # another seed: no fit in common
     assert all(0 <= s <= workflow.MAX_SEED for s in a + b) and workflow.refit_seeds(5, 0) == []
+
+
+def test_analyses_with_other_seeds_hold_out_the_same_cells():
+    from ldvae.train.batches import split_cells
+
+    sim = ldvae.simulate(200, 30, 2, seed=4)
+    fits = {(seed, split): workflow.fit(sim.copy(), n_latent=2, max_epochs=1, seed=seed, progress_bar=False,
+                                        **({} if split is None else {"split_seed": split}))
+            for seed, split in ((1, None), (2, None), (1, 5))}
+    held_out = {key: m.validation_indices_ for key, m in fits.items()}
+    np.testing.assert_array_equal(held_out[1, None], held_out[2, None])
+    np.testing.assert_array_equal(held_out[1, None], split_cells(200, None, None, 0, 128)[1])
+    np.testing.assert_array_equal(held_out[1, 5], split_cells(200, None, None, 5, 128)[1])
+    assert not np.array_equal(held_out[1, 5], held_out[1, None])
+    # the seed still moves the fit: its minibatches and samples are its own
+    assert not np.allclose(fits[1, None].get_loadings(), fits[2, None].get_loadings())
+
+
+def test_split_seed_must_be_a_count(counts_adata, tmp_path):
+    with pytest.raises(ldvae.SetupError, match=r"split_seed must be an integer in \[0, 4294967295\], got -2 \(--split-seed\)"):
+        workflow.run_workflow(counts_adata, out_dir=tmp_path / "o", **{**FAST, "split_seed": -2})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stability_seeds_must_be_a_count(counts_adata, tmp_path):

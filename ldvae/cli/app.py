@@ -75,7 +75,9 @@ def _workflow_options(
     add_lr(model)
     add_batch_size(model)
     add_check_val(model, default=10)
-    add_seed(model, help="random seed (split, training, UMAP, Leiden)")
+    add_seed(model, help="random seed (training, UMAP, Leiden)")
+    model.add_argument("--split-seed", type=int, default=0,
+                       help="seed of the validation cells, the same for every fit and every --seed")
     add_accelerator(model, help="compute device; auto uses a CUDA GPU when there is one")
     model.add_argument("--n-threads", type=int, default=n_threads,
                        help="CPU threads of training (its compiled step and torch); default: every usable CPU "
@@ -96,7 +98,7 @@ def _workflow_options(
 _WORKFLOW_PARAMS = (
     "out_dir", "overwrite", "figure_formats", "n_top_loadings", "color_by", "title", "batch_key", "target_sum",
     "n_top_genes", "hvg_flavor", "n_latent", "gene_likelihood", "max_epochs", "lr", "batch_size",
-    "check_val_every_n_epoch", "seed", "accelerator", "progress_bar", "n_neighbors", "umap_min_dist",
+    "check_val_every_n_epoch", "seed", "split_seed", "accelerator", "progress_bar", "n_neighbors", "umap_min_dist",
     "leiden_resolution", "n_threads", "stability_seeds",
 )
 

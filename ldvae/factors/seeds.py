@@ -1,7 +1,7 @@
 """Fit the same model with several seeds, in parallel worker processes on CPU.
 
-``fit_seeds`` returns the fitted models (initialization, split, minibatch order and
-sampling all follow the seed); :class:`BackgroundFits` starts such fits in worker
+``fit_seeds`` returns the fitted models (minibatch order and sampling follow the seed; every
+fit starts from the same weights and holds out the same cells); :class:`BackgroundFits` starts such fits in worker
 processes and lets this process keep working (the workflow's refits beside its own fit).
 Each worker trains with one torch thread; results come back as saved weights and training
 state, which the parent loads into models on its own AnnData. Used by ``ldvae.factors.stability``.
@@ -33,12 +33,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FITS_DIR_STEM = "ldvae-fits-"
+#: Seed of the training/validation split of every fit unless ``train_kwargs`` says otherwise.
+SPLIT_SEED = 0
 
 
 def _train_defaults(train_kwargs: dict | None) -> dict:
     """The fits' ``train`` options: every fit starts from the principal components of the
-    counts unless ``init`` says otherwise (see :func:`fit_seeds`)."""
-    return {"init": "pca", **dict(train_kwargs or {})}
+    counts and holds out the cells of ``SPLIT_SEED`` unless ``init`` and ``split_seed`` say
+    otherwise (see :func:`fit_seeds`)."""
+    return {"init": "pca", "split_seed": SPLIT_SEED, **dict(train_kwargs or {})}
 
 
 def _fit_one(adata, model_kwargs: dict, train_kwargs: dict, seed: int) -> LinearSCVI:
@@ -315,8 +318,9 @@ def fit_seeds(
     adata
         AnnData set up with :meth:`LinearSCVI.setup_anndata`.
     seeds
-        One fit per seed; the seed sets the initial weights, the train/validation split,
-        the minibatch order and the sampling.
+        One fit per seed; the seed sets the minibatch order and the sampling (with
+        ``init="random"`` also the initial weights, with ``split_seed=None`` also the
+        training/validation split).
     n_jobs
         Worker processes. Default: one per seed up to the CPU count on CPU; 1 (sequential)
         when a CUDA GPU will be used. Each worker reads a copy of ``adata`` once and fits
@@ -325,10 +329,12 @@ def fit_seeds(
         Passed to :meth:`LinearSCVI.train` (``max_epochs``, ``lr``, ``plan_kwargs``,
         ``batch_size``, ...); ``seed`` and ``progress_bar`` are set here. ``init`` defaults
         to ``"pca"``: every fit starts from the principal components of the counts
-        (:mod:`ldvae.model.start`), so the seeds differ in the split, the minibatch order
-        and the sampling, and the fits end on the same factors far more often than from
-        their own random weights; ``init="random"`` starts each from the weights its seed
-        builds.
+        (:mod:`ldvae.model.start`); ``init="random"`` starts each from the weights its seed
+        builds. ``split_seed`` defaults to ``SPLIT_SEED`` (0): every fit trains on the same
+        cells; ``split_seed=None`` gives each fit the split of its own seed (scvi-tools').
+        So by default the seeds differ only in the minibatch order and the sampling, and
+        the fits end on the same factors far more often (``bench/RESULTS.md``: the split
+        was what moved the weakest factors most).
     **model_kwargs
         Passed to :class:`LinearSCVI` (``n_latent``, ``gene_likelihood``, ...).
 

@@ -40,7 +40,7 @@ from .queries import Queries
 from .surface import LIBRARY_KEY, ScviSurface, minified_fields, write_scvi_codes
 from .params import (
     check_init_params, check_model_kwargs, check_plan, check_registry, check_strategy, check_train_args, init_params_of,
-    PRESETS, module_config, resolve_device, splitter_options, train_options,
+    fit_seeds_of, PRESETS, module_config, resolve_device, splitter_options, train_options,
 )
 from .resume import resume_state
 from .start import start_from_counts
@@ -302,7 +302,8 @@ class LinearSCVI(Queries, ScviSurface):
             ``strategy``; ldvae's ``preset="fast"`` (60 epochs, lr 2e-2, a 3-epoch KL warm-up,
             batch-norm momentum 0.05, where not given: on the tutorial data it reaches the
             validation ELBO of scvi-tools' 250 epochs), ``lr`` (shortcut for the plan's), ``progress_bar`` (or
-            ``enable_progress_bar``), ``seed`` (default ``ldvae.settings.seed``),
+            ``enable_progress_bar``), ``seed`` (default ``ldvae.settings.seed``), ``split_seed``
+            (seed of the training/validation split; default ``seed``, as scvi-tools),
             ``checkpoint_dir`` with ``checkpoint_every_n_epochs`` (10), ``resume_from`` (a
             checkpoint; ``max_epochs`` counts its epochs; the same result as an uninterrupted
             fit), ``batch_norm_momentum`` (default the model's 0.01) and ``threads`` (CPU threads
@@ -336,13 +337,11 @@ class LinearSCVI(Queries, ScviSurface):
             checkpoint_every_n_epochs=opts["checkpoint_every_n_epochs"], threads=opts["threads"],
             batch_norm_momentum=opts["batch_norm_momentum"],
         )
-        resume_from, seed = opts["resume_from"], opts["seed"]
+        resume_from = opts["resume_from"]
         payload = None if resume_from is None else load_checkpoint(resume_from)
-        if seed is None and payload is not None:
-            seed = payload["train_config"].get("seed")  # the same split and random stream as before
-        seed = settings.seed if seed is None else int(seed)
+        seed, split_seed = fit_seeds_of(opts, payload, settings.seed)
         self.device = resolve_device(accelerator, devices if isinstance(devices, int) and devices >= 0 else None)
-        train_idx, val_idx, test_idx = split_cells(n, train_size, validation_size, seed, batch_size,
+        train_idx, val_idx, test_idx = split_cells(n, train_size, validation_size, split_seed, batch_size,
                                                    shuffle=shuffle_set_split, external=external)
         config = TrainConfig(
             max_epochs=max_epochs,
@@ -356,6 +355,7 @@ class LinearSCVI(Queries, ScviSurface):
             check_val_every_n_epoch=opts["check_val_every_n_epoch"],
             progress_bar=bool(opts["progress_bar"]),
             seed=seed,
+            split_seed=split_seed,
             checkpoint_dir=None if opts["checkpoint_dir"] is None else str(opts["checkpoint_dir"]),
             checkpoint_every_n_epochs=opts["checkpoint_every_n_epochs"],
             batch_norm_momentum=opts["batch_norm_momentum"],

@@ -145,7 +145,7 @@ TRAIN_OPTIONS = {
     "resume_from": None, "batch_norm_momentum": None, "threads": None, "check_val_every_n_epoch": None,
     "early_stopping_patience": 45, "early_stopping_monitor": "elbo_validation", "early_stopping_min_delta": 0.0,
     "early_stopping_mode": "min", "early_stopping_warmup_epochs": 0, "strategy": "auto", "preset": None,
-    "init": "random",
+    "init": "random", "split_seed": None,
 }
 # train(preset=...): settings that reach a plain fit's validation ELBO in fewer epochs,
 # used where the call does not set them (bench/RESULTS.md, time to scvi-tools' quality).
@@ -198,9 +198,22 @@ def train_options(trainer_kwargs: dict, trainer_config: dict | None) -> dict:
         raise SetupError(f"preset must be one of {sorted(PRESETS)} or None, got {opts['preset']!r}.")
     if opts["init"] not in INITS:
         raise SetupError(f"init must be one of {list(INITS)}, got {opts['init']!r}.")
+    if opts["split_seed"] is not None:
+        check_number("split_seed", opts["split_seed"], integer=True, minimum=0, maximum=2**32 - 1)  # RandomState's
     if opts["early_stopping_mode"] not in ("min", "max"):
         raise SetupError(f"early_stopping_mode must be 'min' or 'max', got {opts['early_stopping_mode']!r}.")
     return opts
+
+
+def fit_seeds_of(opts: dict, payload: dict | None, default: int) -> tuple[int, int]:
+    """A fit's seed and the seed of its training/validation split: as given; else, resuming,
+    the checkpoint's (the same split and random stream as before); else ``default``. The
+    split's seed is the fit's unless ``split_seed`` says otherwise."""
+    saved = {} if payload is None else payload["train_config"]
+    seed = opts["seed"] if opts["seed"] is not None else saved.get("seed")
+    seed = default if seed is None else int(seed)
+    split_seed = opts["split_seed"] if opts["split_seed"] is not None else saved.get("split_seed")
+    return seed, seed if split_seed is None else int(split_seed)
 
 
 def splitter_options(datasplitter_kwargs: dict | None, n_cells: int) -> list[np.ndarray] | None:

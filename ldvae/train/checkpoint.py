@@ -97,9 +97,10 @@ def _check_checkpoint(payload: dict, path: Path) -> None:
     if not isinstance(config, dict) or not set(config) <= known:
         got = sorted(set(config) - known) if isinstance(config, dict) else config
         raise ModelFileError(f"{path} is damaged: train_config has unknown keys {got}.")
-    seed = config.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad("train_config['seed']", seed, "an integer")
+    for key in ("seed", "split_seed"):
+        seed = config.get(key)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise bad(f"train_config[{key!r}]", seed, "an integer")
 
 
 def check_history(history, bad) -> None:

@@ -59,6 +59,7 @@ class TrainConfig:
     frozen: dict | None = None
     progress_bar: bool = True
     seed: int = 0
+    split_seed: int | None = None  # the training/validation split's seed (None: seed); recorded for resuming
     checkpoint_dir: str | None = None
     checkpoint_every_n_epochs: int = 10
     # Batch-norm momentum while training; None keeps the module's (0.01, as scvi-tools).

@@ -33,6 +33,7 @@ def check_workflow_options(options: dict) -> None:
         check_option("n_threads", options["n_threads"], integer=True, minimum=1)
     check_option("stability_seeds", options["stability_seeds"], integer=True, minimum=0)
     check_option("seed", options["seed"], integer=True, minimum=0, maximum=MAX_SEED - options["stability_seeds"])
+    check_option("split_seed", options["split_seed"], integer=True, minimum=0, maximum=MAX_SEED)
     if options["n_top_loadings"] > options["n_top_genes"]:
         raise SetupError(f"n_top_loadings={options['n_top_loadings']} is more than the {options['n_top_genes']} "
                          "genes modelled (n_top_genes); ask for at most that many (--n-top-loadings).")

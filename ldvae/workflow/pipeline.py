@@ -27,7 +27,7 @@ from ..data.readers import read_counts
 from ..data.results import result_keys
 from ..data.setup import setup_anndata
 from ..factors.consensus import ConsensusFactors, consensus_factors, write_factors
-from ..factors.seeds import BackgroundFits, fit_seeds, uses_gpu
+from ..factors.seeds import SPLIT_SEED, BackgroundFits, fit_seeds, uses_gpu
 from ..factors.stability import StabilityResult, factor_stability
 from ..model import LinearSCVI
 from ..util.io import atomic_path, atomic_write_h5ad, atomic_write_text
@@ -103,6 +103,7 @@ def fit(
     batch_size: int = 128,
     check_val_every_n_epoch: int = 10,
     seed: int = 0,
+    split_seed: int = SPLIT_SEED,
     accelerator: str = "auto",
     progress_bar: bool = True,
     threads: int | None = None,
@@ -110,7 +111,8 @@ def fit(
 ) -> LinearSCVI:
     """``setup_anndata(adata, layer="counts", batch_key=...)``, then a trained ``LinearSCVI``
     (``threads``: torch CPU threads while training; ``init``: where the fit starts, by default
-    the principal components of the counts; see :meth:`LinearSCVI.train`).
+    the principal components of the counts; ``split_seed``: the seed of the held-out cells,
+    the same whatever ``seed``; see :meth:`LinearSCVI.train`).
 
     Writes ``adata.uns["ldvae_setup"]`` only (:func:`ldvae.data.setup.setup_anndata`: no
     scvi-tools code columns).
@@ -124,6 +126,7 @@ def fit(
         check_val_every_n_epoch=check_val_every_n_epoch,
         accelerator=accelerator,
         seed=seed,
+        split_seed=split_seed,
         progress_bar=progress_bar,
         threads=threads,
         init=init,
@@ -349,6 +352,7 @@ def run_workflow(
     batch_size: int = 128,
     check_val_every_n_epoch: int = 10,
     seed: int = 0,
+    split_seed: int = SPLIT_SEED,
     accelerator: str = "auto",
     n_neighbors: int = 20,
     umap_min_dist: float = 0.3,
@@ -381,6 +385,10 @@ def run_workflow(
         Preparation (see :func:`prepare`).
     n_latent, gene_likelihood, max_epochs, lr, batch_size, check_val_every_n_epoch, seed, accelerator
         The model and its training (see :class:`ldvae.LinearSCVI`).
+    split_seed
+        Seed of the validation cells, shared by every fit (the main one and the refits):
+        analyses run with other seeds hold out the same cells, so their factors differ only
+        by the fits' own randomness (minibatch order, sampling).
     n_neighbors, umap_min_dist, leiden_resolution
         Neighbors graph, UMAP and Leiden clustering on the latent means.
     n_top_loadings
@@ -474,7 +482,8 @@ def _fit_and_interpret(adata, options: dict):
     it and the consensus factors of all fits: ``(model, stability or None, factors, training seconds)``."""
     o = options
     train = dict(max_epochs=o["max_epochs"], lr=o["lr"], batch_size=o["batch_size"],
-                 check_val_every_n_epoch=o["check_val_every_n_epoch"], accelerator=o["accelerator"], init=START)
+                 check_val_every_n_epoch=o["check_val_every_n_epoch"], accelerator=o["accelerator"], init=START,
+                 split_seed=o["split_seed"])
     model_kwargs = dict(n_latent=o["n_latent"], gene_likelihood=o["gene_likelihood"])
     extra_seeds = refit_seeds(o["seed"], o["stability_seeds"])
     background = None
