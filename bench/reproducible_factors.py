@@ -47,9 +47,11 @@ def _auc(x, y):
 
 
 def compare(latents, tops=None):
-    """Per analysis as reference: matched |corr| to each other analysis; median per factor."""
+    """Per analysis as reference: matched |corr| to each other analysis; median per factor.
+    Also, per pair of analyses, how many reproducible factors came back under another name
+    (position) or with the other sign."""
     n = len(latents)
-    counts, medians, overlaps = [], [], []
+    counts, medians, overlaps, moved = [], [], [], []
     for r in range(n):
         per = []
         for o in range(n):
@@ -58,6 +60,9 @@ def compare(latents, tops=None):
             c = _corr(latents[r], latents[o])
             rows, cols = linear_sum_assignment(-np.abs(c))
             per.append(np.abs(c[rows, cols]))
+            if o > r:
+                kept = np.abs(c[rows, cols]) >= 0.9
+                moved.append((int((kept & (cols != rows)).sum()), int((kept & (c[rows, cols] < 0)).sum())))
             if tops is not None and o > r:
                 for i, j in zip(rows, cols):
                     if abs(c[i, j]) >= 0.9:
@@ -67,7 +72,7 @@ def compare(latents, tops=None):
         med = np.median(np.array(per), axis=0)
         counts.append(int((med >= 0.9).sum()))
         medians.append(np.sort(med)[::-1])
-    return np.mean(counts), np.mean(medians, axis=0), overlaps
+    return np.mean(counts), np.mean(medians, axis=0), overlaps, moved
 
 
 def main() -> None:
@@ -142,10 +147,12 @@ def main() -> None:
     print(f"consensus: {cons_s:.1f} s per analysis; criterion {[r.criterion for r in results]}; agreement "
           f"{[{k: round(v, 3) for k, v in r.agreement.items()} for r in results]}")
     for name, latents, top_scores, top_loadings in rows:
-        n, med, ov = compare(latents, top_scores)
+        n, med, ov, moved = compare(latents, top_scores)
         line = f"{name:32s} reproducible {n:.1f} of {args.n_latent}: {np.round(med, 2)}"
         if top_scores is not None:
-            _, _, ovl = compare(latents, top_loadings)
+            _, _, ovl, _ = compare(latents, top_loadings)
+            line += (f"\n{'':32s} per pair of analyses, reproducible factors renamed {[m[0] for m in moved]}, "
+                     f"sign flipped {[m[1] for m in moved]}")
             line += (f"\n{'':32s} top-10 shared (score): median {np.median(ov):.0f}, >= 7 in {np.mean(np.array(ov) >= 7):.0%};"
                      f" (raw loading): median {np.median(ovl):.0f}, >= 7 in {np.mean(np.array(ovl) >= 7):.0%}")
         if labels is not None:

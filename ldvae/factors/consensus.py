@@ -12,9 +12,11 @@ turns several fits of the same model into one set of factors:
    populations get one factor each) or of the loadings (``"loadings"``: each factor
    loading on few genes). ``"auto"`` rotates every run by its own rotation under each
    criterion and keeps the one under which independent runs agree most.
-3. **Name.** Factors ``F_0 … F_{K-1}`` in order of the deviance they explain (main run),
-   signed so that a factor is high in the cells it marks (its latent's long tail positive)
-   for ``"latent"``, and so that its largest consensus loading is positive for ``"loadings"``.
+3. **Name.** Factors ``F_0 … F_{K-1}`` in order of the deviance they explain (averaged over
+   the runs, so that one run's noise does not swap close factors), signed so that the long
+   tail is positive: of the factor's latent over cells (high in the cells it marks) for
+   ``"latent"``, of its consensus loadings over genes for ``"loadings"`` (a third moment
+   is steadier between re-runs than the sign of the single largest loading).
 
 Each run's factors are exactly a rotation of its own model (``runs_rotations[s]``), so the
 model, its ELBO and ``get_loadings()`` are untouched. A factor's ``reproducibility`` is the
@@ -43,7 +45,6 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from ..query.deviance import sign_convention
 from .stability import STABLE_THRESHOLD, varimax
 
 if TYPE_CHECKING:
@@ -64,8 +65,8 @@ class ConsensusFactors:
     Attributes
     ----------
     table
-        One row per factor ``F_k`` (ordered by deviance explained in the main run):
-        ``fraction_of_model`` (share of the deviance the model explains, main run),
+        One row per factor ``F_k`` (ordered by deviance explained): ``fraction_of_model``
+        (share of the deviance the model explains, mean over the runs),
         ``reproducibility`` (one fit against another, median over pairs), ``min_correlation``
         (their minimum), ``consensus_reproducibility`` (this consensus against that of a re-run
         with as many fits, estimated) and ``reproducible`` (``consensus_reproducibility`` >=
@@ -204,6 +205,22 @@ def _consensus_rotations(latents, weights, criterion: str) -> list[np.ndarray]:
     return [p @ final for p in align]
 
 
+def _deviance_shares(models, rotations, rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per rotated factor, the share of its model's explained deviance that it explains
+    (``fraction_of_model``; each run rotated by its own rotation, on the cells ``rows``),
+    averaged over the runs; and the mean fraction of the null deviance the models explain."""
+    from .interpret import factor_deviance
+
+    shares, explained = [], []
+    for model, rotation in zip(models, rotations):
+        d = factor_deviance(model, rotation=rotation, indices=rows)
+        share = np.empty(len(d))
+        share[[int(str(v).split("_")[1]) for v in d.index]] = d["fraction_of_model"].to_numpy()
+        shares.append(share)
+        explained.append(float(d.attrs["fraction_explained"]))
+    return np.mean(shares, axis=0), float(np.mean(explained))
+
+
 def _consensus_of(latents, weights, criterion: str) -> np.ndarray:
     """The consensus latent of some runs: the mean of their latents, each rotated onto it."""
     return np.mean([z @ r for z, r in zip(latents, _consensus_rotations(latents, weights, criterion))], axis=0)
@@ -262,8 +279,8 @@ def consensus_factors(
     models
         Trained :class:`ldvae.LinearSCVI` models on the same cells and genes (e.g. from
         :func:`ldvae.factors.stability.fit_seeds`); the first is the main run, whose
-        deviance orders the factors. One model gives its rotated factors without
-        reproducibility.
+        genes' Fisher information makes the scores. One model gives its rotated factors
+        without reproducibility.
     criterion
         The simple structure to rotate to: ``"latent"`` (varimax of the latent means),
         ``"loadings"`` (varimax of the loadings) or ``"auto"``: the one under which
@@ -271,8 +288,8 @@ def consensus_factors(
     threshold
         ``reproducible`` marks factors whose reproducibility reaches it.
     n_cells
-        Cells (a fixed random subset of at most this many) used for the alignment and the
-        rotation; the latent of every cell is returned.
+        Cells (a fixed random subset of at most this many) used for the alignment, the
+        rotation and the deviance shares; the latent of every cell is returned.
     seed
         Picks that subset.
 
@@ -281,7 +298,6 @@ def consensus_factors(
     ConsensusFactors
     """
     from ..model import LinearSCVI
-    from .interpret import factor_deviance
 
     models = list(models)
     if not models or not all(isinstance(m, LinearSCVI) for m in models):
@@ -318,17 +334,14 @@ def consensus_factors(
 
     rotations = _consensus_rotations(latents, weights, criterion)
 
-    # order by the deviance each factor explains in the main run; sign by the consensus loadings
-    deviance = factor_deviance(first, rotation=rotations[0])
-    order = [int(str(v).split("_")[1]) for v in deviance.index]
+    shares, explained = _deviance_shares(models, rotations, rows)
+    order = np.argsort(-shares, kind="stable")
     loadings = np.mean([w @ r for w, r in zip(weights, rotations)], axis=0)[:, order]
     names = [f"F_{k}" for k in range(len(order))]
     genes = first.get_loadings().index
-    if criterion == "latent":  # high in the cells a factor marks: its long tail positive
-        mean_rotated = np.mean([z @ r for z, r in zip(latents, rotations)], axis=0)[:, order]
-        signs = np.where((mean_rotated**3).mean(axis=0) < 0, -1.0, 1.0)
-    else:
-        signs = sign_convention(pd.DataFrame(loadings)).to_numpy().astype(float)
+    # the long tail positive: over cells (the cells a factor marks) or over genes
+    tail = np.mean([z @ r for z, r in zip(latents, rotations)], axis=0)[:, order] if criterion == "latent" else loadings
+    signs = np.where((tail**3).mean(axis=0) < 0, -1.0, 1.0)
     rotations = [r[:, order] * signs[None, :] for r in rotations]
     loadings = loadings * signs[None, :]
 
@@ -348,7 +361,7 @@ def consensus_factors(
     scores = loadings_frame * np.sqrt(info.to_numpy())[:, None]
     table = pd.DataFrame(
         {
-            "fraction_of_model": deviance["fraction_of_model"].to_numpy(),
+            "fraction_of_model": shares[order],
             "reproducibility": median,
             "min_correlation": minimum,
             "consensus_reproducibility": of_consensus,
@@ -357,7 +370,7 @@ def consensus_factors(
         index=pd.Index(names, name="factor"),
     )
     table.attrs.update(threshold=float(threshold), n_runs=len(models), criterion=criterion,
-                       fraction_explained=float(deviance.attrs["fraction_explained"]))
+                       fraction_explained=explained)
     logger.info("%d of %d factors reproducible across %d runs (rotation to simple structure of the %s)",
                 int(table["reproducible"].sum()), len(names), len(models), criterion)
     return ConsensusFactors(

@@ -188,8 +188,9 @@ def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str =
         found = (f"one fit, rotated to simple structure of {simple}; reproducibility needs more fits "
                  "(--stability-seeds). ")
     note = note_html(
-        "Factors F_k in order of the deviance they explain (share: of the deviance the model explains), "
-        "signed so that the largest loading is positive. They are " + found
+        "Factors F_k in order of the deviance they explain (share: of the deviance the model explains, mean "
+        "over the fits), signed so that their long tail is positive (over cells for the latent's simple "
+        "structure, over genes for the loadings'). They are " + found
         + "A rotation leaves the model, its likelihood and its ELBO unchanged; the model's own factors Z_k are "
         "in 'Top loadings by magnitude'. Top genes are ranked by score = loading x sqrt(Fisher information "
         "of the gene's log-rate): the change of expected count per unit factor in units of its noise, so "
