@@ -1,8 +1,9 @@
 """Fit the same model with several seeds, in parallel worker processes on CPU.
 
-``fit_seeds`` returns the fitted models (minibatch order and sampling follow the seed; every
-fit starts from the same weights and holds out the same cells); :class:`BackgroundFits` starts such fits in worker
-processes and lets this process keep working (the workflow's refits beside its own fit).
+``fit_seeds`` returns the fitted models (minibatch order and sampling follow the seed; by
+default every fit starts from the same weights and holds out the same cells);
+:class:`BackgroundFits` starts such fits in worker processes and lets this process keep
+working (the workflow's refits beside its own fit).
 Each worker trains with one torch thread; results come back as saved weights and training
 state, which the parent loads into models on its own AnnData. Used by ``ldvae.factors.stability``.
 """

@@ -40,7 +40,7 @@ from .queries import Queries
 from .surface import LIBRARY_KEY, ScviSurface, minified_fields, write_scvi_codes
 from .params import (
     check_init_params, check_model_kwargs, check_plan, check_registry, check_strategy, check_train_args, init_params_of,
-    fit_seeds_of, PRESETS, module_config, resolve_device, splitter_options, train_options,
+    fit_and_split_seeds, PRESETS, module_config, resolve_device, splitter_options, train_options,
 )
 from .resume import resume_state
 from .start import start_from_counts
@@ -339,7 +339,7 @@ class LinearSCVI(Queries, ScviSurface):
         )
         resume_from = opts["resume_from"]
         payload = None if resume_from is None else load_checkpoint(resume_from)
-        seed, split_seed = fit_seeds_of(opts, payload, settings.seed)
+        seed, split_seed = fit_and_split_seeds(opts, payload, settings.seed)
         self.device = resolve_device(accelerator, devices if isinstance(devices, int) and devices >= 0 else None)
         train_idx, val_idx, test_idx = split_cells(n, train_size, validation_size, split_seed, batch_size,
                                                    shuffle=shuffle_set_split, external=external)

@@ -205,7 +205,7 @@ def train_options(trainer_kwargs: dict, trainer_config: dict | None) -> dict:
     return opts
 
 
-def fit_seeds_of(opts: dict, payload: dict | None, default: int) -> tuple[int, int]:
+def fit_and_split_seeds(opts: dict, payload: dict | None, default: int) -> tuple[int, int]:
     """A fit's seed and the seed of its training/validation split: as given; else, resuming,
     the checkpoint's (the same split and random stream as before); else ``default``. The
     split's seed is the fit's unless ``split_seed`` says otherwise."""
