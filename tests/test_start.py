@@ -86,6 +86,27 @@ def test_start_is_the_same_for_every_seed_and_reproduces_the_components(planted)
     assert r2 > 0.8
 
 
+def test_start_runs_its_dense_algebra_on_one_blas_thread(planted, monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import ldvae.model.start as start
+
+    seen = []
+    real_qr = np.linalg.qr
+
+    def qr(a, *args, **kwargs):
+        seen.append(max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
+        return real_qr(a, *args, **kwargs)
+
+    monkeypatch.setattr(start.np.linalg, "qr", qr)
+    with threadpool_limits(limits=2, user_api="blas"):  # as a process beside busy cores may have it
+        pca_start(_model(planted, 0).module, planted.layers["counts"].tocsr(),
+                  planted.obs["batch"].cat.codes.to_numpy())
+        after = max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+    assert seen and set(seen) == {1}
+    assert after == 2  # the caller's setting comes back
+
+
 def test_fits_from_the_start_agree_and_find_the_planted_factors(planted):
     latents = []
     for seed in (1, 2):
