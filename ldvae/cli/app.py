@@ -23,6 +23,7 @@ import threading
 from typing import Sequence
 
 from .._version import __version__
+from ..factors.seeds import SPLIT_SEED
 from ..workflow.checks import FACTOR_SEEDS
 from .interpret import add_factors, add_select_k, add_stability
 from .mapping import add_map
@@ -76,7 +77,7 @@ def _workflow_options(
     add_batch_size(model)
     add_check_val(model, default=10)
     add_seed(model, help="random seed (training, UMAP, Leiden)")
-    model.add_argument("--split-seed", type=int, default=0,
+    model.add_argument("--split-seed", type=int, default=SPLIT_SEED,
                        help="seed of the validation cells, the same for every fit and every --seed")
     add_accelerator(model, help="compute device; auto uses a CUDA GPU when there is one")
     model.add_argument("--n-threads", type=int, default=n_threads,

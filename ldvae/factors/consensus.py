@@ -337,15 +337,15 @@ def consensus_factors(
     shares, explained = _deviance_shares(models, rotations, rows)
     order = np.argsort(-shares, kind="stable")
     loadings = np.mean([w @ r for w, r in zip(weights, rotations)], axis=0)[:, order]
+    consensus_rows = np.mean([z @ r for z, r in zip(latents, rotations)], axis=0)[:, order]
     names = [f"F_{k}" for k in range(len(order))]
     genes = first.get_loadings().index
     # the long tail positive: over cells (the cells a factor marks) or over genes
-    tail = np.mean([z @ r for z, r in zip(latents, rotations)], axis=0)[:, order] if criterion == "latent" else loadings
+    tail = consensus_rows if criterion == "latent" else loadings
     signs = np.where((tail**3).mean(axis=0) < 0, -1.0, 1.0)
     rotations = [r[:, order] * signs[None, :] for r in rotations]
     loadings = loadings * signs[None, :]
-
-    consensus_rows = np.mean([z @ r for z, r in zip(latents, rotations)], axis=0)
+    consensus_rows = consensus_rows * signs[None, :]
     if criterion in own:
         median, minimum = _reproducibility(consensus_rows, own[criterion])
     else:

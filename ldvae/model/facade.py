@@ -365,10 +365,10 @@ class LinearSCVI(Queries, ScviSurface):
         )
         state = self.train_state_ or TrainState()
         if payload is not None:
-            state = resume_state(self.module, payload, resume_from, getattr(self, "frozen_", None))
+            state = resume_state(self.module, payload, resume_from, config.frozen)
             config.max_epochs = max(max_epochs - state.epoch, 0)
         start_from_counts(opts["init"], self.module, self.adata, self.setup_,
-                          frozen=getattr(self, "frozen_", None), fresh=state.step == 0)
+                          frozen=config.frozen, fresh=state.step == 0)
         self.module.to(self.device)
         source = self._source(train_idx, val_idx, batch_size)
         try:

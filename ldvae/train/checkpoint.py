@@ -98,9 +98,9 @@ def _check_checkpoint(payload: dict, path: Path) -> None:
         got = sorted(set(config) - known) if isinstance(config, dict) else config
         raise ModelFileError(f"{path} is damaged: train_config has unknown keys {got}.")
     for key in ("seed", "split_seed"):
-        seed = config.get(key)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise bad(f"train_config[{key!r}]", seed, "an integer")
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad(f"train_config[{key!r}]", value, "an integer")
 
 
 def check_history(history, bad) -> None:
