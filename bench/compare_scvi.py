@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 
 from _common import BENCH_DIR, REPO
+from ldvae.model.params import PRESETS
 
 LDVAE_PY = REPO / ".venv" / "bin" / "python"
 SCVI_PY = REPO / ".bench-venv" / "bin" / "python"
@@ -104,6 +105,7 @@ def part_ttq(args, recipe: dict | None) -> dict:
               "--max-epochs", str(args.ttq_max_epochs),
               *(["--lr", str(args.ttq_lr)] if args.ttq_lr else []),
               *(["--bn-momentum", str(args.ttq_bn_momentum)] if args.ttq_bn_momentum else []),
+              *(["--ema-decay", str(args.ttq_ema_decay)] if args.ttq_ema_decay else []),
               "--train-seed", str(train_seed)],  # the same validation cells; another training draw
              args.threads)
         for train_seed in range(args.ttq_repeats)
@@ -175,7 +177,8 @@ def write_results(path: Path, args, parts: dict) -> str:
             "| ldvae settings | reached | epochs | wall s | CPU s | speed-up (wall) | speed-up (CPU) |",
             "|---|---|---:|---:|---:|---:|---:|",
             f"| batch {args.ttq_batch_size}, lr {t['runs'][0]['lr']:.3g}, warm-up {args.ttq_warmup} epochs"
-            f"{'' if not args.ttq_bn_momentum else f', batch-norm momentum {args.ttq_bn_momentum}'} | "
+            f"{'' if not args.ttq_bn_momentum else f', batch-norm momentum {args.ttq_bn_momentum}'}"
+            f"{'' if not args.ttq_ema_decay else f', ema_decay {args.ttq_ema_decay}'} | "
             f"{t['summary']['reached']} | {_fmt(t['summary']['epochs'], '.0f')} | {_fmt(w)} | "
             f"{_fmt(t['summary']['cpu_s'])} | {ref['train_wall_s'] / w:.1f}× | "
             f"{ref['train_cpu_s'] / t['summary']['cpu_s']:.1f}× |",
@@ -221,10 +224,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target-from", default=None, help="JSON of a scvi-tools recipe run (its elbo_validation)")
     # ldvae's fast settings (bench/RESULTS.md, "Choosing the fast settings")
+    fast = PRESETS["fast"]  # the ttq part's defaults: train(preset="fast")'s settings
     ap.add_argument("--ttq-batch-size", type=int, default=128)
-    ap.add_argument("--ttq-lr", type=float, default=2e-2)
-    ap.add_argument("--ttq-warmup", type=int, default=3)
-    ap.add_argument("--ttq-bn-momentum", type=float, default=0.05)
+    ap.add_argument("--ttq-lr", type=float, default=fast["lr"])
+    ap.add_argument("--ttq-warmup", type=int, default=fast["n_epochs_kl_warmup"])
+    ap.add_argument("--ttq-bn-momentum", type=float, default=fast["batch_norm_momentum"])
+    ap.add_argument("--ttq-ema-decay", type=float, default=fast["ema_decay"], help="0: no parameter averaging")
     ap.add_argument("--ttq-repeats", type=int, default=4, help="training seeds 0 .. N-1")
     ap.add_argument("--ttq-max-epochs", type=int, default=400)
     ap.add_argument("--scaling-sizes", type=_ints, default=[10_000, 100_000, 1_000_000])

@@ -272,9 +272,12 @@ def test_fast_preset_sets_what_the_call_leaves_unset(adata, monkeypatch):
     monkeypatch.setattr(facade, "fit", lambda module, source, config, state: seen.append(config) or state)
     m = _model(adata)
     m.train(preset="fast", progress_bar=False)
-    m.train(5, preset="fast", plan_kwargs={"lr": 1e-3}, batch_norm_momentum=0.2, progress_bar=False)
-    first, second = seen
-    assert (first.max_epochs, first.lr, first.n_epochs_kl_warmup, first.batch_norm_momentum) == (60, 2e-2, 3, 0.05)
-    assert (second.max_epochs, second.lr, second.batch_norm_momentum) == (5, 1e-3, 0.2)
+    m.train(5, preset="fast", plan_kwargs={"lr": 1e-3}, batch_norm_momentum=0.2, ema_decay=0.0, progress_bar=False)
+    m.train(5, progress_bar=False)
+    first, second, plain = seen
+    assert (first.max_epochs, first.lr, first.n_epochs_kl_warmup, first.batch_norm_momentum,
+            first.ema_decay) == (60, 2e-2, 3, 0.05, 0.65)
+    assert (second.max_epochs, second.lr, second.batch_norm_momentum, second.ema_decay) == (5, 1e-3, 0.2, 0.0)
+    assert (plain.lr, plain.batch_norm_momentum, plain.ema_decay) == (1e-3, None, None)  # scvi-tools' settings
     with pytest.raises(ValueError, match=r"preset must be one of \['fast'\] or None, got 'quick'"):
         m.train(1, preset="quick")

@@ -40,7 +40,7 @@ from .queries import Queries
 from .surface import LIBRARY_KEY, ScviSurface, minified_fields, write_scvi_codes
 from .params import (
     check_init_params, check_model_kwargs, check_plan, check_registry, check_strategy, check_train_args, init_params_of,
-    fit_and_split_seeds, PRESETS, module_config, resolve_device, splitter_options, train_options,
+    fit_and_split_seeds, module_config, resolve_device, splitter_options, train_options, with_preset,
 )
 from .resume import resume_state
 from .start import start_from_counts
@@ -300,15 +300,17 @@ class LinearSCVI(Queries, ScviSurface):
             stopping), ``early_stopping_patience``, ``early_stopping_monitor``,
             ``early_stopping_min_delta``, ``early_stopping_mode``, ``early_stopping_warmup_epochs``,
             ``strategy``; ldvae's ``preset="fast"`` (60 epochs, lr 2e-2, a 3-epoch KL warm-up,
-            batch-norm momentum 0.05, where not given: on the tutorial data it reaches the
-            validation ELBO of scvi-tools' 250 epochs), ``lr`` (shortcut for the plan's), ``progress_bar`` (or
-            ``enable_progress_bar``), ``seed`` (default ``ldvae.settings.seed``), ``split_seed``
-            (seed of the training/validation split; default ``seed``, as scvi-tools),
+            batch-norm momentum 0.05, ``ema_decay`` 0.65, where not given: on the tutorial data it
+            reaches the validation ELBO of scvi-tools' 250 epochs), ``lr`` (the plan's),
+            ``progress_bar`` (or ``enable_progress_bar``), ``seed`` (default ``ldvae.settings.seed``),
+            ``split_seed`` (the training/validation split's; default ``seed``, as scvi-tools),
             ``checkpoint_dir`` with ``checkpoint_every_n_epochs`` (10), ``resume_from`` (a
             checkpoint; ``max_epochs`` counts its epochs; the same result as an uninterrupted
-            fit), ``batch_norm_momentum`` (default the model's 0.01) and ``threads`` (CPU threads
-            of the fit; default every usable CPU for the compiled step, 64 cells each at least). Lightning-only options
-            (``logger``, ``callbacks``, ...) are accepted and logged with what ldvae does instead.
+            fit), ``batch_norm_momentum`` (default the model's 0.01), ``ema_decay`` (the model keeps
+            an average of its parameters, moved after each epoch with this decay, which validation
+            reads; default None), ``threads`` (CPU threads; default every usable CPU for the
+            compiled step, 64 cells each at least). Lightning-only options (``logger``, ...) are
+            accepted and logged with what ldvae does instead.
         """
         self._refuse_if_minified("train")
         if getattr(self, "frozen_", None) and all(v is None for v in self.frozen_.values()):
@@ -316,13 +318,8 @@ class LinearSCVI(Queries, ScviSurface):
                              "as they are (get_latent_representation works now); pass train_encoder=True to "
                              "load_query_data to fit the encoders to the query.")
         opts = train_options(trainer_kwargs, trainer_config)
-        preset = PRESETS.get(opts["preset"], {})
-        plan = {**{k: preset[k] for k in ("lr", "n_epochs_kl_warmup") if k in preset},
-                **dict(plan_config or {}), **dict(plan_kwargs or {})}
+        plan, max_epochs = with_preset(opts, {**dict(plan_config or {}), **dict(plan_kwargs or {})}, max_epochs)
         plan = check_plan(plan, opts["lr"])
-        max_epochs = preset.get("max_epochs") if max_epochs is None else max_epochs
-        if opts["batch_norm_momentum"] is None:
-            opts["batch_norm_momentum"] = preset.get("batch_norm_momentum")
         if datamodule is not None:
             raise SetupError("datamodule is not supported: ldvae reads the model's AnnData (in memory, or backed "
                              "on disk for data larger than memory).")
@@ -335,7 +332,7 @@ class LinearSCVI(Queries, ScviSurface):
             batch_size=batch_size, max_epochs=max_epochs, early_stopping_patience=opts["early_stopping_patience"],
             check_val_every_n_epoch=opts["check_val_every_n_epoch"],
             checkpoint_every_n_epochs=opts["checkpoint_every_n_epochs"], threads=opts["threads"],
-            batch_norm_momentum=opts["batch_norm_momentum"],
+            batch_norm_momentum=opts["batch_norm_momentum"], ema_decay=opts["ema_decay"],
         )
         resume_from = opts["resume_from"]
         payload = None if resume_from is None else load_checkpoint(resume_from)
@@ -358,7 +355,7 @@ class LinearSCVI(Queries, ScviSurface):
             split_seed=split_seed,
             checkpoint_dir=None if opts["checkpoint_dir"] is None else str(opts["checkpoint_dir"]),
             checkpoint_every_n_epochs=opts["checkpoint_every_n_epochs"],
-            batch_norm_momentum=opts["batch_norm_momentum"],
+            batch_norm_momentum=opts["batch_norm_momentum"], ema_decay=opts["ema_decay"],
             threads=opts["threads"],
             frozen=getattr(self, "frozen_", None),
             **plan,

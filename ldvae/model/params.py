@@ -145,13 +145,25 @@ TRAIN_OPTIONS = {
     "resume_from": None, "batch_norm_momentum": None, "threads": None, "check_val_every_n_epoch": None,
     "early_stopping_patience": 45, "early_stopping_monitor": "elbo_validation", "early_stopping_min_delta": 0.0,
     "early_stopping_mode": "min", "early_stopping_warmup_epochs": 0, "strategy": "auto", "preset": None,
-    "init": "random", "split_seed": None,
+    "init": "random", "split_seed": None, "ema_decay": None,
 }
 # train(preset=...): settings that reach a plain fit's validation ELBO in fewer epochs,
 # used where the call does not set them (bench/RESULTS.md, time to scvi-tools' quality).
 PRESETS = {
-    "fast": {"max_epochs": 60, "lr": 2e-2, "n_epochs_kl_warmup": 3, "batch_norm_momentum": 0.05},
+    "fast": {"max_epochs": 60, "lr": 2e-2, "n_epochs_kl_warmup": 3, "batch_norm_momentum": 0.05, "ema_decay": 0.65},
 }
+
+
+def with_preset(opts: dict, plan: dict, max_epochs: int | None) -> tuple[dict, int | None]:
+    """The settings of ``opts["preset"]`` where the call leaves them: fills ``opts`` and
+    returns the plan and ``max_epochs``."""
+    preset = PRESETS.get(opts["preset"], {})
+    for name in ("batch_norm_momentum", "ema_decay"):
+        opts[name] = preset.get(name) if opts[name] is None else opts[name]
+    plan = {**{k: preset[k] for k in ("lr", "n_epochs_kl_warmup") if k in preset}, **plan}
+    return plan, preset.get("max_epochs") if max_epochs is None else max_epochs
+
+
 # scvi-tools' (Lightning's) Trainer options that have no counterpart here, with what ldvae does.
 TRAINER_NOTED = {
     "logger": "ldvae keeps the metrics in model.history (a logger is not used)",
@@ -261,7 +273,7 @@ def check_strategy(strategy, devices) -> None:
 
 
 def check_train_args(*, batch_size, max_epochs, early_stopping_patience, check_val_every_n_epoch,
-                     checkpoint_every_n_epochs, threads, batch_norm_momentum) -> None:
+                     checkpoint_every_n_epochs, threads, batch_norm_momentum, ema_decay) -> None:
     """``train``'s counts and rates, in the order a user reads them."""
     positive_int("batch_size", batch_size)
     if batch_size < 2:
@@ -278,6 +290,10 @@ def check_train_args(*, batch_size, max_epochs, early_stopping_patience, check_v
         positive_int("threads", threads)
     if batch_norm_momentum is not None and not 0.0 < float(batch_norm_momentum) <= 1.0:
         raise SetupError(f"batch_norm_momentum must be in (0, 1], got {batch_norm_momentum!r}.")
+    if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float, np.integer, np.floating))
+                                  or not 0.0 <= ema_decay < 1.0):
+        raise SetupError(f"ema_decay must be None or a number in [0, 1) (the average's decay per epoch), "
+                         f"got {ema_decay!r}.")
 
 
 def resolve_device(accelerator: str = "auto", device: int | str | None = None) -> torch.device:

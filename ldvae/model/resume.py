@@ -6,6 +6,7 @@ import logging
 import os
 
 from ..nn.module import LDVAEModule
+from ..train.averaging import averaged_tensors
 from ..train.loop import ModelFileError, TrainState, check_weights
 from ..train.optim import check_state_dict, optimized_parameters
 
@@ -27,6 +28,8 @@ def resume_state(module: LDVAEModule, payload: dict, resume_from: str | os.PathL
 
     check_weights(payload["module_state"], module.state_dict(), mismatch)
     resumed = TrainState(**payload["train_state"])
+    if resumed.average is not None:
+        check_weights(resumed.average, averaged_tensors(module), mismatch)
     if resumed.optimizer_state is not None:
         try:
             check_state_dict(resumed.optimizer_state, optimized_parameters(module, frozen))

@@ -79,6 +79,8 @@ def _check_checkpoint(payload: dict, path: Path) -> None:
         raise bad("module_state", weights, "a dict of named tensors")
     ts = payload["train_state"]
     fields = {f.name for f in TrainState.__dataclass_fields__.values()}
+    if isinstance(ts, dict):  # written before fits kept a parameter average
+        ts.setdefault("average", None)
     if not isinstance(ts, dict) or set(ts) != fields:
         got = sorted(ts) if isinstance(ts, dict) else ts
         raise ModelFileError(f"{path} is damaged: train_state has the keys {got}, expected {sorted(fields)}.")
@@ -92,6 +94,10 @@ def _check_checkpoint(payload: dict, path: Path) -> None:
     check_history(ts["history"], lambda field, value, want: bad(f"train_state[{field}]", value, want))
     if ts["optimizer_state"] is not None and not isinstance(ts["optimizer_state"], dict):
         raise bad("train_state['optimizer_state']", ts["optimizer_state"], "None or a dict")
+    average = ts["average"]
+    if average is not None and not (isinstance(average, dict) and all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in average.items())):
+        raise bad("train_state['average']", average, "None or a dict of named tensors")
     config = payload["train_config"]
     known = set(TrainConfig.__dataclass_fields__)
     if not isinstance(config, dict) or not set(config) <= known:

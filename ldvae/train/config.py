@@ -65,6 +65,9 @@ class TrainConfig:
     # Batch-norm momentum while training; None keeps the module's (0.01, as scvi-tools).
     # Larger values let eval-mode statistics follow the parameters with few steps per epoch.
     batch_norm_momentum: float | None = None
+    # Parameter averaging (ldvae.train.averaging): a moving average of the parameters with
+    # this decay per epoch, which validation reads and the finished fit keeps. None: off.
+    ema_decay: float | None = None
     # CPU threads during the fit: torch's and the compiled step's. None: the compiled step uses
     # every usable CPU (fused.default_threads) but one per background reader of a streamed
     # source, torch one when a step is small (_fit_threads).
@@ -83,6 +86,8 @@ class TrainState:
     best_val: float = math.inf
     epochs_since_best: int = 0
     interrupted: bool = False
+    # the parameter average of a fit under way (ema_decay), kept for its checkpoints; None after the fit
+    average: dict | None = None
 
     def record(self, key: str, epoch: int, value: float) -> None:
         self.history.setdefault(key, []).append([epoch, float(value)])

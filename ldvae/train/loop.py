@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..cpu import fused
 from ..nn.module import LDVAEModule
+from .averaging import ParameterAverage
 from .batches import InMemorySource, minibatches, n_minibatches, split_indices, validation_batch_size
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -57,6 +58,7 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
         state.warmup_steps = _warmup_steps(config, source.steps_per_epoch)
     optimizer = adam(optimized_parameters(module, config.frozen), config)
     step = choose_step(module, optimizer, source, state, config)
+    average = None if config.ema_decay is None else ParameterAverage(module, config.ema_decay, state.average)
     first_epoch = state.epoch
     last_epoch = first_epoch + config.max_epochs
     progress = _Progress(config)
@@ -74,14 +76,18 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
                 kl_weight = _train_epoch(module, step, source, generator, state, epoch, guard, config)
                 postfix = {"elbo_train": f"{state.history['elbo_train'][-1][1]:.1f}"}
                 is_last = epoch + 1 == last_epoch
-                if _validate(module, source, state, epoch, kl_weight, config, is_last, postfix):
-                    is_last = True
+                if average is not None:
+                    average.update()
+                with contextlib.nullcontext() if average is None else average.applied():
+                    if _validate(module, source, state, epoch, kl_weight, config, is_last, postfix):
+                        is_last = True
                 plateau.update(state, epoch)
                 progress.update(epoch + 1 - first_epoch, postfix, is_last)
                 writes = source.comm is None or source.comm.is_main
                 if config.checkpoint_dir and writes and (state.epoch % config.checkpoint_every_n_epochs == 0
                                                          or is_last):
                     state.optimizer_state = optimizer.state_dict()
+                    state.average = None if average is None else average.state()
                     save_checkpoint(Path(config.checkpoint_dir), module, state, config)
                 if is_last:
                     break
@@ -90,13 +96,17 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     except KeyboardInterrupt:
         state.interrupted = True
         logger.warning(
-            "Training interrupted after %d completed steps (epoch %d); the model keeps the parameters "
-            "of the last completed step and the history so far.", state.step, state.epoch,
+            "Training interrupted after %d completed steps (epoch %d); the model keeps %s and the history "
+            "so far.", state.step, state.epoch, "the parameters of the last completed step" if average is None
+            else "the parameter average over the completed epochs",
         )
     finally:
         progress.close()
         state.optimizer_state = optimizer.state_dict()
         module.eval()
+    if average is not None:  # finished or interrupted (not failed): the model keeps the average
+        average.apply()
+        state.average = None
     return state
 
 
