@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--n-latent", type=int, default=10)
     p.add_argument("--max-epochs", type=int, default=250)
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--ema-decay", type=float, default=None, help="train(ema_decay=...): parameter averaging")
     p.add_argument("--init", default="pca", choices=["pca", "random"], help="train(init=...): where each fit starts")
     p.add_argument("--criterion", default="auto", choices=["auto", "latent", "loadings"])
     p.add_argument("--split", default="shared", choices=["shared", "seed", "none"],
@@ -108,7 +109,8 @@ def main() -> None:
     ldvae.LinearSCVI.setup_anndata(adata, layer="counts", batch_key=args.batch_key)
     seeds = [[a, *refit_seeds(a, args.fits - 1)] for a in range(args.analyses)]
     all_seeds = [s for group in seeds for s in group]
-    train = {"max_epochs": args.max_epochs, "plan_kwargs": {"lr": args.lr}, "init": args.init}
+    train = {"max_epochs": args.max_epochs, "plan_kwargs": {"lr": args.lr}, "init": args.init,
+             "ema_decay": args.ema_decay}
     if args.split == "none":
         train["train_size"] = 1.0
     elif args.split == "seed":
