@@ -26,10 +26,11 @@ def adata():
 
 
 def expected_average(states: list[dict], decay: float) -> dict:
-    """The average written out: from the first state, mean += (1 - decay) * (next - mean) per
-    epoch for floating-point tensors; integer counters are the last state's."""
-    mean = {k: v.clone() for k, v in states[0].items()}
-    for state in states[1:]:
+    """The average written out, from the states before the fit and after each epoch: the
+    first epoch's state, then mean += (1 - decay) * (next - mean) per epoch for floating-point
+    tensors; integer counters are the last state's."""
+    mean = {k: v.clone() for k, v in states[1].items()}
+    for state in states[2:]:
         for key, value in state.items():
             mean[key] = mean[key] + (1 - decay) * (value - mean[key]) if value.is_floating_point() else value
     return mean

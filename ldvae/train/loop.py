@@ -97,16 +97,16 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
         state.interrupted = True
         logger.warning(
             "Training interrupted after %d completed steps (epoch %d); the model keeps %s and the history "
-            "so far.", state.step, state.epoch, "the parameters of the last completed step" if average is None
-            else "the parameter average over the completed epochs",
+            "so far.", state.step, state.epoch, "the parameters of the last completed step"
+            if average is None or average.mean is None else "the parameter average over the completed epochs",
         )
     finally:
         progress.close()
         state.optimizer_state = optimizer.state_dict()
+        state.average = None  # written to the checkpoints; the finished fit keeps no average
         module.eval()
     if average is not None:  # finished or interrupted (not failed): the model keeps the average
         average.apply()
-        state.average = None
     return state
 
 
