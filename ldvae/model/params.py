@@ -290,8 +290,8 @@ def check_train_args(*, batch_size, max_epochs, early_stopping_patience, check_v
         positive_int("threads", threads)
     if batch_norm_momentum is not None and not 0.0 < float(batch_norm_momentum) <= 1.0:
         raise SetupError(f"batch_norm_momentum must be in (0, 1], got {batch_norm_momentum!r}.")
-    if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float, np.integer, np.floating))
-                                  or not 0.0 <= ema_decay < 1.0):
+    number = isinstance(ema_decay, (int, float, np.integer, np.floating)) and not isinstance(ema_decay, bool)
+    if ema_decay is not None and not (number and 0.0 <= ema_decay < 1.0):
         raise SetupError(f"ema_decay must be None or a number in [0, 1) (the average's decay per epoch), "
                          f"got {ema_decay!r}.")
 

@@ -28,7 +28,8 @@ class ParameterAverage:
         named = averaged_tensors(module)
         self.names = list(named)
         self.live = [t.detach() for t in named.values()]
-        self.mean = None if average is None else [average[name].clone() for name in self.names]
+        self.mean = None if average is None else [  # a checkpoint's, read onto the CPU
+            average[name].to(t.device, copy=True) for name, t in zip(self.names, self.live)]
         self.weight = 1.0 - decay
 
     @torch.no_grad()
