@@ -42,6 +42,16 @@ def assert_close_state(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{key} differs")
 
 
+def live_states(adata, epochs: int) -> list[dict]:
+    """The module's state before the fit and after each epoch, without averaging."""
+    live = new_model(adata)
+    states = [snapshot(live.module)]
+    for _ in range(epochs):
+        live.train(max_epochs=1, **FIT)
+        states.append(snapshot(live.module))
+    return states
+
+
 @pytest.mark.parametrize("path", ["compiled runs", "one step at a time"])
 def test_the_fit_and_its_validation_hold_the_average_of_the_epochs(adata, monkeypatch, path):
     if path == "one step at a time":
@@ -62,16 +72,6 @@ def test_the_fit_and_its_validation_hold_the_average_of_the_epochs(adata, monkey
     assert not torch.equal(averaged.module.z_encoder.mean.weight, states[-1]["z_encoder.mean.weight"])
     assert averaged.train_state_.average is None  # the model holds it now
     assert np.isfinite(averaged.get_latent_representation()).all()
-
-
-def live_states(adata, epochs: int) -> list[dict]:
-    """The module's state before the fit and after each epoch, without averaging."""
-    live = new_model(adata)
-    states = [snapshot(live.module)]
-    for _ in range(epochs):
-        live.train(max_epochs=1, **FIT)
-        states.append(snapshot(live.module))
-    return states
 
 
 def test_an_interrupted_fit_keeps_the_average_of_its_completed_epochs(adata, monkeypatch, caplog):
