@@ -73,9 +73,11 @@ def _check_checkpoint(payload: dict, path: Path) -> None:
     if set(payload) != _CHECKPOINT_KEYS:
         extra, missing = sorted(set(payload) - _CHECKPOINT_KEYS), sorted(_CHECKPOINT_KEYS - set(payload))
         raise ModelFileError(f"{path} is damaged: unexpected keys {extra}, missing keys {missing}.")
+    def named_tensors(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+
     weights = payload["module_state"]
-    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                for k, v in weights.items()):
+    if not named_tensors(weights):
         raise bad("module_state", weights, "a dict of named tensors")
     ts = payload["train_state"]
     fields = {f.name for f in TrainState.__dataclass_fields__.values()}
@@ -94,10 +96,8 @@ def _check_checkpoint(payload: dict, path: Path) -> None:
     check_history(ts["history"], lambda field, value, want: bad(f"train_state[{field}]", value, want))
     if ts["optimizer_state"] is not None and not isinstance(ts["optimizer_state"], dict):
         raise bad("train_state['optimizer_state']", ts["optimizer_state"], "None or a dict")
-    average = ts["average"]
-    if average is not None and not (isinstance(average, dict) and all(
-            isinstance(k, str) and isinstance(v, Tensor) for k, v in average.items())):
-        raise bad("train_state['average']", average, "None or a dict of named tensors")
+    if ts["average"] is not None and not named_tensors(ts["average"]):
+        raise bad("train_state['average']", ts["average"], "None or a dict of named tensors")
     config = payload["train_config"]
     known = set(TrainConfig.__dataclass_fields__)
     if not isinstance(config, dict) or not set(config) <= known:
