@@ -83,9 +83,11 @@ def main() -> None:
     p.add_argument("--analyses", type=int, default=2)
     p.add_argument("--fits", type=int, default=4, help="fits per analysis (the workflow: 1 + --stability-seeds)")
     p.add_argument("--n-latent", type=int, default=10)
-    p.add_argument("--max-epochs", type=int, default=250)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--max-epochs", type=int, default=None, help="default: the preset's, else 250")
+    p.add_argument("--lr", type=float, default=None, help="default: the preset's, else 5e-3")
     p.add_argument("--ema-decay", type=float, default=None, help="train(ema_decay=...): parameter averaging")
+    p.add_argument("--preset", default=None, help="train(preset=...): its settings where --max-epochs, --lr and "
+                                                  "--ema-decay are not given")
     p.add_argument("--init", default="pca", choices=["pca", "random"], help="train(init=...): where each fit starts")
     p.add_argument("--criterion", default="auto", choices=["auto", "latent", "loadings"])
     p.add_argument("--split", default="shared", choices=["shared", "seed", "none"],
@@ -109,8 +111,11 @@ def main() -> None:
     ldvae.LinearSCVI.setup_anndata(adata, layer="counts", batch_key=args.batch_key)
     seeds = [[a, *refit_seeds(a, args.fits - 1)] for a in range(args.analyses)]
     all_seeds = [s for group in seeds for s in group]
-    train = {"max_epochs": args.max_epochs, "plan_kwargs": {"lr": args.lr}, "init": args.init,
-             "ema_decay": args.ema_decay}
+    if args.preset is None:
+        args.max_epochs = 250 if args.max_epochs is None else args.max_epochs
+        args.lr = 5e-3 if args.lr is None else args.lr
+    train = {"max_epochs": args.max_epochs, "plan_kwargs": {} if args.lr is None else {"lr": args.lr},
+             "init": args.init, "ema_decay": args.ema_decay, "preset": args.preset}
     if args.split == "none":
         train["train_size"] = 1.0
     elif args.split == "seed":
@@ -120,7 +125,7 @@ def main() -> None:
     fit_s = time.perf_counter() - t0
     by_seed = dict(zip(all_seeds, fits))
     print(f"{adata.n_obs} cells x {adata.n_vars} genes, K = {args.n_latent}, {args.analyses} analyses x "
-          f"{args.fits} fits, {args.max_epochs} epochs: {fit_s:.0f} s of fitting")
+          f"{args.fits} fits, {args.max_epochs or args.preset} epochs: {fit_s:.0f} s of fitting")
     elbo = [float(m.get_elbo(indices=m.validation_indices_ if len(m.validation_indices_) else None)) for m in fits]
     from ldvae.data.simulate import canonical_correlations
     lat = {s: by_seed[s].get_latent_representation() for s in all_seeds}
