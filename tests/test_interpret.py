@@ -541,3 +541,16 @@ def test_kernels_are_compiled_once_before_workers_start(monkeypatch):
     monkeypatch.setattr(fused, "is_cached", lambda: False)
     seeds.compile_once()
     assert fits == [(64, 8)]  # one tiny fit in this process compiles the step for every worker
+
+
+def test_compiling_fit_leaves_no_note_about_its_own_settings(monkeypatch, caplog):
+    """The tiny fit that compiles the step is not the user's: its settings are not reported."""
+    import logging
+
+    from ldvae.cpu import fused
+    from ldvae.factors import seeds
+
+    monkeypatch.setattr(fused, "is_cached", lambda: False)
+    with caplog.at_level(logging.INFO, logger="ldvae"):
+        seeds.compile_once()
+    assert "warm-up" not in caplog.text

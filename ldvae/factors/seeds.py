@@ -165,7 +165,8 @@ def compile_once() -> None:
         return
     tiny = simulate(64, 8, 2, seed=0)
     LinearSCVI.setup_anndata(tiny, layer="counts")
-    LinearSCVI(tiny, n_latent=2, n_hidden=8).train(2, batch_size=32, check_val_every_n_epoch=1, progress_bar=False)
+    LinearSCVI(tiny, n_latent=2, n_hidden=8).train(2, batch_size=32, check_val_every_n_epoch=1, progress_bar=False,
+                                                   plan_kwargs={"n_epochs_kl_warmup": 1})  # no note on warm-up
 
 
 def _fits_dir() -> tempfile.TemporaryDirectory:
