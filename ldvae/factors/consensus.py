@@ -371,7 +371,7 @@ def consensus_factors(
     )
     table.attrs.update(threshold=float(threshold), n_runs=len(models), criterion=criterion,
                        fraction_explained=explained)
-    logger.info("%d of %d factors reproducible across %d runs (rotation to simple structure of the %s)",
+    logger.info("consensus factors (F_k): %d of %d reproducible, from %d fits (rotation to simple structure of the %s)",
                 int(table["reproducible"].sum()), len(names), len(models), criterion)
     return ConsensusFactors(
         table=table,

@@ -513,11 +513,9 @@ def _fit_and_interpret(adata, options: dict):
                 adata, extra_seeds, train_kwargs=train, **model_kwargs)
             stability = factor_stability([model, *refits], reference=0)
             runs += refits
-            logger.info("%d of %d factors reproducible across %d seeds (waited %.1f s for the refits)",
-                        int(stability.factors["stable"].sum()), o["n_latent"], o["stability_seeds"] + 1,
+            logger.info("the model's own factors (Z_i): %d of %d come back across %d seeds (waited %.1f s for the "
+                        "refits)", int(stability.factors["stable"].sum()), o["n_latent"], o["stability_seeds"] + 1,
                         time.perf_counter() - t0)
-        factors = consensus_factors(runs, seed=o["seed"])
+        factors = consensus_factors(runs, seed=o["seed"])  # logs how many of its factors are reproducible
         write_factors(adata, factors, obs_columns=True)
-        logger.info("reproducible factors: %d of %d (%d fits, simple structure of the %s)",
-                    int(factors.table["reproducible"].sum()), len(factors.table), len(runs), factors.criterion)
     return model, stability, factors, train_seconds
