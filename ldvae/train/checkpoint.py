@@ -63,6 +63,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 _CHECKPOINT_KEYS = {"format", "format_version", "module_state", "train_state", "train_config"}
 
 
+def _named_tensors(value) -> bool:
+    """A dict of tensors by name: the weights, and a fit's parameter average."""
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+
+
 def _check_checkpoint(payload: dict, path: Path) -> None:
     """Every field of a checkpoint, before any of it is applied (ModelFileError naming it)."""
 
@@ -73,11 +78,8 @@ def _check_checkpoint(payload: dict, path: Path) -> None:
     if set(payload) != _CHECKPOINT_KEYS:
         extra, missing = sorted(set(payload) - _CHECKPOINT_KEYS), sorted(_CHECKPOINT_KEYS - set(payload))
         raise ModelFileError(f"{path} is damaged: unexpected keys {extra}, missing keys {missing}.")
-    def named_tensors(value) -> bool:
-        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
-
     weights = payload["module_state"]
-    if not named_tensors(weights):
+    if not _named_tensors(weights):
         raise bad("module_state", weights, "a dict of named tensors")
     ts = payload["train_state"]
     fields = {f.name for f in TrainState.__dataclass_fields__.values()}
@@ -96,7 +98,7 @@ def _check_checkpoint(payload: dict, path: Path) -> None:
     check_history(ts["history"], lambda field, value, want: bad(f"train_state[{field}]", value, want))
     if ts["optimizer_state"] is not None and not isinstance(ts["optimizer_state"], dict):
         raise bad("train_state['optimizer_state']", ts["optimizer_state"], "None or a dict")
-    if ts["average"] is not None and not named_tensors(ts["average"]):
+    if ts["average"] is not None and not _named_tensors(ts["average"]):
         raise bad("train_state['average']", ts["average"], "None or a dict of named tensors")
     config = payload["train_config"]
     known = set(TrainConfig.__dataclass_fields__)
