@@ -14,10 +14,17 @@ N_LATENT = 10
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every option's default; keeps the description's line breaks."""
+    """Shows each option's default, unless it has none or its help already says it; keeps
+    the description's line breaks."""
 
     def _fill_text(self, text, width, indent):
         return "\n".join(indent + line for line in text.splitlines())
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def add_out_dir(p, *, help: str = "output directory", default: str | None = None, alias: bool = False) -> None:
