@@ -14,6 +14,12 @@ import ldvae
 torch.set_num_threads(1)
 
 
+# The history keys of a scvi-tools model trained with validation (its saved files say so).
+SCVI_HISTORY_KEYS = {f"{metric}_{part}" for part in ("train", "validation")
+                     for metric in ("elbo", "reconstruction_loss", "kl_local", "kl_global")} | {
+    "train_loss", "validation_loss", "kl_weight"}
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     torch.set_num_threads(1)

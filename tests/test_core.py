@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import fit_small
+from conftest import SCVI_HISTORY_KEYS, fit_small
 
 import ldvae
 from ldvae.data.simulate import canonical_correlations
@@ -40,6 +40,8 @@ def test_history_has_scvi_keys_and_validation_every_10_epochs(recovered):
     _, model = recovered
     hist = model.history
     assert set(HISTORY_KEYS) <= set(hist)
+    assert set(hist) == SCVI_HISTORY_KEYS  # code reading scvi-tools' history finds every key
+    assert (hist["kl_global_train"].iloc[:, 0] == 0).all() and (hist["kl_global_validation"].iloc[:, 0] == 0).all()
     assert len(hist["elbo_train"]) == 60
     assert list(hist["elbo_validation"].index) == [9, 19, 29, 39, 49, 59]
     assert hist["elbo_train"].index.name == "epoch"
@@ -263,6 +265,8 @@ def test_save_load_gives_the_same_latent(small_adata, tmp_path):
     from_file = ldvae.LinearSCVI.load(tmp_path / "run")
     np.testing.assert_allclose(from_file.get_loadings().to_numpy(), model.get_loadings().to_numpy())
     with pytest.raises(FileExistsError, match="Pass overwrite=True"):
+        model.save(tmp_path / "run")
+    with pytest.raises(ValueError, match="Pass overwrite=True"):  # what scvi-tools raises there
         model.save(tmp_path / "run")
     model.save(tmp_path / "run", overwrite=True)
 

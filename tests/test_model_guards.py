@@ -232,6 +232,8 @@ def test_load_checkpoint_checks_every_field(tmp_path):
         ({"plan_kwargs": {"weight_decay": float("nan")}}, r"weight_decay must be a finite number >= 0, got nan"),
         ({"plan_kwargs": {"n_epochs_kl_warmup": 2.5}}, r"n_epochs_kl_warmup must be None or an integer >= 0"),
         ({"plan_kwargs": {"n_steps_kl_warmup": -1}}, r"n_steps_kl_warmup must be None or an integer >= 0"),
+        ({"plan_kwargs": {"max_kl_weight": -0.5}}, r"max_kl_weight must be a finite number >= 0, got -0.5"),
+        ({"plan_kwargs": {"min_kl_weight": float("inf")}}, r"min_kl_weight must be a finite number >= 0, got inf"),
         ({"early_stopping_patience": 0}, r"early_stopping_patience must be a positive integer, got 0"),
         ({"check_val_every_n_epoch": 0}, r"check_val_every_n_epoch must be a positive integer, got 0"),
     ],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -114,6 +115,19 @@ def test_reduce_lr_on_plateau_lowers_the_learning_rate(adata, caplog):
                          "lr_threshold": 1e9, "lr_min": 3e-3})
     assert m.train_state_.optimizer_state["param_groups"][0]["lr"] == pytest.approx(3e-3)  # floored at lr_min
     assert "lr reduced to 0.005" in caplog.text
+
+
+def test_kl_weight_runs_from_min_to_max_kl_weight(adata):
+    m = _model(adata)
+    m.train(6, progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": 3, "min_kl_weight": 0.2, "max_kl_weight": 0.5})
+    weights = m.history["kl_weight"]["kl_weight"].to_numpy()  # the weight of each epoch's last step
+    assert 0.2 < weights[0] < weights[1] < weights[2] < weights[3] == weights[-1] == 0.5
+    m = _model(adata, use_observed_lib_size=True)  # no library KL term: a zero weight leaves the reconstruction
+    m.train(2, progress_bar=False, plan_kwargs={"max_kl_weight": 0.0})
+    h = m.history
+    assert (h["kl_local_train"]["kl_local_train"] > 0).all()
+    np.testing.assert_allclose(h["train_loss"]["train_loss"], h["reconstruction_loss_train"]["reconstruction_loss_train"],
+                               rtol=1e-6)
 
 
 def test_early_stopping_follows_its_monitor_and_mode(adata):
@@ -252,6 +266,12 @@ def test_importance_weighted_expression_and_de(trained):
     expr = trained.get_normalized_expression(indices=np.arange(30), n_samples_overall=40, weights="importance",
                                              max_cells=20, n_mc_samples=20)
     assert expr.shape == (40, 30) and np.allclose(expr.sum(1), 1.0, atol=1e-4)
+    assert set(expr.index) <= set(trained.adata.obs_names[:30])  # each draw named by its cell, as without weights
+    totals = pd.Series(np.asarray(trained.adata.layers["counts"].sum(1)).ravel(), index=trained.adata.obs_names)
+    draws = trained.get_normalized_expression(indices=np.arange(30), n_samples_overall=40, weights="importance",
+                                              library_size="latent", max_cells=20, n_mc_samples=20)
+    assert draws.index.nunique() > 1  # ... by the cell it was drawn from: with the observed library, its total
+    np.testing.assert_allclose(draws.sum(1), totals[draws.index], rtol=1e-4)
     de = trained.differential_expression(groupby="batch", group1="b0", weights="importance",
                                          importance_weighting_kwargs={"max_cells": 20, "n_mc_samples": 20},
                                          n_samples_overall=200)

@@ -20,13 +20,12 @@ from ldvae.train.config import ModelFileError
 from ldvae.util.checks import SetupError
 from ldvae.util.safe_pickle import safe_torch_load
 
+from conftest import SCVI_HISTORY_KEYS
+
 FIXTURES = Path(__file__).parent / "fixtures" / "scvi_models"
 SCVI_SAVED = sorted(p.name for p in FIXTURES.glob("scvi1*"))
 LDVAE_WRITTEN = [(d.name, f.name) for d in sorted(FIXTURES.glob("ldvae_*"))
                  for f in sorted(d.glob("scvi*_outputs.npz"))]
-SCVI_HISTORY_KEYS = {f"{metric}_{part}" for part in ("train", "validation")
-                     for metric in ("elbo", "reconstruction_loss", "kl_local", "kl_global")} | {
-    "train_loss", "validation_loss", "kl_weight"}
 
 
 def counts() -> anndata.AnnData:

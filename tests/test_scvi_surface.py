@@ -117,6 +117,15 @@ def test_scvi_module_options_at_ldvae_values_are_accepted_and_others_refused(sma
         LinearSCVI(small_adata, n_hiden=3)
 
 
+def test_module_answers_scvi_tools_attribute_names(small_adata):
+    LinearSCVI.setup_anndata(small_adata, layer="counts", batch_key="batch")
+    module = LinearSCVI(small_adata, n_latent=4, dispersion="gene-batch", gene_likelihood="zinb").module
+    assert (module.n_input, module.n_latent, module.n_batch, module.n_labels) == (small_adata.n_vars, 4, 2, 1)
+    assert (module.dispersion, module.gene_likelihood, module.latent_distribution) == ("gene-batch", "zinb", "normal")
+    assert module.use_observed_lib_size is False and module.log_variational is True
+    assert module.encode_covariates is False
+
+
 def test_status_split_and_summary(trained):
     m = trained
     assert m.is_trained is True and m.n_latent == 3 and m.history_ is not None
@@ -132,9 +141,13 @@ def test_registry_views(trained, capsys, tmp_path):
     m = trained
     assert m.adata_manager.registry is m.registry_ and m.registry is m.registry_
     assert dict(m.adata_manager.data_registry.batch) == {"attr_name": "obs", "attr_key": "_scvi_batch"}
-    assert m.get_state_registry("batch").categorical_mapping == ["b0", "b1"]
+    mapping = m.get_state_registry("batch").categorical_mapping
+    assert isinstance(mapping, np.ndarray) and list(mapping) == ["b0", "b1"]
     codes = m.get_from_registry(m.adata, "batch").ravel()
     assert np.array_equal(codes, (m.adata.obs["batch"] == "b1").to_numpy().astype(int))
+    assert list(mapping[codes]) == list(m.adata.obs["batch"])  # codes index the categories, as in scvi-tools
+    genes = m.adata_manager.get_state_registry("X").column_names
+    assert isinstance(genes, np.ndarray) and list(genes) == list(m.adata.var_names)
     m.view_anndata_setup()
     assert "batch: obs['_scvi_batch']; n_batch=2" in capsys.readouterr().out
     other = m.adata.copy()
@@ -149,6 +162,23 @@ def test_registry_views(trained, capsys, tmp_path):
     LinearSCVI.view_setup_args(tmp_path / "m")
     assert "batch_key: 'batch'" in capsys.readouterr().out
     assert LinearSCVI.load_registry(tmp_path / "m")["setup_args"]["labels_key"] == "labels"
+
+
+def test_state_registries_have_scvi_tools_types(small_adata):
+    a = small_adata
+    a.obs["site"] = np.where(np.arange(a.n_obs) % 2, "s1", "s2")
+    a.obs["depth"] = np.arange(a.n_obs, dtype=float)
+    LinearSCVI.setup_anndata(a, layer="counts", categorical_covariate_keys=["site"],
+                             continuous_covariate_keys=["depth"])
+    m = LinearSCVI(a, n_latent=2)
+    labels = m.get_state_registry("labels").categorical_mapping  # no labels_key: one code, 0
+    assert labels.dtype == np.int64 and list(labels) == [0]
+    cats = m.get_state_registry("extra_categorical_covs")
+    assert cats.field_keys == ("site",) and cats.n_cats_per_key == (2,)
+    assert isinstance(cats.mappings["site"], np.ndarray) and list(cats.mappings["site"]) == ["s1", "s2"]
+    columns = m.get_state_registry("extra_continuous_covs").columns
+    assert isinstance(columns, np.ndarray) and list(columns) == ["depth"]
+    assert m.registry_["field_registries"]["batch"]["state_registry"]["categorical_mapping"] == ["0"]  # record unchanged
 
 
 def test_scvi_code_columns_are_written_where_scvi_tools_writes_them(trained, tmp_path):

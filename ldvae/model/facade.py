@@ -291,7 +291,8 @@ class LinearSCVI(Queries, ScviSurface):
             ``external_indexing``: ``[train, validation, test]`` cell positions.
         plan_config, plan_kwargs
             ``lr``, ``weight_decay``, ``eps``, ``optimizer`` (``"Adam"``, ``"AdamW"``),
-            ``n_epochs_kl_warmup``, ``n_steps_kl_warmup``, ``reduce_lr_on_plateau`` with
+            ``n_epochs_kl_warmup``, ``n_steps_kl_warmup``, ``min_kl_weight`` and ``max_kl_weight``
+            (the KL weight's start and end, 0 and 1), ``reduce_lr_on_plateau`` with
             ``lr_factor``, ``lr_patience``, ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``.
         datamodule
             Not supported (ldvae reads the model's AnnData, in memory or backed on disk).

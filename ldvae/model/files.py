@@ -16,6 +16,7 @@ from .._version import __version__
 from ..data.contract import plain
 from ..nn.module import LDVAEModule
 from ..train.loop import ModelFileError, TrainState, check_history, check_weights
+from ..util.checks import ExistingModelError
 from ..util.io import atomic_torch_save, atomic_write_json
 from .params import INIT_PARAMS, check_init_params, module_config
 
@@ -31,7 +32,7 @@ def model_dir(dir_path: str | os.PathLike, *, overwrite: bool) -> Path:
     """The directory a model is saved into, made if missing; a non-empty one only with ``overwrite``."""
     d = Path(dir_path)
     if d.exists() and any(d.iterdir()) and not overwrite:
-        raise FileExistsError(f"{d} already exists and is not empty. Pass overwrite=True to replace it.")
+        raise ExistingModelError(f"{d} already exists and is not empty. Pass overwrite=True to replace it.")
     d.mkdir(parents=True, exist_ok=True)
     return d
 

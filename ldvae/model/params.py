@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from ..nn.module import ModuleConfig
+from ..nn.module import ENCODE_COVARIATES, LOG_VARIATIONAL, ModuleConfig
 from ..util.checks import SetupError, check_number, positive_int
 
 logger = logging.getLogger(__name__)
@@ -25,12 +25,13 @@ BOOL_PARAMS = ("use_observed_lib_size", "use_batch_norm", "bias")
 # The constructor's hyperparameters, in the order ``init_params_`` and the saved JSON list them.
 INIT_PARAMS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion", "gene_likelihood",
                "use_observed_lib_size", "latent_distribution", "use_batch_norm", "bias")
-PLAN_KEYS = ("lr", "weight_decay", "eps", "n_epochs_kl_warmup", "n_steps_kl_warmup", "optimizer",
+PLAN_KEYS = ("lr", "weight_decay", "eps", "n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight", "min_kl_weight",
+             "optimizer",
              "reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold", "lr_scheduler_metric", "lr_min")
 # scvi-tools' TrainingPlan options that change nothing in ldvae at these values (the first
 # is the default); other values are refused, saying why.
 PLAN_FIXED = {
-    "optimizer_creator": (None,), "update_only_decoder": (False,), "max_kl_weight": (1.0, 1), "min_kl_weight": (0.0, 0),
+    "optimizer_creator": (None,), "update_only_decoder": (False,),
     "loss_kwargs": (None, {}), "compile_kwargs": (None, {}),
 }
 # ... and those accepted at any value, with what ldvae does instead.
@@ -122,7 +123,7 @@ def check_plan(plan_kwargs: dict | None, lr: float | None) -> dict:
     for name in ("lr", "eps"):
         if name in plan:
             _positive_number(name, plan[name])
-    for name in ("weight_decay", "lr_threshold", "lr_min"):
+    for name in ("weight_decay", "lr_threshold", "lr_min", "max_kl_weight", "min_kl_weight"):
         if name in plan:
             check_number(name, plan[name], minimum=0)
     if "lr_factor" in plan and not 0.0 < float(plan["lr_factor"]) < 1.0:
@@ -313,7 +314,7 @@ def resolve_device(accelerator: str = "auto", device: int | str | None = None) -
 
 # scvi-tools' VAE options that LDVAE passes through, at the values ldvae's model has.
 SCVI_MODULE_DEFAULTS = {
-    "log_variational": (True,), "encode_covariates": (False,), "deeply_inject_covariates": (False,),
+    "log_variational": (LOG_VARIATIONAL,), "encode_covariates": (ENCODE_COVARIATES,), "deeply_inject_covariates": (False,),
     "use_layer_norm": ("none", False), "use_size_factor_key": (False,), "var_activation": (None,),
     "batch_representation": ("one-hot",), "extra_encoder_kwargs": (None, {}), "extra_decoder_kwargs": (None, {}),
     "batch_embedding_kwargs": (None, {}), "library_log_means": (None,), "library_log_vars": (None,),

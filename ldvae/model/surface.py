@@ -138,7 +138,20 @@ class SetupView:
         return Attrdict(stats)
 
     def get_state_registry(self, registry_key: str) -> Attrdict:
-        return _as_attrdict(self._field(registry_key)["state_registry"])
+        """A field's state in scvi-tools' types: names and categories as object arrays (so
+        ``categorical_mapping[codes]`` maps codes to categories), [0] for a field without a key."""
+        state = dict(self._field(registry_key)["state_registry"])
+        for name in ("column_names", "columns"):
+            if name in state:
+                state[name] = np.asarray(state[name], dtype=object)
+        if "categorical_mapping" in state:
+            state["categorical_mapping"] = (np.asarray(state["categorical_mapping"], dtype=object)
+                                            if state["original_key"] is not None else np.zeros(1, np.int64))
+        if "mappings" in state:
+            state["mappings"] = {k: np.asarray(v, dtype=object) for k, v in state["mappings"].items()}
+            state["field_keys"] = tuple(state["field_keys"])
+            state["n_cats_per_key"] = tuple(len(state["mappings"][k]) for k in state["field_keys"])
+        return _as_attrdict(state)
 
     def get_from_registry(self, registry_key: str):
         """The values of a field for every cell: the counts, or category codes of batch/labels."""

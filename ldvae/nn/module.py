@@ -61,6 +61,10 @@ def use_compiled(kernels: CompiledKernels | None) -> None:
     _compiled = kernels
 
 
+LOG_VARIATIONAL = True  # the encoders read log1p(counts), as scvi-tools' default
+ENCODE_COVARIATES = False  # the encoders read no batch or covariates; the decoder does
+
+
 @dataclass(frozen=True)
 class ModuleConfig:
     n_genes: int
@@ -337,6 +341,19 @@ class LDVAEModule(nn.Module):
             # (NaN with large lr) or take many epochs to climb. The model is unchanged.
             with torch.no_grad():
                 self.l_encoder.mean.bias.fill_(float(self.library_log_means.mean()))
+
+    # scvi-tools' module attributes, read from the config, for code written against its module
+    n_input = property(lambda self: self.config.n_genes, doc="Genes modelled.")
+    n_latent = property(lambda self: self.config.n_latent, doc="Latent factors K.")
+    n_batch = property(lambda self: self.config.n_batch, doc="Batches.")
+    n_labels = property(lambda self: self.config.n_labels, doc="Labels.")
+    dispersion = property(lambda self: self.config.dispersion, doc="Where the dispersion varies.")
+    gene_likelihood = property(lambda self: self.config.gene_likelihood, doc="Count likelihood.")
+    latent_distribution = property(lambda self: self.config.latent_distribution, doc="normal or ln.")
+    use_observed_lib_size = property(lambda self: self.config.use_observed_lib_size,
+                                     doc="Whether the library is the observed total count.")
+    log_variational = property(lambda self: LOG_VARIATIONAL, doc="The encoders read log1p of the counts.")
+    encode_covariates = property(lambda self: ENCODE_COVARIATES, doc="The encoders read no covariates.")
 
     @property
     def needs_gene_order(self) -> bool:

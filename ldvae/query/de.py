@@ -134,7 +134,7 @@ def _sample_scales(fitted: Fitted, data, cells: np.ndarray, codes, n_total: int,
         if codes != [None]:
             raise ValueError("Importance weights need each cell decoded in its own batch (batch_correction=False).")
         rows = torch.as_tensor(cells, device=data.device)
-        scales = resampled_expression(fitted, adata, data, rows, size, n_total, None, 1, rng, **importance)
+        scales, _ = resampled_expression(fitted, adata, data, rows, size, n_total, None, 1, rng, **importance)
         return scales.astype(np.float32), np.full(n_total, -1)
     per_code = max(n_total // len(codes), 2)
     cells_t = torch.as_tensor(cells, device=data.device)

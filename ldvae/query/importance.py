@@ -108,26 +108,29 @@ def importance_weights(fitted: Fitted, adata, cells: np.ndarray, qz_m: Tensor, q
 
 
 def resampled_expression(fitted: Fitted, adata, data, rows: Tensor, size: int, n_total: int, code: int | None,
-                         library_size: float | str, rng: np.random.Generator, **options) -> np.ndarray:
+                         library_size: float | str, rng: np.random.Generator,
+                         **options) -> tuple[np.ndarray, np.ndarray]:
     """``n_total`` draws of the expression of the cells ``rows`` (n_draws, n_genes): about
     ``n_total / n_cells`` posterior draws per cell, resampled by their importance weights
     (``options``: keywords of :func:`importance_weights`; ``n_mc_samples_per_pass`` is
-    accepted and unused). No seeding: the caller runs it under ``querying``."""
+    accepted and unused), and the position in ``rows`` of each draw's cell. No seeding: the
+    caller runs it under ``querying``."""
     options.pop("n_mc_samples_per_pass", None)
     d = draw(fitted, data, rows, size, n_total // rows.shape[0] + 1, code, library_size)
     p = importance_weights(fitted, adata, rows.cpu().numpy(), d.qz_m, d.qz_v, d.px, d.z, rng=rng, **options)
-    return d.expression[rng.choice(len(p), size=n_total, p=p, replace=True)]
+    chosen = rng.choice(len(p), size=n_total, p=p, replace=True)
+    return d.expression[chosen], chosen % rows.shape[0]  # draws are laid out sample by sample
 
 
 def weighted_expression(fitted: Fitted, adata=None, indices=None, transform_batch=None, gene_list=None,
                         library_size: float | str = 1, n_samples_overall: int = 1, batch_size=None,
                         return_numpy: bool | None = None, **options):
     """``get_normalized_expression(weights="importance", n_samples_overall=...)``: rows are
-    draws (see :func:`resampled_expression`), columns genes."""
+    draws (see :func:`resampled_expression`), named by their cells, columns genes."""
     import pandas as pd
 
     from ..util.settings import settings
-    from .target import batch_codes, gene_mask, querying, start
+    from .target import batch_codes, gene_mask, obs_names, querying, start
 
     codes = batch_codes(fitted, transform_batch)
     if len(codes) != 1:
@@ -135,9 +138,10 @@ def weighted_expression(fitted: Fitted, adata=None, indices=None, transform_batc
     mask = gene_mask(fitted, gene_list)
     data, rows, size = start(fitted, adata, indices, batch_size)
     with querying(fitted.device):
-        expr = resampled_expression(fitted, adata, data, rows, size, n_samples_overall, codes[0], library_size,
-                                    np.random.default_rng(settings.seed), **options)
+        expr, cells = resampled_expression(fitted, adata, data, rows, size, n_samples_overall, codes[0],
+                                           library_size, np.random.default_rng(settings.seed), **options)
     expr = expr if mask is None else expr[:, mask]
     if return_numpy:
         return expr
-    return pd.DataFrame(expr, columns=(fitted.var_names if mask is None else fitted.var_names[mask]).copy())
+    return pd.DataFrame(expr, index=obs_names(fitted, adata, rows[torch.from_numpy(cells).to(rows.device)]),
+                        columns=(fitted.var_names if mask is None else fitted.var_names[mask]).copy())

@@ -10,11 +10,13 @@ HISTORY_KEYS = (
     "elbo_train",
     "reconstruction_loss_train",
     "kl_local_train",
+    "kl_global_train",
     "kl_weight",
     "validation_loss",
     "elbo_validation",
     "reconstruction_loss_validation",
     "kl_local_validation",
+    "kl_global_validation",
 )
 
 
@@ -37,6 +39,9 @@ class TrainConfig:
     eps: float = 0.01
     n_epochs_kl_warmup: int | None = 400
     n_steps_kl_warmup: int | None = None
+    # The KL weight rises from min_kl_weight to max_kl_weight over the warm-up (scvi-tools').
+    max_kl_weight: float = 1.0
+    min_kl_weight: float = 0.0
     check_val_every_n_epoch: int | None = None
     early_stopping: bool = False
     early_stopping_patience: int = 45
@@ -81,7 +86,7 @@ class TrainState:
     optimizer_state: dict | None = None
     epoch: int = 0  # completed epochs
     step: int = 0  # completed optimizer steps
-    warmup_steps: int = 0  # KL weight reaches 1 after this many steps (0: no warm-up)
+    warmup_steps: int = 0  # KL weight reaches max_kl_weight after this many steps (0: no warm-up)
     history: dict[str, list[list[float]]] = field(default_factory=dict)  # key -> [[epoch, value], ...]
     best_val: float = math.inf
     epochs_since_best: int = 0

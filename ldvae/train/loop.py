@@ -117,7 +117,7 @@ def _train_epoch(module, step: Step, source, generator, state: TrainState, epoch
     for chunk in step.epoch(source, generator):
         if guard.requested:
             raise KeyboardInterrupt
-        weights = [_kl_weight(state.step + j, state.warmup_steps) for j in range(len(chunk))]
+        weights = [_kl_weight(state.step + j, state.warmup_steps, config) for j in range(len(chunk))]
         step.snapshot()
         try:
             result = step(chunk, weights)
@@ -136,8 +136,8 @@ def _train_epoch(module, step: Step, source, generator, state: TrainState, epoch
     if source.comm is not None:
         source.comm.all_reduce_sum(sums)
     rec, kl, elbo, loss = (sums / source.n_train).tolist()
-    for key, value in (("reconstruction_loss_train", rec), ("kl_local_train", kl), ("elbo_train", elbo),
-                       ("train_loss", loss), ("kl_weight", kl_weight)):
+    for key, value in (("reconstruction_loss_train", rec), ("kl_local_train", kl), ("kl_global_train", 0.0),
+                       ("elbo_train", elbo), ("train_loss", loss), ("kl_weight", kl_weight)):
         state.record(key, epoch, value)
     return kl_weight
 
@@ -319,6 +319,7 @@ def evaluate(module: LDVAEModule, source, kl_weight: float) -> dict[str, float]:
     return {
         "reconstruction_loss_validation": rec,
         "kl_local_validation": kl,
+        "kl_global_validation": 0.0,  # the model has no global latent variables; logged as scvi-tools does
         "elbo_validation": elbo,
         "validation_loss": loss,
     }
@@ -348,15 +349,17 @@ def _warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
         # Never leave the KL weight below 1 for the whole fit: finish warm-up by mid-training.
         shortened = max(config.max_epochs // 2, 1)
         logger.info(
-            "KL warm-up shortened from n_epochs_kl_warmup=%d to %d epochs so the KL weight reaches 1 "
-            "within max_epochs=%d.", epochs, shortened, config.max_epochs,
+            "KL warm-up shortened from n_epochs_kl_warmup=%d to %d epochs so the KL weight reaches %g "
+            "within max_epochs=%d.", epochs, shortened, config.max_kl_weight, config.max_epochs,
         )
         epochs = shortened
     return epochs * steps_per_epoch
 
 
-def _kl_weight(step: int, warmup_steps: int) -> float:
-    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+def _kl_weight(step: int, warmup_steps: int, config: TrainConfig) -> float:
+    """min_kl_weight rising linearly to max_kl_weight over the warm-up, then max_kl_weight."""
+    low, high = float(config.min_kl_weight), float(config.max_kl_weight)
+    return high if warmup_steps <= 0 or step >= warmup_steps else low + (high - low) * step / warmup_steps
 
 
 def _should_stop(state: TrainState, value: float, config: TrainConfig) -> bool:

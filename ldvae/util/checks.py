@@ -11,6 +11,11 @@ class SetupError(ValueError):
     """Bad input to setup_anndata, the model, a query or a command; the message says how to fix it."""
 
 
+class ExistingModelError(FileExistsError, ValueError):
+    """A model would be saved over files already there, without ``overwrite=True``; also a
+    ValueError, which scvi-tools raises there."""
+
+
 def check_number(name: str, value, *, integer: bool = False, minimum: float | None = None,
                  exclusive: bool = False, maximum: float | None = None, flag: str | None = None) -> None:
     """Raise SetupError unless ``value`` is a finite number (an integer with ``integer=True``)
