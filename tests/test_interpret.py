@@ -504,7 +504,27 @@ def test_cli_factors(small_model, tmp_path, capsys):
     assert list(pd.read_csv(out / "factors.csv")["factor"]) == [f"F_{i}" for i in range(k)]
     assert "<h2>Reproducible factors</h2>" in (out / "report.html").read_text()
     assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out)]) == 1
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "already exists. Pass --overwrite" in capsys.readouterr().err
+    assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out), "--overwrite"]) == 0  # its own outputs
+    assert not (out / "enrichment.csv").exists()  # replaced as a whole
+
+
+def test_cli_factors_leaves_nothing_on_error_and_keeps_the_users_files(small_model, tmp_path, capsys):
+    from ldvae.cli.app import main
+
+    small_model.save(tmp_path / "model", save_anndata=True)
+    out = tmp_path / "out"
+    assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out), "--gmt", str(tmp_path / "no.gmt")]) == 1
+    assert "no.gmt" in capsys.readouterr().err and not out.exists()  # the gene sets are read before any work
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging directory left either
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["factors", str(tmp_path / "model"), "--out-dir", str(mine), "--overwrite"]) == 1
+    assert "was not written by ldvae" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert main(["factors", str(tmp_path / "model"), "--out-dir", str(tmp_path / "model"), "--overwrite"]) == 1
+    assert "it holds the input" in capsys.readouterr().err
 
 
 def test_cli_lists_the_interpretation_subcommands():
@@ -527,6 +547,15 @@ def test_cli_stability_with_varimax(tmp_path, capsys):
     assert list(consensus.columns) == ["V_0", "V_1"] and len(consensus) == 30
     assert sorted(pd.read_csv(out / "stability.csv", index_col="factor").index) == ["V_0", "V_1"]
     assert "after a varimax rotation of each run&#x27;s loadings" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("seeds, message", [(["0"], "at least 2 seeds"), (["1", "1"], "must be distinct")])
+def test_cli_stability_checks_its_seeds_before_reading(tmp_path, capsys, seeds, message):
+    from ldvae.cli.app import main
+
+    out = tmp_path / "stab"
+    assert main(["stability", str(tmp_path / "missing.h5ad"), "--out-dir", str(out), "--seeds", *seeds]) == 1
+    assert message in capsys.readouterr().err and not out.exists()
 
 
 def test_kernels_are_compiled_once_before_workers_start(monkeypatch):

@@ -116,7 +116,7 @@ def test_mapping_refusals(data, tmp_path):
     np.testing.assert_array_equal(from_disk.get_loadings().to_numpy(), reference.get_loadings().to_numpy())
 
 
-def test_ldvae_map_writes_query_results_and_a_joint_report(data, tmp_path):
+def test_ldvae_map_writes_query_results_and_a_joint_report(data, tmp_path, capsys):
     from ldvae.cli.app import main
 
     reference, query = data
@@ -139,6 +139,19 @@ def test_ldvae_map_writes_query_results_and_a_joint_report(data, tmp_path):
     html = (out / "report.html").read_text()
     assert "Reference and query" in html and "unchanged, so the factors keep their meaning" in html
     assert sp.issparse(res.layers["counts"])
+    before = (tmp_path / "query.h5ad").read_bytes()
+    (tmp_path / "query.h5ad").rename(out / "query.h5ad")  # the query inside the output directory
+    code = main(["map", str(tmp_path / "ref"), str(out / "query.h5ad"), "--out-dir", str(out), "--overwrite",
+                 "--max-epochs", "1", "--no-progress-bar", "--query-batch", "new"])
+    assert code == 1 and (out / "query.h5ad").read_bytes() == before  # refused: it holds the input
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    reference.save(run_dir / "model", overwrite=True)
+    assert main(["map", str(run_dir), str(out / "query.h5ad"), "--out-dir", str(tmp_path / "o2")]) == 1
+    assert f"{run_dir / 'model'} does (the layout of `ldvae run`)" in capsys.readouterr().err
+    assert main(["map", str(tmp_path / "ref"), str(out / "query.h5ad"), "--out-dir", str(tmp_path / "o3"),
+                 "--color-by", "nope"]) == 1
+    assert "--color-by 'nope' is a column of neither" in capsys.readouterr().err and not (tmp_path / "o3").exists()
 
 
 def test_a_mapping_fit_resumes_from_its_checkpoint(data, tmp_path):

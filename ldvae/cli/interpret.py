@@ -26,19 +26,21 @@ from .options import (
 )
 
 
-def _check_out_dir(path: str, overwrite: bool) -> Path:
-    """Refuse a non-empty ``--out-dir`` without ``--overwrite``, before any work."""
-    d = Path(path)
-    if d.exists() and not d.is_dir():
-        raise FileExistsError(f"--out-dir {d} exists and is not a directory. Choose another --out-dir.")
-    if d.exists() and any(d.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out-dir {d} exists and is not empty. Choose another or pass --overwrite.")
-    return d
+def _check_out_dir(path: str, overwrite: bool, inputs: list) -> Path:
+    """``--out-dir``, checked before any work as ``ldvae run`` checks its own: an existing one
+    only with ``--overwrite``, and then only if it holds nothing but ldvae's earlier outputs
+    and none of ``inputs`` (the paths the command reads)."""
+    from ..workflow.outputs import check_out_dir
+
+    return check_out_dir(path, overwrite, inputs=inputs)
 
 
-def _out_dir(d: Path) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def _staged(d: Path, overwrite: bool, inputs: list):
+    """The directory the outputs are written into: renamed to ``d`` when the block ends
+    without error, removed on any error, so a failed command leaves nothing at ``d``."""
+    from ..workflow.outputs import staged
+
+    return staged(d, overwrite, inputs)
 
 
 def _write(d: Path, name: str, frame, *, index: bool = True) -> None:
@@ -87,11 +89,28 @@ def add_factors(subparsers) -> None:
     p.set_defaults(handler=_handle_factors)
 
 
+def _check_model_dir(model_dir: str) -> Path:
+    """``model_dir`` if it holds a saved model (ldvae's or scvi-tools'), else a FileNotFoundError
+    that points to ``model/`` inside it where ``ldvae run`` saved one."""
+    from ..model.files import LEGACY_WEIGHTS, MODEL_JSON
+    from ..model.scvi_files import is_scvi_model
+
+    d = Path(model_dir)
+    if (d / MODEL_JSON).is_file() or (d / LEGACY_WEIGHTS).is_file() or is_scvi_model(d, None):
+        return d
+    if (d / "model" / MODEL_JSON).is_file():
+        raise FileNotFoundError(f"{d} holds no saved model, but {d / 'model'} does (the layout of `ldvae run`); "
+                                "pass that.")
+    raise FileNotFoundError(f"{d} holds no saved model; pass the directory that model.save() (or `ldvae run`'s "
+                            "OUT/model) wrote.")
+
+
 def _load_model(model_dir: str, adata_path: str | None, accelerator: str):
     """A saved model on ``adata_path`` (subset to the model's genes; default: the AnnData saved with it)."""
     from ..model import LinearSCVI
     from ..model.scvi_files import read_any_model
 
+    _check_model_dir(model_dir)
     adata = None
     if adata_path is not None:
         import anndata
@@ -110,7 +129,7 @@ def _load_model(model_dir: str, adata_path: str | None, accelerator: str):
 
 
 def _handle_factors(args: argparse.Namespace) -> int:
-    from ..factors.enrichment import factor_enrichment, plot_enrichment, top_sets
+    from ..factors.enrichment import factor_enrichment, plot_enrichment, read_gmt, top_sets
     from ..factors.interpret import covariate_effects, factor_deviance, ordered_loadings, plot_covariate_effects, plot_deviance
     from ..workflow.interpret_report import interpretation_sections
 
@@ -121,34 +140,36 @@ def _handle_factors(args: argparse.Namespace) -> int:
     if args.max_size < args.min_size:
         raise ValueError(f"max_size (--max-size) must be at least min_size (--min-size), got {args.max_size} "
                          f"< {args.min_size}.")
-    d = _check_out_dir(args.out_dir, args.overwrite)
+    inputs = [args.model_dir, args.adata, args.gmt]
+    d = _check_out_dir(args.out_dir, args.overwrite, inputs)
+    gene_sets = None if args.gmt is None else read_gmt(args.gmt)  # a bad file fails before any work
     model = _load_model(args.model_dir, args.adata, args.accelerator)
-    _out_dir(d)
-    deviance = factor_deviance(model)
-    _write(d, "deviance.csv", deviance)
-    _write(d, "ordered_loadings.csv", ordered_loadings(model, deviance).rename_axis("gene"))
-    _save_figure(plot_deviance(deviance), d, "deviance.png")
-    effects = covariate_effects(model)
-    _write(d, "covariate_effects.csv", effects, index=False)
-    _save_figure(plot_covariate_effects(effects), d, "covariate_effects.png")
-    print(f"Model explains {100 * deviance.attrs['fraction_explained']:.1f}% of the null deviance; by factor:")
-    print(deviance[["rank", "fraction_of_model", "sign"]].to_string(float_format="{:.3f}".format))
-    if args.gmt is not None:
-        enrichment = factor_enrichment(model, args.gmt, min_size=args.min_size, max_size=args.max_size)
-        _write(d, "enrichment.csv", enrichment, index=False)
-        _save_figure(plot_enrichment(enrichment, args.n_top), d, "enrichment.png")
-        best = top_sets(enrichment, 1, max_p_adj=0.05)
-        print(f"Top gene set per factor and direction (p_adj <= 0.05): {len(best)} found")
-        if len(best):
-            print(best[["factor", "direction", "gene_set", "auc", "p_adj"]].to_string(index=False))
-    sections = [_factors(d, model)]
-    sections += [s(model, model.adata) if callable(s) else s for s in interpretation_sections(gmt=args.gmt)]
-    report = _write_report(
-        d, f"LDVAE factors: {Path(args.model_dir).name}",
-        {"cells": model.adata.n_obs, "genes": len(model.var_names_), "model": str(args.model_dir)},
-        dict(model.init_params_), sections,
-    )
-    print(f"Wrote tables, figures and {report}")
+    with _staged(d, args.overwrite, inputs) as s:
+        deviance = factor_deviance(model)
+        _write(s, "deviance.csv", deviance)
+        _write(s, "ordered_loadings.csv", ordered_loadings(model, deviance).rename_axis("gene"))
+        _save_figure(plot_deviance(deviance), s, "deviance.png")
+        effects = covariate_effects(model)
+        _write(s, "covariate_effects.csv", effects, index=False)
+        _save_figure(plot_covariate_effects(effects), s, "covariate_effects.png")
+        print(f"Model explains {100 * deviance.attrs['fraction_explained']:.1f}% of the null deviance; by factor:")
+        print(deviance[["rank", "fraction_of_model", "sign"]].to_string(float_format="{:.3f}".format))
+        if gene_sets is not None:
+            enrichment = factor_enrichment(model, gene_sets, min_size=args.min_size, max_size=args.max_size)
+            _write(s, "enrichment.csv", enrichment, index=False)
+            _save_figure(plot_enrichment(enrichment, args.n_top), s, "enrichment.png")
+            best = top_sets(enrichment, 1, max_p_adj=0.05)
+            print(f"Top gene set per factor and direction (p_adj <= 0.05): {len(best)} found")
+            if len(best):
+                print(best[["factor", "direction", "gene_set", "auc", "p_adj"]].to_string(index=False))
+        sections = [_factors(s, model)]
+        sections += [x(model, model.adata) if callable(x) else x for x in interpretation_sections(gmt=args.gmt)]
+        _write_report(
+            s, f"LDVAE factors: {Path(args.model_dir).name}",
+            {"cells": model.adata.n_obs, "genes": len(model.var_names_), "model": str(args.model_dir)},
+            dict(model.init_params_), sections,
+        )
+    print(f"Wrote tables, figures and {d / 'report.html'}")
     return 0
 
 
@@ -196,18 +217,20 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
 
 def _check_fit_options(args: argparse.Namespace) -> Path:
     """The options of ``_fit_options`` (and the output directory), before any work."""
+    from ..factors.seeds import check_seeds
     from ..workflow.checks import MAX_SEED, check_option
 
     check_option("n_top_genes", args.n_top_genes, integer=True, minimum=0)
     for seed in args.seeds:
         check_option("seeds", seed, integer=True, minimum=0, maximum=MAX_SEED)
+    check_seeds(args.seeds, 2)
     for name in ("n_jobs", "max_epochs"):
         if getattr(args, name) is not None:
             check_option(name, getattr(args, name), integer=True, minimum=1)
     check_option("lr", args.lr, minimum=0, exclusive=True)
     check_option("batch_size", args.batch_size, integer=True, minimum=1)
     check_option("threshold", args.threshold, minimum=0, exclusive=True, maximum=1)
-    return _check_out_dir(args.out_dir, args.overwrite)
+    return _check_out_dir(args.out_dir, args.overwrite, [args.input])
 
 
 def _prepared(args: argparse.Namespace):
@@ -255,18 +278,19 @@ def _handle_stability(args: argparse.Namespace) -> int:
                        n_latent=args.n_latent, gene_likelihood=args.gene_likelihood)
     result = factor_stability(models, threshold=args.threshold,
                               rotation=None if args.rotation == "none" else args.rotation)
-    _out_dir(d)
-    _write(d, "stability.csv", result.factors)
-    _write(d, "matches.csv", result.matches)
-    _write(d, "consensus_loadings.csv", result.consensus.rename_axis("gene"))
-    _save_figure(plot_stability(result), d, "stability.png")
-    print(result.factors.to_string(float_format="{:.3f}".format))
-    report = _write_report(
-        d, "LDVAE factor stability", {"cells": adata.n_obs, "genes": adata.n_vars, "input": args.input},
-        {"n_latent": args.n_latent, "seeds": args.seeds, "rotation": args.rotation, **train_kwargs},
-        [stability_section(result)],
-    )
-    print(f"{int(result.factors['stable'].sum())} of {len(result.factors)} factors reproducible; report: {report}")
+    with _staged(d, args.overwrite, [args.input]) as s:
+        _write(s, "stability.csv", result.factors)
+        _write(s, "matches.csv", result.matches)
+        _write(s, "consensus_loadings.csv", result.consensus.rename_axis("gene"))
+        _save_figure(plot_stability(result), s, "stability.png")
+        print(result.factors.to_string(float_format="{:.3f}".format))
+        _write_report(
+            s, "LDVAE factor stability", {"cells": adata.n_obs, "genes": adata.n_vars, "input": args.input},
+            {"n_latent": args.n_latent, "seeds": args.seeds, "rotation": args.rotation, **train_kwargs},
+            [stability_section(result)],
+        )
+    print(f"{int(result.factors['stable'].sum())} of {len(result.factors)} factors reproducible; "
+          f"report: {d / 'report.html'}")
     return 0
 
 
@@ -299,13 +323,13 @@ def _handle_select_k(args: argparse.Namespace) -> int:
     table = select_k(adata, args.n_latents, seeds=args.seeds, n_jobs=args.n_jobs, train_kwargs=train_kwargs,
                      threshold=args.threshold, n_mc_samples=args.n_mc_samples,
                      gene_likelihood=args.gene_likelihood)
-    _out_dir(d)
-    _write(d, "select_k.csv", table)
-    _save_figure(plot_select_k(table), d, "select_k.png")
-    print(table.to_string(float_format="{:.3f}".format))
-    report = _write_report(
-        d, "LDVAE: choosing K", {"cells": adata.n_obs, "genes": adata.n_vars, "input": args.input},
-        {"n_latents": args.n_latents, "seeds": args.seeds, **train_kwargs}, [select_k_section(table)],
-    )
-    print(f"Chosen K = {table.attrs['best_k']}; report: {report}")
+    with _staged(d, args.overwrite, [args.input]) as s:
+        _write(s, "select_k.csv", table)
+        _save_figure(plot_select_k(table), s, "select_k.png")
+        print(table.to_string(float_format="{:.3f}".format))
+        _write_report(
+            s, "LDVAE: choosing K", {"cells": adata.n_obs, "genes": adata.n_vars, "input": args.input},
+            {"n_latents": args.n_latents, "seeds": args.seeds, **train_kwargs}, [select_k_section(table)],
+        )
+    print(f"Chosen K = {table.attrs['best_k']}; report: {d / 'report.html'}")
     return 0

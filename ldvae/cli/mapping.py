@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .interpret import _check_out_dir, _load_model, _out_dir, _save_figure, _write, _write_report
+from .interpret import _check_model_dir, _check_out_dir, _load_model, _save_figure, _staged, _write, _write_report
 from .options import HelpFormatter, add_accelerator, add_lr, add_max_epochs, add_out_dir, add_overwrite, add_seed
 
 
@@ -74,11 +74,15 @@ def _handle_map(args: argparse.Namespace) -> int:
     from ..util.settings import settings
     from ..workflow.report import figure_html, note_html, table_html
 
-    d = _check_out_dir(args.out_dir, args.overwrite)
+    inputs = [args.model_dir, args.reference_adata, args.query]
+    d = _check_out_dir(args.out_dir, args.overwrite, inputs)
     settings.seed = args.seed
-    model_dir = Path(args.model_dir)
+    model_dir = _check_model_dir(args.model_dir)
     reference = _load_model(str(model_dir), _reference_cells(model_dir, args.reference_adata), args.accelerator)
     query = LinearSCVI.prepare_query_anndata(_query(args.query, reference.setup_, args.query_batch), reference)
+    missing = [c for c in args.color_by if c not in reference.adata.obs and c not in query.obs]
+    if missing:
+        raise ValueError(f"--color-by {missing[0]!r} is a column of neither the reference's nor the query's obs.")
     model = LinearSCVI.load_query_data(query, reference, train_encoder=not args.frozen_encoder,
                                        accelerator=args.accelerator)
     free = any(v is not None for v in model.frozen_.values())  # else the reference's encoder maps the cells as is
@@ -86,14 +90,6 @@ def _handle_map(args: argparse.Namespace) -> int:
     if free:
         model.train(args.max_epochs, plan_kwargs={"lr": args.lr}, progress_bar=args.progress_bar)
     seconds = time.perf_counter() - start
-    _out_dir(d)
-    model.write_results(query, obs_columns=True)
-    query.write_h5ad(d / "results.h5ad", compression="gzip")
-    model.save(d / "model", overwrite=True)
-    _write(d, "query_latent.csv", query.obs[[f"Z_{i}" for i in range(model.n_latent)]])
-    together = _together(reference, model, args.color_by)
-    _save_figure(_umap(together, ["dataset", *( [reference.setup_["batch_key"]] if "batch_key" in reference.setup_
-                                                else []), *args.color_by]), d, "umap_reference_query.png")
     new = [c for c in model.setup_.get("batch_categories", []) if c not in reference.setup_.get("batch_categories", [])]
     summary = {"reference cells": reference.adata.n_obs, "query cells": query.n_obs, "new batches": ", ".join(new)
                or "none", "genes": len(model.var_names_), "reference model": str(model_dir)}
@@ -103,13 +99,22 @@ def _handle_map(args: argparse.Namespace) -> int:
               "reference's encoder as they are, nothing was fitted.")
     fitted += (" The factor loadings, gene intercepts and the reference's batch effects are the reference's, "
                "unchanged, so the factors keep their meaning.")
-    counts = together.obs["dataset"].value_counts().rename_axis("dataset").reset_index(name="cells")
-    section = ("Reference and query", note_html(fitted) + table_html(counts)
-               + figure_html(d / "umap_reference_query.png", "UMAP of the factor values of reference and query cells."))
-    report = _write_report(d, f"LDVAE mapping: {Path(args.query).name} onto {model_dir.name}", summary,
-                           {"max_epochs": args.max_epochs, "lr": args.lr, "frozen_encoder": args.frozen_encoder,
-                            "seed": args.seed}, [section])
-    print(f"Mapped {query.n_obs} cells onto {model_dir} in {seconds:.1f} s; report: {report}")
+    batch_key = [reference.setup_["batch_key"]] if "batch_key" in reference.setup_ else []
+    with _staged(d, args.overwrite, inputs) as s:
+        model.write_results(query, obs_columns=True)
+        query.write_h5ad(s / "results.h5ad", compression="gzip")
+        model.save(s / "model", overwrite=True)
+        _write(s, "query_latent.csv", query.obs[[f"Z_{i}" for i in range(model.n_latent)]])
+        together = _together(reference, model, args.color_by)
+        _save_figure(_umap(together, ["dataset", *batch_key, *args.color_by]), s, "umap_reference_query.png")
+        counts = together.obs["dataset"].value_counts().rename_axis("dataset").reset_index(name="cells")
+        section = ("Reference and query", note_html(fitted) + table_html(counts)
+                   + figure_html(s / "umap_reference_query.png",
+                                 "UMAP of the factor values of reference and query cells."))
+        _write_report(s, f"LDVAE mapping: {Path(args.query).name} onto {model_dir.name}", summary,
+                      {"max_epochs": args.max_epochs, "lr": args.lr, "frozen_encoder": args.frozen_encoder,
+                       "seed": args.seed}, [section])
+    print(f"Mapped {query.n_obs} cells onto {model_dir} in {seconds:.1f} s; report: {d / 'report.html'}")
     return 0
 
 

@@ -258,7 +258,7 @@ class BackgroundFits:
 
         get_setup(adata)
         self._adata = adata
-        self._jobs = [(dict(model_kwargs), s) for s in _check_seeds(seeds, 1)]
+        self._jobs = [(dict(model_kwargs), s) for s in check_seeds(seeds, 1)]
         train_kwargs = _train_defaults(train_kwargs)
         self._tmp = _fits_dir()
         self._dir = Path(self._tmp.name)
@@ -296,7 +296,7 @@ class BackgroundFits:
         self.close()
 
 
-def _check_seeds(seeds: Sequence[int], at_least: int) -> list[int]:
+def check_seeds(seeds: Sequence[int], at_least: int) -> list[int]:
     seeds = [int(s) for s in seeds]
     if len(seeds) < at_least:
         raise ValueError(f"seeds needs at least {at_least} seeds to compare runs, got {seeds}.")
@@ -345,6 +345,6 @@ def fit_seeds(
     list of LinearSCVI
         The trained models, in the order of ``seeds``.
     """
-    seeds = _check_seeds(seeds, 1)
+    seeds = check_seeds(seeds, 1)
     train_kwargs = _train_defaults(train_kwargs)
     return _fit_many(adata, [(dict(model_kwargs), s) for s in seeds], n_jobs, train_kwargs)

@@ -27,7 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from ..query.deviance import check_rotation, sign_convention
 from ..query.target import query_batch_size, rows_of
 from ..util.checks import positive_int
-from .seeds import BackgroundFits, _check_seeds, _fit_many, fit_seeds, uses_gpu  # noqa: F401 (public here too)
+from .seeds import BackgroundFits, check_seeds, _fit_many, fit_seeds, uses_gpu  # noqa: F401 (public here too)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -403,7 +403,7 @@ def select_k(
         raise ValueError(f"n_latents must be positive integers, got {list(n_latents)}.")
     if "n_latent" in model_kwargs:
         raise TypeError("select_k sets n_latent itself; pass the candidates as n_latents=[...].")
-    seeds = _check_seeds(seeds, 2)
+    seeds = check_seeds(seeds, 2)
     positive_int("n_mc_samples", n_mc_samples)
     train_kwargs = dict(train_kwargs or {})
     jobs = [({**model_kwargs, "n_latent": k}, s) for k in ks for s in seeds]
