@@ -258,6 +258,12 @@ def _bad_input(tmp_path, kind):
     if kind == "layer missing":
         args = ["--layer", "counts"]
         match = r"layer='counts' is not in adata.layers \(have: none\)"
+    elif kind == "no cells":
+        adata = adata[:0].copy()
+        match = r"in.h5ad holds no counts to model: 0 cells x 30 genes"
+    elif kind == "fewer cells than neighbours":
+        adata = adata[:8].copy()
+        match = r"n_neighbors=10 \(--n-neighbors\) needs more cells than that; the data has 8"
     elif kind == "not counts":
         adata.X = adata.X.multiply(0.5).tocsr()
         match = r"LDVAE models raw counts, but adata.X has non-integer values \(first: \d+\.5 at cell 'cell0'"
@@ -269,7 +275,8 @@ def _bad_input(tmp_path, kind):
     return path, args, match
 
 
-@pytest.mark.parametrize("kind", ["missing file", "unreadable format", "layer missing", "not counts", "too few genes"])
+@pytest.mark.parametrize("kind", ["missing file", "unreadable format", "layer missing", "no cells",
+                                  "fewer cells than neighbours", "not counts", "too few genes"])
 def test_bad_input_one_line_nothing_written(tmp_path, capsys, kind):
     path, extra, match = _bad_input(tmp_path, kind)
     before = set(tmp_path.iterdir())

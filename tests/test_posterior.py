@@ -356,6 +356,12 @@ def test_untrained_model_refuses_queries(small_adata):
         (lambda m: m.get_feature_correlation_matrix(rna_size_factor=0), ValueError,
          "rna_size_factor must be positive, got 0"),
         (lambda m: m.get_normalized_expression(indices=[0, 300]), IndexError, "indices out of range for 300 cells"),
+        (lambda m: m.get_latent_representation(indices=np.ones(297, bool)), IndexError,
+         r"boolean mask of shape \(297,\); it needs one entry per cell \(300\)"),
+        (lambda m: m.get_normalized_expression(indices=np.ones(5, bool)), IndexError, "boolean mask of shape"),
+        (lambda m: m.get_latent_representation(indices=[0.9, 1.7]), IndexError,
+         "integer cell positions or a boolean mask, got float64 values"),
+        (lambda m: m.get_elbo(indices=["cell1"]), IndexError, r"use adata.obs_names.get_indexer\(names\)"),
     ],
 )
 def test_query_errors(batch_model, call, error, match):

@@ -96,7 +96,7 @@ def validate_counts(adata, mat, layer: str | None) -> None:
             c, g, v = first
             raise SetupError(
                 f"LDVAE models raw counts, but {where_from} has a non-finite value "
-                f"(first: {v} at {_where(adata, c, g)}). Remove or fix those entries; {fix}"
+                f"(first: {v} at {_where(adata, c, g)}). Remove or fix those entries. {fix}"
             )
     first = _first_bad(mat, lambda a: a < 0)
     if first is not None:

@@ -56,8 +56,14 @@ def rows_of(n_cells: int, indices, device: torch.device) -> torch.Tensor:
         return torch.arange(n_cells, device=device)
     idx = np.asarray(indices)
     if idx.dtype == bool:
+        if idx.shape != (n_cells,):
+            raise IndexError(f"indices is a boolean mask of shape {idx.shape}; it needs one entry per cell "
+                             f"({n_cells}).")
         idx = np.flatnonzero(idx)
-    idx = idx.astype(np.int64)
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise IndexError(f"indices must be integer cell positions or a boolean mask, got {idx.dtype} values "
+                         f"(first: {idx.ravel()[0]!r}); for cell names use adata.obs_names.get_indexer(names).")
+    idx = idx.astype(np.int64).ravel()
     if idx.size and (idx.min() < -n_cells or idx.max() >= n_cells):
         raise IndexError(f"indices out of range for {n_cells} cells.")
     return torch.as_tensor(idx % max(n_cells, 1), device=device)

@@ -472,8 +472,11 @@ def _read_input(adata_or_path, options: dict):
     if missing:
         raise SetupError(f"color_by={missing[0]!r} is not a column of adata.obs "
                          f"(columns: {', '.join(map(repr, raw.obs.columns[:10])) or 'none'}).")
+    if raw.n_obs == 0 or raw.n_vars == 0:
+        raise SetupError(f"{input_name} holds no counts to model: {raw.n_obs} cells x {raw.n_vars} genes.")
     if raw.n_obs <= options["n_neighbors"]:
-        raise SetupError(f"n_neighbors={options['n_neighbors']} needs more cells than that; the data has {raw.n_obs}.")
+        raise SetupError(f"n_neighbors={options['n_neighbors']} (--n-neighbors) needs more cells than that; the data "
+                         f"has {raw.n_obs}. Pass a smaller --n-neighbors, or more cells.")
     return raw, input_name
 
 
