@@ -48,6 +48,14 @@ def test_bad_values_name_the_first_cell_and_gene(small_adata, value, message, fm
     assert "ldvae_setup" not in adata.uns
 
 
+def test_bad_values_name_the_other_layers(small_adata):
+    small_adata.layers["umi"] = small_adata.layers["counts"].copy()
+    small_adata.X = small_adata.layers["counts"] * 0.5
+    with pytest.raises(SetupError, match=r"--layer name on the command line\); this AnnData's other layers: "
+                                         r"'counts', 'umi'\.$"):
+        LinearSCVI.setup_anndata(small_adata)
+
+
 def test_first_bad_value_is_the_first_in_cell_order(small_adata):
     m = small_adata.layers["counts"].toarray()
     m[9, 1] = 0.5

@@ -86,7 +86,10 @@ def validate_counts(adata, mat, layer: str | None) -> None:
     """Raise SetupError naming the first non-finite, negative, non-integer or too large
     (> ``MAX_COUNT``) value."""
     where_from = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    fix = "Pass the raw counts layer, e.g. layer='counts'."
+    others = [k for k in getattr(adata, "layers", {}).keys() if k != layer]
+    fix = ("Pass the raw counts layer (layer='name', --layer name on the command line); "
+           + (f"this AnnData's other layers: {', '.join(map(repr, others))}." if others
+              else "this AnnData has no other layer."))
     dtype = mat.dtype
     if not (np.issubdtype(dtype, np.number) or dtype == bool):
         raise SetupError(f"{where_from} has dtype {dtype}; LDVAE needs numeric raw counts. {fix}")
