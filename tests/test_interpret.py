@@ -517,6 +517,11 @@ def test_cli_factors_leaves_nothing_on_error_and_keeps_the_users_files(small_mod
     assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out), "--gmt", str(tmp_path / "no.gmt")]) == 1
     assert "no.gmt" in capsys.readouterr().err and not out.exists()  # the gene sets are read before any work
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging directory left either
+    cut = tmp_path / "model" / "adata.h5ad"
+    (tmp_path / "cut.h5ad").write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert main(["factors", str(tmp_path / "model"), "--adata", str(tmp_path / "cut.h5ad"), "--out-dir", str(out)]) == 1
+    assert "cut.h5ad' as h5ad" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "cut.h5ad").unlink()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")

@@ -113,9 +113,9 @@ def _load_model(model_dir: str, adata_path: str | None, accelerator: str):
     _check_model_dir(model_dir)
     adata = None
     if adata_path is not None:
-        import anndata
+        from ..data.readers import read_file
 
-        adata = anndata.read_h5ad(adata_path)
+        adata = read_file(adata_path)  # a missing or damaged file is one line naming it
         wanted = read_any_model(model_dir, None)[0]["var_names"]  # ldvae's files or scvi-tools
         missing = [g for g in wanted if g not in adata.var_names]
         if missing:
