@@ -306,3 +306,5 @@ def test_write_results_scanpy_style(small_adata):
     assert "X_run2" not in wide.obsm  # copy=True leaves the input alone
     with pytest.raises(ldvae.SetupError, match="write_results got a view"):
         model.write_results(small_adata[:10])
+    with pytest.raises(ldvae.SetupError, match="key_added must be a non-empty name, got ''"):
+        model.write_results(key_added="")

@@ -77,6 +77,28 @@ def test_overwrite_refuses_a_directory_holding_the_input_and_other_files(tmp_pat
     assert _tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["p"]
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("below", [False, True])
+def test_an_out_dir_that_is_or_lies_under_a_file_is_named_as_such(counts, tmp_path, capsys, overwrite, below):
+    (tmp_path / "f").write_text("mine")
+    out = tmp_path / "f" / "sub" if below else tmp_path / "f"
+    code, _, err = _run(capsys, "run", counts, "--out-dir", out, *overwrite, *FAST)
+    assert code == 1 and (tmp_path / "f").read_text() == "mine"
+    assert _error_line(err) == (f"ldvae: error: Output path {str(tmp_path / 'f')!r} is a file, not a directory; "
+                                "choose another --out-dir.")
+
+
+def test_saving_a_model_onto_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    adata = ldvae.simulate(50, 10, 2, seed=0)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    model = ldvae.LinearSCVI(adata, n_latent=2)
+    for target in (tmp_path / "f", tmp_path / "f" / "m"):
+        with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'f'))} is a file, so a model cannot be saved"):
+            model.save(target)
+    assert (tmp_path / "f").read_text() == "mine"
+
+
 def test_overwrite_refuses_a_directory_ldvae_did_not_write(counts, tmp_path, capsys):
     p = tmp_path / "p"
     p.mkdir()

@@ -400,6 +400,7 @@ def test_return_numpy_false_with_draws_warns(batch_model):
         (dict(groupby="batch", group1="b0", group2="b9"), ValueError, "group 'b9' has no cells"),
         (dict(groupby="one"), ValueError, r"adata.obs\['one'\] has a single group \(\['x'\]\); DE needs two"),
         (dict(idx1=np.ones(5, dtype=bool)), ValueError, "idx1 is a boolean mask of length 5; adata has 300 cells"),
+        (dict(idx1=[]), ValueError, "idx1 selects no cells"),
         (dict(idx1=[0, 1], idx2=[400]), ValueError, r"idx2 must hold cell positions in \[0, 300\)"),
         (dict(idx1=np.ones(300, dtype=bool)), ValueError, r"group2/idx2 \(or the rest\) selects no cells"),
         (dict(groupby="batch", batch_correction=True, batchid1=["b5"]), ValueError, "transform_batch='b5'"),

@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 def result_keys(key_added: str = "ldvae") -> dict[str, str]:
     """Where results go: ``obsm["X_<key>"]``, ``varm["<key>_loadings"]``, ``uns["<key>"]``;
     obs columns ``Z_i`` for the default key, ``<key>_Z_i`` otherwise."""
+    if not isinstance(key_added, str) or not key_added.strip():
+        raise SetupError(f"key_added must be a non-empty name, got {key_added!r}.")
     return {
         "obsm": f"X_{key_added}",
         "varm": f"{key_added}_loadings",
@@ -46,6 +48,7 @@ def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: b
     The AnnData written to when ``copy=True``, else None.
     """
     model._check_trained()
+    keys = result_keys(key_added)  # a bad key is refused before any work
     adata = model.adata if adata is None else adata
     if copy:
         adata = adata.copy()
@@ -67,7 +70,6 @@ def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: b
     full = np.full((adata.n_vars, loadings.shape[1]), np.nan, dtype=np.float32)
     pos = var_names.get_indexer(genes)
     full[pos] = loadings.to_numpy(dtype=np.float32)
-    keys = result_keys(key_added)
     adata.obsm[keys["obsm"]] = z
     adata.varm[keys["varm"]] = full
     info = {

@@ -52,6 +52,8 @@ def _mask(adata, idx, name: str) -> np.ndarray:
     if isinstance(idx, str):
         return np.asarray(adata.obs.index.isin(adata.obs.query(idx).index))
     arr = np.asarray(idx).ravel()
+    if arr.size == 0:
+        raise ValueError(f"{name} selects no cells.")
     if arr.dtype == bool:
         if arr.size != n:
             raise ValueError(f"{name} is a boolean mask of length {arr.size}; adata has {n} cells.")

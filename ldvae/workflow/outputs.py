@@ -42,6 +42,9 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, inputs: Sequen
     (paths the run reads). Raises FileExistsError or :class:`~ldvae.util.io.OutputError`.
     """
     path = Path(out_dir).expanduser()
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise FileExistsError(f"Output path {str(blocking)!r} is a file, not a directory; choose another --out-dir.")
     if not os.path.lexists(path):
         return path
     if not overwrite:
@@ -49,8 +52,6 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, inputs: Sequen
                               "to replace it, or choose another --out-dir.")
     if path.is_symlink():
         _refuse(path, "it is a symbolic link")
-    if not path.is_dir():
-        raise FileExistsError(f"Output path {str(path)!r} exists and is not a directory.")
     real = path.resolve()
     if real.parent == real:
         _refuse(path, "it is the root of the file system")
