@@ -424,3 +424,50 @@ def test_sigterm_and_sighup_while_writing_leave_nothing(signum, stall, counts, t
     assert code == 128 + signum, err[-3000:]
     assert _error_line(err) == f"ldvae: stopped by {signal.Signals(signum).name}; no output directory was written."
     assert sorted(os.listdir(tmp_path)) == ["mydata.h5ad"]
+
+
+# --- saving a model ------------------------------------------------------------------------------
+
+
+def _small_model(adata=None):
+    adata = ldvae.simulate(60, 12, 2, seed=0) if adata is None else adata
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    model = ldvae.LinearSCVI(adata, n_latent=2)
+    model.train(1, progress_bar=False)
+    return model
+
+
+def test_saving_a_backed_anndata_leaves_it_on_its_own_file(tmp_path):
+    import anndata
+
+    ldvae.simulate(60, 12, 2, seed=0).write_h5ad(tmp_path / "live.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "live.h5ad", backed="r")
+    model = _small_model(backed)
+    model.save(tmp_path / "m", save_anndata=True)
+    assert Path(backed.filename) == tmp_path / "live.h5ad" and backed.isbacked
+    assert model.get_latent_representation().shape == (60, 2)  # the model's AnnData still reads
+    assert ldvae.LinearSCVI.load(tmp_path / "m").adata.n_obs == 60
+
+
+def test_a_save_without_the_anndata_removes_an_earlier_saves(tmp_path):
+    _small_model().save(tmp_path / "m", save_anndata=True)
+    other = _small_model(ldvae.simulate(40, 12, 2, seed=1))
+    other.save(tmp_path / "m", overwrite=True)
+    assert not (tmp_path / "m" / "adata.h5ad").exists()  # a load must not pair this model with the other cells
+    with pytest.raises(ValueError, match="No adata given"):
+        ldvae.LinearSCVI.load(tmp_path / "m")
+
+
+def test_a_failed_save_leaves_no_directory(tmp_path, monkeypatch):
+    from ldvae.model import files
+
+    model = _small_model()
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EIO, "simulated write failure")
+
+    monkeypatch.setattr(files, "atomic_torch_save", fail)
+    for save_anndata in (False, True):
+        with pytest.raises(OSError, match="simulated write failure"):
+            model.save(tmp_path / "m", save_anndata=save_anndata)
+        assert not (tmp_path / "m").exists()

@@ -4,9 +4,11 @@ versions, the weights' SHA-256), ``model_state.pt`` (a state dict read with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,32 @@ def model_dir(dir_path: str | os.PathLike, *, overwrite: bool) -> Path:
 
 def save_model(model, dir_path: str | os.PathLike, prefix: str | None, *, overwrite: bool, save_anndata: bool) -> None:
     """Write ``model`` (a ``LinearSCVI``) into ``dir_path``: each file atomically, the JSON last."""
+    with saving(dir_path, prefix, overwrite=overwrite, save_anndata=save_anndata, adata=model.adata) as d:
+        _write_model(model, d, prefix or "")
+
+
+@contextlib.contextmanager
+def saving(dir_path: str | os.PathLike, prefix: str | None, *, overwrite: bool, save_anndata: bool, adata):
+    """The directory a model is saved into, with its AnnData written first when asked (the
+    likeliest write to fail) and an earlier save's AnnData removed when not, so that a load
+    never pairs the model with other cells. A directory this call made is removed again if
+    the block fails."""
+    made = not os.path.lexists(dir_path)
     d = model_dir(dir_path, overwrite=overwrite)
-    p = prefix or ""
+    try:
+        target = d / f"{prefix or ''}{ADATA_FILE}"
+        if save_anndata:
+            _write_h5ad_untouched(adata, target)
+        elif target.exists():
+            target.unlink()
+        yield d
+    except BaseException:
+        if made:
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _write_model(model, d: Path, p: str) -> None:
     st = model.train_state_
     meta = {
         "format": "ldvae-model",
@@ -65,8 +91,6 @@ def save_model(model, dir_path: str | os.PathLike, prefix: str | None, *, overwr
     # torch's zip container does not check the tensor bytes: a checksum in the JSON,
     # written last, catches corruption that would otherwise load as wrong weights.
     meta["weights_sha256"] = _sha256(d / f"{p}{MODEL_WEIGHTS}")
-    if save_anndata:
-        _write_h5ad_untouched(model.adata, d / f"{p}{ADATA_FILE}")
     atomic_write_json(d / f"{p}{MODEL_JSON}", meta)
 
 
@@ -120,8 +144,16 @@ def _write_h5ad_untouched(adata, path: Path) -> None:
     from ..util.io import atomic_path
 
     if adata.isbacked:  # its matrices stay on disk: write with the columns as they are
+        if not Path(adata.filename).exists():
+            raise FileNotFoundError(f"The model's AnnData is backed by {adata.filename}, which no longer exists; "
+                                    "reopen it, or save without save_anndata=True.")
+        try:  # the function, as the method would point the caller's AnnData at the new file
+            from anndata.io import write_h5ad
+        except ImportError:  # anndata < 0.11
+            from anndata._io.h5ad import write_h5ad
+
         with atomic_path(path) as tmp:
-            adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
+            write_h5ad(tmp, adata, convert_strings_to_categoricals=False)
         return
     out = anndata.AnnData(
         X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=dict(adata.uns), obsm=dict(adata.obsm),

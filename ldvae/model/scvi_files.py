@@ -39,7 +39,7 @@ from ..train.config import ModelFileError
 from ..util.checks import SetupError
 from ..util.io import atomic_torch_save
 from ..util.safe_pickle import ALLOWED, RefusedPickle, safe_torch_load
-from .files import ADATA_FILE, FORMAT_VERSION, MODEL_JSON, SPLIT_NAMES, _check_meta, _write_h5ad_untouched, model_dir
+from .files import FORMAT_VERSION, MODEL_JSON, SPLIT_NAMES, _check_meta, saving
 from .params import check_model_kwargs, module_config
 
 SCVI_MODEL_FILE = "model.pt"
@@ -343,7 +343,7 @@ def write_scvi_model(model, dir_path: str | os.PathLike, prefix: str | None = No
     """
     config, setup = model.config, model.setup_
     _refuse_unsupported(config, setup, "write_scvi_model")
-    d, p = model_dir(dir_path, overwrite=overwrite), prefix or ""
+    p = prefix or ""
     own = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
     table = key_table(config.n_layers)
     state = OrderedDict()
@@ -362,10 +362,9 @@ def write_scvi_model(model, dir_path: str | os.PathLike, prefix: str | None = No
         **{f"{name}_indices_": np.asarray(getattr(model, f"{name}_indices_"), dtype=np.int64) for name in SPLIT_NAMES},
     }
     var_names = np.asarray(model.var_names_.astype(str), dtype=object)
-    atomic_torch_save({"model_state_dict": state, "var_names": var_names, "attr_dict": attrs},
-                      d / f"{p}{SCVI_MODEL_FILE}")
-    if save_anndata:
-        _write_h5ad_untouched(model.adata, d / f"{p}{ADATA_FILE}")
+    with saving(dir_path, prefix, overwrite=overwrite, save_anndata=save_anndata, adata=model.adata) as d:
+        atomic_torch_save({"model_state_dict": state, "var_names": var_names, "attr_dict": attrs},
+                          d / f"{p}{SCVI_MODEL_FILE}")
 
 
 def _scvi_init_params(model) -> dict:
