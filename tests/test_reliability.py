@@ -409,6 +409,31 @@ def test_resuming_a_checkpoint_of_another_model_names_the_fix(adata, tmp_path):
         other.train(max_epochs=2, resume_from=tmp_path, progress_bar=False)
 
 
+def test_resuming_onto_other_genes_or_categories_is_refused_and_other_settings_are_named(adata, tmp_path, caplog):
+    new_model(adata).train(max_epochs=2, checkpoint_dir=tmp_path, checkpoint_every_n_epochs=1, progress_bar=False)
+    flipped = adata[:, ::-1].copy()  # the same genes in another order: the weights would go to the wrong genes
+    ldvae.LinearSCVI.setup_anndata(flipped, layer="counts")
+    model = new_model(flipped)
+    before = snapshot(model.module)
+    with pytest.raises(ValueError, match=rf"written for other genes \(first: '{adata.var_names[0]}' where the data "
+                                         rf"has '{adata.var_names[-1]}'\)"):
+        model.train(max_epochs=3, resume_from=tmp_path, progress_bar=False)
+    assert_same_state(snapshot(model.module), before)
+    assert model.train_state_ is None
+    batched = adata.copy()
+    batched.obs["batch"] = np.where(np.arange(batched.n_obs) % 2, "a", "b")
+    ldvae.LinearSCVI.setup_anndata(batched, layer="counts", batch_key="batch")
+    with pytest.raises(ValueError, match=r"written for another setup \(batch_categories: None, here \['a', 'b'\]\)"):
+        new_model(batched).train(max_epochs=3, resume_from=tmp_path, progress_bar=False)
+    with caplog.at_level("WARNING"):
+        new_model(adata).train(max_epochs=3, resume_from=tmp_path, batch_size=64, lr=1e-2, progress_bar=False)
+    assert "other settings or data than it was written with (batch_size 64, was 128; lr 0.01, was " in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        new_model(adata).train(max_epochs=1, resume_from=tmp_path, progress_bar=False)
+    assert "has 2 epochs already; max_epochs=1 leaves nothing to train" in caplog.text
+
+
 # --- atomic writes ---------------------------------------------------------------------
 
 
@@ -431,7 +456,7 @@ def test_crash_while_saving_leaves_no_partial_files(adata, monkeypatch, tmp_path
         model.save(tmp_path / "fresh")
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
-    assert list((tmp_path / "fresh").iterdir()) == []
+    assert not (tmp_path / "fresh").exists()  # the directory this save made goes too
     ldvae.LinearSCVI.load(tmp_path / "run", adata=adata, accelerator="cpu")
 
 

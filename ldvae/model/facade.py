@@ -21,6 +21,7 @@ from ..data.contract import (
     get_counts,
     get_setup,
     library_prior,
+    plain,
     read_covariates,
     to_csr,
     validate_counts,
@@ -42,7 +43,7 @@ from .params import (
     check_init_params, check_model_kwargs, check_plan, check_registry, check_strategy, check_train_args, init_params_of,
     fit_and_split_seeds, module_config, resolve_device, splitter_options, train_options, with_preset,
 )
-from .resume import resume_state
+from .resume import check_resume, resume_state
 from .start import start_from_counts
 
 logger = logging.getLogger(__name__)
@@ -359,10 +360,12 @@ class LinearSCVI(Queries, ScviSurface):
             batch_norm_momentum=opts["batch_norm_momentum"], ema_decay=opts["ema_decay"],
             threads=opts["threads"],
             frozen=getattr(self, "frozen_", None),
+            data={"var_names": [str(g) for g in self.var_names_], "setup": plain(self.setup_), "n_cells": int(n)},
             **plan,
         )
         state = self.train_state_ or TrainState()
         if payload is not None:
+            check_resume(payload, config, resume_from, int(payload["train_state"]["epoch"]), max_epochs)
             state = resume_state(self.module, payload, resume_from, config.frozen)
             config.max_epochs = max(max_epochs - state.epoch, 0)
         start_from_counts(opts["init"], self.module, self.adata, self.setup_,

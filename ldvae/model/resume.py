@@ -12,6 +12,41 @@ from ..train.optim import check_state_dict, optimized_parameters
 
 logger = logging.getLogger(__name__)
 
+# Settings a resumed fit should share with the checkpoint's to be the uninterrupted fit.
+RESUMED_SETTINGS = ("batch_size", "lr", "weight_decay", "eps", "optimizer", "n_epochs_kl_warmup", "n_steps_kl_warmup",
+                    "max_kl_weight", "min_kl_weight", "batch_norm_momentum", "ema_decay", "seed", "split_seed")
+
+
+def check_resume(payload: dict, config, resume_from, epochs_done: int, max_epochs: int) -> None:
+    """Refuse a checkpoint written for other genes or setup (categories, layer, keys) than
+    ``config.data``; warn when other settings or another number of cells make the resumed
+    fit differ from the uninterrupted one, and when ``max_epochs`` leaves nothing to train."""
+    saved = payload["train_config"]
+    old, new = saved.get("data"), config.data
+    if old is not None and new is not None:
+        if old["var_names"] != new["var_names"]:
+            pairs = zip(old["var_names"], new["var_names"])
+            first = next((f"{a!r} where the data has {b!r}" for a, b in pairs if a != b),
+                         f"{len(old['var_names'])} genes where the data has {len(new['var_names'])}")
+            raise ModelFileError(f"The checkpoint {resume_from} was written for other genes (first: {first}). "
+                                 "Resume on the genes, in the order, it was trained on.")
+        if old["setup"] != new["setup"]:
+            key = next(k for k in sorted(set(old["setup"]) | set(new["setup"]))
+                       if old["setup"].get(k) != new["setup"].get(k))
+            raise ModelFileError(f"The checkpoint {resume_from} was written for another setup ({key}: "
+                                 f"{old['setup'].get(key)!r}, here {new['setup'].get(key)!r}). Resume on the "
+                                 "AnnData, set up as, it was trained on.")
+    changed = [f"{k} {getattr(config, k)!r}, was {saved[k]!r}" for k in RESUMED_SETTINGS
+               if k in saved and saved[k] != getattr(config, k)]
+    if old is not None and new is not None and old.get("n_cells") != new.get("n_cells"):
+        changed.append(f"{new.get('n_cells')} cells, was {old.get('n_cells')}")
+    if changed:
+        logger.warning("Resuming %s with other settings or data than it was written with (%s): the fit goes on, "
+                       "but is not the fit it would have been uninterrupted.", resume_from, "; ".join(changed))
+    if epochs_done >= max_epochs:
+        logger.warning("The checkpoint %s has %d epochs already; max_epochs=%d leaves nothing to train.",
+                       resume_from, epochs_done, max_epochs)
+
 
 def resume_state(module: LDVAEModule, payload: dict, resume_from: str | os.PathLike,
                  frozen: dict | None = None) -> TrainState:

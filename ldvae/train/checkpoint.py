@@ -109,6 +109,10 @@ def _check_checkpoint(payload: dict, path: Path) -> None:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise bad(f"train_config[{key!r}]", value, "an integer")
+    data = config.get("data")
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("var_names"), list)
+                                 and isinstance(data.get("setup"), dict)):
+        raise bad("train_config['data']", type(data).__name__, "None or a dict with var_names and setup")
 
 
 def check_history(history, bad) -> None:

@@ -77,6 +77,9 @@ class TrainConfig:
     # every usable CPU (fused.default_threads) but one per background reader of a streamed
     # source, torch one when a step is small (_fit_threads).
     threads: int | None = None
+    # The data the fit trains on ({"var_names", "setup", "n_cells"}), set by LinearSCVI.train;
+    # its checkpoints carry it, so that a resume onto other genes or categories is refused.
+    data: dict | None = None
 
 
 @dataclass
