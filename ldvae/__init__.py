@@ -21,11 +21,14 @@ _LAZY = {"run_workflow": ("workflow.pipeline", "run_workflow"), "read_counts": (
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
+    import importlib.util
 
+    if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{module}", __name__), attr)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # a module, or an earlier path: ``ldvae.stream``
     raise AttributeError(f"module 'ldvae' has no attribute {name!r}")
 
 

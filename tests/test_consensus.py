@@ -191,6 +191,24 @@ def test_marked_groups_auc(populations):
         assert row["group"] == means.idxmax() and row["mean"] == pytest.approx(means.max())
     with pytest.raises(ValueError, match="labels for"):
         marked_groups(f, labels[:10])
+    shuffled = adata.obs["population"].sample(frac=1, random_state=0)  # matched by cell, not by position
+    pd.testing.assert_frame_equal(marked_groups(f, shuffled), marks)
+    with pytest.raises(ValueError, match="does not name every cell of the factors once"):
+        marked_groups(f, shuffled.iloc[:-1])
+    partial = adata.obs["population"].astype(object)
+    partial.iloc[::2] = np.nan  # cells without a label are left out, not a group named "nan"
+    kept = partial.notna().to_numpy()
+    assert "nan" not in set(marked_groups(f, partial)[["group", "next_group"]].to_numpy().ravel())
+    pd.testing.assert_frame_equal(marked_groups(f, partial), marked_groups(f.latent[kept], labels[kept]))
+    with pytest.raises(ValueError, match="all NaN"):
+        marked_groups(f, np.full(adata.n_obs, np.nan))
+
+
+def test_consensus_refuses_too_few_cells_for_the_rotation(populations):
+    _, _, models, _ = populations
+    k = models[0].config.n_latent
+    with pytest.raises(ValueError, match=rf"n_cells must be an integer of at least n_latent \+ 2 = {k + 2}"):
+        consensus_factors(models, n_cells=k + 1)
 
 
 def test_written_into_anndata_and_read_back(populations, tmp_path):

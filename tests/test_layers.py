@@ -102,3 +102,12 @@ def test_the_graph_reader_sees_imports_at_every_depth():
     graph = _graph()
     assert "ldvae.data.contract" in graph["ldvae.model.facade"]
     assert all(t.startswith("ldvae") for targets in graph.values() for t in targets)
+
+
+def test_earlier_module_paths_and_subpackages_are_attributes_after_import_ldvae():
+    import subprocess
+    import sys
+
+    code = ("import ldvae; assert ldvae.stream is ldvae.data.backed; ldvae.stream.read_backed; "
+            "assert ldvae.interpret is ldvae.factors.interpret; ldvae.query.posterior")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

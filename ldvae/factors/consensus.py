@@ -316,6 +316,10 @@ def consensus_factors(
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
+    k = first.config.n_latent
+    if isinstance(n_cells, bool) or not isinstance(n_cells, (int, np.integer)) or n_cells < k + 2:
+        raise ValueError(f"n_cells must be an integer of at least n_latent + 2 = {k + 2} (the cells that fix the "
+                         f"rotation), got {n_cells!r}.")
 
     n = first.adata.n_obs
     rng = np.random.default_rng(seed)
@@ -389,12 +393,22 @@ def marked_groups(factors: ConsensusFactors | pd.DataFrame, groups) -> pd.DataFr
     value, that mean, the next group's, and the one-vs-rest AUC of the factor for it (the
     probability that a cell of the group scores above a cell outside it).
 
-    ``groups``: one label per cell (e.g. ``adata.obs["leiden"]``)."""
+    ``groups``: one label per cell (e.g. ``adata.obs["leiden"]``); a Series is matched to the
+    cells by its index. Cells without a label (NaN) are left out."""
     latent = factors.latent if isinstance(factors, ConsensusFactors) else factors
-    values = np.asarray(groups)
-    if len(values) != latent.shape[0]:
-        raise ValueError(f"groups has {len(values)} labels for {latent.shape[0]} cells.")
-    labels = pd.Series(values, index=latent.index).astype(str)
+    if isinstance(groups, pd.Series) and not groups.index.equals(latent.index):
+        if not latent.index.isin(groups.index).all() or groups.index.has_duplicates:
+            raise ValueError("groups is a Series whose index does not name every cell of the factors once; pass "
+                             "one label per cell (e.g. adata.obs[key] of the factors' AnnData).")
+        groups = groups.reindex(latent.index)
+    raw = np.asarray(groups, dtype=object)
+    if len(raw) != latent.shape[0]:
+        raise ValueError(f"groups has {len(raw)} labels for {latent.shape[0]} cells.")
+    values = pd.Series(raw, index=latent.index)
+    known = values.notna().to_numpy()
+    if not known.any():
+        raise ValueError("groups has no labels (all NaN).")
+    latent, labels = latent[known], values[known].astype(str)
     from scipy.stats import rankdata
 
     means = latent.groupby(labels.to_numpy(), observed=True).mean()
