@@ -432,6 +432,15 @@ def test_read_gmt_and_its_errors(tmp_path):
         read_gmt(dup)
     with pytest.raises(FileNotFoundError, match="Gene-set file .*missing.gmt does not exist"):
         read_gmt(tmp_path / "missing.gmt")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        read_gmt(tmp_path)
+    bom = tmp_path / "bom.gmt"
+    bom.write_bytes("A\td\tg1\r\nB\td\tg2\r\n".encode("utf-8-sig"))  # as some editors on Windows save it
+    assert read_gmt(bom) == {"A": ["g1"], "B": ["g2"]}
+    latin = tmp_path / "latin.gmt"
+    latin.write_bytes("A\tdésc\tg1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.gmt is not UTF-8 text \(byte 3\); save it as UTF-8"):
+        read_gmt(latin)
 
 
 def test_enrichment_input_errors(small_model):
@@ -441,6 +450,11 @@ def test_enrichment_input_errors(small_model):
         factor_enrichment(small_model, {"S": ["gene1"]}, min_size=0)
     with pytest.raises(TypeError, match="takes a trained LinearSCVI or a loadings DataFrame"):
         factor_enrichment("model", {"S": ["gene1"]})
+    with pytest.raises(TypeError, match=r"gene set 'S' is a string; give each set as a list of genes, e.g. "
+                                        r"\{'S': \['gene1'\]\}"):
+        factor_enrichment(small_model, {"S": "gene1"})
+    with pytest.raises(ValueError, match="1 gene set\\(s\\) hold all 40 modelled genes, which leaves no gene outside"):
+        factor_enrichment(small_model, {"all": list(small_model.var_names_)})
     lower = {"S": [f"GENE{i}" for i in range(10)]}
     assert factor_enrichment(small_model, lower, ignore_case=True)["n_genes"].iloc[0] == 10
 

@@ -40,25 +40,29 @@ def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
         Set name -> genes, in file order.
     """
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"Gene-set file {p} is a directory. Pass the path of a GMT file.")
     if not p.is_file():
         raise FileNotFoundError(f"Gene-set file {p} does not exist. Pass the path of a GMT file.")
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not part of the first name
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Gene-set file {p} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
     sets: dict[str, list[str]] = {}
-    with p.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            genes = [g.strip() for g in fields[2:] if g.strip()]
-            if len(fields) < 3 or not fields[0].strip() or not genes:
-                raise ValueError(
-                    f"Line {number} of {p} is not a GMT record (got {len(fields)} tab-separated field(s) "
-                    f"starting {line[:60]!r}). Each line needs name<TAB>description<TAB>gene[<TAB>gene...]."
-                )
-            name = fields[0].strip()
-            if name in sets:
-                raise ValueError(f"Gene set {name!r} appears twice in {p} (again at line {number}). Rename one.")
-            sets[name] = list(dict.fromkeys(genes))
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        genes = [g.strip() for g in fields[2:] if g.strip()]
+        if len(fields) < 3 or not fields[0].strip() or not genes:
+            raise ValueError(
+                f"Line {number} of {p} is not a GMT record (got {len(fields)} tab-separated field(s) "
+                f"starting {line[:60]!r}). Each line needs name<TAB>description<TAB>gene[<TAB>gene...]."
+            )
+        name = fields[0].strip()
+        if name in sets:
+            raise ValueError(f"Gene set {name!r} appears twice in {p} (again at line {number}). Rename one.")
+        sets[name] = list(dict.fromkeys(genes))
     if not sets:
         raise ValueError(f"{p} holds no gene sets; a GMT file has one set per line.")
     return sets
@@ -137,6 +141,10 @@ def factor_enrichment(
         raise ValueError(f"min_size ({min_size}) must not exceed max_size ({max_size}).")
     loadings = _as_loadings(model_or_loadings)
     sets = read_gmt(gene_sets) if isinstance(gene_sets, (str, os.PathLike)) else dict(gene_sets)
+    single = next((name for name, members in sets.items() if isinstance(members, str)), None)
+    if single is not None:
+        raise TypeError(f"gene set {single!r} is a string; give each set as a list of genes, e.g. "
+                        f"{{{single!r}: [{sets[single]!r}]}}.")
     values = loadings.to_numpy(dtype=float)  # (G, K)
     keep = ~np.isnan(values).any(axis=1)  # unmodelled genes (NaN rows) take no part
     values = values[keep]
@@ -145,7 +153,7 @@ def factor_enrichment(
     position = pd.Series(np.arange(len(genes)), index=lookup)
     position = position[~position.index.duplicated()]
 
-    tested, skipped = [], []
+    tested, skipped, whole = [], [], 0
     for name, members in sets.items():
         keys = pd.Index([str(g).upper() if ignore_case else str(g) for g in members]).unique()
         idx = position.reindex(keys).dropna().to_numpy(dtype=int)
@@ -153,6 +161,10 @@ def factor_enrichment(
             tested.append((name, idx))
         else:
             skipped.append(name)
+            whole += idx.size == len(genes)
+    if not tested and whole:
+        raise ValueError(f"{whole} gene set(s) hold all {len(genes)} modelled genes, which leaves no gene outside "
+                         "to compare with; test sets smaller than the model's genes.")
     if not tested:
         example = next(iter(sets.values()))[:3] if sets else []
         raise ValueError(
