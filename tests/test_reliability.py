@@ -384,6 +384,10 @@ def test_checkpoint_every_n_epochs_is_validated(adata, tmp_path):
         new_model(adata).train(max_epochs=1, checkpoint_dir=tmp_path, checkpoint_every_n_epochs=0)
 
 
+class _Foreign:
+    """An object a pickle would rebuild."""
+
+
 def test_damaged_or_foreign_checkpoints_are_refused(adata, tmp_path):
     model = new_model(adata)
     model.train(max_epochs=1, checkpoint_dir=tmp_path, progress_bar=False)
@@ -391,6 +395,10 @@ def test_damaged_or_foreign_checkpoints_are_refused(adata, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"checkpoint.pt is not a readable ldvae checkpoint"):
+        load_checkpoint(tmp_path)
+    torch.save({"format": "ldvae-checkpoint", "hook": _Foreign()}, path)  # never advises weights_only=False
+    with pytest.raises(ValueError, match=r"holds pickled objects or is not a torch file, and ldvae loads tensors "
+                                         r"and plain data only\.$"):
         load_checkpoint(tmp_path)
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match=r"checkpoint.pt is not an ldvae checkpoint\."):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,7 +47,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or corrupted file, or one holding pickled objects
+    except pickle.UnpicklingError as err:  # torch's message would suggest the unsafe weights_only=False
+        raise ModelFileError(f"{path} is not an ldvae checkpoint: it holds pickled objects or is not a torch file, "
+                             "and ldvae loads tensors and plain data only.") from err
+    except Exception as err:  # truncated or corrupted file
         raise ModelFileError(f"{path} is not a readable ldvae checkpoint ({type(err).__name__}: {err}).") from err
     if not isinstance(payload, dict) or payload.get("format") != "ldvae-checkpoint":
         raise ModelFileError(f"{path} is not an ldvae checkpoint.")
