@@ -286,6 +286,12 @@ def test_load_rejects_other_genes_and_unknown_batches(small_adata, tmp_path):
     new_batch.obs["batch"] = pd.Categorical(["b9"] * 400)
     with pytest.raises(ldvae.SetupError, match="categories the model was not set up with \\(first: 'b9'"):
         ldvae.LinearSCVI.load(tmp_path / "run", adata=new_batch)
+    layerless = small_adata.copy()
+    del layerless.layers["counts"]
+    del layerless.uns["ldvae_setup"]
+    with pytest.raises(ldvae.SetupError, match="layer='counts' is not in adata.layers"):  # at load, not at a query
+        ldvae.LinearSCVI.load(tmp_path / "run", adata=layerless)
+    assert "ldvae_setup" not in layerless.uns  # a failed load writes nothing
 
 
 def test_write_results_scanpy_style(small_adata):

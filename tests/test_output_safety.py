@@ -447,6 +447,8 @@ def test_saving_a_backed_anndata_leaves_it_on_its_own_file(tmp_path):
     assert Path(backed.filename) == tmp_path / "live.h5ad" and backed.isbacked
     assert model.get_latent_representation().shape == (60, 2)  # the model's AnnData still reads
     assert ldvae.LinearSCVI.load(tmp_path / "m").adata.n_obs == 60
+    copied = model.write_results(copy=True)  # a copy in memory, the backed AnnData as it was
+    assert not copied.isbacked and copied.obsm["X_ldvae"].shape == (60, 2) and "X_ldvae" not in backed.obsm
 
 
 def test_a_save_without_the_anndata_removes_an_earlier_saves(tmp_path):

@@ -51,7 +51,7 @@ def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: b
     keys = result_keys(key_added)  # a bad key is refused before any work
     adata = model.adata if adata is None else adata
     if copy:
-        adata = adata.copy()
+        adata = adata.to_memory() if adata.isbacked else adata.copy()  # a backed copy would need a new file
     elif adata.is_view:
         raise SetupError(
             "write_results got a view of an AnnData; writing to a view never reaches its parent. "

@@ -469,6 +469,7 @@ class LinearSCVI(Queries, ScviSurface):
         model._data_cache = None
         model._check_genes(adata)
         read_covariates(adata, saved_setup)  # unknown categories fail here, naming the first
+        get_counts(adata, saved_setup.get("layer"))  # as does a missing counts layer, before the first query
         config = module_config(saved_setup, len(model.var_names_), meta["init_params"])
         model.module = LDVAEModule(config, torch.zeros(config.n_batch), torch.ones(config.n_batch))
         model.module.load_state_dict(state)  # keys, shapes and dtypes checked by read_model
