@@ -393,3 +393,21 @@ def test_demo_command_runs(tmp_path, capsys):
     assert list(factors["factor"]) == [f"F_{k}" for k in range(10)]
     assert factors["marks"].str.match(r".+ \(AUC \d\.\d\d\)$").all()  # the demo's labels, by --color-by
     assert f"Factors ({FACTOR_SEEDS + 1} fit(s);" in out
+
+
+def test_repeated_names_are_reported_in_our_words(tmp_path, caplog, recwarn):
+    import anndata
+    import warnings
+
+    a = anndata.AnnData(sp.csr_matrix(np.ones((4, 3), dtype=np.float32)))
+    a.var_names, a.obs_names = ["g1", "g2", "g2"], ["c0", "c0", "c1", "c2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a.write_h5ad(tmp_path / "dup.h5ad")
+    recwarn.clear()
+    with caplog.at_level("WARNING"):
+        b = read_file(tmp_path / "dup.h5ad")
+    assert list(b.var_names) == ["g1", "g2", "g2-1"]
+    assert "1 gene names of" in caplog.text and "the repeats are named 'g2-1'" in caplog.text
+    assert "has 1 repeated cell names (first: 'c0')" in caplog.text
+    assert not [w for w in recwarn if "names are not unique" in str(w.message)]  # anndata's advice is not repeated

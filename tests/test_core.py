@@ -314,3 +314,21 @@ def test_write_results_scanpy_style(small_adata):
         model.write_results(small_adata[:10])
     with pytest.raises(ldvae.SetupError, match="key_added must be a non-empty name, got ''"):
         model.write_results(key_added="")
+
+
+def test_many_factor_columns_go_into_obs_without_fragmenting_it():
+    import warnings
+
+    adata = ldvae.simulate(100, 70, 2, seed=0)
+    adata.obs_names = ["c0"] * 2 + [f"c{i}" for i in range(1, adata.n_obs - 1)]  # repeated cell names too
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    model = ldvae.LinearSCVI(adata, n_latent=60)
+    model.train(1, progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        model.write_results(obs_columns=True)
+        model.write_results(obs_columns=True)  # again: replaced, not added
+    z = model.get_latent_representation()
+    assert list(adata.obs.columns[-60:]) == [f"Z_{i}" for i in range(60)] and adata.obs.shape[1] == 60 + 3
+    np.testing.assert_array_equal(adata.obs[[f"Z_{i}" for i in range(60)]].to_numpy(), z.astype(np.float32))
+    assert list(adata.obs_names[:2]) == ["c0", "c0"]

@@ -31,6 +31,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zlib
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def read_file(path: str | os.PathLike):
         raise ReadError(f"Input file {str(p)!r} does not exist. Check the path, or pass --backup-url to download it.")
     fmt = detect_format(p)
     try:
-        adata = _read(p, fmt)
+        with warnings.catch_warnings():  # repeated names are reported below, with what is done about them
+            warnings.filterwarnings("ignore", message="(Variable|Observation) names are not unique")
+            adata = _read(p, fmt)
     except ImportError as err:
         raise ReadError(f"Reading {fmt} file {str(p)!r} needs a package that is not installed ({err}).") from err
     except Exception as err:  # the readers raise many types; the user needs the one line
@@ -120,7 +123,16 @@ def read_file(path: str | os.PathLike):
         raise ReadError(
             f"Could not read {str(p)!r} as {fmt} ({type(err).__name__}: {detail}). Is it a complete {fmt} file?"
         ) from err
-    adata.var_names_make_unique()
+    repeated = adata.var_names[adata.var_names.duplicated()].unique()
+    if len(repeated):
+        adata.var_names_make_unique()
+        logger.warning("%d gene names of %s occur more than once (first: %r); the repeats are named %r, %r, ... "
+                       "as scanpy's var_names_make_unique does.", len(repeated), p, repeated[0],
+                       f"{repeated[0]}-1", f"{repeated[0]}-2")
+    if adata.obs_names.has_duplicates:
+        logger.warning("%s has %d repeated cell names (first: %r); they stay as they are. Make them unique "
+                       "(adata.obs_names_make_unique()) to tell those cells apart in the results.", p,
+                       int(adata.obs_names.duplicated().sum()), adata.obs_names[adata.obs_names.duplicated()][0])
     logger.info("read %s: %d cells x %d genes (%s)", p, adata.n_obs, adata.n_vars, fmt)
     return adata
 

@@ -25,6 +25,17 @@ def result_keys(key_added: str = "ldvae") -> dict[str, str]:
     }
 
 
+def set_obs_columns(adata, columns: dict) -> None:
+    """Set the obs columns ``columns`` (name -> one value per cell) in one step: inserted one by
+    one, many columns fragment ``obs`` (pandas then warns once per insert). Columns already
+    there are replaced and move to the end."""
+    new = pd.DataFrame(columns)
+    kept = adata.obs.drop(columns=[c for c in new.columns if c in adata.obs.columns]).reset_index(drop=True)
+    obs = pd.concat([kept, new], axis=1)  # by position: obs names may repeat
+    obs.index = adata.obs.index
+    adata.obs = obs
+
+
 def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: bool = False, copy: bool = False):
     """Write a trained model's results into ``adata`` (default: the training AnnData).
 
@@ -84,8 +95,7 @@ def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: b
     adata.uns[keys["uns"]] = info
     added = [f"obsm[{keys['obsm']!r}]", f"varm[{keys['varm']!r}]", f"uns[{keys['uns']!r}]"]
     if obs_columns:
-        for i in range(z.shape[1]):
-            adata.obs[f"{keys['obs_prefix']}{i}"] = z[:, i]
+        set_obs_columns(adata, {f"{keys['obs_prefix']}{i}": z[:, i] for i in range(z.shape[1])})
         added.append(f"obs[{keys['obs_prefix']}0 … {keys['obs_prefix']}{z.shape[1] - 1}]")
     logger.info("added %s", ", ".join(added))
     return adata if copy else None

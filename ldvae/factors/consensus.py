@@ -454,8 +454,9 @@ def write_factors(adata, factors: ConsensusFactors, *, key_added: str = "ldvae",
         "rotation": np.asarray(factors.rotations[0], dtype=float),
     }
     if obs_columns:
-        for k, name in enumerate(names):
-            adata.obs[name] = factors.latent[name].to_numpy()
+        from ..data.results import set_obs_columns
+
+        set_obs_columns(adata, {name: factors.latent[name].to_numpy() for name in names})
 
 
 def read_factors(adata, *, key_added: str = "ldvae") -> ConsensusFactors:
