@@ -602,3 +602,18 @@ def test_compiling_fit_leaves_no_note_about_its_own_settings(monkeypatch, caplog
     with caplog.at_level(logging.INFO, logger="ldvae"):
         seeds.compile_once()
     assert "warm-up" not in caplog.text
+
+
+def test_a_model_worse_than_its_null_says_by_how_much(small_model, caplog):
+    import copy
+
+    import torch
+
+    worse = copy.deepcopy(small_model)
+    with torch.no_grad():  # loadings scrambled far from the data: the factors now cost deviance
+        worse.module.factor_regressor.weight.mul_(-25.0)
+    with caplog.at_level("WARNING"):
+        table = factor_deviance(worse)
+    fraction = table.attrs["fraction_explained"]
+    assert fraction < 0
+    assert f"no better than its null (intercepts only): it explains {100 * fraction:.1f}% of the null" in caplog.text

@@ -183,8 +183,9 @@ def factor_deviance(
     )
     if explained <= 0:
         logger.warning(
-            "The model explains no deviance over its null (intercepts only) on these %d cells; "
-            "fraction_of_model is undefined. Train longer or check the data.", n_cells,
+            "The model fits these %d cells no better than its null (intercepts only): it explains %.1f%% of the "
+            "null deviance, so fraction_of_model is undefined. Train longer or check the data.", n_cells,
+            100 * table.attrs["fraction_explained"],
         )
     return table
 
