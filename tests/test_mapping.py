@@ -163,3 +163,20 @@ def test_a_mapping_fit_resumes_from_its_checkpoint(data, tmp_path):
     again.train(4, progress_bar=False, resume_from=tmp_path)  # the optimizer covers the same free parameters
     assert again.train_state_.epoch == 4
     np.testing.assert_array_equal(again.get_loadings().to_numpy(), reference.get_loadings().to_numpy())
+
+
+def test_ldvae_map_reads_the_query_counts_from_the_layer_named(data, tmp_path, capsys):
+    from ldvae.cli.app import main
+
+    reference, query = data
+    reference.save(tmp_path / "ref", save_anndata=True)
+    q = query.copy()
+    q.layers["umi"] = q.layers.pop("counts")
+    q.X = q.layers["umi"] * 0.5  # not counts: X holds something else
+    q.write_h5ad(tmp_path / "query.h5ad")
+    base = ["map", str(tmp_path / "ref"), str(tmp_path / "query.h5ad"), "--max-epochs", "1", "--no-progress-bar"]
+    assert main([*base, "--out-dir", str(tmp_path / "o1")]) == 1
+    assert "non-integer values" in capsys.readouterr().err and not (tmp_path / "o1").exists()
+    assert main([*base, "--out-dir", str(tmp_path / "o2"), "--layer", "raw"]) == 1
+    assert "layer='raw' is not in adata.layers (have: 'umi')" in capsys.readouterr().err
+    assert main([*base, "--out-dir", str(tmp_path / "o3"), "--layer", "umi"]) == 0

@@ -30,6 +30,9 @@ def add_map(subparsers) -> None:
     p.add_argument("--reference-adata", default=None,
                    help="the reference's cells (default: adata.h5ad saved with the model, else results.h5ad "
                         "beside the model directory)")
+    p.add_argument("--layer", default=None,
+                   help="layer of QUERY holding its raw counts (default: the reference's layer where QUERY has "
+                        "it, else X)")
     p.add_argument("--query-batch", default="query",
                    help="batch of every query cell when QUERY lacks the reference's batch column")
     add_out_dir(p)
@@ -56,13 +59,20 @@ def _reference_cells(model_dir: Path, path: str | None) -> str:
     raise FileNotFoundError(f"No reference cells found ({', '.join(map(str, candidates))}); pass --reference-adata.")
 
 
-def _query(path: str, setup: dict, query_batch: str):
+def _query(path: str, setup: dict, query_batch: str, source: str | None = None):
+    """The query's cells, with their raw counts (``source``: a layer of the file, default the
+    reference's layer where the file has it, else X) where the reference's setup reads them."""
+    from ..data.contract import get_counts
     from ..data.readers import read_counts
 
     q = read_counts(path, progress_bar=False)
     layer = setup.get("layer")
-    if layer is not None and layer not in q.layers:
-        q.layers[layer] = q.X  # the raw counts, checked when the query is set up
+    if source is not None or (layer is not None and layer not in q.layers):
+        counts = get_counts(q, source)  # names the layers there are when --layer is not one
+        if layer is None:
+            q.X = counts
+        else:
+            q.layers[layer] = counts  # checked when the query is set up
     key = setup.get("batch_key")
     if key is not None and key not in q.obs.columns:
         q.obs[key] = query_batch
@@ -79,7 +89,8 @@ def _handle_map(args: argparse.Namespace) -> int:
     settings.seed = args.seed
     model_dir = _check_model_dir(args.model_dir)
     reference = _load_model(str(model_dir), _reference_cells(model_dir, args.reference_adata), args.accelerator)
-    query = LinearSCVI.prepare_query_anndata(_query(args.query, reference.setup_, args.query_batch), reference)
+    query = LinearSCVI.prepare_query_anndata(_query(args.query, reference.setup_, args.query_batch, args.layer),
+                                             reference)
     missing = [c for c in args.color_by if c not in reference.adata.obs and c not in query.obs]
     if missing:
         raise ValueError(f"--color-by {missing[0]!r} is a column of neither the reference's nor the query's obs.")
