@@ -44,6 +44,7 @@ from .cli.options import (
     add_seed,
 )
 from .data import backed
+from .util.checks import SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +212,17 @@ def fit_distributed(
     Returns the fitted model (the same parameters on every rank).
     """
     from .model import LinearSCVI
+    from .model.files import check_model_dir
 
+    if out_dir is not None:  # on every rank, before any work: all refuse alike, none waits for another
+        check_model_dir(out_dir, overwrite=overwrite)
+    if latent_out is not None and os.path.lexists(latent_out) and not overwrite:
+        raise FileExistsError(f"{latent_out} already exists. Pass --overwrite (overwrite=True) to replace it.")
     comm = init(check_sync=check_sync)
     adata = backed.read_backed(path, layer=layer)
+    if adata.n_obs < 2 * comm.world_size:
+        raise SetupError(f"{comm.world_size} ranks but {adata.n_obs} cells: each rank trains on cells of its own. "
+                         "Start fewer processes (--nproc_per_node).")
     LinearSCVI.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key)
     model = LinearSCVI(adata, **(model_kwargs or {}))
     comm.broadcast_module(model.module)
@@ -222,7 +231,8 @@ def fit_distributed(
         train_kwargs["progress_bar"] = False
         train_kwargs.pop("checkpoint_dir", None)
     accelerator = "gpu" if comm.device.type == "cuda" else "cpu"
-    model.train(accelerator=accelerator, devices=comm.device.index or 0, **train_kwargs)
+    model.train(accelerator=accelerator, devices=comm.device.index if comm.device.type == "cuda" else "auto",
+                **train_kwargs)
     diff = comm.max_difference(model.module)
     if comm.is_main:
         steps = model.train_state_.step

@@ -390,8 +390,32 @@ def test_ddp_two_ranks_gloo_identical_parameters_and_quality(stores, expected, t
     steps = FIT["max_epochs"] * len(minibatches(torch.arange(700), 64))  # 1400 training cells, 700 per rank
     assert f"2 ranks, {steps} steps: largest parameter difference between ranks 0 " \
            f"(identical before each of {steps} steps)" in proc.stderr
+    assert "train strategy" not in proc.stderr  # no advice to run what is running
     meta = json.loads((out / "ldvae_model.json").read_text())
     _assert_same_quality(_quality(meta["train_state"]["history"]), expected, tolerance)
     loaded = ldvae.LinearSCVI.load(out, adata=stores["memory"].copy())
     np.testing.assert_allclose(np.load(tmp_path / "z.npy"), loaded.get_latent_representation(), rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "z.npy"]  # the ranks' temporary file renamed
+
+
+def test_ddp_refuses_before_any_work(stores, tmp_path):
+    """An output that exists, or more ranks than the cells can feed: every rank says so in one
+    line before it trains, and none waits for another."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("mine")
+    tiny = tmp_path / "tiny.h5ad"
+    stores["memory"][:3].copy().write_h5ad(tiny)
+    (tmp_path / "z.npy").write_bytes(b"mine")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for data, out, extra, message in (
+            (stores["h5ad"], taken, [], "already exists and is not empty"),
+            (stores["h5ad"], tmp_path / "new", ["--latent-out", str(tmp_path / "z.npy")], "z.npy already exists"),
+            (tiny, tmp_path / "new", [], "2 ranks but 3 cells")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "ldvae.distributed", str(data), str(out), "--max-epochs", "50", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode != 0 and proc.stderr.count(message) == 2, proc.stderr[-3000:]
+        assert "steps: largest parameter difference" not in proc.stderr
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"] and not (tmp_path / "new").exists()
+    assert (tmp_path / "z.npy").read_bytes() == b"mine"

@@ -30,14 +30,21 @@ SPLIT_NAMES = ("train", "validation", "test")
 LEGACY_WEIGHTS = "model_params.pt"  # scvi-tools' layout before 0.15: with attr.pkl and var_names.csv
 
 
-def model_dir(dir_path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """The directory a model is saved into, made if missing; a non-empty one only with ``overwrite``."""
+def check_model_dir(dir_path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """``dir_path`` if a model may be saved there: a new or empty directory, a non-empty one
+    only with ``overwrite``, never one under a file."""
     d = Path(dir_path)
     blocking = next((p for p in (d, *d.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ExistingModelError(f"{blocking} is a file, so a model cannot be saved into {d}. Choose another directory.")
     if d.exists() and any(d.iterdir()) and not overwrite:
         raise ExistingModelError(f"{d} already exists and is not empty. Pass overwrite=True to replace it.")
+    return d
+
+
+def model_dir(dir_path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """The directory a model is saved into (:func:`check_model_dir`), made if missing."""
+    d = check_model_dir(dir_path, overwrite=overwrite)
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -268,7 +268,7 @@ def check_strategy(strategy, devices) -> None:
             "model.train() runs in one process; under torchrun call ldvae.distributed.fit_distributed(path, ...) "
             "on every rank, which shards the cells and averages the gradients."
         )
-    if strategy not in (None, "auto") or devices not in ("auto", 1, -1, [0], "1"):
+    if not grouped and (strategy not in (None, "auto") or devices not in ("auto", 1, -1, [0], "1")):
         logger.info("train strategy=%r devices=%r: ldvae trains in this process on one device; for several GPUs "
                     "or machines run ldvae.distributed under torchrun (see docs/scale.md).", strategy, devices)
 
