@@ -332,3 +332,14 @@ def test_many_factor_columns_go_into_obs_without_fragmenting_it():
     assert list(adata.obs.columns[-60:]) == [f"Z_{i}" for i in range(60)] and adata.obs.shape[1] == 60 + 3
     np.testing.assert_array_equal(adata.obs[[f"Z_{i}" for i in range(60)]].to_numpy(), z.astype(np.float32))
     assert list(adata.obs_names[:2]) == ["c0", "c0"]
+
+
+def test_more_factors_than_genes_is_warned(caplog):
+    adata = ldvae.simulate(50, 8, 2, seed=0)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    with caplog.at_level("WARNING"):
+        ldvae.LinearSCVI(adata, n_latent=7)
+    assert "factors for" not in caplog.text
+    with caplog.at_level("WARNING"):
+        ldvae.LinearSCVI(adata, n_latent=10)
+    assert "n_latent=10 factors for 8 genes: the loadings cannot tell that many factors apart" in caplog.text

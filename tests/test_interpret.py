@@ -513,7 +513,7 @@ def test_cli_factors(small_model, tmp_path, capsys):
                  "deviance.png", "report.html", "factors.csv", "factor_genes.csv"):
         assert (out / name).exists(), name
     printed = capsys.readouterr().out
-    assert "null deviance" in printed and "Factors (1 fit(s); 0 of" in printed  # one model: rotated, no reproducibility
+    assert "null deviance" in printed and "Factors (1 fit(s); reproducibility not assessed" in printed  # one model: rotated, no reproducibility
     k = small_model.config.n_latent
     assert list(pd.read_csv(out / "factors.csv")["factor"]) == [f"F_{i}" for i in range(k)]
     assert "<h2>Reproducible factors</h2>" in (out / "report.html").read_text()

@@ -318,3 +318,14 @@ def test_build_report_embeds_figures_and_escapes(tmp_path):
     assert "data:image/png;base64," in html and "t&lt;1&gt;" in html and "&lt;B&gt; (-1.00)" in html
     with pytest.raises(ValueError, match="only"):
         build_report(title="t", data_summary={}, settings={}, figures=[("cap", tmp_path / "f.gif")])
+
+
+def test_one_fit_leaves_reproducibility_unassessed_and_a_measurement_marks_nothing(counts_adata, tmp_path):
+    counts_adata.obs["score"] = np.linspace(0.0, 1.0, counts_adata.n_obs)  # one value per cell: not a grouping
+    result = workflow.run_workflow(counts_adata, out_dir=tmp_path / "o", color_by=["score", "group"], **FAST)
+    table = pd.read_csv(result.out_dir / "factors.csv")
+    assert (table["reproducible"] == "not assessed (one fit)").all()
+    groups = {m.split(" (AUC")[0] for m in table["marks"]}
+    assert groups <= {"0", "1", "2"}  # the groups of 'group', the first column that sorts cells into groups
+    html = (result.out_dir / "report.html").read_text()
+    assert "not assessed (one fit)" in html and ">NaN<" not in html and ">nan<" not in html

@@ -123,6 +123,10 @@ class LinearSCVI(Queries, ScviSurface):
         else:
             csr, cov = self._read(adata)
             means, variances = library_prior(csr, cov.batch, self.n_batch)
+        if int(n_latent) >= len(self.var_names_):
+            logger.warning("n_latent=%d factors for %d genes: the loadings cannot tell that many factors apart, "
+                           "so some will repeat others or explain nothing. Choose n_latent below the number of "
+                           "genes (select-k helps).", int(n_latent), len(self.var_names_))
         torch.manual_seed(settings.seed)
         config = module_config(self.setup_, len(self.var_names_), params)
         self.module = LDVAEModule(config, torch.as_tensor(means), torch.as_tensor(variances))

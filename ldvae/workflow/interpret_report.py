@@ -155,7 +155,8 @@ def factors_table(factors: ConsensusFactors, groups=None, *, n_genes: int = 5) -
     out = pd.DataFrame({"factor": t.index, "share": t["fraction_of_model"].to_numpy(),
                         "reproducibility": t["reproducibility"].to_numpy(),
                         "consensus reproducibility": t["consensus_reproducibility"].to_numpy(),
-                        "reproducible": t["reproducible"].map({True: "yes", False: "no"}).to_numpy()})
+                        "reproducible": t["reproducible"].map({True: "yes", False: "no"}).to_numpy()
+                        if factors.n_runs > 1 else "not assessed (one fit)"})
     if groups is not None:
         marks = marked_groups(factors, groups)
         out["marks"] = [f"{marks.at[f, 'group']} (AUC {marks.at[f, 'auc']:.2f})" for f in t.index]

@@ -184,12 +184,18 @@ def format_top_genes(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _is_grouping(column) -> bool:
+    """Whether an obs column sorts cells into groups (labels), not a measurement per cell."""
+    return not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column) or column.nunique() <= 50
+
+
 def format_factors(factors: ConsensusFactors, n_genes: int = 6) -> str:
     """The reproducible factors as printed lines: share, reproducibility and top genes (by score) of each."""
     t = factors.table
     genes = factors.top_genes(n_genes)
-    lines = [f"Factors ({factors.n_runs} fit(s); {int(t['reproducible'].sum())} of {len(t)} reproducible), "
-             "by deviance explained; top genes by score"]
+    assessed = (f"{int(t['reproducible'].sum())} of {len(t)} reproducible" if factors.n_runs > 1
+                else "reproducibility not assessed: it needs more than one fit")
+    lines = [f"Factors ({factors.n_runs} fit(s); {assessed}), by deviance explained; top genes by score"]
     for f, row in t.iterrows():
         repro = "" if np.isnan(row["consensus_reproducibility"]) else (
             f"reproducibility {row['consensus_reproducibility']:.2f} (one fit {row['reproducibility']:.2f})")
@@ -285,7 +291,7 @@ def write_outputs(
     if factors is not None:
         from .interpret_report import factors_section, factors_table
 
-        group_key = color_by[0] if color_by else "leiden"
+        group_key = next((c for c in color_by if _is_grouping(adata.obs[c])), "leiden")  # a number per cell marks nothing
         groups = adata.obs[group_key] if group_key in adata.obs else None
         files["factors.csv"] = d / "factors.csv"
         atomic_write_text(files["factors.csv"], factors_table(factors, groups, n_genes=n_top_loadings).to_csv(index=False))

@@ -49,8 +49,8 @@ def figure_html(path: str | os.PathLike, caption: str) -> str:
 
 
 def table_html(frame: pd.DataFrame, *, float_format: str = "{:.3g}", index: bool = False) -> str:
-    """A DataFrame as an escaped HTML table."""
-    return frame.to_html(index=index, escape=True, border=0, float_format=float_format.format)
+    """A DataFrame as an escaped HTML table; a missing value shows as a dash."""
+    return frame.to_html(index=index, escape=True, border=0, float_format=float_format.format, na_rep="–")
 
 
 def note_html(text: str) -> str:
@@ -59,9 +59,10 @@ def note_html(text: str) -> str:
 
 
 def dict_html(items: Mapping[str, object]) -> str:
-    """A two-column table of names and values."""
+    """A two-column table of names and values (floats to six significant digits)."""
     rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items.items()
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(f'{v:.6g}' if isinstance(v, float) else str(v))}</td></tr>"
+        for k, v in items.items()
     )
     return f"<table>{rows}</table>"
 
