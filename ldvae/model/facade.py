@@ -21,7 +21,6 @@ from ..data.contract import (
     get_counts,
     get_setup,
     library_prior,
-    plain,
     read_covariates,
     to_csr,
     validate_counts,
@@ -41,9 +40,9 @@ from .queries import Queries
 from .surface import LIBRARY_KEY, ScviSurface, minified_fields, write_scvi_codes
 from .params import (
     check_init_params, check_model_kwargs, check_plan, check_registry, check_strategy, check_train_args, init_params_of,
-    fit_and_split_seeds, module_config, resolve_device, splitter_options, train_options, with_preset,
+    fit_and_split_seeds, module_config, resolve_device, splitter_options, train_options, warn_factor_count, with_preset,
 )
-from .resume import check_resume, resume_state
+from .resume import data_record, resume_state
 from .start import start_from_counts
 
 logger = logging.getLogger(__name__)
@@ -123,10 +122,7 @@ class LinearSCVI(Queries, ScviSurface):
         else:
             csr, cov = self._read(adata)
             means, variances = library_prior(csr, cov.batch, self.n_batch)
-        if int(n_latent) >= len(self.var_names_):
-            logger.warning("n_latent=%d factors for %d genes: the loadings cannot tell that many factors apart, "
-                           "so some will repeat others or explain nothing. Choose n_latent below the number of "
-                           "genes (select-k helps).", int(n_latent), len(self.var_names_))
+        warn_factor_count(int(n_latent), len(self.var_names_))
         torch.manual_seed(settings.seed)
         config = module_config(self.setup_, len(self.var_names_), params)
         self.module = LDVAEModule(config, torch.as_tensor(means), torch.as_tensor(variances))
@@ -295,10 +291,9 @@ class LinearSCVI(Queries, ScviSurface):
         datasplitter_kwargs
             ``external_indexing``: ``[train, validation, test]`` cell positions.
         plan_config, plan_kwargs
-            ``lr``, ``weight_decay``, ``eps``, ``optimizer`` (``"Adam"``, ``"AdamW"``),
-            ``n_epochs_kl_warmup``, ``n_steps_kl_warmup``, ``min_kl_weight`` and ``max_kl_weight``
-            (the KL weight's start and end, 0 and 1), ``reduce_lr_on_plateau`` with
-            ``lr_factor``, ``lr_patience``, ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``.
+            ``lr``, ``weight_decay``, ``eps``, ``optimizer`` (Adam, AdamW), KL warm-up (``n_epochs_kl_warmup``,
+            ``n_steps_kl_warmup``, ``min_kl_weight``, ``max_kl_weight``), ``reduce_lr_on_plateau`` with ``lr_factor``,
+            ``lr_patience``, ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``.
         datamodule
             Not supported (ldvae reads the model's AnnData, in memory or backed on disk).
         trainer_config, **trainer_kwargs
@@ -364,13 +359,12 @@ class LinearSCVI(Queries, ScviSurface):
             batch_norm_momentum=opts["batch_norm_momentum"], ema_decay=opts["ema_decay"],
             threads=opts["threads"],
             frozen=getattr(self, "frozen_", None),
-            data={"var_names": [str(g) for g in self.var_names_], "setup": plain(self.setup_), "n_cells": int(n)},
+            data=data_record(self.var_names_, self.setup_, n),
             **plan,
         )
         state = self.train_state_ or TrainState()
         if payload is not None:
-            check_resume(payload, config, resume_from, int(payload["train_state"]["epoch"]), max_epochs)
-            state = resume_state(self.module, payload, resume_from, config.frozen)
+            state = resume_state(self.module, payload, resume_from, config, max_epochs)
             config.max_epochs = max(max_epochs - state.epoch, 0)
         start_from_counts(opts["init"], self.module, self.adata, self.setup_,
                           frozen=config.frozen, fresh=state.step == 0)

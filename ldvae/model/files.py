@@ -36,7 +36,8 @@ def check_model_dir(dir_path: str | os.PathLike, *, overwrite: bool) -> Path:
     d = Path(dir_path)
     blocking = next((p for p in (d, *d.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise ExistingModelError(f"{blocking} is a file, so a model cannot be saved into {d}. Choose another directory.")
+        raise ExistingModelError(f"{blocking} is a file, so a model cannot be saved into {d}. "
+                                 "Choose another directory.")
     if d.exists() and any(d.iterdir()) and not overwrite:
         raise ExistingModelError(f"{d} already exists and is not empty. Pass overwrite=True to replace it.")
     return d

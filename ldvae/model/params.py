@@ -314,11 +314,20 @@ def resolve_device(accelerator: str = "auto", device: int | str | None = None) -
 
 # scvi-tools' VAE options that LDVAE passes through, at the values ldvae's model has.
 SCVI_MODULE_DEFAULTS = {
-    "log_variational": (LOG_VARIATIONAL,), "encode_covariates": (ENCODE_COVARIATES,), "deeply_inject_covariates": (False,),
+    "log_variational": (LOG_VARIATIONAL,), "encode_covariates": (ENCODE_COVARIATES,),
+    "deeply_inject_covariates": (False,),
     "use_layer_norm": ("none", False), "use_size_factor_key": (False,), "var_activation": (None,),
     "batch_representation": ("one-hot",), "extra_encoder_kwargs": (None, {}), "extra_decoder_kwargs": (None, {}),
     "batch_embedding_kwargs": (None, {}), "library_log_means": (None,), "library_log_vars": (None,),
 }
+
+
+def warn_factor_count(n_latent: int, n_genes: int) -> None:
+    """A warning when there are as many factors as genes, or more."""
+    if n_latent >= n_genes:
+        logger.warning("n_latent=%d factors for %d genes: the loadings cannot tell that many factors apart, so some "
+                       "will repeat others or explain nothing. Choose n_latent below the number of genes (select-k "
+                       "helps).", n_latent, n_genes)
 
 
 def check_model_kwargs(model_kwargs: dict) -> dict:

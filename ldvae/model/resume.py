@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..data.contract import plain
 from ..nn.module import LDVAEModule
 from ..train.averaging import averaged_tensors
 from ..train.loop import ModelFileError, TrainState, check_weights
@@ -15,6 +16,11 @@ logger = logging.getLogger(__name__)
 # Settings a resumed fit should share with the checkpoint's to be the uninterrupted fit.
 RESUMED_SETTINGS = ("batch_size", "lr", "weight_decay", "eps", "optimizer", "n_epochs_kl_warmup", "n_steps_kl_warmup",
                     "max_kl_weight", "min_kl_weight", "batch_norm_momentum", "ema_decay", "seed", "split_seed")
+
+
+def data_record(var_names, setup: dict, n_cells: int) -> dict:
+    """What a fit trains on, as ``TrainConfig.data`` records it for its checkpoints."""
+    return {"var_names": [str(g) for g in var_names], "setup": plain(setup), "n_cells": int(n_cells)}
 
 
 def check_resume(payload: dict, config, resume_from, epochs_done: int, max_epochs: int) -> None:
@@ -48,12 +54,15 @@ def check_resume(payload: dict, config, resume_from, epochs_done: int, max_epoch
                        resume_from, epochs_done, max_epochs)
 
 
-def resume_state(module: LDVAEModule, payload: dict, resume_from: str | os.PathLike,
-                 frozen: dict | None = None) -> TrainState:
-    """Load the checkpoint ``payload`` into ``module`` and return its training state
-    (``frozen``: the parameters held fixed, as ``TrainConfig.frozen``).
+def resume_state(module: LDVAEModule, payload: dict, resume_from: str | os.PathLike, config,
+                 max_epochs: int) -> TrainState:
+    """Load the checkpoint ``payload`` into ``module`` and return its training state, for the
+    fit ``config`` (a ``TrainConfig``) of ``max_epochs`` in all.
 
-    Every check comes first: a checkpoint that does not fit leaves the module as it was."""
+    Every check comes first (:func:`check_resume`, then the weights, the average and the
+    optimizer's state): a checkpoint that does not fit leaves the module as it was."""
+    check_resume(payload, config, resume_from, int(payload["train_state"]["epoch"]), max_epochs)
+    frozen = config.frozen
 
     def mismatch(key, detail):
         return ModelFileError(

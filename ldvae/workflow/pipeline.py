@@ -291,7 +291,8 @@ def write_outputs(
     if factors is not None:
         from .interpret_report import factors_section, factors_table
 
-        group_key = next((c for c in color_by if _is_grouping(adata.obs[c])), "leiden")  # a number per cell marks nothing
+        # the first column that sorts cells into groups: a number per cell marks nothing
+        group_key = next((c for c in color_by if _is_grouping(adata.obs[c])), "leiden")
         groups = adata.obs[group_key] if group_key in adata.obs else None
         files["factors.csv"] = d / "factors.csv"
         atomic_write_text(files["factors.csv"], factors_table(factors, groups, n_genes=n_top_loadings).to_csv(index=False))
