@@ -233,6 +233,8 @@ def fit_distributed(
     accelerator = "gpu" if comm.device.type == "cuda" else "cpu"
     model.train(accelerator=accelerator, devices=comm.device.index if comm.device.type == "cuda" else "auto",
                 **train_kwargs)
+    if model.train_state_.interrupted:  # Ctrl-C reaches every rank: none writes a model that looks finished
+        raise KeyboardInterrupt
     diff = comm.max_difference(model.module)
     if comm.is_main:
         steps = model.train_state_.step
@@ -324,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"ldvae.distributed (rank {os.environ.get('RANK', '?')}): {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"ldvae.distributed (rank {os.environ.get('RANK', '?')}): interrupted; no model or latent file was "
+              "written (checkpoints already in --checkpoint-dir stay).", file=sys.stderr)
+        return 130
     finally:
         shutdown()
     return 0

@@ -419,3 +419,27 @@ def test_ddp_refuses_before_any_work(stores, tmp_path):
         assert "steps: largest parameter difference" not in proc.stderr
     assert [p.name for p in taken.iterdir()] == ["mine.txt"] and not (tmp_path / "new").exists()
     assert (tmp_path / "z.npy").read_bytes() == b"mine"
+
+
+def test_ddp_interrupted_writes_no_model_or_latent(stores, tmp_path):
+    """Ctrl-C (SIGINT to torchrun, which passes it to every rank) once training has written a
+    checkpoint: no model or latent file looks finished. (A rank that was inside a step when
+    another stopped reports the closed connection instead.)"""
+    import signal
+    import time
+
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ldvae.distributed", str(stores["h5ad"]), str(out), "--max-epochs", "100000",
+           "--checkpoint-dir", str(ckpt), "--latent-out", str(tmp_path / "z.npy")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not (ckpt / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert (ckpt / "checkpoint.pt").exists(), "training never reached its first checkpoint"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert "): interrupted; no model or latent file was written" in err, err[-3000:]  # whichever rank stopped first
+    assert not out.exists() and not (tmp_path / "z.npy").exists() and (ckpt / "checkpoint.pt").exists()
