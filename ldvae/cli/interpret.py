@@ -92,13 +92,12 @@ def add_factors(subparsers) -> None:
 def _check_model_dir(model_dir: str) -> Path:
     """``model_dir`` if it holds a saved model (ldvae's or scvi-tools'), else a FileNotFoundError
     that points to ``model/`` inside it where ``ldvae run`` saved one."""
-    from ..model.files import LEGACY_WEIGHTS, MODEL_JSON
-    from ..model.scvi_files import is_scvi_model
+    from ..model.scvi_files import holds_model
 
     d = Path(model_dir)
-    if (d / MODEL_JSON).is_file() or (d / LEGACY_WEIGHTS).is_file() or is_scvi_model(d, None):
+    if holds_model(d):
         return d
-    if (d / "model" / MODEL_JSON).is_file():
+    if holds_model(d / "model"):
         raise FileNotFoundError(f"{d} holds no saved model, but {d / 'model'} does (the layout of `ldvae run`); "
                                 "pass that.")
     raise FileNotFoundError(f"{d} holds no saved model; pass the directory that model.save() (or `ldvae run`'s "

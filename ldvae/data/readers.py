@@ -129,10 +129,11 @@ def read_file(path: str | os.PathLike):
         logger.warning("%d gene names of %s occur more than once (first: %r); the repeats are named %r, %r, ... "
                        "as scanpy's var_names_make_unique does.", len(repeated), p, repeated[0],
                        f"{repeated[0]}-1", f"{repeated[0]}-2")
-    if adata.obs_names.has_duplicates:
+    again = adata.obs_names.duplicated()
+    if again.any():
         logger.warning("%s has %d repeated cell names (first: %r); they stay as they are. Make them unique "
                        "(adata.obs_names_make_unique()) to tell those cells apart in the results.", p,
-                       int(adata.obs_names.duplicated().sum()), adata.obs_names[adata.obs_names.duplicated()][0])
+                       int(again.sum()), adata.obs_names[again][0])
     logger.info("read %s: %d cells x %d genes (%s)", p, adata.n_obs, adata.n_vars, fmt)
     return adata
 

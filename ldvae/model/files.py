@@ -19,7 +19,7 @@ from ..data.contract import plain
 from ..nn.module import LDVAEModule
 from ..train.loop import ModelFileError, TrainState, check_history, check_weights
 from ..util.checks import ExistingModelError
-from ..util.io import atomic_torch_save, atomic_write_json
+from ..util.io import atomic_torch_save, atomic_write_json, file_in_the_way
 from .params import INIT_PARAMS, check_init_params, module_config
 
 MODEL_JSON = "ldvae_model.json"
@@ -34,7 +34,7 @@ def check_model_dir(dir_path: str | os.PathLike, *, overwrite: bool) -> Path:
     """``dir_path`` if a model may be saved there: a new or empty directory, a non-empty one
     only with ``overwrite``, never one under a file."""
     d = Path(dir_path)
-    blocking = next((p for p in (d, *d.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(d)
     if blocking is not None:
         raise ExistingModelError(f"{blocking} is a file, so a model cannot be saved into {d}. "
                                  "Choose another directory.")

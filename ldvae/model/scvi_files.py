@@ -39,7 +39,7 @@ from ..train.config import ModelFileError
 from ..util.checks import SetupError
 from ..util.io import atomic_torch_save
 from ..util.safe_pickle import ALLOWED, RefusedPickle, safe_torch_load
-from .files import FORMAT_VERSION, MODEL_JSON, SPLIT_NAMES, _check_meta, saving
+from .files import FORMAT_VERSION, LEGACY_WEIGHTS, MODEL_JSON, SPLIT_NAMES, _check_meta, saving
 from .params import check_model_kwargs, module_config
 
 SCVI_MODEL_FILE = "model.pt"
@@ -79,6 +79,12 @@ def is_scvi_model(dir_path: str | os.PathLike, prefix: str | None = None) -> boo
     than by ldvae (whose ``{prefix}ldvae_model.json`` wins when both are there)."""
     d, p = Path(dir_path), prefix or ""
     return (d / f"{p}{SCVI_MODEL_FILE}").is_file() and not (d / f"{p}{MODEL_JSON}").exists()
+
+
+def holds_model(dir_path: str | os.PathLike, prefix: str | None = None) -> bool:
+    """Whether ``dir_path`` holds a saved model: ldvae's, scvi-tools', or scvi-tools' older layout."""
+    d, p = Path(dir_path), prefix or ""
+    return any((d / f"{p}{name}").is_file() for name in (MODEL_JSON, SCVI_MODEL_FILE, LEGACY_WEIGHTS))
 
 
 def read_any_model(dir_path: str | os.PathLike, prefix: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:

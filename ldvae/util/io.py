@@ -167,6 +167,13 @@ def write_h5ad(adata, path: str | os.PathLike, **dataset_kwargs) -> None:
 # --- temporary directories of a process ---------------------------------------------------------
 
 
+def file_in_the_way(directory: str | os.PathLike) -> Path | None:
+    """The file at ``directory`` or at one of its parents, which keeps it from being a
+    directory; None when there is none."""
+    d = Path(directory)
+    return next((p for p in (d, *d.parents) if p.exists() and not p.is_dir()), None)
+
+
 def owned_dir_name(stem: str) -> str:
     """``<stem><pid>-<random>``: a temporary directory name that says which process owns it."""
     return f"{stem}{os.getpid()}-{uuid.uuid4().hex[:8]}"

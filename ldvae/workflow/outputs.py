@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .._version import __version__
-from ..util.io import DiskFullError, OutputError, atomic_write_json, is_disk_full, owned_dir_name, sweep_stale
+from ..util.io import (
+    DiskFullError, OutputError, atomic_write_json, file_in_the_way, is_disk_full, owned_dir_name, sweep_stale,
+)
 
 #: The file that marks a directory as written by run_workflow, with the list of what it holds.
 OUTPUT_MARKER = ".ldvae-output.json"
@@ -42,7 +44,7 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, inputs: Sequen
     (paths the run reads). Raises FileExistsError or :class:`~ldvae.util.io.OutputError`.
     """
     path = Path(out_dir).expanduser()
-    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(path)
     if blocking is not None:
         raise FileExistsError(f"Output path {str(blocking)!r} is a file, not a directory; choose another --out-dir.")
     if not os.path.lexists(path):
