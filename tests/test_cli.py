@@ -384,6 +384,7 @@ def test_demo_command_runs(tmp_path, capsys):
     assert out.strip().endswith(f"Report: {tmp_path / 'demo' / 'report.html'}")
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "seurat_annotation" in html and "Data: 10x Genomics, CC BY 4.0" in html
+    assert "pbmc3k_demo.h5ad" in html and "AnnData in memory" not in html  # the report names what it read
     # the demo fits more seeds by default, after the demo's own: stability and the consensus factors
     assert "<h2>Factor stability across seeds</h2>" in html and "<h2>Reproducible factors</h2>" in html
     stability = pd.read_csv(tmp_path / "demo" / "factor_stability.csv", index_col="factor")
