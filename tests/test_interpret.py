@@ -10,6 +10,7 @@ leaves a core idle.
 from __future__ import annotations
 
 import copy
+import logging
 
 import matplotlib
 import numpy as np
@@ -324,6 +325,9 @@ def test_stability_input_errors(small_model):
         select_k(small_model.adata, [2, 3], n_latent=4)
     with pytest.raises(ValueError, match="n_mc_samples must be a positive integer, got 0"):
         select_k(small_model.adata, [2, 3], n_mc_samples=0)
+    # nine cells leave no validation cells at the default split: refused before any fit
+    with pytest.raises(ValueError, match="leaves none of the 9 cells to validate on"):
+        select_k(small_model.adata[:9], [2, 3], n_jobs=1, train_kwargs={"max_epochs": 1})
 
 
 # --- choosing K --------------------------------------------------------------------------------------
@@ -553,17 +557,20 @@ def test_cli_lists_the_interpretation_subcommands():
     assert all(name in text for name in ("factors", "stability", "select-k"))
 
 
-def test_cli_stability_with_varimax(tmp_path, capsys):
+def test_cli_stability_with_varimax(tmp_path, capsys, caplog):
     from ldvae.cli.app import main
 
     path = tmp_path / "counts.h5ad"
-    ldvae.simulate(200, 30, 2, seed=3).write_h5ad(path)
+    ldvae.simulate(200, 40, 2, seed=3).write_h5ad(path)
     out = tmp_path / "stab"
-    args = ["stability", str(path), "--out-dir", str(out), "--layer", "counts", "--n-top-genes", "0", "--seeds", "0",
-            "1", "--n-jobs", "1", "--max-epochs", "2", "--n-latent", "2", "--rotation", "varimax"]
-    assert main(args) == 0, capsys.readouterr().err
+    args = ["stability", str(path), "--out-dir", str(out), "--layer", "counts", "--n-top-genes", "30", "--hvg-flavor",
+            "seurat", "--seeds", "0", "1", "--n-jobs", "1", "--max-epochs", "2", "--n-latent", "2", "--rotation",
+            "varimax"]
+    with caplog.at_level(logging.INFO, logger="ldvae"):
+        assert main(args) == 0, capsys.readouterr().err
+    assert "highly variable genes (seurat)" in caplog.text  # the flavor asked for, as `ldvae run` takes it
     consensus = pd.read_csv(out / "consensus_loadings.csv", index_col="gene")
-    assert list(consensus.columns) == ["V_0", "V_1"] and len(consensus) == 30
+    assert list(consensus.columns) == ["V_0", "V_1"] and 30 <= len(consensus) < 40
     assert sorted(pd.read_csv(out / "stability.csv", index_col="factor").index) == ["V_0", "V_1"]
     assert "after a varimax rotation of each run&#x27;s loadings" in (out / "report.html").read_text()
 

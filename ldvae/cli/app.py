@@ -34,6 +34,7 @@ from .options import (
     add_batch_size,
     add_check_val,
     add_gene_likelihood,
+    add_hvg_flavor,
     add_layer,
     add_lr,
     add_max_epochs,
@@ -66,8 +67,7 @@ def _workflow_options(
     add_batch_key(prep, help="obs column of batches (HVG selection and model)")
     prep.add_argument("--target-sum", type=float, default=1e5, help="normalize_total target per cell")
     add_n_top_genes(prep)
-    prep.add_argument("--hvg-flavor", choices=("seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"),
-                      default="seurat_v3", help="highly_variable_genes flavor")
+    add_hvg_flavor(prep)
 
     model = p.add_argument_group("model and training")
     add_n_latent(model)

@@ -16,6 +16,7 @@ from .options import (
     add_batch_key,
     add_batch_size,
     add_gene_likelihood,
+    add_hvg_flavor,
     add_layer,
     add_lr,
     add_max_epochs,
@@ -202,7 +203,8 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
     add_overwrite(p)
     add_layer(p)
     add_batch_key(p)
-    add_n_top_genes(p, help="highly variable genes to model (seurat_v3 on counts); 0 keeps every gene")
+    add_n_top_genes(p, help="highly variable genes to model; 0 keeps every gene")
+    add_hvg_flavor(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one fit per seed")
     p.add_argument("--n-jobs", type=int, default=None,
                    help="worker processes (default: one per seed up to the CPU count; 1 on a GPU)")
@@ -239,7 +241,8 @@ def _prepared(args: argparse.Namespace):
 
     raw = read_counts(args.input, progress_bar=False)
     if args.n_top_genes > 0:
-        adata = prepare(raw, layer=args.layer, n_top_genes=args.n_top_genes, batch_key=args.batch_key)
+        adata = prepare(raw, layer=args.layer, n_top_genes=args.n_top_genes, hvg_flavor=args.hvg_flavor,
+                        batch_key=args.batch_key)
         layer = "counts"
     else:
         adata, layer = raw, args.layer

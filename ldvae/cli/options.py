@@ -48,6 +48,11 @@ def add_n_top_genes(p, *, help: str = "highly variable genes to model") -> None:
     p.add_argument("--n-top-genes", type=int, default=1000, help=help)
 
 
+def add_hvg_flavor(p) -> None:
+    p.add_argument("--hvg-flavor", choices=("seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"),
+                   default="seurat_v3", help="highly_variable_genes flavor")
+
+
 def add_n_latent(p) -> None:
     p.add_argument("--n-latent", type=int, default=N_LATENT, help="latent factors K")
 

@@ -26,6 +26,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..query.deviance import check_rotation, sign_convention
 from ..query.target import query_batch_size, rows_of
+from ..train.batches import split_indices
 from ..util.checks import positive_int
 from .seeds import BackgroundFits, check_seeds, _fit_many, fit_seeds, uses_gpu  # noqa: F401 (public here too)
 
@@ -338,6 +339,17 @@ def heldout_marginal_nll(model: LinearSCVI, *, n_mc_samples: int = 50) -> np.nda
                        dtype=np.float64)
 
 
+def _check_validation_split(n_cells: int, train_kwargs: dict) -> None:
+    """Before any fit: the split of ``train_kwargs`` leaves validation cells to score K on."""
+    train_size = train_kwargs.get("train_size") or 0.9
+    _, val = split_indices(n_cells, train_size, train_kwargs.get("validation_size"), 0)
+    if len(val) == 0:
+        raise ValueError(
+            f"select_k scores each K on held-out cells, and train_size={train_size} leaves none of the "
+            f"{n_cells} cells to validate on. Pass more cells, or (from Python) a smaller train_size in train_kwargs."
+        )
+
+
 def _paired_se(a: np.ndarray, b: np.ndarray) -> float:
     """Standard error of the mean of the per-cell difference a - b."""
     diff = a - b
@@ -406,6 +418,7 @@ def select_k(
     seeds = check_seeds(seeds, 2)
     positive_int("n_mc_samples", n_mc_samples)
     train_kwargs = dict(train_kwargs or {})
+    _check_validation_split(adata.n_obs, train_kwargs)
     jobs = [({**model_kwargs, "n_latent": k}, s) for k in ks for s in seeds]
     models = _fit_many(adata, jobs, n_jobs, train_kwargs)
     by_k = {k: models[i * len(seeds) : (i + 1) * len(seeds)] for i, k in enumerate(ks)}
