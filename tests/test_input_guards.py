@@ -535,3 +535,164 @@ def test_cli_run_with_math_like_gene_names_draws_every_figure(tmp_path, capsys):
     loadings = pd.read_csv(tmp_path / "out" / "loadings.csv", index_col=0)
     assert set(MATH_LIKE) <= set(loadings.index)
     assert len(list((tmp_path / "out" / "figures").glob("*.png"))) == 7  # with the reproducible factors (one fit, rotated)
+
+
+# --- the model's AnnData changed, malformed matrices, category names -------------------------------
+
+
+def _small(n_cells: int = 300, n_genes: int = 40) -> ad.AnnData:
+    a = _counts(n_cells, n_genes, seed=1)
+    a.obs["ct"] = np.where(np.arange(n_cells) % 3 == 0, "A", "B")
+    return a
+
+
+def _fit(a: ad.AnnData, **setup) -> ldvae.LinearSCVI:
+    ldvae.LinearSCVI.setup_anndata(a, **setup)
+    model = ldvae.LinearSCVI(a, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, progress_bar=False)
+    return model
+
+
+def test_model_reads_its_anndata_again_after_an_in_place_filter():
+    import scanpy as sc
+
+    a = _small()
+    model = _fit(a)
+    sc.pp.filter_cells(a, min_counts=float(np.median(np.asarray(a.X.sum(axis=1)))))  # in place: the same object
+    assert model.get_latent_representation().shape == (a.n_obs, 3) and a.n_obs < 300
+    ldvae.settings.seed = 0
+    kept = model.differential_expression(groupby="ct", group1="A")
+    ldvae.settings.seed = 0
+    fresh = model.differential_expression(a.copy(), groupby="ct", group1="A")
+    pd.testing.assert_series_equal(kept["raw_mean1"], fresh["raw_mean1"])
+
+
+def test_query_string_selects_cells_by_position_when_names_repeat():
+    a = _small()
+    a.obs_names = [f"c{i % 150}" for i in range(300)]  # as ad.concat without index_unique makes
+    model = _fit(a)
+    ldvae.settings.seed = 0
+    by_query = model.differential_expression(idx1="ct == 'A'")
+    ldvae.settings.seed = 0
+    by_mask = model.differential_expression(idx1=(a.obs["ct"] == "A").to_numpy())
+    pd.testing.assert_frame_equal(by_query, by_mask)
+    with pytest.raises(ValueError, match="is not a condition on adata.obs"):
+        model.differential_expression(idx1="ct")
+
+
+@pytest.mark.parametrize("bad_index, found", [(40, "0..40"), (-3, "-3..39")])
+@pytest.mark.parametrize("backed", [False, True])
+def test_sparse_indices_outside_the_shape_are_refused(tmp_path, bad_index, found, backed):
+    a = _small()
+    x = a.X.copy()
+    x.indices[5] = bad_index  # scipy builds this without a check; a one-based writer makes it
+    a.X = x
+    if backed:
+        a.write_h5ad(tmp_path / "bad.h5ad")
+        a = ad.read_h5ad(tmp_path / "bad.h5ad", backed="r")
+    with pytest.raises(SetupError, match=rf"not a valid CSR matrix of shape 300 x 40: an index lies outside "
+                                         rf"0\.\.39 \(found {re.escape(found)}\)"):
+        ldvae.LinearSCVI.setup_anndata(a)
+    assert "ldvae_setup" not in a.uns
+
+
+@pytest.mark.parametrize("values", [pd.Categorical([1 if i % 2 else "1" for i in range(300)]),
+                                    np.array([1 if i % 2 else "1" for i in range(300)], dtype=object)])
+def test_distinct_batch_values_of_one_name_are_refused_and_nothing_written(values):
+    a = _small()
+    a.obs["b"] = values
+    with pytest.raises(SetupError, match=r"distinct values of the same name '1' \(1, '1'\)"):
+        ldvae.LinearSCVI.setup_anndata(a, batch_key="b")
+    assert "ldvae_setup" not in a.uns and "_scvi_batch" not in a.obs
+
+
+@pytest.mark.parametrize("values", [np.array([0.1, 0.2], dtype=np.float32),
+                                    pd.to_datetime(["2024-01-01", "2024-02-01"]).to_numpy()])
+def test_float32_and_date_batches_are_named_as_their_codes_are_read(values):
+    a = _small()
+    a.obs["b"] = values[np.arange(300) % 2]
+    model = _fit(a, batch_key="b")
+    assert len(a.uns["ldvae_setup"]["batch_categories"]) == 2
+    assert np.bincount(a.obs["_scvi_batch"]).tolist() == [150, 150]
+    assert model.get_latent_representation().shape == (300, 3)
+
+
+def test_continuous_covariate_beyond_float32_training_is_refused_and_nothing_written():
+    a = _small()
+    a.obs["x"] = np.random.default_rng(0).normal(size=300) * 1e39
+    with pytest.raises(SetupError, match=r"adata.obs\['x'\] reaches 3.*too large for float32 training"):
+        ldvae.LinearSCVI.setup_anndata(a, continuous_covariate_keys=["x"])
+    assert "ldvae_setup" not in a.uns
+
+
+def test_write_results_onto_genes_named_twice():
+    a = _small()
+    model = _fit(a[:, :30].copy())
+    full = a.copy()
+    names = list(full.var_names)
+    names[35] = names[36]  # a repeated symbol the model does not use
+    full.var_names = names
+    model.write_results(full)
+    np.testing.assert_array_equal(full.varm["ldvae_loadings"][:30], model.get_loadings().to_numpy(np.float32))
+    assert np.isnan(full.varm["ldvae_loadings"][30:]).all()
+    np.testing.assert_allclose(full.obsm["X_ldvae"], model.get_latent_representation(), rtol=1e-6)
+    names[1] = names[2] = "g_twice"
+    full.var_names = names
+    twice = _fit(full[:, :30].copy())  # a model of a matrix whose names repeat
+    np.testing.assert_array_equal(twice.write_results(copy=True).varm["ldvae_loadings"],
+                                  twice.get_loadings().to_numpy(np.float32))  # onto its own genes: by position
+    with pytest.raises(SetupError, match="names the model's gene 'g_twice' more than once"):
+        twice.write_results(full, copy=True)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, "timedelta64[s]"])
+def test_complex_and_time_counts_are_refused(dtype):
+    a = _small()
+    a.X = a.X.toarray().astype(np.int64).astype(dtype)
+    with pytest.raises(SetupError, match=rf"adata.X has dtype {re.escape(str(np.dtype(dtype)))}; LDVAE needs numeric"):
+        ldvae.LinearSCVI.setup_anndata(a)
+
+
+def test_a_float_batch_value_is_one_transform_batch():
+    a = _small()
+    a.obs["b"] = np.where(np.arange(300) % 2 == 0, 1.0, 2.0)
+    model = _fit(a, batch_key="b")
+    np.testing.assert_array_equal(model.get_normalized_expression(transform_batch=1.0),
+                                  model.get_normalized_expression(transform_batch="1.0"))
+
+
+def test_non_integer_message_shows_the_digits_that_make_it_so():
+    a = _small()
+    x = a.X.toarray().astype(np.float64)
+    x[0, 0] = 2.0000001
+    a.X = x
+    with pytest.raises(SetupError, match=r"non-integer values \(first: 2\.0000001 at cell"):
+        ldvae.LinearSCVI.setup_anndata(a)
+
+
+def test_repeated_sparse_entries_are_checked_as_their_sum():
+    a = _small()
+    indptr = np.r_[0, 2, np.full(299, 2)]
+    a.X = sp.csr_matrix((np.array([0.5, 0.5]), np.array([3, 3]), indptr), shape=(300, 40))  # the value is 1
+    ldvae.LinearSCVI.setup_anndata(a)
+    a.X = sp.csr_matrix((np.array([6e8, 6e8]), np.array([3, 3]), indptr), shape=(300, 40))  # 1.2e9
+    with pytest.raises(SetupError, match="values too large to be counts"):
+        ldvae.LinearSCVI.setup_anndata(a)
+
+
+def test_the_principal_components_start_reads_checked_counts():
+    a = _small()
+    ldvae.LinearSCVI.setup_anndata(a)
+    model = ldvae.LinearSCVI(a, n_latent=3)
+    x = a.X.copy()
+    x.data[0] = -1
+    a.X = x  # the counts replaced after setup
+    with pytest.raises(SetupError, match="has negative values"):
+        model.train(max_epochs=1, init="pca", progress_bar=False)
+
+
+def test_a_layer_asked_of_a_backed_anndata_points_to_its_x(tmp_path):
+    _small().write_h5ad(tmp_path / "c.h5ad")
+    backed = ad.read_h5ad(tmp_path / "c.h5ad", backed="r")
+    with pytest.raises(SetupError, match="counts of this backed AnnData are its X on disk: pass layer=None"):
+        ldvae.LinearSCVI.setup_anndata(backed, layer="counts")

@@ -51,11 +51,20 @@ def get_counts(adata, layer: str | None):
         return adata.X
     if layer not in adata.layers:
         have = ", ".join(repr(k) for k in adata.layers.keys()) or "none"
-        raise SetupError(
-            f"layer={layer!r} is not in adata.layers (have: {have}). "
-            "Store raw counts there first, e.g. adata.layers['counts'] = adata.X.copy()."
-        )
+        fix = ("The counts of this backed AnnData are its X on disk: pass layer=None."
+               if getattr(adata, "isbacked", False) else
+               "Store raw counts there first, e.g. adata.layers['counts'] = adata.X.copy().")
+        raise SetupError(f"layer={layer!r} is not in adata.layers (have: {have}). {fix}")
     return adata.layers[layer]
+
+
+def counts_identity(adata, layer: str | None) -> tuple:
+    """What changes when an AnnData's cells, genes or counts are replaced, in place (as
+    scanpy's ``filter_cells``) or not: the key under which counts read from it may be kept."""
+    if adata.isbacked:
+        return id(adata), str(adata.filename), adata.shape, id(adata.obs_names), id(adata.var_names)
+    counts = adata.X if layer is None else adata.layers.get(layer)
+    return id(adata), adata.shape, id(counts), id(adata.obs_names), id(adata.var_names)
 
 
 def _where(adata, idx_cell: int, idx_gene: int) -> str:
@@ -73,13 +82,13 @@ def _first_bad(mat, bad_mask_fn):
             return None
         k = int(np.flatnonzero(bad)[0])
         cell = int(np.searchsorted(coo_like.indptr, k, side="right") - 1)
-        return cell, int(coo_like.indices[k]), float(data[k])
+        return cell, int(coo_like.indices[k]), data[k]  # NumPy's scalar: printed to its own precision
     arr = np.asarray(mat)
     bad = bad_mask_fn(arr)
     if not bad.any():
         return None
     cell, gene = (int(i) for i in np.argwhere(bad)[0])
-    return cell, gene, float(arr[cell, gene])
+    return cell, gene, arr[cell, gene]
 
 
 def validate_counts(adata, mat, layer: str | None) -> None:
@@ -89,17 +98,24 @@ def validate_counts(adata, mat, layer: str | None) -> None:
     others = [k for k in getattr(adata, "layers", {}).keys() if k != layer]
     fix = ("Pass the raw counts layer (layer='name', --layer name on the command line); "
            + (f"this AnnData's other layers: {', '.join(map(repr, others))}." if others
-              else "this AnnData has no other layer."))
+              else "this AnnData has no other layer.")
+           + (" If adata.raw holds the raw counts, copy them in: adata.layers['counts'] = "
+              "adata.raw[:, adata.var_names].X." if getattr(adata, "raw", None) is not None else ""))
     dtype = mat.dtype
-    if not (np.issubdtype(dtype, np.number) or dtype == bool):
+    if dtype.kind not in "biuf":  # complex and time deltas are numbers too, but never counts
         raise SetupError(f"{where_from} has dtype {dtype}; LDVAE needs numeric raw counts. {fix}")
+    if sp.issparse(mat):
+        check_sparse_structure(mat, where_from)
+        if getattr(mat, "has_canonical_format", True) is False or mat.format == "coo":
+            mat = mat.tocsr(copy=True)  # repeated entries checked as the value they add up to
+            mat.sum_duplicates()
     if np.issubdtype(dtype, np.floating):
         first = _first_bad(mat, lambda a: ~np.isfinite(a))
         if first is not None:
             c, g, v = first
             raise SetupError(
                 f"LDVAE models raw counts, but {where_from} has a non-finite value "
-                f"(first: {v} at {_where(adata, c, g)}). Remove or fix those entries. {fix}"
+                f"(first: {v!s} at {_where(adata, c, g)}). Remove or fix those entries. {fix}"
             )
     first = _first_bad(mat, lambda a: a < 0)
     if first is not None:
@@ -114,7 +130,7 @@ def validate_counts(adata, mat, layer: str | None) -> None:
             c, g, v = first
             raise SetupError(
                 f"LDVAE models raw counts, but {where_from} has non-integer values "
-                f"(first: {v:.3g} at {_where(adata, c, g)}). {fix}"
+                f"(first: {v!s} at {_where(adata, c, g)}). {fix}"
             )
     first = _first_bad(mat, lambda a: a > MAX_COUNT)
     if first is not None:
@@ -124,6 +140,34 @@ def validate_counts(adata, mat, layer: str | None) -> None:
             f"(first: {v:.3g} at {_where(adata, c, g)}; the limit is {MAX_COUNT:.0e}, beyond which "
             f"float32 training overflows). {fix}"
         )
+
+
+def check_sparse_structure(mat, where_from: str) -> None:
+    """Refuse a sparse matrix whose index arrays point outside its shape, which scipy builds
+    without a check (e.g. one-based indices from another writer): the compiled kernels would
+    read past a row, and a negative index would put a count on another gene."""
+    n_rows, n_cols = mat.shape
+    if mat.format in ("csr", "csc"):
+        n_major, n_minor = (n_rows, n_cols) if mat.format == "csr" else (n_cols, n_rows)
+        ptr, idx = np.asarray(mat.indptr), np.asarray(mat.indices)
+        problem = (
+            f"indptr has {ptr.size} entries for {n_major} {'rows' if mat.format == 'csr' else 'columns'}"
+            if ptr.size != n_major + 1 else
+            "indptr does not start at 0, rise, and end at the number of stored values"
+            if ptr[0] != 0 or ptr[-1] != idx.size or (ptr.size > 1 and np.diff(ptr).min() < 0) else
+            f"an index lies outside 0..{n_minor - 1} (found {int(idx.min())}..{int(idx.max())})"
+            if idx.size and (idx.min() < 0 or idx.max() >= n_minor) else None
+        )
+    elif mat.format == "coo":
+        bad = (mat.row.size and (mat.row.min() < 0 or mat.row.max() >= n_rows)) or (
+            mat.col.size and (mat.col.min() < 0 or mat.col.max() >= n_cols))
+        problem = "a row or column index lies outside the shape" if bad else None
+    else:
+        return
+    if problem:
+        raise SetupError(f"{where_from} is not a valid {mat.format.upper()} matrix of shape {n_rows} x {n_cols}: "
+                         f"{problem}. Rebuild it, e.g. with scipy.sparse.csr_matrix((data, indices, indptr)), "
+                         "and check it with .check_format(full_check=True).")
 
 
 def warn_empty_cells(n_empty: int, n_cells: int) -> None:
@@ -146,16 +190,42 @@ def obs_column(adata, key: str, arg: str) -> pd.Series:
     return adata.obs[key]
 
 
-def _categories(col: pd.Series, key: str, arg: str) -> list[str]:
+def _check_missing(col: pd.Series, key: str, arg: str) -> None:
     missing = col.isna().to_numpy()
     if missing.any():
         raise SetupError(
             f"{arg}={key!r}: {int(missing.sum())} cells have a missing value in adata.obs[{key!r}] "
             f"(first: cell {str(col.index[missing.argmax()])!r}). Fill or drop them."
         )
+
+
+def _named_codes(col: pd.Series, key: str, arg: str) -> tuple[np.ndarray, list[str]]:
+    """Each cell's code among the column's distinct values, grouped as pandas groups them,
+    and each value's name: one conversion for the setup's categories and every later
+    reading of codes. Two distinct values of one name (``1`` and ``"1"``) are refused."""
+    _check_missing(col, key, arg)
     if isinstance(col.dtype, pd.CategoricalDtype):
-        return [str(c) for c in col.cat.categories]
-    return sorted({str(v) for v in col})
+        codes, values = col.cat.codes.to_numpy(), col.cat.categories
+    else:
+        try:
+            codes, values = pd.factorize(col, sort=True)
+        except TypeError:  # values that do not sort together (numbers and strings)
+            codes, values = pd.factorize(col)
+    names = [str(n) for n in pd.Index(values).astype(str)]
+    if len(set(names)) < len(names):
+        first = next(n for n in names if names.count(n) > 1)
+        same = [v for v, n in zip(values, names) if n == first]
+        raise SetupError(
+            f"{arg}={key!r}: adata.obs[{key!r}] holds distinct values of the same name {first!r} "
+            f"({', '.join(map(repr, same))}), which a saved model could not tell apart. Make them one type first, "
+            f"e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)."
+        )
+    return np.asarray(codes, dtype=np.int64), names
+
+
+def _categories(col: pd.Series, key: str, arg: str) -> list[str]:
+    names = _named_codes(col, key, arg)[1]
+    return names if isinstance(col.dtype, pd.CategoricalDtype) else sorted(names)
 
 
 def obs_categories(adata, key: str, arg: str) -> list[str]:
@@ -164,16 +234,17 @@ def obs_categories(adata, key: str, arg: str) -> list[str]:
     return _categories(obs_column(adata, key, arg), key, arg)
 
 
-def _codes(col: pd.Series, categories: list[str], key: str) -> np.ndarray:
+def _codes(col: pd.Series, categories: list[str], key: str, arg: str) -> np.ndarray:
+    codes, names = _named_codes(col, key, arg)
     index = {c: i for i, c in enumerate(categories)}
-    values = col.astype(str).to_numpy()
-    unknown = [v for v in pd.unique(values) if v not in index]
+    unknown = [n for n in names if n not in index]
     if unknown:
         raise SetupError(
             f"adata.obs[{key!r}] has categories the model was not set up with "
-            f"(first: {unknown[0]!r}; known: {categories[:10]})."
+            f"(first: {unknown[0]!r}; known: {categories[:10]}). If they were renamed after setup_anndata, run it "
+            "again; a model maps only the categories it was trained on."
         )
-    return np.fromiter((index[v] for v in values), dtype=np.int64, count=len(values))
+    return np.array([index[n] for n in names], dtype=np.int64)[codes]
 
 
 def get_setup(adata) -> dict:
@@ -212,12 +283,14 @@ class Covariates:
 def read_covariates(adata, setup: dict) -> Covariates:
     n = adata.n_obs
     batch = (
-        _codes(obs_column(adata, setup["batch_key"], "batch_key"), list(setup["batch_categories"]), setup["batch_key"])
+        _codes(obs_column(adata, setup["batch_key"], "batch_key"), list(setup["batch_categories"]), setup["batch_key"],
+               "batch_key")
         if "batch_key" in setup
         else np.zeros(n, dtype=np.int64)
     )
     label = (
-        _codes(obs_column(adata, setup["labels_key"], "labels_key"), list(setup["label_categories"]), setup["labels_key"])
+        _codes(obs_column(adata, setup["labels_key"], "labels_key"), list(setup["label_categories"]),
+               setup["labels_key"], "labels_key")
         if "labels_key" in setup
         else np.zeros(n, dtype=np.int64)
     )
@@ -225,7 +298,7 @@ def read_covariates(adata, setup: dict) -> Covariates:
     if setup.get("categorical_covariate_keys"):
         cats = setup["categorical_covariate_categories"]
         cat = np.stack(
-            [_codes(obs_column(adata, k, "categorical_covariate_keys"), list(cats[k]), k)
+            [_codes(obs_column(adata, k, "categorical_covariate_keys"), list(cats[k]), k, "categorical_covariate_keys")
              for k in setup["categorical_covariate_keys"]],
             axis=1,
         )

@@ -36,6 +36,18 @@ def set_obs_columns(adata, columns: dict) -> None:
     adata.obs = obs
 
 
+def gene_positions(var_names: pd.Index, genes: pd.Index) -> np.ndarray:
+    """Where each of ``genes`` lies in ``var_names``, which may repeat names the model does
+    not use (a full 10x matrix's gene symbols); a model gene named twice is refused."""
+    repeated = var_names.duplicated(keep=False)
+    ambiguous = genes[genes.isin(var_names[repeated])]
+    if len(ambiguous):
+        raise SetupError(f"adata names the model's gene {ambiguous[0]!r} more than once, so its column is ambiguous; "
+                         "make the names unique first (adata.var_names_make_unique()) or drop the copies.")
+    kept = np.flatnonzero(~repeated)
+    return kept[var_names[kept].get_indexer(genes)]
+
+
 def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: bool = False, copy: bool = False):
     """Write a trained model's results into ``adata`` (default: the training AnnData).
 
@@ -75,11 +87,10 @@ def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: b
         raise SetupError(
             f"adata lacks {len(missing)} of the model's genes (first: {missing[0]!r}); cannot encode its cells."
         )
-    sub = adata if var_names.equals(genes) else adata[:, genes]
-    z = model.get_latent_representation(sub).astype(np.float32)
+    pos = np.arange(len(genes)) if var_names.equals(genes) else gene_positions(var_names, genes)
+    z = model.get_latent_representation(adata if var_names.equals(genes) else adata[:, pos]).astype(np.float32)
     loadings = model.get_loadings()
     full = np.full((adata.n_vars, loadings.shape[1]), np.nan, dtype=np.float32)
-    pos = var_names.get_indexer(genes)
     full[pos] = loadings.to_numpy(dtype=np.float32)
     adata.obsm[keys["obsm"]] = z
     adata.varm[keys["varm"]] = full

@@ -11,7 +11,18 @@ import pandas as pd
 from ..util.checks import SetupError
 from .backed import scan_counts
 from .disk import is_on_disk
-from .contract import SETUP_KEY, check_not_view, get_counts, obs_categories, obs_column, validate_counts, warn_empty_cells
+from .contract import (
+    SETUP_KEY,
+    check_not_view,
+    get_counts,
+    obs_categories,
+    obs_column,
+    read_covariates,
+    validate_counts,
+    warn_empty_cells,
+)
+
+MAX_COVARIATE = 1e15  # a continuous covariate's magnitude; its products with weights stay finite in float32
 
 
 def setup_anndata(
@@ -62,5 +73,11 @@ def setup_anndata(
                     f"continuous_covariate_keys: adata.obs[{k!r}] must be finite numbers "
                     f"({int((~np.isfinite(vals)).sum())} cells are not)."
                 )
+            if np.abs(vals).max() > MAX_COVARIATE:
+                raise SetupError(
+                    f"continuous_covariate_keys: adata.obs[{k!r}] reaches {np.abs(vals).max():.3g}, too large for "
+                    f"float32 training (limit {MAX_COVARIATE:.0e}); scale it first, e.g. to unit variance."
+                )
         setup["continuous_covariate_keys"] = list(continuous_covariate_keys)
+    read_covariates(adata, setup)  # every code can be read under this setup, before anything is written
     adata.uns[SETUP_KEY] = setup

@@ -18,6 +18,7 @@ from ..data.contract import (
     CountData,
     SetupError,
     check_not_view,
+    counts_identity,
     get_counts,
     get_setup,
     library_prior,
@@ -116,7 +117,7 @@ class LinearSCVI(Queries, ScviSurface):
         if dispersion == "gene-label" and "labels_key" not in self.setup_:
             raise SetupError("dispersion='gene-label' needs labels: run setup_anndata(..., labels_key=...).")
         self.var_names_ = pd.Index(adata.var_names.astype(str))
-        self._data_cache: tuple[int, CountData] | None = None
+        self._data_cache: tuple[tuple, CountData] | None = None
         if counts_on_disk(adata, self.setup_):  # backed AnnData: one streaming pass (ldvae.data.backed)
             means, variances = library_prior_on_disk(adata, self.setup_, self.n_batch)
         else:
@@ -214,7 +215,7 @@ class LinearSCVI(Queries, ScviSurface):
         """Counts of ``adata`` (default: the training data) on the model's device; for a
         minified AnnData, its stored posterior and observed library."""
         if adata is None or adata is self.adata:
-            key = id(self.adata)
+            key = counts_identity(self.adata, self.setup_.get("layer"))  # the cells and counts it holds now
             if self._data_cache is None or self._data_cache[0] != key or self._data_cache[1].device != self.device:
                 self._data_cache = (key, self._count_data(self.adata))
             return self._data_cache[1]
@@ -342,9 +343,7 @@ class LinearSCVI(Queries, ScviSurface):
         train_idx, val_idx, test_idx = split_cells(n, train_size, validation_size, split_seed, batch_size,
                                                    shuffle=shuffle_set_split, external=external)
         config = TrainConfig(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
+            max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping,
             early_stopping_patience=opts["early_stopping_patience"],
             early_stopping_min_delta=float(opts["early_stopping_min_delta"]),
             early_stopping_monitor=opts["early_stopping_monitor"],
@@ -352,8 +351,7 @@ class LinearSCVI(Queries, ScviSurface):
             early_stopping_warmup_epochs=int(opts["early_stopping_warmup_epochs"]),
             check_val_every_n_epoch=opts["check_val_every_n_epoch"],
             progress_bar=bool(opts["progress_bar"]),
-            seed=seed,
-            split_seed=split_seed,
+            seed=seed, split_seed=split_seed,
             checkpoint_dir=None if opts["checkpoint_dir"] is None else str(opts["checkpoint_dir"]),
             checkpoint_every_n_epochs=opts["checkpoint_every_n_epochs"],
             batch_norm_momentum=opts["batch_norm_momentum"], ema_decay=opts["ema_decay"],
@@ -366,10 +364,10 @@ class LinearSCVI(Queries, ScviSurface):
         if payload is not None:
             state = resume_state(self.module, payload, resume_from, config, max_epochs)
             config.max_epochs = max(max_epochs - state.epoch, 0)
+        source = self._source(train_idx, val_idx, batch_size)  # reads and checks the counts, before the start
         start_from_counts(opts["init"], self.module, self.adata, self.setup_,
                           frozen=config.frozen, fresh=state.step == 0)
         self.module.to(self.device)
-        source = self._source(train_idx, val_idx, batch_size)
         try:
             fit(self.module, source, config, state)
         finally:

@@ -49,8 +49,11 @@ BAYES_OPTIONS = {
 def _mask(adata, idx, name: str) -> np.ndarray:
     """A boolean cell mask from a mask, a list of positions or an ``adata.obs.query`` string."""
     n = adata.n_obs
-    if isinstance(idx, str):
-        return np.asarray(adata.obs.index.isin(adata.obs.query(idx).index))
+    if isinstance(idx, str):  # by position: cell names may repeat
+        selected = adata.obs.eval(idx)
+        if not (isinstance(selected, pd.Series) and selected.dtype == bool):
+            raise ValueError(f"{name}={idx!r} is not a condition on adata.obs columns (as adata.obs.query takes).")
+        return selected.to_numpy()
     arr = np.asarray(idx).ravel()
     if arr.size == 0:
         raise ValueError(f"{name} selects no cells.")
