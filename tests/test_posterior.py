@@ -116,6 +116,24 @@ def test_change_mode_finds_planted_genes(de_model):
     assert (de["lfc_median"] - de["lfc_mean"]).abs().max() < 0.3 and (de["lfc_std"] > 0).all()
     assert set(de["comparison"]) == {"B vs A"} and list(de["proba_de"]) == sorted(de["proba_de"], reverse=True)
     assert np.allclose(de["proba_de"] + de["proba_not_de"], 1.0)
+    # scvi-tools 1.5's Bayes factor is the log odds of proba_de, whichever the direction:
+    # planted genes down in B rank as DE as those up in B
+    odds = np.log(de["proba_de"] + 1e-8) - np.log(1 - de["proba_de"] + 1e-8)
+    np.testing.assert_allclose(de["bayes_factor"], odds, rtol=1e-6)
+    assert (de.loc[down, "bayes_factor"] > 3).all() and (de.loc[up, "bayes_factor"] > 3).all()
+
+
+def test_change_mode_pseudocount_is_scvi_tools_estimate(de_model):
+    from ldvae.query.de import _pseudocounts
+
+    rng = np.random.default_rng(0)
+    s1, s2 = rng.uniform(0, 1e-3, (50, 200)), rng.uniform(0, 1e-3, (60, 200))
+    zero1, zero2 = np.arange(200) < 20, np.zeros(200, dtype=bool)
+    # the 0.9 quantile of group 1's largest draws over its unexpressed genes, over 200 genes
+    assert _pseudocounts(s1, s2, zero1, zero2) == pytest.approx(np.quantile(s1.max(0)[:20], 0.9) / 200)
+    assert _pseudocounts(s1, s2, zero2, zero2) == 1e-10  # no unexpressed gene in either group
+    de = de_model.differential_expression(groupby="group", group1="B", group2="A", mode="change")
+    assert de["pseudocounts"].iloc[0] <= 1e-3 / de_model.adata.n_vars
 
 
 def test_vanilla_mode_bayes_factors_and_stats(de_model):

@@ -160,12 +160,14 @@ def _pairs(a: np.ndarray, b: np.ndarray, use_permutation: bool, m: int | None, r
 
 
 def _pseudocounts(s1, s2, zero1: np.ndarray, zero2: np.ndarray, quantile: float = 0.9) -> float:
-    """Offset c that shrinks the LFC of genes not expressed in a group: the ``quantile`` of the
-    largest sampled rho among those genes (scvi-tools' estimate), at least 1e-5."""
+    """Offset c that shrinks the LFC of genes not expressed in a group, scvi-tools 1.5's
+    estimate: the ``quantile`` of the largest sampled rho among those genes (1e-10 for a
+    group without such genes), the larger of the two groups', over the number of genes, at
+    least 1e-10."""
     eps = []
     for s, zero in ((s1, zero1), (s2, zero2)):
-        eps.append(np.quantile(s.max(0)[zero], quantile) if zero.any() else 1e-5)
-    return float(max(max(eps), 1e-5))
+        eps.append(np.quantile(s.max(0)[zero], quantile) if zero.any() else 1e-10)
+    return float(max(max(eps) / s1.shape[1], 1e-10))
 
 
 def _estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_thres: float = 0.1) -> float:
@@ -223,15 +225,12 @@ def _bayes_factors(s1, s2, b1, b2, mode, delta, batch_correction, opts, rng, zer
     lfc = np.log2(a + pc) - np.log2(b + pc)  # (n_pairs, G)
     delta_ = _estimate_delta(lfc.mean(0)) if delta is None else float(delta)
     p_plus, p_minus = np.mean(lfc >= delta_, axis=0), np.mean(lfc < -delta_, axis=0)
-    if opts["test_mode"] == "two":
-        proba_de, sign = p_plus + p_minus, 1.0
-    else:
-        proba_de, sign = np.maximum(p_plus, p_minus), np.sign(p_plus - p_minus)
+    proba_de = p_plus + p_minus if opts["test_mode"] == "two" else np.maximum(p_plus, p_minus)
     # LFC summaries use a 1000x smaller pseudocount so they estimate the fold change itself.
     effect = np.log2(a + 1e-3 * pc) - np.log2(b + 1e-3 * pc)
     res = {
         "proba_de": proba_de, "proba_not_de": 1.0 - proba_de,
-        "bayes_factor": sign * (np.log(proba_de + EPS) - np.log(1.0 - proba_de + EPS)),
+        "bayes_factor": np.log(proba_de + EPS) - np.log(1.0 - proba_de + EPS),  # the direction is lfc's
         "scale1": s1.mean(0), "scale2": s2.mean(0), "pseudocounts": pc, "delta": delta_,
         "lfc_mean": effect.mean(0), "lfc_median": np.median(effect, 0), "lfc_std": effect.std(0),
         "lfc_min": effect.min(0), "lfc_max": effect.max(0),
