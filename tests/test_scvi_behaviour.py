@@ -74,6 +74,19 @@ def test_unshuffled_split_and_external_indices(adata):
 # --- the optimizer and schedule ---------------------------------------------------------------
 
 
+def test_building_and_training_leave_the_users_random_state(adata):
+    # as in scvi-tools, the user's torch generator is the user's: a model seeds its own work
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    model = _model(adata)
+    model.train(2, progress_bar=False)
+    assert torch.equal(torch.rand(3), expected)
+    again = _model(adata)  # and the model's own randomness still follows ldvae.settings.seed
+    again.train(2, progress_bar=False)
+    np.testing.assert_array_equal(model.get_latent_representation(), again.get_latent_representation())
+
+
 def test_adamw_step_is_torchs_adamw():
     torch.manual_seed(0)
     p0 = torch.randn(50)
@@ -122,6 +135,16 @@ def test_kl_weight_runs_from_min_to_max_kl_weight(adata):
     m.train(6, progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": 3, "min_kl_weight": 0.2, "max_kl_weight": 0.5})
     weights = m.history["kl_weight"]["kl_weight"].to_numpy()  # the weight of each epoch's last step
     assert 0.2 < weights[0] < weights[1] < weights[2] < weights[3] == weights[-1] == 0.5
+    # a warm-up asked for is kept as asked, longer than half the fit too, as in scvi-tools;
+    # the default 400 epochs end by mid-fit
+    m = _model(adata)
+    m.train(6, progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": 5})
+    weights = m.history["kl_weight"]["kl_weight"].to_numpy()
+    assert (np.diff(weights) > 0).all() and weights[4] < weights[5] == 1.0  # rising over the first five epochs
+    m = _model(adata)
+    m.train(6, progress_bar=False)
+    weights = m.history["kl_weight"]["kl_weight"].to_numpy()
+    assert weights[2] < weights[3] == weights[-1] == 1.0  # shortened to 3 epochs
     m = _model(adata, use_observed_lib_size=True)  # no library KL term: a zero weight leaves the reconstruction
     m.train(2, progress_bar=False, plan_kwargs={"max_kl_weight": 0.0})
     h = m.history

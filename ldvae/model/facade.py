@@ -124,9 +124,10 @@ class LinearSCVI(Queries, ScviSurface):
             csr, cov = self._read(adata)
             means, variances = library_prior(csr, cov.batch, self.n_batch)
         warn_factor_count(int(n_latent), len(self.var_names_))
-        torch.manual_seed(settings.seed)
         config = module_config(self.setup_, len(self.var_names_), params)
-        self.module = LDVAEModule(config, torch.as_tensor(means), torch.as_tensor(variances))
+        with torch.random.fork_rng(devices=[]):  # the weights of settings.seed; the user's random state kept
+            torch.manual_seed(settings.seed)
+            self.module = LDVAEModule(config, torch.as_tensor(means), torch.as_tensor(variances))
         self.module.eval()
         self.device = torch.device("cpu")
         self.train_state_: TrainState | None = None

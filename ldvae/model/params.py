@@ -137,6 +137,7 @@ def check_plan(plan_kwargs: dict | None, lr: float | None) -> dict:
             value = plan[name]
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise SetupError(f"{name} must be None or an integer >= 0, got {value!r}.")
+    plan["shorten_kl_warmup"] = "n_epochs_kl_warmup" not in plan  # a warm-up asked for is kept as asked
     return plan
 
 

@@ -39,6 +39,7 @@ class TrainConfig:
     eps: float = 0.01
     n_epochs_kl_warmup: int | None = 400
     n_steps_kl_warmup: int | None = None
+    shorten_kl_warmup: bool = True  # a warm-up longer than half the fit ends by mid-training
     # The KL weight rises from min_kl_weight to max_kl_weight over the warm-up (scvi-tools').
     max_kl_weight: float = 1.0
     min_kl_weight: float = 0.0

@@ -211,8 +211,9 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 @contextlib.contextmanager
 def _fit_settings(module: LDVAEModule, config: TrainConfig, source):
-    """The fit's batch-norm momentum and CPU threads, put back afterwards. The compiled step
-    leaves a CPU to a source that reads in the background (``source.reader_cpus``)."""
+    """The fit's batch-norm momentum and CPU threads, put back afterwards, and the global torch
+    random state, which each epoch seeds from ``(seed, epoch)``: the user's is left as it was.
+    The compiled step leaves a CPU to a source that reads in the background (``source.reader_cpus``)."""
     device = source.device
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -227,7 +228,7 @@ def _fit_settings(module: LDVAEModule, config: TrainConfig, source):
     if step_threads is None:
         step_threads = fused.default_threads(config.batch_size, getattr(source, "reader_cpus", 0))
     try:
-        with fused.use_threads(step_threads):
+        with fused.use_threads(step_threads), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             yield
     finally:
         for m, momentum in zip(norms, momenta):
@@ -345,7 +346,7 @@ def _warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     if not config.n_epochs_kl_warmup:
         return 0
     epochs = config.n_epochs_kl_warmup
-    if epochs > config.max_epochs // 2:
+    if epochs > config.max_epochs // 2 and config.shorten_kl_warmup:
         # Never leave the KL weight below 1 for the whole fit: finish warm-up by mid-training.
         shortened = max(config.max_epochs // 2, 1)
         logger.info(
