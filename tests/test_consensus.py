@@ -177,6 +177,20 @@ def test_one_model_is_rotated_without_reproducibility(populations):
     assert not f.table["reproducible"].any()
 
 
+def test_factor_table_names_a_marked_group_only_where_the_factor_separates_it(populations):
+    from ldvae.workflow.interpret_report import MARK_AUC, factors_table
+
+    adata, _, _, f = populations
+    marks = factors_table(f, adata.obs["population"])["marks"]
+    assert marks.str.fullmatch(r"p\d \(AUC \d\.\d\d\)").all()
+    numbered = adata.obs["population"].cat.rename_categories(lambda c: c[1:]).rename("leiden")
+    assert factors_table(f, numbered)["marks"].str.fullmatch(r"leiden \d \(AUC \d\.\d\d\)").all()
+    noise = pd.Series(np.random.default_rng(0).choice(["u", "v"], adata.n_obs), index=adata.obs_names, name="coin")
+    aucs = marked_groups(f, noise)["auc"]
+    assert (aucs < MARK_AUC).all()  # a coin flip per cell is marked by no factor
+    assert factors_table(f, noise)["marks"].str.fullmatch(r"none \(best: [uv], AUC 0\.\d\d\)").all()
+
+
 def test_marked_groups_auc(populations):
     adata, _, _, f = populations
     from scipy.stats import mannwhitneyu
@@ -185,10 +199,12 @@ def test_marked_groups_auc(populations):
     labels = adata.obs["population"].astype(str).to_numpy()
     for factor, row in marks.iterrows():
         x = f.latent[factor].to_numpy()
-        u = mannwhitneyu(x[labels == row["group"]], x[labels != row["group"]]).statistic
-        assert row["auc"] == pytest.approx(u / ((labels == row["group"]).sum() * (labels != row["group"]).sum()))
-        means = pd.Series(x).groupby(labels).mean()
-        assert row["group"] == means.idxmax() and row["mean"] == pytest.approx(means.max())
+        auc = {g: mannwhitneyu(x[labels == g], x[labels != g]).statistic / ((labels == g).sum() * (labels != g).sum())
+               for g in np.unique(labels)}
+        best, second = sorted(auc, key=auc.get, reverse=True)[:2]  # the group it separates best, and the next
+        assert (row["group"], row["next_group"]) == (best, second)
+        assert row["auc"] == pytest.approx(auc[best]) and row["next_auc"] == pytest.approx(auc[second])
+        assert row["mean"] == pytest.approx(x[labels == best].mean())
     with pytest.raises(ValueError, match="labels for"):
         marked_groups(f, labels[:10])
     shuffled = adata.obs["population"].sample(frac=1, random_state=0)  # matched by cell, not by position

@@ -180,3 +180,23 @@ def test_ldvae_map_reads_the_query_counts_from_the_layer_named(data, tmp_path, c
     assert main([*base, "--out-dir", str(tmp_path / "o2"), "--layer", "raw"]) == 1
     assert "layer='raw' is not in adata.layers (have: 'umi')" in capsys.readouterr().err
     assert main([*base, "--out-dir", str(tmp_path / "o3"), "--layer", "umi"]) == 0
+
+
+def test_joint_umap_tells_reference_from_query_whatever_the_batch_column_is_called():
+    import anndata as ad
+    import pandas as pd
+
+    from ldvae.cli.mapping import SIDE, _together
+
+    class Fitted:  # what _together reads of a model
+        def __init__(self, batches, setup):
+            self.adata = ad.AnnData(obs=pd.DataFrame({"dataset": batches}, index=[f"c{i}" for i in range(len(batches))]))
+            self.setup_ = setup
+
+        def get_latent_representation(self):
+            return np.zeros((self.adata.n_obs, 2))
+
+    setup = {"batch_key": "dataset"}
+    together = _together(Fitted(["a", "b", None], setup), Fitted(["new", "new"], setup), [])
+    assert together.obs[SIDE].tolist() == ["reference"] * 3 + ["query"] * 2
+    assert together.obs["dataset"].tolist()[:2] == ["a", "b"] and pd.isna(together.obs["dataset"].iloc[2])

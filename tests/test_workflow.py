@@ -3,6 +3,8 @@ nothing partial on failure, figures and report read back from results."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -179,7 +181,7 @@ def test_reproducible_factors_of_the_workflow(finished, tmp_path, capsys):
     table = pd.read_csv(result.out_dir / "factors.csv")
     assert list(table["factor"]) == list(f.table.index)
     np.testing.assert_allclose(table["reproducibility"], f.table["reproducibility"], rtol=1e-6)
-    assert table["marks"].str.contains(r"\(AUC ").all()
+    assert table["marks"].str.contains(r"AUC \d\.\d\d\)$").all()
     genes = pd.read_csv(result.out_dir / "factor_genes.csv")
     assert set(genes["factor"]) <= set(f.table.index) and (genes["rank"] <= 10).all()
     html = (result.out_dir / "report.html").read_text()
@@ -243,6 +245,23 @@ def test_figures_from_results_on_disk(finished):
             loadings_heatmap(res, n_genes=3), top_genes_bars(res, n_genes=2), umap(res, color=["leiden", "Z_2"])]
     assert all(isinstance(f, Figure) for f in figs)
     assert len(latent_pairs(res).axes) >= 2  # Z_0/Z_1 and Z_2/Z_3
+
+
+def test_cells_without_a_label_are_drawn_grey_and_counted(finished):
+    import anndata
+    from matplotlib.colors import to_rgba
+
+    result, *_ = finished
+    res = anndata.read_h5ad(result.out_dir / "results.h5ad")
+    labels = np.where(np.arange(res.n_obs) % 2 == 0, "a", "b").astype(object)
+    labels[:7] = np.nan
+    res.obs["label"] = pd.Categorical(labels)
+    ax = umap(res, color=["label"]).axes[0]
+    grey, drawn = ax.collections[0], ax.collections[1]
+    assert len(grey.get_offsets()) == 7 and len(drawn.get_offsets()) == res.n_obs - 7
+    assert {tuple(c) for c in grey.get_facecolors()} == {to_rgba("#d3d3d3")}
+    assert to_rgba("#d3d3d3") not in {tuple(c) for c in drawn.get_facecolors()}  # no labelled cell is grey
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "no label (7)"]
 
 
 def test_top_genes_table_and_printout():
@@ -325,7 +344,7 @@ def test_one_fit_leaves_reproducibility_unassessed_and_a_measurement_marks_nothi
     result = workflow.run_workflow(counts_adata, out_dir=tmp_path / "o", color_by=["score", "group"], **FAST)
     table = pd.read_csv(result.out_dir / "factors.csv")
     assert (table["reproducible"] == "not assessed (one fit)").all()
-    groups = {m.split(" (AUC")[0] for m in table["marks"]}
-    assert groups <= {"0", "1", "2"}  # the groups of 'group', the first column that sorts cells into groups
+    groups = {re.fullmatch(r"(?:none \(best: )?(.+?)(?: \(|, )AUC .*", m).group(1) for m in table["marks"]}
+    assert groups <= {"group 0", "group 1", "group 2"}  # the groups of 'group', the first column that sorts cells into groups
     html = (result.out_dir / "report.html").read_text()
     assert "not assessed (one fit)" in html and ">NaN<" not in html and ">nan<" not in html

@@ -8,6 +8,7 @@ UMAP of reference and query cells together, and a report into ``--out-dir``.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 
 from .interpret import _check_model_dir, _check_out_dir, _load_model, _save_figure, _staged, _write, _write_report
 from .options import HelpFormatter, add_accelerator, add_lr, add_max_epochs, add_out_dir, add_overwrite, add_seed
+
+logger = logging.getLogger(__name__)
 
 
 def add_map(subparsers) -> None:
@@ -84,6 +87,7 @@ def _handle_map(args: argparse.Namespace) -> int:
     from ..util.settings import settings
     from ..workflow.report import figure_html, note_html, table_html
 
+    began = time.perf_counter()
     inputs = [args.model_dir, args.reference_adata, args.query]
     d = _check_out_dir(args.out_dir, args.overwrite, inputs)
     settings.seed = args.seed
@@ -117,16 +121,22 @@ def _handle_map(args: argparse.Namespace) -> int:
         model.save(s / "model", overwrite=True)
         _write(s, "query_latent.csv", query.obs[[f"Z_{i}" for i in range(model.n_latent)]])
         together = _together(reference, model, args.color_by)
-        _save_figure(_umap(together, ["dataset", *batch_key, *args.color_by]), s, "umap_reference_query.png")
-        counts = together.obs["dataset"].value_counts().rename_axis("dataset").reset_index(name="cells")
+        logger.info("a UMAP of the %d reference and query cells together ...", together.n_obs)
+        _save_figure(_umap(together, list(dict.fromkeys([SIDE, *batch_key, *args.color_by]))), s,
+                     "umap_reference_query.png")
+        counts = together.obs[SIDE].value_counts().rename_axis(SIDE).reset_index(name="cells")
         section = ("Reference and query", note_html(fitted) + table_html(counts)
                    + figure_html(s / "umap_reference_query.png",
                                  "UMAP of the factor values of reference and query cells."))
         _write_report(s, f"LDVAE mapping: {Path(args.query).name} onto {model_dir.name}", summary,
                       {"max_epochs": args.max_epochs, "lr": args.lr, "frozen_encoder": args.frozen_encoder,
                        "seed": args.seed}, [section])
-    print(f"Mapped {query.n_obs} cells onto {model_dir} in {seconds:.1f} s; report: {d / 'report.html'}")
+    print(f"Mapped {query.n_obs} cells onto {model_dir} in {time.perf_counter() - began:.1f} s "
+          f"({seconds:.1f} s fitting); report: {d / 'report.html'}")
     return 0
+
+
+SIDE = "reference or query"  # the column of the joint UMAP that tells the two apart
 
 
 def _together(reference, query_model, color_by: list[str]):
@@ -136,10 +146,11 @@ def _together(reference, query_model, color_by: list[str]):
 
     parts = []
     for name, m in (("reference", reference), ("query", query_model)):
-        obs = pd.DataFrame({"dataset": name}, index=m.adata.obs_names.astype(str) + f"-{name}")
+        obs = pd.DataFrame({SIDE: name}, index=m.adata.obs_names.astype(str) + f"-{name}")
         for col in [reference.setup_.get("batch_key"), *color_by]:
-            if col is not None:
-                obs[col] = m.adata.obs[col].astype(str).to_numpy() if col in m.adata.obs else "NA"
+            if col is not None and col != SIDE:
+                values = m.adata.obs[col] if col in m.adata.obs else pd.Series(np.nan, index=m.adata.obs_names)
+                obs[col] = np.where(values.isna(), None, values.astype(str))  # no label: drawn as such, in grey
         parts.append(anndata.AnnData(obs=obs, obsm={"X_ldvae": np.asarray(m.get_latent_representation())}))
     return anndata.concat(parts)
 

@@ -11,7 +11,8 @@ turns several fits of the same model into one set of factors:
    either of the latent (``criterion="latent"``: each factor high in few cells, so cell
    populations get one factor each) or of the loadings (``"loadings"``: each factor
    loading on few genes). ``"auto"`` rotates every run by its own rotation under each
-   criterion and keeps the one under which independent runs agree most.
+   criterion and takes the loadings only where independent runs disagree at most half as
+   much under them, else the latent.
 3. **Name.** Factors ``F_0 … F_{K-1}`` in order of the deviance they explain (averaged over
    the runs, so that one run's noise does not swap close factors), signed so that the long
    tail is positive: of the factor's latent over cells (high in the cells it marks) for
@@ -56,6 +57,11 @@ CRITERIA = ("auto", "latent", "loadings")
 ROTATION_CELLS = 20000  # cells (a fixed random subset) that the rotations are computed from
 INFORMATION_CELLS = 5000  # cells used for each gene's Fisher information
 SPLITS = 10  # random half-splits of the runs behind consensus_reproducibility
+# "auto" takes the loadings when single fits rotated by them disagree at most this fraction
+# as much as rotated by the latent: sparse gene programs there (0.07 against 0.005 on a
+# simulation), while on PBMC data the two are close (0.16-0.23), where a nearer choice
+# flipped between re-runs of the same analysis (bench/RESULTS.md 2026-12-08 (a)).
+LOADINGS_DISAGREEMENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,14 @@ def _agreement(factors: list[np.ndarray]) -> float:
     return float(np.mean([_matched(factors[s], factors[t])[1].mean() for s, t in pairs]))
 
 
+def _auto_criterion(agreement: dict[str, float]) -> str:
+    """The latent (cell populations, one factor each), unless the fits agree clearly better
+    under the loadings (sparse gene programs): a choice a re-run with other seeds keeps."""
+    if "loadings" in agreement and 1.0 - agreement["loadings"] <= LOADINGS_DISAGREEMENT * (1.0 - agreement["latent"]):
+        return "loadings"
+    return "latent"
+
+
 def _reproducibility(consensus: np.ndarray, factors: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per consensus factor: median and minimum, over pairs of runs, of the correlation
     between the runs' own factors matched to it."""
@@ -283,8 +297,9 @@ def consensus_factors(
         without reproducibility.
     criterion
         The simple structure to rotate to: ``"latent"`` (varimax of the latent means),
-        ``"loadings"`` (varimax of the loadings) or ``"auto"``: the one under which
-        independently rotated runs agree most (``"latent"`` for a single run).
+        ``"loadings"`` (varimax of the loadings) or ``"auto"``: the loadings where
+        independently rotated runs disagree at most half as much under them as under the
+        latent, else the latent (also for a single run).
     threshold
         ``reproducible`` marks factors whose reproducibility reaches it.
     n_cells
@@ -334,7 +349,7 @@ def consensus_factors(
             own[c] = _own_factors(c, latents, weights)
             agreement[c] = _agreement(own[c])
     if criterion == "auto":
-        criterion = max(agreement, key=agreement.get) if agreement else "latent"
+        criterion = _auto_criterion(agreement)
 
     rotations = _consensus_rotations(latents, weights, criterion)
 
@@ -375,8 +390,9 @@ def consensus_factors(
     )
     table.attrs.update(threshold=float(threshold), n_runs=len(models), criterion=criterion,
                        fraction_explained=explained)
-    logger.info("consensus factors (F_k): %d of %d reproducible, from %d fits (rotation to simple structure of the %s)",
-                int(table["reproducible"].sum()), len(names), len(models), criterion)
+    found = (f"{int(table['reproducible'].sum())} of {len(names)} reproducible, from {len(models)} fits"
+             if len(models) > 1 else "reproducibility not assessed (one fit)")
+    logger.info("consensus factors (F_k): %s (rotation to simple structure of the %s)", found, criterion)
     return ConsensusFactors(
         table=table,
         latent=pd.DataFrame(latent, index=first.adata.obs_names.copy(), columns=names),
@@ -389,9 +405,10 @@ def consensus_factors(
 
 
 def marked_groups(factors: ConsensusFactors | pd.DataFrame, groups) -> pd.DataFrame:
-    """The cell group each factor marks: per factor, the group with the highest mean factor
-    value, that mean, the next group's, and the one-vs-rest AUC of the factor for it (the
-    probability that a cell of the group scores above a cell outside it).
+    """The cell group each factor marks: per factor, the group it separates best from the
+    other cells, by the one-vs-rest AUC of the factor (the probability that a cell of the
+    group scores above a cell outside it; factors are signed to be high where they mark),
+    that group's mean factor value, and the runner-up group with its mean and AUC.
 
     ``groups``: one label per cell (e.g. ``adata.obs["leiden"]``); a Series is matched to the
     cells by its index. Cells without a label (NaN) are left out."""
@@ -408,21 +425,24 @@ def marked_groups(factors: ConsensusFactors | pd.DataFrame, groups) -> pd.DataFr
     known = values.notna().to_numpy()
     if not known.any():
         raise ValueError("groups has no labels (all NaN).")
-    latent, labels = latent[known], values[known].astype(str)
+    latent, labels = latent[known], values[known].astype(str).to_numpy()
     from scipy.stats import rankdata
 
-    means = latent.groupby(labels.to_numpy(), observed=True).mean()
+    means = latent.groupby(labels, observed=True).mean()
+    sizes = pd.Series(labels).value_counts().reindex(means.index).to_numpy(dtype=float)
+    rest = len(labels) - sizes
     rows = []
     for f in latent.columns:
-        ranked = means[f].sort_values(ascending=False)
+        rank_sums = pd.Series(rankdata(latent[f].to_numpy())).groupby(labels).sum().reindex(means.index).to_numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):  # a single group has no rest
+            auc = pd.Series((rank_sums - sizes * (sizes + 1) / 2) / (sizes * rest), index=means.index)
+        ranked = auc.sort_values(ascending=False, kind="stable")
         top = ranked.index[0]
-        inside = (labels == top).to_numpy()
-        ranks = rankdata(latent[f].to_numpy())
-        n1, n0 = int(inside.sum()), int((~inside).sum())
-        auc = (ranks[inside].sum() - n1 * (n1 + 1) / 2) / (n1 * n0) if n1 and n0 else np.nan
-        rows.append((f, top, float(ranked.iloc[0]), ranked.index[1] if len(ranked) > 1 else "",
-                     float(ranked.iloc[1]) if len(ranked) > 1 else np.nan, float(auc)))
-    return pd.DataFrame(rows, columns=["factor", "group", "mean", "next_group", "next_mean", "auc"]).set_index("factor")
+        nxt = ranked.index[1] if len(ranked) > 1 else None
+        rows.append((f, top, float(means.at[top, f]), nxt or "", np.nan if nxt is None else float(means.at[nxt, f]),
+                     float(ranked.iloc[0]), np.nan if nxt is None else float(ranked.iloc[1])))
+    return pd.DataFrame(rows, columns=["factor", "group", "mean", "next_group", "next_mean", "auc", "next_auc"]
+                        ).set_index("factor")
 
 
 # --- into and out of AnnData ------------------------------------------------------------------------

@@ -144,10 +144,13 @@ def interpretation_sections(*, gmt: str | os.PathLike | None = None) -> list:
     return sections
 
 
+MARK_AUC = 0.8  # a factor marks a group it separates from the other cells at least this well
+
+
 def factors_table(factors: ConsensusFactors, groups=None, *, n_genes: int = 5) -> pd.DataFrame:
     """One row per factor of :func:`ldvae.factors.consensus.consensus_factors`: its share of the
     model's deviance, reproducibility, the cell group it marks (with ``groups``, one label per
-    cell: the group of highest mean and the one-vs-rest AUC) and its top genes on each side by
+    cell: the group it separates best, by one-vs-rest AUC, or none below ``MARK_AUC``) and its top genes on each side by
     the robust score, with the top genes by raw loading beside."""
     from ..factors.consensus import marked_groups
 
@@ -159,7 +162,11 @@ def factors_table(factors: ConsensusFactors, groups=None, *, n_genes: int = 5) -
                         if factors.n_runs > 1 else "not assessed (one fit)"})
     if groups is not None:
         marks = marked_groups(factors, groups)
-        out["marks"] = [f"{marks.at[f, 'group']} (AUC {marks.at[f, 'auc']:.2f})" for f in t.index]
+        name = getattr(groups, "name", None)
+        numbered = bool(name) and marks["group"].str.fullmatch(r"\d+").all()  # Leiden's 0, 1, ...: say whose
+        label = {g: f"{name} {g}" if numbered else g for g in marks["group"]}
+        out["marks"] = [f"{label[m.group]} (AUC {m.auc:.2f})" if m.auc >= MARK_AUC
+                        else f"none (best: {label[m.group]}, AUC {m.auc:.2f})" for m in marks.loc[t.index].itertuples()]
     for by, label in (("score", "top genes"), ("loading", "by loading")):
         genes = factors.top_genes(n_genes, by=by)
         for direction in ("+", "-") if by == "score" else ("+",):
@@ -196,7 +203,8 @@ def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str =
         "in 'Top loadings by magnitude'. Top genes are ranked by score = loading x sqrt(Fisher information "
         "of the gene's log-rate): the change of expected count per unit factor in units of its noise, so "
         "weakly expressed genes with large loadings do not lead; 'by loading' ranks the raw consensus loading. "
-        + (f"marks: the {group_name} with the highest mean factor value." if groups is not None else "")
+        + (f"marks: the {group_name} the factor separates best from the other cells (one-vs-rest AUC), "
+           f"'none' below AUC {MARK_AUC}." if groups is not None else "")
     )
     body = note + table_html(factors_table(factors, groups, n_genes=n_genes), float_format="{:.2f}")
     if figure is not None:

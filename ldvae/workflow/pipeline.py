@@ -198,7 +198,7 @@ def format_factors(factors: ConsensusFactors, n_genes: int = 6) -> str:
     lines = [f"Factors ({factors.n_runs} fit(s); {assessed}), by deviance explained; top genes by score"]
     for f, row in t.iterrows():
         repro = "" if np.isnan(row["consensus_reproducibility"]) else (
-            f"reproducibility {row['consensus_reproducibility']:.2f} (one fit {row['reproducibility']:.2f})")
+            f"reproducibility {row['consensus_reproducibility']:.3f} (one fit {row['reproducibility']:.3f})")
         top = ", ".join(genes[(genes["factor"] == f) & (genes["direction"] == "+")]["gene"])
         lines.append(f"{f}\tshare {row['fraction_of_model']:.3f}  {repro}{' *' if row['reproducible'] else ''}\t{top}")
     return "\n".join(lines)
@@ -456,7 +456,7 @@ def run_workflow(
             model, stability, factors, train_seconds = _fit_and_interpret(adata, options)
             record_run(raw, adata, model, stability, options, input_name=input_name, train_seconds=train_seconds)
         staged_files = write_outputs(model, adata, staging, n_top_loadings=n_top_loadings, color_by=list(color_by),
-                                     figure_formats=figure_formats, title=title or f"LDVAE report: {input_name}",
+                                     figure_formats=figure_formats, title=title or f"LDVAE report: {Path(input_name).name or input_name}",
                                      report_sections=report_sections, stability=stability, factors=factors)
     files = {k: out_dir / v.relative_to(staging) for k, v in staged_files.items()}
     logger.info("workflow finished in %.1f s; report: %s", time.perf_counter() - started, files["report"])

@@ -125,11 +125,17 @@ def _scatter(
         names = list(cats.cat.categories)
         colors = np.asarray(_category_colors(len(names)))
         codes = cats.cat.codes.to_numpy()
+        missing = codes < 0  # no label: light grey, under the labelled cells
+        if missing.any():
+            ax.scatter(xy[missing, 0], xy[missing, 1], s=size, c=MISSING_COLOR, linewidths=0, rasterized=True)
         # one draw in a fixed random order, so no category hides the others under it
-        order = np.random.default_rng(0).permutation(len(codes))
+        order = np.random.default_rng(0).permutation(np.flatnonzero(~missing))
         ax.scatter(xy[order, 0], xy[order, 1], s=size, c=colors[codes[order]], linewidths=0, rasterized=True)
         if legend:
             handles = [Line2D([], [], ls="", marker="o", ms=5, color=colors[i], label=str(n)) for i, n in enumerate(names)]
+            if missing.any():
+                handles.append(Line2D([], [], ls="", marker="o", ms=5, color=MISSING_COLOR,
+                                      label=f"no label ({int(missing.sum())})"))
             ax.legend(handles=handles, fontsize=7, frameon=False,
                       loc="center left", bbox_to_anchor=(1.0, 0.5), ncols=1 if len(names) <= 14 else 2)
     else:
@@ -141,6 +147,9 @@ def _scatter(
         if legend:
             fig.colorbar(art, ax=ax, shrink=0.8)
     ax.set_title(title, fontsize=10)
+
+
+MISSING_COLOR = "#d3d3d3"
 
 
 def _category_colors(n: int) -> list:
