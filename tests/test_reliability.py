@@ -640,3 +640,20 @@ def test_different_seeds_differ(adata):
     b.train(max_epochs=1, seed=2, progress_bar=False)
     assert not np.array_equal(a.get_latent_representation(), b.get_latent_representation())
 
+
+
+def test_import_works_where_numba_has_no_folder_to_cache_in():
+    # a read-only install and home: numba finds no cache locator; ldvae compiles in each process and says how to keep it
+    script = textwrap.dedent("""
+        import warnings
+        from numba.core import caching
+        caching.CacheImpl._locator_classes = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import ldvae
+            from ldvae.cpu import special
+        print(special._JIT["cache"], sum("NUMBA_CACHE_DIR" in str(w.message) for w in caught))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "1"]

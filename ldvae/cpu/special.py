@@ -15,7 +15,25 @@ import numba as nb
 import numpy as np
 
 f32 = np.float32
-_JIT = dict(nogil=True, fastmath=True, cache=True, error_model="numpy")
+
+
+def _numba_can_cache() -> bool:
+    """Whether numba finds a folder to cache this package's compiled code in: beside these
+    files, numba's user cache or ``NUMBA_CACHE_DIR``. Where none is writable (a read-only
+    install and home), the kernels compile in every process instead of failing to import."""
+    try:
+        nb.njit(cache=True)(_numba_can_cache)
+        return True
+    except RuntimeError:
+        import warnings
+
+        warnings.warn("numba has no writable folder to cache ldvae's compiled training step in (the package "
+                      "folder and the user cache are read-only), so every process compiles it again (about a "
+                      "minute). Set NUMBA_CACHE_DIR to a writable folder to keep it.", RuntimeWarning, stacklevel=2)
+        return False
+
+
+_JIT = dict(nogil=True, fastmath=True, cache=_numba_can_cache(), error_model="numpy")
 
 
 def twins(fn, parallel: bool = True, **threaded_globals):
