@@ -488,3 +488,74 @@ def test_training_keeps_an_inherited_ignored_sigint():
     handled = run(ignore=False)  # the same signal, not ignored: the fit stops at the next step
     assert handled.returncode == 0, handled.stderr
     assert handled.stdout.split()[:4] == ["interrupted", "True", "epochs", "1"]
+
+
+# --- a session of calls: continued fits, numbers from NumPy, torch's default dtype ---------------------
+
+
+def test_training_and_queries_keep_float32_when_torchs_default_is_float64(adata):
+    model = new_model(adata)
+    model.train(max_epochs=2, progress_bar=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as another library in the notebook may set it
+    try:
+        model.train(max_epochs=1, progress_bar=False)
+        fresh = new_model(adata)
+        fresh.train(max_epochs=1, progress_bar=False)
+        for m in (model, fresh):
+            assert {p.dtype for p in m.module.parameters()} == {torch.float32}
+            assert np.isfinite(m.history["elbo_train"].to_numpy()).all()
+            assert m.get_latent_representation().dtype == np.float32
+            assert m.get_normalized_expression().shape == (adata.n_obs, adata.n_vars)
+        assert torch.get_default_dtype() == torch.float64  # the user's setting left as it was
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_numpy_numbers_give_checkpoints_and_saves_that_read_back(adata, tmp_path):
+    model = new_model(adata)
+    model.train(max_epochs=np.int64(2), lr=np.logspace(-3, -2, 3)[0], batch_size=np.int64(64),
+                checkpoint_dir=tmp_path / "ck", checkpoint_every_n_epochs=np.int64(1), progress_bar=False)
+    assert load_checkpoint(tmp_path / "ck")["train_state"]["epoch"] == 2
+    model.save(tmp_path / "saved")
+    assert ldvae.LinearSCVI.load(tmp_path / "saved", adata=adata).is_trained
+
+
+def test_a_new_fit_does_not_replace_another_fits_checkpoint(adata, tmp_path):
+    new_model(adata).train(max_epochs=2, checkpoint_dir=tmp_path / "ck", progress_bar=False)
+    with pytest.raises(ldvae.SetupError, match="holds the checkpoint of another fit"):
+        new_model(adata).train(max_epochs=1, checkpoint_dir=tmp_path / "ck", progress_bar=False)
+    assert load_checkpoint(tmp_path / "ck")["train_state"]["epoch"] == 2
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ldvae.SetupError, match="cannot take checkpoints"):  # found before the first epoch
+        new_model(adata).train(max_epochs=1, checkpoint_dir=tmp_path / "file" / "ck", progress_bar=False)
+
+
+def test_early_stopping_without_validation_cells_is_refused(adata):
+    with pytest.raises(ldvae.SetupError, match="no validation cells"):
+        new_model(adata).train(max_epochs=2, train_size=1.0, early_stopping=True, progress_bar=False)
+
+
+def test_a_continued_fit_ends_at_the_full_kl_weight(adata):
+    model = new_model(adata)
+    model.train(max_epochs=2, progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": 100})  # interrupted early, say
+    model.train(max_epochs=4, progress_bar=False)  # finished with a short call
+    assert model.history["kl_weight"]["kl_weight"].iloc[-1] == 1.0
+    other = new_model(adata)
+    other.train(max_epochs=2, progress_bar=False)
+    other.train(max_epochs=2, progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": 100})  # given: applied
+    assert other.history["kl_weight"]["kl_weight"].iloc[-1] < 0.1
+
+
+def test_a_trained_model_from_scvi_tools_files_stays_trained_and_keeps_its_weights(adata, tmp_path):
+    model = new_model(adata)
+    model.train(max_epochs=3, progress_bar=False)
+    model.save(tmp_path / "scvi", format="scvi")  # scvi-tools' layout: no step count travels with it
+    loaded = ldvae.LinearSCVI.load(tmp_path / "scvi", adata=adata)
+    before = loaded.get_latent_representation()
+    loaded.train(max_epochs=1, init="pca", lr=1e-12, progress_bar=False)  # a trained model continues from its weights
+    assert np.abs(loaded.get_latent_representation() - before).max() < 0.05  # batch norm's statistics move a little
+    again = ldvae.LinearSCVI.load(tmp_path / "scvi", adata=adata)
+    with pytest.raises(NonFiniteLossError):
+        again.train(max_epochs=1, lr=1e38, progress_bar=False)  # fails at its first step
+    assert again.is_trained and again.get_latent_representation().shape == before.shape

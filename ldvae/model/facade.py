@@ -34,7 +34,7 @@ from ..query.cells import DiskCells
 from ..train.streaming import StreamingSource
 from ..train.loop import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint
 from ..train.batches import split_cells
-from ..util.settings import settings
+from ..util.settings import float32_default, settings
 from .files import read_saved_adata, save_model, split_of, train_state_of
 from .scvi_files import read_any_model
 from .queries import Queries
@@ -125,7 +125,7 @@ class LinearSCVI(Queries, ScviSurface):
             means, variances = library_prior(csr, cov.batch, self.n_batch)
         warn_factor_count(int(n_latent), len(self.var_names_))
         config = module_config(self.setup_, len(self.var_names_), params)
-        with torch.random.fork_rng(devices=[]):  # the weights of settings.seed; the user's random state kept
+        with torch.random.fork_rng(devices=[]), float32_default():  # settings.seed's weights; the user's RNG kept
             torch.manual_seed(settings.seed)
             self.module = LDVAEModule(config, torch.as_tensor(means), torch.as_tensor(variances))
         self.module.eval()
@@ -340,7 +340,7 @@ class LinearSCVI(Queries, ScviSurface):
         resume_from = opts["resume_from"]
         payload = None if resume_from is None else load_checkpoint(resume_from)
         seed, split_seed = fit_and_split_seeds(opts, payload, settings.seed)
-        self.device = resolve_device(accelerator, devices if isinstance(devices, int) and devices >= 0 else None)
+        device = resolve_device(accelerator, devices if isinstance(devices, int) and devices >= 0 else None)
         train_idx, val_idx, test_idx = split_cells(n, train_size, validation_size, split_seed, batch_size,
                                                    shuffle=shuffle_set_split, external=external)
         config = TrainConfig(
@@ -365,9 +365,10 @@ class LinearSCVI(Queries, ScviSurface):
         if payload is not None:
             state = resume_state(self.module, payload, resume_from, config, max_epochs)
             config.max_epochs = max(max_epochs - state.epoch, 0)
-        source = self._source(train_idx, val_idx, batch_size)  # reads and checks the counts, before the start
+        self.device = device  # the call's checks passed
+        source = self._source(train_idx, val_idx, config.batch_size)  # reads and checks the counts, before the start
         start_from_counts(opts["init"], self.module, self.adata, self.setup_,
-                          frozen=config.frozen, fresh=state.step == 0)
+                          frozen=config.frozen, fresh=not self.is_trained_)
         self.module.to(self.device)
         try:
             fit(self.module, source, config, state)
@@ -376,7 +377,7 @@ class LinearSCVI(Queries, ScviSurface):
             # history so far stays readable.
             self.train_state_ = state
             self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, test_idx
-            self.is_trained_ = state.step > 0
+            self.is_trained_ = self.is_trained_ or state.step > 0
 
     def _source(self, train_idx, val_idx, batch_size: int):
         """The minibatches of a fit: streamed chunks of a backed AnnData, else counts on the device."""

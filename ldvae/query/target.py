@@ -14,7 +14,7 @@ import torch
 from ..data.contract import CountData
 from ..nn.module import LDVAEModule, ModuleConfig
 from ..util.checks import positive_int
-from ..util.settings import settings
+from ..util.settings import float32_default, settings
 
 # Large batches under no_grad: about this many dense entries per minibatch.
 QUERY_ENTRIES = 8_000_000
@@ -73,7 +73,7 @@ def rows_of(n_cells: int, indices, device: torch.device) -> torch.Tensor:
 def querying(device: torch.device):
     """Run a query without gradients under ``ldvae.settings.seed``, leaving the global torch RNG as it was."""
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), float32_default():
         torch.manual_seed(settings.seed)
         with torch.no_grad():
             yield

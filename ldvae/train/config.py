@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 HISTORY_KEYS = (
     "train_loss",
@@ -81,6 +84,14 @@ class TrainConfig:
     # The data the fit trains on ({"var_names", "setup", "n_cells"}), set by LinearSCVI.train;
     # its checkpoints carry it, so that a resume onto other genes or categories is refused.
     data: dict | None = None
+
+    def __post_init__(self):
+        # NumPy's numbers (lr=np.logspace(...)[i], max_epochs=np.int64(...)) as Python's: the
+        # checkpoints and saved models that carry them hold plain values only
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic):
+                setattr(self, f.name, value.item())
 
 
 @dataclass

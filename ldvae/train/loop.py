@@ -29,11 +29,14 @@ from .batches import InMemorySource, minibatches, n_minibatches, split_indices, 
 from .checkpoint import (
     CHECKPOINT_NAME,
     CHECKPOINT_VERSION,
+    check_checkpoint_dir,
     check_history,
     check_weights,
     load_checkpoint,
     save_checkpoint,
 )
+from ..util.checks import SetupError
+from ..util.settings import float32_default
 from .config import HISTORY_KEYS, ModelFileError, NonFiniteLossError, TrainConfig, TrainState
 from .optim import adam, optimized_parameters
 from .steps import Step, choose_step
@@ -45,6 +48,7 @@ __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_VERSION", "HISTORY_KEYS", "InMemorySou
            "load_checkpoint", "minibatches", "n_minibatches", "save_checkpoint", "split_indices", "validation_batch_size"]
 
 
+@float32_default()  # ldvae's tensors in float32, whatever torch's default is set to
 def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | None = None) -> TrainState:
     """Train ``module`` for ``config.max_epochs`` more epochs on ``source`` (e.g.
     ``InMemorySource``), continuing ``state``.
@@ -54,8 +58,12 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     """
     state = state or TrainState()
     state.interrupted = False  # set again below if this call is interrupted
-    if state.step == 0 and state.warmup_steps == 0:
-        state.warmup_steps = _warmup_steps(config, source.steps_per_epoch)
+    if config.early_stopping and config.early_stopping_monitor.endswith("_validation") and source.n_val == 0:
+        raise SetupError(f"early_stopping monitors {config.early_stopping_monitor!r}, but the fit has no validation "
+                         "cells; pass train_size < 1, or early_stopping_monitor='elbo_train'.")
+    if config.checkpoint_dir and (source.comm is None or source.comm.is_main):
+        check_checkpoint_dir(Path(config.checkpoint_dir), state)
+    state.warmup_steps = _planned_warmup(config, state, source.steps_per_epoch)
     optimizer = adam(optimized_parameters(module, config.frozen), config)
     step = choose_step(module, optimizer, source, state, config)
     average = None if config.ema_decay is None else ParameterAverage(module, config.ema_decay, state.average)
@@ -355,6 +363,22 @@ def _warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
         )
         epochs = shortened
     return epochs * steps_per_epoch
+
+
+def _planned_warmup(config: TrainConfig, state: TrainState, steps_per_epoch: int) -> int:
+    """The step at which the KL warm-up ends: planned by the first call; a later call applies a
+    warm-up it is given, and ends the default one by its own middle, so that no call that
+    continues a fit ends below the full KL weight."""
+    if state.step == 0 and state.warmup_steps == 0:
+        return _warmup_steps(config, steps_per_epoch)
+    if not config.shorten_kl_warmup:  # asked for in this call: counted from the fit's start
+        return _warmup_steps(config, steps_per_epoch)
+    middle = state.step + config.max_epochs * steps_per_epoch // 2
+    if state.warmup_steps > middle:
+        logger.info("KL warm-up ends at step %d, by the middle of this call, instead of %d.", middle,
+                    state.warmup_steps)
+        return middle
+    return state.warmup_steps
 
 
 def _kl_weight(step: int, warmup_steps: int, config: TrainConfig) -> float:
