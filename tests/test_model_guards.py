@@ -449,6 +449,21 @@ def test_progress_is_a_bar_on_a_terminal_and_a_few_log_lines_elsewhere(adata, mo
         assert lines[-1].startswith("Training: epoch 20 of 20, elbo_train=") and "elbo_val=" in lines[-1]
 
 
+def test_progress_is_a_bar_in_a_jupyter_notebook(adata, monkeypatch, caplog):
+    import types
+
+    class ZMQInteractiveShell:  # the shell of a Jupyter kernel, whose stderr is no terminal
+        pass
+
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=ZMQInteractiveShell))
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    caplog.clear()
+    new_model(adata).train(max_epochs=5)
+    assert "Training" in err.getvalue() and "5/5" in err.getvalue()
+    assert not [r for r in caplog.records if r.getMessage().startswith("Training: epoch")]
+
+
 # --- an inherited "ignore Ctrl-C" ---------------------------------------------------------
 
 _SIGINT_SCRIPT = textwrap.dedent(

@@ -58,6 +58,9 @@ def test_unshuffled_split_and_external_indices(adata):
     m.train(1, shuffle_set_split=False, train_size=0.8, validation_size=0.1, progress_bar=False)
     assert np.array_equal(m.validation_indices, np.arange(30)) and np.array_equal(m.train_indices, np.arange(30, 271))
     assert np.array_equal(m.test_indices, np.arange(271, 301))
+    m = _model(adata)  # shuffled: the test cells are the permutation's last, in its order, as scvi-tools has them
+    m.train(1, train_size=0.8, validation_size=0.1, progress_bar=False, seed=3)
+    assert np.array_equal(m.test_indices, np.random.RandomState(3).permutation(301)[271:])
     cells = np.random.default_rng(0).permutation(301)
     m = _model(adata)
     m.train(1, datasplitter_kwargs={"external_indexing": [cells[:200], cells[200:250], cells[250:]]},
@@ -174,6 +177,8 @@ def test_lightning_only_options_are_accepted_and_unknown_ones_named(adata, caplo
             datasplitter_kwargs={"pin_memory": True, "num_workers": 2, "drop_dataset_tail": True},
             plan_config={"lr": 1e-3}, trainer_config={"log_every_n_steps": 5}, progress_bar=False)
     assert "train callbacks=['cb']: ldvae has no callbacks" in caplog.text
+    # callbacks are the user's code, which never runs here: a warning, seen without logging set up
+    assert [r.levelname for r in caplog.records if "callbacks=" in r.getMessage()] == ["WARNING"]
     assert "drop_dataset_tail=True: ldvae.distributed gives each rank its share" in caplog.text
     with pytest.raises(TypeError, match=r"train got unknown arguments \['max_epoch'\]"):
         m.train(1, max_epoch=3)

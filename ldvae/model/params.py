@@ -167,6 +167,7 @@ def with_preset(opts: dict, plan: dict, max_epochs: int | None) -> tuple[dict, i
 
 
 # scvi-tools' (Lightning's) Trainer options that have no counterpart here, with what ldvae does.
+IGNORED_CODE = ("callbacks",)  # Trainer options whose objects ldvae never calls
 TRAINER_NOTED = {
     "logger": "ldvae keeps the metrics in model.history (a logger is not used)",
     "callbacks": "ldvae has no callbacks: the loop is ldvae.train.loop.fit; use checkpoint_dir for checkpoints",
@@ -201,8 +202,8 @@ def train_options(trainer_kwargs: dict, trainer_config: dict | None) -> dict:
     for name, note in TRAINER_NOTED.items():
         if name in given:
             value = given.pop(name)
-            if value not in (None, False, [], ()):
-                logger.info("train %s=%r: %s.", name, value, note)
+            if value not in (None, False, [], ()):  # code the user wrote that will not run: a warning
+                (logger.warning if name in IGNORED_CODE else logger.info)("train %s=%r: %s.", name, value, note)
     unknown = sorted(set(given) - set(TRAIN_OPTIONS))
     if unknown:
         raise TypeError(f"train got unknown arguments {unknown}; its options are {sorted(TRAIN_OPTIONS)} "

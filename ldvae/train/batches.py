@@ -19,12 +19,13 @@ from ..util.prefetch import prefetched
 logger = logging.getLogger(__name__)
 
 def split_indices(n: int, train_size: float, validation_size: float | None, seed: int, *, shuffle: bool = True,
-                  batch_size: int | None = None):
+                  batch_size: int | None = None, with_test: bool = False):
     """scvi-tools' split: the first ``n_val`` cells of a seeded permutation (``shuffle=False``:
     of the cells in order) validate, the next ``n_train`` train. With the same seed both
     packages validate on the same cells. ``batch_size`` (scvi-tools 1.5's rule when
     ``train_size`` was not given): a last training minibatch of 1 or 2 cells moves to the
-    validation cells, when there are any."""
+    validation cells, when there are any. ``with_test``: also the rest of the permutation, in
+    its order (scvi-tools' test cells)."""
     if not 0.0 < train_size <= 1.0:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
     n_train = math.ceil(train_size * n)
@@ -41,6 +42,8 @@ def split_indices(n: int, train_size: float, validation_size: float | None, seed
         n_val += n_train % batch_size
         n_train -= n_train % batch_size
     perm = np.random.RandomState(seed).permutation(n) if shuffle else np.arange(n)
+    if with_test:
+        return perm[n_val : n_val + n_train], perm[:n_val], perm[n_val + n_train :]
     return perm[n_val : n_val + n_train], perm[:n_val]
 
 
@@ -53,9 +56,9 @@ def split_cells(n: int, train_size: float | None, validation_size: float | None,
         train_idx, val_idx, test_idx = external
     else:
         size = 0.9 if train_size is None else train_size
-        train_idx, val_idx = split_indices(n, size, validation_size, seed, shuffle=shuffle,
-                                           batch_size=batch_size if train_size is None else None)
-        test_idx = np.setdiff1d(np.arange(n), np.concatenate([train_idx, val_idx]))
+        train_idx, val_idx, test_idx = split_indices(n, size, validation_size, seed, shuffle=shuffle,
+                                                     batch_size=batch_size if train_size is None else None,
+                                                     with_test=True)
         moved = math.ceil(size * n) - len(train_idx)
         if train_size is None and moved:
             logger.warning("%d cells moved from the training to the validation cells (a last minibatch of %d); "

@@ -246,13 +246,13 @@ def _fit_settings(module: LDVAEModule, config: TrainConfig, source):
 
 
 class _Progress:
-    """A bar redrawn on every epoch on a terminal; in a log file (CI, a batch job) a bar is
-    thousands of lines, so there progress is a log line every tenth of the fit."""
+    """A bar redrawn on every epoch on a terminal or in a Jupyter notebook; in a log file (CI,
+    a batch job) a bar is thousands of lines, so there progress is a log line every tenth of the fit."""
 
     def __init__(self, config: TrainConfig):
         from tqdm.auto import tqdm
 
-        on_terminal = _stderr_is_terminal()
+        on_terminal = _stderr_is_terminal() or _in_notebook()
         self.total = config.max_epochs
         self.bar = tqdm(total=config.max_epochs, desc="Training", unit="epoch",
                         disable=not (config.progress_bar and on_terminal), dynamic_ncols=True)
@@ -394,6 +394,13 @@ def _should_stop(state: TrainState, value: float, config: TrainConfig) -> bool:
         return False
     state.epochs_since_best += config.check_val_every_n_epoch or 1
     return state.epochs_since_best >= config.early_stopping_patience
+
+
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel, whose stderr is no terminal but shows a bar."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _stderr_is_terminal() -> bool:
