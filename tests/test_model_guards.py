@@ -574,3 +574,27 @@ def test_a_trained_model_from_scvi_tools_files_stays_trained_and_keeps_its_weigh
     with pytest.raises(NonFiniteLossError):
         again.train(max_epochs=1, lr=1e38, progress_bar=False)  # fails at its first step
     assert again.is_trained and again.get_latent_representation().shape == before.shape
+
+
+def test_an_interrupt_as_a_compiled_run_returns_leaves_the_last_counted_step(adata, monkeypatch):
+    # a second Ctrl-C (or a user's alarm handler) raises at the first bytecode after the compiled
+    # run: its steps moved the parameters and Adam's moments but were not yet counted
+    model = new_model(adata)
+    original, calls, before = fused.StepRunner.__call__, [], {}
+
+    def run(runner, parts, weights):
+        if len(calls) == 2:
+            before.update(snapshot(model.module))
+        calls.append(original(runner, parts, weights))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return calls[-1]
+
+    monkeypatch.setattr(fused.StepRunner, "__call__", run)
+    model.train(max_epochs=10, batch_size=32, threads=1, progress_bar=False)
+    assert len(calls) == 3 and model.train_state_.interrupted
+    assert_same_state(snapshot(model.module), before)  # parameters and buffers of the last counted step
+    counted = model.train_state_.step
+    assert counted == sum(c[0] for c in calls[:2])
+    adam = model.train_state_.optimizer_state["state"]
+    assert {float(s["step"]) for s in adam.values()} == {float(counted)}  # Adam's count agrees

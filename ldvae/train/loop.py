@@ -130,7 +130,7 @@ def _train_epoch(module, step: Step, source, generator, state: TrainState, epoch
         try:
             result = step(chunk, weights)
             state.step += result.done
-        except KeyboardInterrupt:  # inside a step: batch-norm statistics may be half-updated
+        except BaseException:  # inside a step (a second Ctrl-C, a signal handler's error): back to the last count
             step.restore()
             raise
         taken += result.done

@@ -116,11 +116,33 @@ class _Frozen:
 
 class CompiledRuns(_Step):
     """Runs of up to ``fused.StepRunner.chunk`` minibatches per compiled call; on failure the
-    runner itself leaves the state of the last good step."""
+    runner itself leaves the state of the last good step. An exception raised as a run returns
+    (a second Ctrl-C, a user's signal handler) finds the parameters and Adam's moments moved
+    and not yet counted: ``restore`` puts them back with the buffers and the step count."""
 
     def __init__(self, module: LDVAEModule, runner: fused.StepRunner):
         super().__init__(module)
         self.runner = runner
+        self.saved: list[Tensor] | None = None  # the flat parameters and Adam's two moments
+        self.saved_steps = 0.0
+
+    def _live(self) -> list[Tensor]:
+        return [self.runner.step.flat, *self.runner.optimizer.flat_moments()]
+
+    def snapshot(self) -> None:
+        super().snapshot()
+        live = self._live()
+        if self.saved is None:
+            self.saved = [t.clone() for t in live]
+        else:
+            torch._foreach_copy_(self.saved, live)
+        self.saved_steps = self.runner.optimizer.step_count()
+
+    def restore(self) -> None:
+        super().restore()
+        if self.saved is not None:
+            torch._foreach_copy_(self._live(), self.saved)
+            self.runner.optimizer.advance(self.saved_steps - self.runner.optimizer.step_count())
 
     def epoch(self, source: InMemorySource, generator: torch.Generator) -> Iterator[list[Tensor]]:
         parts = source.epoch_rows(generator)
