@@ -100,6 +100,11 @@ def test_mapped_model_saves_and_loads_with_its_new_batch(data, tmp_path):
     loaded = LinearSCVI.load(tmp_path / "q")
     assert loaded.setup_["batch_categories"] == ["b0", "b1", "b2"]
     np.testing.assert_array_equal(loaded.get_latent_representation(), mapped.get_latent_representation())
+    # loaded, it is still a mapped model: more training leaves the reference's factors as they are
+    loaded.train(5, lr=1e-2, progress_bar=False)
+    np.testing.assert_array_equal(loaded.get_loadings().to_numpy(), reference.get_loadings().to_numpy())
+    np.testing.assert_array_equal(loaded.get_gene_intercepts().to_numpy(),
+                                  reference.get_gene_intercepts().to_numpy())
 
 
 def test_mapping_refusals(data, tmp_path):

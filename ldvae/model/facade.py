@@ -35,7 +35,7 @@ from ..train.streaming import StreamingSource
 from ..train.loop import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint
 from ..train.batches import split_cells
 from ..util.settings import float32_default, settings
-from .files import read_saved_adata, save_model, split_of, train_state_of
+from .files import frozen_of, read_saved_adata, save_model, split_of, train_state_of
 from .scvi_files import read_any_model
 from .queries import Queries
 from .surface import LIBRARY_KEY, ScviSurface, minified_fields, write_scvi_codes
@@ -474,8 +474,8 @@ class LinearSCVI(Queries, ScviSurface):
         model.module.eval()
         model.device = device
         model.module.to(model.device)
-        model.train_state_ = train_state_of(meta)
-        model.is_trained_ = bool(meta.get("is_trained"))
+        model.train_state_, model.is_trained_ = train_state_of(meta), bool(meta.get("is_trained"))
+        model.frozen_ = frozen_of(meta, model.module, dir_path)  # a mapped model keeps the reference's weights
         model.train_indices_, model.validation_indices_, model.test_indices_ = split_of(meta)
         if not adata.is_view:  # only once everything succeeded: a failed load leaves adata untouched
             write_scvi_codes(adata, saved_setup)

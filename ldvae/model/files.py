@@ -93,6 +93,7 @@ def _write_model(model, d: Path, p: str) -> None:
         "train_state": None
         if st is None
         else {"epoch": st.epoch, "step": st.step, "warmup_steps": st.warmup_steps, "history": st.history},
+        "frozen": frozen_record(getattr(model, "frozen_", None)),
     }
     state = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
     atomic_torch_save(state, d / f"{p}{MODEL_WEIGHTS}")
@@ -136,6 +137,32 @@ def split_of(meta: dict) -> tuple[np.ndarray, ...]:
     """The training, validation and test cells saved with the model (empty when not saved)."""
     split = meta.get("split") or {}
     return tuple(np.asarray(split.get(name, []), dtype=np.int64) for name in SPLIT_NAMES)
+
+
+def frozen_record(frozen: dict | None) -> dict | None:
+    """A mapped model's fixed parameters (``TrainConfig.frozen``) as JSON: per name, null (the
+    whole tensor) or its mask as nested lists of booleans."""
+    if frozen is None:
+        return None
+    return {name: None if mask is None else torch.as_tensor(mask, dtype=torch.bool).cpu().tolist()
+            for name, mask in frozen.items()}
+
+
+def frozen_of(meta: dict, module, path) -> dict | None:
+    """The fixed parameters a saved mapped model trains with, checked against its module."""
+    record = meta.get("frozen")
+    if record is None:
+        return None
+    params = dict(module.named_parameters())
+    if not isinstance(record, dict) or not set(record) <= set(params):
+        raise ModelFileError(f"{path} is damaged: frozen must name the model's parameters. Save the model again.")
+    frozen = {}
+    for name, mask in record.items():
+        frozen[name] = None if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+        if mask is not None and frozen[name].shape != params[name].shape:
+            raise ModelFileError(f"{path} is damaged: the mask of frozen {name} has shape {tuple(frozen[name].shape)}, "
+                                 f"the parameter {tuple(params[name].shape)}. Save the model again.")
+    return frozen
 
 
 def train_state_of(meta: dict) -> TrainState | None:
@@ -205,7 +232,7 @@ def _read_model_json(path: Path) -> dict:
 
 
 _META_KEYS = {"format", "format_version", "ldvae_version", "torch_version", "init_params", "setup", "var_names",
-              "n_cells", "is_trained", "train_state", "weights_sha256", "split"}
+              "n_cells", "is_trained", "train_state", "weights_sha256", "split", "frozen"}
 _TRAIN_STATE_KEYS = {"epoch", "step", "warmup_steps", "history"}
 
 
