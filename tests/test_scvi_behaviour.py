@@ -329,3 +329,15 @@ def test_fast_preset_sets_what_the_call_leaves_unset(adata, monkeypatch):
     assert (plain.lr, plain.batch_norm_momentum, plain.ema_decay) == (1e-3, None, None)  # scvi-tools' settings
     with pytest.raises(ValueError, match=r"preset must be one of \['fast'\] or None, got 'quick'"):
         m.train(1, preset="quick")
+
+
+def test_common_mistakes_raise_what_scvi_tools_raises_as_well(adata, tmp_path, trained):
+    fresh = ldvae.simulate(50, 30, 2, seed=1)
+    with pytest.raises(KeyError) as missing:  # scvi-tools: KeyError; ldvae's SetupError (a ValueError) too
+        LinearSCVI.setup_anndata(fresh, batch_key="nope", layer="counts")
+    assert isinstance(missing.value, ValueError) and str(missing.value).startswith("batch_key='nope' is not a column")
+    with pytest.raises(KeyError):
+        trained.differential_expression(groupby="nope")
+    with pytest.raises(ValueError) as absent:  # scvi-tools: ValueError; a FileNotFoundError too
+        LinearSCVI.load(tmp_path / "nothing", adata=trained.adata)
+    assert isinstance(absent.value, FileNotFoundError)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..cpu import fused
-from ..util.checks import SetupError
+from ..util.checks import MissingKeyError, SetupError
 from ..nn.module import CountBatch, gene_order
 
 SETUP_KEY = "ldvae_setup"
@@ -183,7 +183,7 @@ def warn_empty_cells(n_empty: int, n_cells: int) -> None:
 
 def obs_column(adata, key: str, arg: str) -> pd.Series:
     if key not in adata.obs.columns:
-        raise SetupError(
+        raise MissingKeyError(
             f"{arg}={key!r} is not a column of adata.obs (columns: "
             f"{', '.join(map(repr, adata.obs.columns[:10])) or 'none'})."
         )

@@ -60,7 +60,7 @@ SPLITS = 10  # random half-splits of the runs behind consensus_reproducibility
 # "auto" takes the loadings when single fits rotated by them disagree at most this fraction
 # as much as rotated by the latent: sparse gene programs there (0.07 against 0.005 on a
 # simulation), while on PBMC data the two are close (0.16-0.23), where a nearer choice
-# flipped between re-runs of the same analysis (bench/RESULTS.md 2026-12-08 (a)).
+# flipped between re-runs of the same analysis (bench/RESULTS.md 2026-12-07 (i)).
 LOADINGS_DISAGREEMENT = 0.5
 
 

@@ -18,7 +18,7 @@ from .._version import __version__
 from ..data.contract import plain
 from ..nn.module import LDVAEModule
 from ..train.loop import ModelFileError, TrainState, check_history, check_weights
-from ..util.checks import ExistingModelError
+from ..util.checks import ExistingModelError, ModelNotFoundError
 from ..util.io import atomic_torch_save, atomic_write_json, file_in_the_way
 from .params import INIT_PARAMS, check_init_params, module_config
 
@@ -211,7 +211,7 @@ def _sha256(path: Path) -> str:
 def _read_model_json(path: Path) -> dict:
     """The model JSON written by ``save``, every field checked (ModelFileError naming it)."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; is {path.parent} a directory written by model.save()?")
+        raise ModelNotFoundError(f"{path} does not exist; is {path.parent} a directory written by model.save()?")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -13,7 +13,7 @@ import torch
 
 from .._version import __version__
 from ..train.loop import ModelFileError
-from ..util.checks import ExistingModelError
+from ..util.checks import ExistingModelError, ModelNotFoundError
 from ..util.io import atomic_torch_save, atomic_write_json
 from ..util.safe_pickle import RefusedPickle, safe_loads
 from .files import ADATA_FILE, FORMAT_VERSION, LEGACY_WEIGHTS, MODEL_JSON, MODEL_WEIGHTS, SPLIT_NAMES, read_model
@@ -31,7 +31,7 @@ def convert_legacy_save(dir_path: str | os.PathLike, output_dir_path: str | os.P
     weights_path, attr_path, names_path = (src / f"{p}{name}" for name in (LEGACY_WEIGHTS, "attr.pkl", "var_names.csv"))
     for path in (weights_path, attr_path, names_path):
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; {src} does not hold a model in the older layout.")
+            raise ModelNotFoundError(f"{path} does not exist; {src} does not hold a model in the older layout.")
     if (out / f"{p}{MODEL_JSON}").exists() and not overwrite:
         raise ExistingModelError(f"{out} already holds a model. Pass overwrite=True to replace it.")
     try:

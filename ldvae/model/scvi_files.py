@@ -36,7 +36,7 @@ from .._version import __version__
 from ..nn.module import LDVAEModule, ModuleConfig
 from ..train.checkpoint import check_weights
 from ..train.config import ModelFileError
-from ..util.checks import SetupError
+from ..util.checks import ModelNotFoundError, SetupError
 from ..util.io import atomic_torch_save
 from ..util.safe_pickle import ALLOWED, RefusedPickle, safe_torch_load
 from .files import FORMAT_VERSION, LEGACY_WEIGHTS, MODEL_JSON, SPLIT_NAMES, _check_meta, saving
@@ -166,7 +166,7 @@ def read_scvi_model(dir_path: str | os.PathLike, prefix: str | None = None) -> t
     """
     path = Path(dir_path) / f"{prefix or ''}{SCVI_MODEL_FILE}"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; is {Path(dir_path)} a directory saved by scvi-tools?")
+        raise ModelNotFoundError(f"{path} does not exist; is {Path(dir_path)} a directory saved by scvi-tools?")
     try:
         saved = safe_torch_load(path, SCVI_GLOBALS)
     except RefusedPickle as err:

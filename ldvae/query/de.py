@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..util.checks import MissingKeyError
 from ..util.settings import settings
 from .posterior import get_latent_representation, normalized_expression
 from .target import Fitted, batch_codes, querying, start
@@ -79,7 +80,7 @@ def _comparisons(adata, groupby, group1, group2, idx1, idx2) -> list[tuple]:
             "differential_expression needs groupby= (an adata.obs column) or idx1= (the cells of group 1)."
         )
     if groupby not in adata.obs.columns:
-        raise ValueError(
+        raise MissingKeyError(
             f"groupby={groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns[:10])})."
         )
     col = adata.obs[groupby]

@@ -11,6 +11,18 @@ class SetupError(ValueError):
     """Bad input to setup_anndata, the model, a query or a command; the message says how to fix it."""
 
 
+class MissingKeyError(SetupError, KeyError):
+    """A column or key that is not there (an ``adata.obs`` column, say): also the KeyError
+    scvi-tools raises there."""
+
+    def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """No saved model where one was asked for; also a ValueError, which scvi-tools raises there."""
+
+
 class ExistingModelError(FileExistsError, ValueError):
     """A model would be saved over files already there, without ``overwrite=True``; also a
     ValueError, which scvi-tools raises there."""

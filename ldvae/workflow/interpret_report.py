@@ -188,7 +188,9 @@ def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str =
         found = (f"{n_runs} fits that differ only by their seed, aligned by rotation (generalized Procrustes "
                  f"over cells), averaged and rotated to simple structure of {simple}. "
                  f"{int(t['reproducible'].sum())} of {len(t)} factors are reproducible: a re-run of the analysis "
-                 f"with {n_runs} other seeds is expected to give the same factor with |correlation| over cells "
+                 f"with {n_runs} other seeds (the same cells held out, the same start from the principal "
+                 f"components, as ldvae run has them) is expected to give the same factor with |correlation| "
+                 f"over cells "
                  f">= {t.attrs.get('threshold')} (consensus reproducibility: the consensus of each half of the "
                  f"fits against the other, stepped up to all fits by Spearman-Brown). One fit, rotated on its "
                  f"own, matches another with the median |correlation| in 'reproducibility'. ")
