@@ -341,3 +341,19 @@ def test_common_mistakes_raise_what_scvi_tools_raises_as_well(adata, tmp_path, t
     with pytest.raises(ValueError) as absent:  # scvi-tools: ValueError; a FileNotFoundError too
         LinearSCVI.load(tmp_path / "nothing", adata=trained.adata)
     assert isinstance(absent.value, FileNotFoundError)
+
+
+def test_devices_named_as_strings_and_gpus_that_are_not_there(trained, monkeypatch):
+    from ldvae.model.params import resolve_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ldvae.SetupError, match=r"to_device\('cuda:0'\): no CUDA GPU is available"):
+            trained.to_device("cuda:0")
+        assert trained.device == torch.device("cpu")
+    with pytest.raises(ldvae.SetupError, match="device must be 'auto', a GPU index or 'cuda:N'"):
+        resolve_device("auto", "cuda:first")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine of two GPUs, as torch reports it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", "cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ldvae.SetupError, match="device=3 but this machine has 2 CUDA GPU"):
+        resolve_device("gpu", 3)

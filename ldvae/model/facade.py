@@ -453,7 +453,7 @@ class LinearSCVI(Queries, ScviSurface):
         if datamodule is not None:
             raise SetupError("datamodule is not supported: pass adata (in memory, or backed on disk).")
         meta, state = read_any_model(dir_path, prefix)
-        device = resolve_device(accelerator, device if isinstance(device, int) else None)
+        device = resolve_device(accelerator, device)
         if adata is None:
             adata = read_saved_adata(dir_path, prefix, backup_url=backup_url)
         saved_setup = meta["setup"]
@@ -522,7 +522,7 @@ class LinearSCVI(Queries, ScviSurface):
                                          train_encoder=train_encoder)
         write_scvi_codes(adata, setup)
         model.is_trained_ = True  # the reference's weights: its encoder maps the query already
-        model.to_device(resolve_device(accelerator, device if isinstance(device, int) else None))
+        model.to_device(resolve_device(accelerator, device))
         return model
 
     @classmethod

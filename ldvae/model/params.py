@@ -300,7 +300,8 @@ def check_train_args(*, batch_size, max_epochs, early_stopping_patience, check_v
 
 
 def resolve_device(accelerator: str = "auto", device: int | str | None = None) -> torch.device:
-    """'auto' -> the first CUDA GPU when there is one, else CPU; 'gpu'/'cuda' or 'cpu' force it."""
+    """'auto' -> a CUDA GPU when there is one (``device``: its index, or 'cuda:N'; default the
+    first), else CPU; 'gpu'/'cuda' or 'cpu' force it."""
     acc = accelerator.lower()
     if acc not in ("auto", "cpu", "gpu", "cuda"):
         raise SetupError(f"accelerator must be 'auto', 'cpu', 'gpu' or 'cuda', got {accelerator!r}.")
@@ -308,8 +309,15 @@ def resolve_device(accelerator: str = "auto", device: int | str | None = None) -
         return torch.device("cpu")
     if acc in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SetupError(f"accelerator={accelerator!r} but no CUDA GPU is available; use accelerator='cpu'.")
+    if isinstance(device, str) and device not in ("auto", "cpu"):  # "cuda:1", "gpu:1", "1"
+        try:
+            device = int(device.rsplit(":", 1)[-1])
+        except ValueError:
+            raise SetupError(f"device must be 'auto', a GPU index or 'cuda:N', got {device!r}.") from None
     if torch.cuda.is_available():
         index = device if isinstance(device, int) else 0
+        if not 0 <= index < torch.cuda.device_count():
+            raise SetupError(f"device={index} but this machine has {torch.cuda.device_count()} CUDA GPU(s).")
         return torch.device("cuda", index)
     return torch.device("cpu")
 

@@ -390,6 +390,10 @@ class ScviSurface:
     def to_device(self, device: str | int | torch.device) -> None:
         """Move the model to ``device`` ('cpu', a GPU index, 'cuda:0' or a torch.device)."""
         device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SetupError(f"to_device({str(device)!r}): no CUDA GPU is available here; the model stays on the CPU.")
+        if device.type == "cpu":
+            device = torch.device("cpu")  # one CPU device: 'cpu:1' is the same memory
         self.module.to(device)
         self.device = device
         self._data_cache = None

@@ -36,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from ..util.checks import SetupError
-from ..util.settings import float32_default
+from ..util.settings import float32_default, usable_cpus
 from .config import HISTORY_KEYS, ModelFileError, NonFiniteLossError, TrainConfig, TrainState
 from .optim import adam, optimized_parameters
 from .steps import Step, choose_step
@@ -341,8 +341,8 @@ def _fit_threads(config: TrainConfig, device: torch.device, n_genes: int, curren
     """Intra-op threads for the training loop. A small step is hundreds of small kernels:
     more OpenMP threads add synchronization, not speed, and compete with the batch
     gathering thread for the cores."""
-    if config.threads is not None:
-        return max(int(config.threads), 1)
+    if config.threads is not None:  # no more than the CPUs the process may use: more only wait on each other
+        return min(max(int(config.threads), 1), usable_cpus())
     if device.type == "cpu" and config.batch_size * n_genes <= SMALL_STEP:
         return 1
     return current
