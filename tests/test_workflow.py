@@ -156,6 +156,8 @@ def test_stability_of_the_workflow_factors(finished):
     assert seeds[1:] == workflow.refit_seeds(0, 2)
     assert res.uns["ldvae_workflow"]["settings"]["init"] == "pca"  # every fit starts from the components
     assert res.uns["ldvae_workflow"]["settings"]["split_seed"] == 0
+    settings = res.uns["ldvae_workflow"]["settings"]
+    assert settings["analysis time, reading to clusters (s)"] >= settings["training time (s)"] > 0
     np.testing.assert_allclose(pd.Series(stored["stability"], index=stored["factor"])[table.index], table["stability"])
     html = (result.out_dir / "report.html").read_text()
     assert "<h2>Factor stability across seeds</h2>" in html and "<th>reproducible</th>" in html

@@ -454,7 +454,8 @@ def run_workflow(
                 raise SetupError(f"n_top_loadings={n_top_loadings} is more than the {adata.n_vars} genes "
                                  "selected to model; ask for at most that many (--n-top-loadings).")
             model, stability, factors, train_seconds = _fit_and_interpret(adata, options)
-            record_run(raw, adata, model, stability, options, input_name=input_name, train_seconds=train_seconds)
+            record_run(raw, adata, model, stability, options, input_name=input_name, train_seconds=train_seconds,
+                       analysis_seconds=time.perf_counter() - started)
         staged_files = write_outputs(model, adata, staging, n_top_loadings=n_top_loadings, color_by=list(color_by),
                                      figure_formats=figure_formats, title=title or f"LDVAE report: {Path(input_name).name or input_name}",
                                      report_sections=report_sections, stability=stability, factors=factors)

@@ -46,7 +46,8 @@ def stability_plain(result: StabilityResult, seeds: Sequence[int]) -> dict:
     }
 
 
-def record_run(raw, adata, model, stability, options: dict, *, input_name: str, train_seconds: float) -> None:
+def record_run(raw, adata, model, stability, options: dict, *, input_name: str, train_seconds: float,
+               analysis_seconds: float) -> None:
     """``adata.uns["ldvae_workflow"]``: the run's settings, a data summary, the history and
     the stability of its factors."""
     import torch
@@ -87,9 +88,11 @@ def record_run(raw, adata, model, stability, options: dict, *, input_name: str, 
         "device": str(model.device),
         "torch CPU threads": int(torch.get_num_threads()),
         "training time (s)": round(train_seconds, 1),
-        "final elbo_train": float(hist["elbo_train"].iloc[-1, 0]) if "elbo_train" in hist else float("nan"),
-        "final elbo_validation": float(hist["elbo_validation"].iloc[-1, 0]) if "elbo_validation" in hist
-        else float("nan"),
+        "analysis time, reading to clusters (s)": round(analysis_seconds, 1),
+        "final elbo_train (negative ELBO per cell, lower is better)":
+            float(hist["elbo_train"].iloc[-1, 0]) if "elbo_train" in hist else float("nan"),
+        "final elbo_validation (the same, held-out cells)":
+            float(hist["elbo_validation"].iloc[-1, 0]) if "elbo_validation" in hist else float("nan"),
         "stability_seeds": int(o["stability_seeds"]),
         "n_neighbors": int(o["n_neighbors"]),
         "umap_min_dist": float(o["umap_min_dist"]),
