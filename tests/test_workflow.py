@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import ldvae
 from ldvae.workflow import pipeline as workflow
 from ldvae.workflow.plotting import (
+    category_palette,
     history_from_adata,
     latent_pairs,
     loadings_frame,
@@ -157,6 +158,9 @@ def test_stability_of_the_workflow_factors(finished):
     assert res.uns["ldvae_workflow"]["settings"]["init"] == "pca"  # every fit starts from the components
     assert res.uns["ldvae_workflow"]["settings"]["split_seed"] == 0
     settings = res.uns["ldvae_workflow"]["settings"]
+    # scanpy's plots of the results take the report's colours
+    assert list(res.uns["leiden_colors"]) == category_palette(res.obs["leiden"])
+    assert len(res.uns["leiden_colors"]) == res.obs["leiden"].nunique()
     assert settings["analysis time, reading to clusters (s)"] >= settings["training time (s)"] > 0
     np.testing.assert_allclose(pd.Series(stored["stability"], index=stored["factor"])[table.index], table["stability"])
     html = (result.out_dir / "report.html").read_text()

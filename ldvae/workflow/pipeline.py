@@ -35,7 +35,16 @@ from ..util.settings import usable_cpus
 # FIGURE_FORMATS, MAX_SEED, check_option, OUTPUT_MARKER and MIN_VARYING_GENES are also read from here.
 from .checks import FACTOR_SEEDS, FIGURE_FORMATS, MAX_SEED, START, check_option, check_workflow_options, refit_seeds  # noqa: F401
 from .outputs import OUTPUT_MARKER, check_out_dir, staged  # noqa: F401
-from .plotting import latent_pairs, loadings_frame, loadings_heatmap, top_genes, top_genes_bars, training_curves, umap
+from .plotting import (
+    category_palette,
+    latent_pairs,
+    loadings_frame,
+    loadings_heatmap,
+    top_genes,
+    top_genes_bars,
+    training_curves,
+    umap,
+)
 from .prepare import MIN_VARYING_GENES, prepare  # noqa: F401
 from .report import build_report
 from .summary import WORKFLOW_KEY, record_run, stability_table
@@ -287,6 +296,10 @@ def write_outputs(
     formats = ["png"] + [f for f in dict.fromkeys(figure_formats) if f != "png"]
     embedded = _write_figures(model, adata, d / "figures", files, n_top_loadings=n_top_loadings,
                               color_by=color_by, formats=formats)
+    for key in dict.fromkeys(["leiden", *color_by]):  # scanpy's plots of results.h5ad in the report's colours
+        palette = category_palette(adata.obs[key]) if key in adata.obs else None
+        if palette is not None:
+            adata.uns[f"{key}_colors"] = palette
     stability_sections = []
     if factors is not None:
         from .interpret_report import factors_section, factors_table

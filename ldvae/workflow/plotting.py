@@ -152,6 +152,17 @@ def _scatter(
 MISSING_COLOR = "#d3d3d3"
 
 
+def category_palette(values: pd.Series) -> list[str] | None:
+    """The colours the figures give the categories of ``values``, in category order, as hex:
+    scanpy's ``uns[f"{key}_colors"]``, so that its plots of the results match the report's
+    (None for a column drawn on a colour scale)."""
+    from matplotlib.colors import to_hex
+
+    if not _is_categorical(values):
+        return None
+    return [to_hex(c) for c in _category_colors(len(values.astype("category").cat.categories))]
+
+
 def _category_colors(n: int) -> list:
     from matplotlib import colormaps
 
