@@ -192,6 +192,11 @@ def test_reproducible_factors_of_the_workflow(finished, tmp_path, capsys):
     assert set(genes["factor"]) <= set(f.table.index) and (genes["rank"] <= 10).all()
     html = (result.out_dir / "report.html").read_text()
     assert "<h2>Reproducible factors</h2>" in html and "3 fits that differ only by their seed" in html
+    # the report opens with where to start: the factors that come back, what each marks
+    assert html.index("<h2>Summary</h2>") < html.index("<h2>Data</h2>")
+    summary = html[html.index("<h2>Summary</h2>"):html.index("<h2>Data</h2>")]
+    assert f"{int(f.table['reproducible'].sum())} of {len(f.table)} factors F_k are reproducible" in summary
+    assert all(f"<td>{name}</td>" in summary for name in f.table.index)
     assert (result.out_dir / "figures" / "umap_reproducible_factors.png").is_file()
     # `ldvae factors` shows the workflow's factors, not the saved model's own rotated alone
     out = tmp_path / "f"

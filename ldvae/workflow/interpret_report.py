@@ -176,6 +176,19 @@ def factors_table(factors: ConsensusFactors, groups=None, *, n_genes: int = 5) -
     return out
 
 
+def summary_html(n_cells: int, n_genes: int, factors: ConsensusFactors, table: pd.DataFrame) -> str:
+    """Where a reader starts: what was fitted, how many factors come back on a re-run, and per
+    factor the group it marks and its top genes (``table``: :func:`factors_table`)."""
+    t = factors.table
+    found = (f"{int(t['reproducible'].sum())} of {len(t)} factors F_k are reproducible across re-runs "
+             f"({factors.n_runs} fits)" if factors.n_runs > 1 else "reproducibility was not assessed (one fit)")
+    note = note_html(f"{n_cells} cells, {n_genes} genes modelled, {len(t)} factors; {found}. Name the factors from "
+                     "'Reproducible factors' below; the figures and 'Top loadings by magnitude' show the model's "
+                     "own Z_k, as the tutorial does.")
+    columns = [c for c in ("factor", "marks", "reproducible", "top genes (+)") if c in table.columns]
+    return note + table_html(table[columns])
+
+
 def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str = "Leiden cluster",
                     figure: str | os.PathLike | None = None, n_genes: int = 5) -> Section:
     """The reproducible factors: how they were found, and per factor its share, reproducibility,

@@ -300,15 +300,17 @@ def write_outputs(
         palette = category_palette(adata.obs[key]) if key in adata.obs else None
         if palette is not None:
             adata.uns[f"{key}_colors"] = palette
-    stability_sections = []
+    stability_sections, summary = [], ""
     if factors is not None:
-        from .interpret_report import factors_section, factors_table
+        from .interpret_report import factors_section, factors_table, summary_html
 
         # the first column that sorts cells into groups: a number per cell marks nothing
         group_key = next((c for c in color_by if _is_grouping(adata.obs[c])), "leiden")
         groups = adata.obs[group_key] if group_key in adata.obs else None
         files["factors.csv"] = d / "factors.csv"
-        atomic_write_text(files["factors.csv"], factors_table(factors, groups, n_genes=n_top_loadings).to_csv(index=False))
+        ftable = factors_table(factors, groups, n_genes=n_top_loadings)
+        atomic_write_text(files["factors.csv"], ftable.to_csv(index=False))
+        summary = summary_html(adata.n_obs, adata.n_vars, factors, ftable)
         files["factor_genes.csv"] = d / "factor_genes.csv"
         atomic_write_text(files["factor_genes.csv"], factors.top_genes(10).to_csv(index=False))
         paths = _save_figure(umap(adata, color=list(factors.table.index), ncols=4), d / "figures",
@@ -343,6 +345,7 @@ def write_outputs(
         factor_stability=None if stability is None else stability.factors,
         extra_sections=stability_sections + extra,
         footer=footer,
+        summary=summary,
     )
     files["report"] = d / "report.html"
     atomic_write_text(files["report"], html_text)

@@ -96,6 +96,7 @@ def build_report(
     factor_stability: pd.DataFrame | None = None,
     extra_sections: Sequence[tuple[str, str]] = (),
     footer: str = "",
+    summary: str = "",
 ) -> str:
     """The report page as one HTML string.
 
@@ -117,8 +118,11 @@ def build_report(
         inserted verbatim.
     footer
         Plain text at the bottom (e.g. the data attribution); escaped.
+    summary
+        HTML of a first section, "Summary", where a reader starts (none when empty).
     """
-    sections: list[tuple[str, str]] = [
+    sections: list[tuple[str, str]] = [("Summary", summary)] if summary else []
+    sections += [
         ("Data", dict_html(data_summary)),
         ("Training settings", dict_html(settings)),
         ("Figures", "".join(figure_html(path, caption) for caption, path in figures)),
