@@ -169,6 +169,12 @@ def test_early_stopping_follows_its_monitor_and_mode(adata):
     m = _model(adata)
     m.train(12, early_stopping_warmup_epochs=6, **settings)  # not before epoch 7, then 2 more
     assert len(m.history["elbo_train"]) == 9
+    # a later call watches its own epochs, as a new Trainer does: not the earlier call's best
+    m = _model(adata)
+    m.train(12, **settings)  # stopped after 3 epochs
+    m.train(12, early_stopping=True, early_stopping_monitor="elbo_train", early_stopping_patience=2,
+            check_val_every_n_epoch=1, progress_bar=False)
+    assert len(m.history["elbo_train"]) > 3 + 3  # elbo_train improves for more than patience + 1 epochs
 
 
 def test_lightning_only_options_are_accepted_and_unknown_ones_named(adata, caplog):

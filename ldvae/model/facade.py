@@ -43,7 +43,7 @@ from .params import (
     check_init_params, check_model_kwargs, check_plan, check_registry, check_strategy, check_train_args, init_params_of,
     fit_and_split_seeds, module_config, resolve_device, splitter_options, train_options, warn_factor_count, with_preset,
 )
-from .resume import data_record, resume_state
+from .resume import continued_state, data_record, resume_state
 from .start import start_from_counts
 
 logger = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ class LinearSCVI(Queries, ScviSurface):
             data=data_record(self.var_names_, self.setup_, n),
             **plan,
         )
-        state = self.train_state_ or TrainState()
+        state = continued_state(self.train_state_)
         if payload is not None:
             state = resume_state(self.module, payload, resume_from, config, max_epochs)
             config.max_epochs = max(max_epochs - state.epoch, 0)

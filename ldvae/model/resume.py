@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from ..data.contract import plain
@@ -52,6 +53,16 @@ def check_resume(payload: dict, config, resume_from, epochs_done: int, max_epoch
     if epochs_done >= max_epochs:
         logger.warning("The checkpoint %s has %d epochs already; max_epochs=%d leaves nothing to train.",
                        resume_from, epochs_done, max_epochs)
+
+
+def continued_state(state: TrainState | None) -> TrainState:
+    """The state a new ``train`` call continues from: the model's, with early stopping's
+    record started afresh (each call watches its own epochs, as each of scvi-tools' Trainers
+    does); a resumed checkpoint keeps its record instead (:func:`resume_state`)."""
+    if state is None:
+        return TrainState()
+    state.best_val, state.epochs_since_best = math.inf, 0
+    return state
 
 
 def resume_state(module: LDVAEModule, payload: dict, resume_from: str | os.PathLike, config,
