@@ -205,3 +205,30 @@ def test_joint_umap_tells_reference_from_query_whatever_the_batch_column_is_call
     together = _together(Fitted(["a", "b", None], setup), Fitted(["new", "new"], setup), [])
     assert together.obs[SIDE].tolist() == ["reference"] * 3 + ["query"] * 2
     assert together.obs["dataset"].tolist()[:2] == ["a", "b"] and pd.isna(together.obs["dataset"].iloc[2])
+
+
+def test_ldvae_map_gives_the_query_the_references_named_factors(data, tmp_path, capsys):
+    import anndata as ad
+
+    from ldvae.cli.app import main
+    from ldvae.factors.consensus import consensus_factors, write_factors
+
+    reference, _ = data
+    ref_adata = reference.adata.copy()
+    factors = consensus_factors([reference])
+    write_factors(ref_adata, factors)  # as `ldvae run` leaves them in results.h5ad
+    ref_adata.write_h5ad(tmp_path / "reference.h5ad")
+    reference.save(tmp_path / "ref")
+    own = reference.adata.copy()  # the reference's own cells, mapped as a query: nothing to fit
+    own.obs_names = [f"q{i}" for i in range(own.n_obs)]
+    own.write_h5ad(tmp_path / "own.h5ad")
+    assert main(["map", str(tmp_path / "ref"), str(tmp_path / "own.h5ad"), "--reference-adata",
+                 str(tmp_path / "reference.h5ad"), "--out-dir", str(tmp_path / "out"), "--no-progress-bar"]) == 0
+    res = ad.read_h5ad(tmp_path / "out" / "results.h5ad")
+    names = list(factors.table.index)
+    np.testing.assert_allclose(res.obsm["X_ldvae_factors"], factors.latent.to_numpy(), atol=1e-4)
+    np.testing.assert_allclose(res.obs[names].to_numpy(), factors.latent.to_numpy(), atol=1e-4)
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "out" / "query_latent.csv", index_col=0)
+    np.testing.assert_allclose(table[names].to_numpy(), factors.latent.to_numpy(), atol=1e-4)
