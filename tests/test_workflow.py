@@ -359,3 +359,4 @@ def test_one_fit_leaves_reproducibility_unassessed_and_a_measurement_marks_nothi
     assert groups <= {"group 0", "group 1", "group 2"}  # the groups of 'group', the first column that sorts cells into groups
     html = (result.out_dir / "report.html").read_text()
     assert "not assessed (one fit)" in html and ">NaN<" not in html and ">nan<" not in html
+    assert "<h2>Factors, rotated (one fit)</h2>" in html and "<h2>Reproducible factors</h2>" not in html

@@ -182,8 +182,9 @@ def summary_html(n_cells: int, n_genes: int, factors: ConsensusFactors, table: p
     t = factors.table
     found = (f"{int(t['reproducible'].sum())} of {len(t)} factors F_k are reproducible across re-runs "
              f"({factors.n_runs} fits)" if factors.n_runs > 1 else "reproducibility was not assessed (one fit)")
+    section = "Reproducible factors" if factors.n_runs > 1 else "Factors, rotated (one fit)"
     note = note_html(f"{n_cells} cells, {n_genes} genes modelled, {len(t)} factors; {found}. Name the factors from "
-                     "'Reproducible factors' below; the figures and 'Top loadings by magnitude' show the model's "
+                     f"'{section}' below; the figures and 'Top loadings by magnitude' show the model's "
                      "own Z_k, as the tutorial does.")
     columns = [c for c in ("factor", "marks", "reproducible", "top genes (+)") if c in table.columns]
     return note + table_html(table[columns])
@@ -217,11 +218,12 @@ def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str =
         + "A rotation leaves the model, its likelihood and its ELBO unchanged; the model's own factors Z_k are "
         "in 'Top loadings by magnitude'. Top genes are ranked by score = loading x sqrt(Fisher information "
         "of the gene's log-rate): the change of expected count per unit factor in units of its noise, so "
-        "weakly expressed genes with large loadings do not lead; 'by loading' ranks the raw consensus loading. "
+        "weakly expressed genes with large loadings do not lead; 'by loading' ranks the raw "
+        + ("consensus " if n_runs > 1 else "") + "loading. "
         + (f"marks: the {group_name} the factor separates best from the other cells (one-vs-rest AUC), "
            f"'none' below AUC {MARK_AUC}." if groups is not None else "")
     )
     body = note + table_html(factors_table(factors, groups, n_genes=n_genes), float_format="{:.2f}")
     if figure is not None:
         body += figure_html(figure, "UMAP coloured by each factor F_k.")
-    return "Reproducible factors", body
+    return ("Reproducible factors" if n_runs > 1 else "Factors, rotated (one fit)"), body  # as summary_html names it
