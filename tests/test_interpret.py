@@ -503,7 +503,7 @@ def test_report_sections(small_model, stability, tmp_path):
     ]
     assert all("<table" in body and "data:image/png;base64," in body for _, body in sections)
     title, body = stability_section(stability)
-    assert title == "Factor stability across seeds" and "reproducible" in body
+    assert title == "Factor stability across seeds" and "stable across seeds" in body
 
 
 def test_cli_factors(small_model, tmp_path, capsys):

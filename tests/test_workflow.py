@@ -164,7 +164,7 @@ def test_stability_of_the_workflow_factors(finished):
     assert settings["analysis time, reading to clusters (s)"] >= settings["training time (s)"] > 0
     np.testing.assert_allclose(pd.Series(stored["stability"], index=stored["factor"])[table.index], table["stability"])
     html = (result.out_dir / "report.html").read_text()
-    assert "<h2>Factor stability across seeds</h2>" in html and "<th>reproducible</th>" in html
+    assert "<h2>Factor stability across seeds</h2>" in html and "<th>stable across seeds</th>" in html
     start = html.index("<h2>Top loadings by magnitude</h2>")
     top = html[start:html.index("<h2>", start + 1)]
     n_yes = top.count("<td>yes</td>")

@@ -106,7 +106,8 @@ def stability_section(result: StabilityResult, *, figure: str | os.PathLike | No
         note_html(
             f"{f.attrs['n_runs']} runs matched to run {result.reference} by loadings correlation{rotated} "
             f"(optimal assignment); stable: median matched |correlation| >= {f.attrs['threshold']}. "
-            f"{int(f['stable'].sum())} of {len(f)} factors are reproducible."
+            f"{int(f['stable'].sum())} of {len(f)} of these factors are stable across seeds (the consensus "
+            "factors F_k, in 'Reproducible factors', are the ones a re-run of the analysis gives back)."
         )
         + table_html(table, float_format="{:.3f}")
         + (_figure(plot_stability(result), caption) if figure is None else figure_html(figure, caption))

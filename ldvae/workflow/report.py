@@ -71,7 +71,7 @@ def top_genes_wide(table: pd.DataFrame, stability: pd.DataFrame | None = None) -
     """The long top-genes table (see :func:`ldvae.workflow.plotting.top_genes`) as one row per factor:
     ``negative`` and ``positive`` genes with loadings, largest magnitude first. With
     ``stability`` (the ``factors`` table of :func:`ldvae.factors.stability.factor_stability`, indexed
-    by factor), also its ``stability`` and ``reproducible`` ("yes"/"no") per factor."""
+    by factor), also its ``stability`` and ``stable across seeds`` ("yes"/"no") per factor."""
     rows = []
     for factor, group in table.groupby("factor", sort=False):
         cells = {"factor": factor}
@@ -82,7 +82,7 @@ def top_genes_wide(table: pd.DataFrame, stability: pd.DataFrame | None = None) -
     wide = pd.DataFrame(rows, columns=["factor", "negative", "positive"])
     if stability is not None:
         wide["stability"] = wide["factor"].map(stability["stability"])
-        wide["reproducible"] = wide["factor"].map(stability["stable"]).map({True: "yes", False: "no"})
+        wide["stable across seeds"] = wide["factor"].map(stability["stable"]).map({True: "yes", False: "no"})
     return wide
 
 
@@ -112,7 +112,7 @@ def build_report(
         The long top-genes table of :func:`ldvae.workflow.plotting.top_genes`.
     factor_stability
         Per-factor stability (``StabilityResult.factors``): adds ``stability`` and
-        ``reproducible`` columns to the top-genes table.
+        ``stable across seeds`` columns to the top-genes table.
     extra_sections
         More ``(title, html)`` sections appended after the standard ones; the html is
         inserted verbatim.
@@ -133,7 +133,7 @@ def build_report(
         if factor_stability is not None:
             f = factor_stability
             note = note_html(
-                f"reproducible: the factor came back with stability >= {f.attrs.get('threshold')} "
+                f"stable across seeds: the model's own factor came back with stability >= {f.attrs.get('threshold')} "
                 f"(median matched |correlation| of loadings) in {f.attrs.get('n_runs')} fits with different seeds; "
                 "see Factor stability across seeds."
             )
