@@ -476,7 +476,7 @@ def write_factors(adata, factors: ConsensusFactors, *, key_added: str = "ldvae",
     if obs_columns:
         from ..data.results import set_obs_columns
 
-        set_obs_columns(adata, {name: factors.latent[name].to_numpy() for name in names})
+        set_obs_columns(adata, {name: factors.latent[name].to_numpy(dtype=np.float32) for name in names})  # as Z_k
 
 
 def read_factors(adata, *, key_added: str = "ldvae") -> ConsensusFactors:
