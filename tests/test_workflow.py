@@ -184,6 +184,7 @@ def test_reproducible_factors_of_the_workflow(finished, tmp_path, capsys):
     back = read_factors(res)
     np.testing.assert_allclose(back.latent.to_numpy(), f.latent.to_numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(res.obs[list(f.table.index)].to_numpy(), f.latent.to_numpy(), rtol=1e-5, atol=1e-6)
+    assert set(res.obs[list(f.table.index)].dtypes) == {np.dtype(np.float32)} == set(res.obs[["Z_0", "Z_1"]].dtypes)
     table = pd.read_csv(result.out_dir / "factors.csv")
     assert list(table["factor"]) == list(f.table.index)
     np.testing.assert_allclose(table["reproducibility"], f.table["reproducibility"], rtol=1e-6)
