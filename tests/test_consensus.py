@@ -191,6 +191,19 @@ def test_factor_table_names_a_marked_group_only_where_the_factor_separates_it(po
     assert factors_table(f, noise)["marks"].str.fullmatch(r"none \(best: [uv], AUC 0\.\d\d\)").all()
 
 
+def test_figure_panels_name_what_each_factor_marks(populations):
+    from ldvae.workflow.interpret_report import factor_titles, factors_table
+
+    adata, _, _, f = populations
+    table = factors_table(f, adata.obs["population"])
+    titles = factor_titles(table)
+    for row in table.to_dict("records"):
+        group, genes = row["marks"].split(" (AUC")[0], row["top genes (+)"].split(", ")[:3]
+        assert titles[row["factor"]] == f"{row['factor']}: {group}\n{', '.join(genes)}"
+    noise = pd.Series(np.random.default_rng(0).choice(["u", "v"], adata.n_obs), index=adata.obs_names)
+    assert all(t.split("\n")[0] == name for name, t in factor_titles(factors_table(f, noise)).items())
+
+
 def test_marked_groups_auc(populations):
     adata, _, _, f = populations
     from scipy.stats import mannwhitneyu

@@ -177,6 +177,17 @@ def factors_table(factors: ConsensusFactors, groups=None, *, n_genes: int = 5) -
     return out
 
 
+def factor_titles(table: pd.DataFrame, n_genes: int = 3) -> dict[str, str]:
+    """A figure panel's title per factor of :func:`factors_table`: the factor, the group it
+    marks (where it marks one) and its first genes by score."""
+    titles = {}
+    for row in table.to_dict("records"):
+        marks = str(row.get("marks", "none"))
+        head = row["factor"] if marks.startswith("none") else f"{row['factor']}: {marks.split(' (AUC')[0]}"
+        titles[row["factor"]] = f"{head}\n{', '.join(str(row['top genes (+)']).split(', ')[:n_genes])}"
+    return titles
+
+
 def summary_html(n_cells: int, n_genes: int, factors: ConsensusFactors, table: pd.DataFrame) -> str:
     """Where a reader starts: what was fitted, how many factors come back on a re-run, and per
     factor the group it marks and its top genes (``table``: :func:`factors_table`)."""

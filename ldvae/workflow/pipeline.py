@@ -302,7 +302,7 @@ def write_outputs(
             adata.uns[f"{key}_colors"] = palette
     stability_sections, summary = [], ""
     if factors is not None:
-        from .interpret_report import factors_section, factors_table, summary_html
+        from .interpret_report import factor_titles, factors_section, factors_table, summary_html
 
         # the first column that sorts cells into groups: a number per cell marks nothing
         group_key = next((c for c in color_by if _is_grouping(adata.obs[c])), "leiden")
@@ -313,8 +313,8 @@ def write_outputs(
         summary = summary_html(adata.n_obs, adata.n_vars, factors, ftable)
         files["factor_genes.csv"] = d / "factor_genes.csv"
         atomic_write_text(files["factor_genes.csv"], factors.top_genes(10).to_csv(index=False))
-        paths = _save_figure(umap(adata, color=list(factors.table.index), ncols=4), d / "figures",
-                             "umap_reproducible_factors", formats)
+        paths = _save_figure(umap(adata, color=list(factors.table.index), ncols=4, titles=factor_titles(ftable)),
+                             d / "figures", "umap_reproducible_factors", formats)
         files.update({f"figures/{k}": v for k, v in paths.items()})
         stability_sections.append(factors_section(factors, groups, group_name=group_key,
                                                   figure=paths["umap_reproducible_factors.png"], n_genes=n_top_loadings))

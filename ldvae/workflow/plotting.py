@@ -280,8 +280,9 @@ def top_genes_bars(adata, *, key_added: str = "ldvae", n_genes: int = 5, ncols: 
 
 
 @_plain
-def umap(adata, *, color: Sequence[str], ncols: int = 4) -> Figure:
-    """UMAP panels (``obsm["X_umap"]``), one per obs column in ``color`` (categorical or numeric)."""
+def umap(adata, *, color: Sequence[str], ncols: int = 4, titles: Mapping[str, str] | None = None) -> Figure:
+    """UMAP panels (``obsm["X_umap"]``), one per obs column in ``color`` (categorical or numeric),
+    each titled by its column's name or its entry in ``titles``."""
     if "X_umap" not in adata.obsm:
         raise KeyError("Did not find adata.obsm['X_umap']. Run sc.pp.neighbors and sc.tl.umap first.")
     missing = [c for c in color if c not in adata.obs.columns]
@@ -291,7 +292,7 @@ def umap(adata, *, color: Sequence[str], ncols: int = 4) -> Figure:
     fig, axes = _grid(len(color), ncols, (4.2, 3.4))
     size = _point_size(adata.n_obs)
     for ax, key in zip(axes, color):
-        _scatter(fig, ax, xy, adata.obs[key], key, size)
+        _scatter(fig, ax, xy, adata.obs[key], (titles or {}).get(key, key), size)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel("UMAP1", fontsize=8)
