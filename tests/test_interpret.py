@@ -520,7 +520,9 @@ def test_cli_factors(small_model, tmp_path, capsys):
     assert "null deviance" in printed and "Factors (1 fit(s); reproducibility not assessed" in printed  # one model: rotated, no reproducibility
     k = small_model.config.n_latent
     assert list(pd.read_csv(out / "factors.csv")["factor"]) == [f"F_{i}" for i in range(k)]
-    assert "<h2>Factors, rotated (one fit)</h2>" in (out / "report.html").read_text()  # one model: no consensus
+    html = (out / "report.html").read_text()
+    assert "<h2>Factors, rotated (one fit)</h2>" in html  # one model: no consensus
+    assert "Top loadings by magnitude" not in html  # a section this report does not have is not pointed to
     assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out)]) == 1
     assert "already exists. Pass --overwrite" in capsys.readouterr().err
     assert main(["factors", str(tmp_path / "model"), "--out-dir", str(out), "--overwrite"]) == 0  # its own outputs

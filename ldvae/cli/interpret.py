@@ -191,7 +191,7 @@ def _factors(d: Path, model):
     _write(d, "factors.csv", factors_table(factors, groups), index=False)
     _write(d, "factor_genes.csv", factors.top_genes(10), index=False)
     print(format_factors(factors))
-    return factors_section(factors, groups)
+    return factors_section(factors, groups, own_factors=None)  # this report has no table of the Z_k
 
 
 # --- ldvae stability / select-k ---------------------------------------------------------------

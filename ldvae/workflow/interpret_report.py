@@ -203,9 +203,11 @@ def summary_html(n_cells: int, n_genes: int, factors: ConsensusFactors, table: p
 
 
 def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str = "Leiden cluster",
-                    figure: str | os.PathLike | None = None, n_genes: int = 5) -> Section:
+                    figure: str | os.PathLike | None = None, n_genes: int = 5,
+                    own_factors: str | None = "Top loadings by magnitude") -> Section:
     """The reproducible factors: how they were found, and per factor its share, reproducibility,
-    the group it marks and its top genes (see :func:`factors_table`)."""
+    the group it marks and its top genes (see :func:`factors_table`). ``own_factors``: the
+    report's section of the model's own factors Z_k, which the note points to (None: none)."""
     t = factors.table
     n_runs = factors.n_runs
     simple = {"latent": "the latent (each factor high in few cells)",
@@ -227,8 +229,9 @@ def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str =
         "Factors F_k in order of the deviance they explain (share: of the deviance the model explains, mean "
         "over the fits), signed so that their long tail is positive (over cells for the latent's simple "
         "structure, over genes for the loadings'). They are " + found
-        + "A rotation leaves the model, its likelihood and its ELBO unchanged; the model's own factors Z_k are "
-        "in 'Top loadings by magnitude'. Top genes are ranked by score = loading x sqrt(Fisher information "
+        + "A rotation leaves the model, its likelihood and its ELBO unchanged"
+        + (f"; the model's own factors Z_k are in '{own_factors}'. " if own_factors else ". ")
+        + "Top genes are ranked by score = loading x sqrt(Fisher information "
         "of the gene's log-rate): the change of expected count per unit factor in units of its noise, so "
         "weakly expressed genes with large loadings do not lead; 'by loading' ranks the raw "
         + ("consensus " if n_runs > 1 else "") + "loading. "
