@@ -155,13 +155,11 @@ def add_demo(subparsers) -> None:
 
 
 def _handle_demo(args: argparse.Namespace) -> int:
-    from ..data.readers import DEMO_FILE, ReadError
+    from ..data.readers import demo_file
 
-    if not DEMO_FILE.exists():
-        raise ReadError(f"The embedded demo file {DEMO_FILE} is missing; reinstall ldvae.")
     if args.title is None:
         args.title = "LDVAE report: pbmc3k demo (1000 cells)"
-    return _run_and_report(str(DEMO_FILE), args)  # the report names the file it read
+    return _run_and_report(str(demo_file()), args)  # the report names the file it read
 
 
 SUBCOMMANDS = (add_run, add_demo, add_factors, add_stability, add_select_k, add_map)

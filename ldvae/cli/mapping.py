@@ -117,7 +117,7 @@ def _handle_map(args: argparse.Namespace) -> int:
     batch_key = [reference.setup_["batch_key"]] if "batch_key" in reference.setup_ else []
     with _staged(d, args.overwrite, inputs) as s:
         model.write_results(query, obs_columns=True)
-        named = _reference_factors(reference, model, query)
+        named = _reference_factors(reference, query)
         query.write_h5ad(s / "results.h5ad", compression="gzip")
         model.save(s / "model", overwrite=True)
         _write(s, "query_latent.csv", query.obs[[f"Z_{i}" for i in range(model.n_latent)] + named])
@@ -137,11 +137,12 @@ def _handle_map(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reference_factors(reference, model, query) -> list[str]:
+def _reference_factors(reference, query) -> list[str]:
     """The reference's factors F_k for the query cells, where the reference's AnnData holds
     them (``ldvae run``'s results): its main fit's rotation onto them (``uns["ldvae_factors"]
-    ["rotation"]``) applied to the query's latent. On the reference cells these follow the
-    consensus F_k, an average over fits, closely (correlation 0.95-0.99 on the demo).
+    ["rotation"]``) applied to the query's latent (``obsm["X_ldvae"]``, from ``write_results``).
+    On the reference cells these follow the consensus F_k, an average over fits, closely
+    (correlation 0.95-0.99 on the demo).
     Writes ``obsm["X_ldvae_factors"]`` and ``obs["F_k"]``; returns the names (none without them)."""
     from ..data.results import set_obs_columns
 
@@ -149,7 +150,7 @@ def _reference_factors(reference, model, query) -> list[str]:
     if not isinstance(record, dict) or "rotation" not in record:
         return []
     names = [str(n) for n in record["names"]]
-    values = (model.get_latent_representation(query) @ np.asarray(record["rotation"])).astype(np.float32)
+    values = (np.asarray(query.obsm["X_ldvae"]) @ np.asarray(record["rotation"])).astype(np.float32)
     query.obsm["X_ldvae_factors"] = values
     set_obs_columns(query, {name: values[:, k] for k, name in enumerate(names)})
     return names

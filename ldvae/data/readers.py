@@ -440,6 +440,11 @@ def read_demo():
     """
     import anndata
 
+    return anndata.read_h5ad(demo_file())
+
+
+def demo_file() -> Path:
+    """The embedded demo file's path, checked to be there."""
     if not DEMO_FILE.exists():
         raise ReadError(f"The embedded demo file {DEMO_FILE} is missing; reinstall ldvae.")
-    return anndata.read_h5ad(DEMO_FILE)
+    return DEMO_FILE

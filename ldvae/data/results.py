@@ -87,8 +87,9 @@ def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: b
         raise SetupError(
             f"adata lacks {len(missing)} of the model's genes (first: {missing[0]!r}); cannot encode its cells."
         )
-    pos = np.arange(len(genes)) if var_names.equals(genes) else gene_positions(var_names, genes)
-    z = model.get_latent_representation(adata if var_names.equals(genes) else adata[:, pos]).astype(np.float32)
+    same = var_names.equals(genes)
+    pos = np.arange(len(genes)) if same else gene_positions(var_names, genes)
+    z = model.get_latent_representation(adata if same else adata[:, pos]).astype(np.float32)
     loadings = model.get_loadings()
     full = np.full((adata.n_vars, loadings.shape[1]), np.nan, dtype=np.float32)
     full[pos] = loadings.to_numpy(dtype=np.float32)

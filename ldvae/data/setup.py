@@ -13,6 +13,7 @@ from .backed import scan_counts
 from .disk import is_on_disk
 from .contract import (
     SETUP_KEY,
+    Covariates,
     check_not_view,
     get_counts,
     obs_categories,
@@ -32,10 +33,11 @@ def setup_anndata(
     labels_key: str | None = None,
     categorical_covariate_keys: list[str] | None = None,
     continuous_covariate_keys: list[str] | None = None,
-) -> None:
+) -> Covariates:
     """Check the counts and covariates and record the choices in ``adata.uns["ldvae_setup"]``.
 
-    The input is not modified otherwise; on any error nothing is written.
+    The input is not modified otherwise; on any error nothing is written. Returns the
+    covariates read under the new setup (each cell's codes and values).
     """
     check_not_view(adata)
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -79,5 +81,6 @@ def setup_anndata(
                     f"float32 training (limit {MAX_COVARIATE:.0e}); scale it first, e.g. to unit variance."
                 )
         setup["continuous_covariate_keys"] = list(continuous_covariate_keys)
-    read_covariates(adata, setup)  # every code can be read under this setup, before anything is written
+    covariates = read_covariates(adata, setup)  # every code can be read under this setup, before anything is written
     adata.uns[SETUP_KEY] = setup
+    return covariates

@@ -156,7 +156,7 @@ class LinearSCVI(Queries, ScviSurface):
             raise TypeError(f"setup_anndata got unknown arguments {unknown}; it takes batch_key, labels_key, layer, "
                             "categorical_covariate_keys and continuous_covariate_keys.")
         cats, conts = kwargs.get("categorical_covariate_keys"), kwargs.get("continuous_covariate_keys")
-        setup_anndata(
+        covariates = setup_anndata(
             adata,
             layer=layer,
             batch_key=batch_key,
@@ -164,7 +164,7 @@ class LinearSCVI(Queries, ScviSurface):
             categorical_covariate_keys=list(cats) if cats else None,
             continuous_covariate_keys=list(conts) if conts else None,
         )
-        write_scvi_codes(adata, adata.uns["ldvae_setup"])
+        write_scvi_codes(adata, adata.uns["ldvae_setup"], covariates)
 
     @property
     def n_batch(self) -> int:

@@ -29,12 +29,14 @@ LIBRARY_KEY = "observed_lib_size"  # obs column of the observed library, as scvi
 SCVI_CODE_COLUMNS = {"batch": "_scvi_batch", "labels": "_scvi_labels"}  # obs columns scvi-tools writes
 
 
-def write_scvi_codes(adata, setup: dict) -> None:
+def write_scvi_codes(adata, setup: dict, cov=None) -> None:
     """Write scvi-tools' integer code columns of the batch and the labels into ``adata.obs``
-    (0 for every cell where the setup has no such key), as scvi-tools' setup does."""
+    (0 for every cell where the setup has no such key), as scvi-tools' setup does; ``cov``:
+    the covariates already read under ``setup``, else read here."""
     from ..data.contract import read_covariates
 
-    cov = read_covariates(adata, setup)  # fails, naming the column, before anything is written
+    if cov is None:
+        cov = read_covariates(adata, setup)  # fails, naming the column, before anything is written
     adata.obs[SCVI_CODE_COLUMNS["batch"]] = cov.batch.astype(np.int64)
     adata.obs[SCVI_CODE_COLUMNS["labels"]] = cov.label.astype(np.int64)
 

@@ -120,8 +120,8 @@ def batch_codes(fitted: Fitted, transform_batch) -> list[int | None]:
     """Batch codes for ``transform_batch``: None (each cell's own batch), a category or a list."""
     if transform_batch is None:
         return [None]
-    values = [transform_batch] if isinstance(transform_batch, str) or np.ndim(transform_batch) == 0 else list(
-        transform_batch)
+    one = isinstance(transform_batch, str) or np.ndim(transform_batch) == 0  # a category: str, int, float, ...
+    values = [transform_batch] if one else list(transform_batch)
     categories = [str(c) for c in fitted.setup.get("batch_categories", ["0"])]
     codes: list[int | None] = []
     for v in values:

@@ -369,9 +369,8 @@ def _planned_warmup(config: TrainConfig, state: TrainState, steps_per_epoch: int
     """The step at which the KL warm-up ends: planned by the first call; a later call applies a
     warm-up it is given, and ends the default one by its own middle, so that no call that
     continues a fit ends below the full KL weight."""
-    if state.step == 0 and state.warmup_steps == 0:
-        return _warmup_steps(config, steps_per_epoch)
-    if not config.shorten_kl_warmup:  # asked for in this call: counted from the fit's start
+    first_call = state.step == 0 and state.warmup_steps == 0
+    if first_call or not config.shorten_kl_warmup:  # a warm-up asked for counts from the fit's start
         return _warmup_steps(config, steps_per_epoch)
     middle = state.step + config.max_epochs * steps_per_epoch // 2
     if state.warmup_steps > middle:

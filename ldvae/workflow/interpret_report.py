@@ -188,15 +188,19 @@ def factor_titles(table: pd.DataFrame, n_genes: int = 3) -> dict[str, str]:
     return titles
 
 
+def factors_title(factors: ConsensusFactors) -> str:
+    """The title of :func:`factors_section`, which :func:`summary_html` points to."""
+    return "Reproducible factors" if factors.n_runs > 1 else "Factors, rotated (one fit)"
+
+
 def summary_html(n_cells: int, n_genes: int, factors: ConsensusFactors, table: pd.DataFrame) -> str:
     """Where a reader starts: what was fitted, how many factors come back on a re-run, and per
     factor the group it marks and its top genes (``table``: :func:`factors_table`)."""
     t = factors.table
     found = (f"{int(t['reproducible'].sum())} of {len(t)} factors F_k are reproducible across re-runs "
              f"({factors.n_runs} fits)" if factors.n_runs > 1 else "reproducibility was not assessed (one fit)")
-    section = "Reproducible factors" if factors.n_runs > 1 else "Factors, rotated (one fit)"
     note = note_html(f"{n_cells} cells, {n_genes} genes modelled, {len(t)} factors; {found}. Name the factors from "
-                     f"'{section}' below; the figures and 'Top loadings by magnitude' show the model's "
+                     f"'{factors_title(factors)}' below; the figures and 'Top loadings by magnitude' show the model's "
                      "own Z_k, as the tutorial does.")
     columns = [c for c in ("factor", "marks", "reproducible", "top genes (+)") if c in table.columns]
     return note + table_html(table[columns])
@@ -218,8 +222,7 @@ def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str =
                  f"{int(t['reproducible'].sum())} of {len(t)} factors are reproducible: a re-run of the analysis "
                  f"with {n_runs} other seeds (the same cells held out, the same start from the principal "
                  f"components, as ldvae run has them) is expected to give the same factor with |correlation| "
-                 f"over cells "
-                 f">= {t.attrs.get('threshold')} (consensus reproducibility: the consensus of each half of the "
+                 f"over cells >= {t.attrs.get('threshold')} (consensus reproducibility: the consensus of each half of the "
                  f"fits against the other, stepped up to all fits by Spearman-Brown). One fit, rotated on its "
                  f"own, matches another with the median |correlation| in 'reproducibility'. ")
     else:
@@ -241,4 +244,4 @@ def factors_section(factors: ConsensusFactors, groups=None, *, group_name: str =
     body = note + table_html(factors_table(factors, groups, n_genes=n_genes), float_format="{:.2f}")
     if figure is not None:
         body += figure_html(figure, "UMAP coloured by each factor F_k.")
-    return ("Reproducible factors" if n_runs > 1 else "Factors, rotated (one fit)"), body  # as summary_html names it
+    return factors_title(factors), body
