@@ -161,7 +161,8 @@ def test_stability_of_the_workflow_factors(finished):
     # scanpy's plots of the results take the report's colours
     assert list(res.uns["leiden_colors"]) == category_palette(res.obs["leiden"])
     assert len(res.uns["leiden_colors"]) == res.obs["leiden"].nunique()
-    assert settings["analysis time, reading to clusters (s)"] >= settings["training time (s)"] > 0
+    assert settings["analysis time, reading to clusters (s)"] > 0  # the tiny fit itself may round to 0.0 s
+    assert settings["analysis time, reading to clusters (s)"] >= settings["training time (s)"] >= 0
     np.testing.assert_allclose(pd.Series(stored["stability"], index=stored["factor"])[table.index], table["stability"])
     html = (result.out_dir / "report.html").read_text()
     assert "<h2>Factor stability across seeds</h2>" in html and "<th>stable across seeds</th>" in html
