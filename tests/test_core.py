@@ -195,6 +195,9 @@ def test_every_model_option_trains(small_adata, kwargs):
     assert z.shape == (400, 3) and np.isfinite(z).all()
     if kwargs.get("latent_distribution") == "ln":
         np.testing.assert_allclose(z.sum(1), 1.0, atol=1e-4)
+        np.testing.assert_array_equal(model.get_latent_representation(), z)  # a seeded Monte Carlo mean
+        draws = [model.get_latent_representation(give_mean=False) for _ in range(2)]
+        assert not np.array_equal(*draws)  # draws differ every call, as in scvi-tools
 
 
 def test_gene_label_dispersion_needs_labels(small_adata):

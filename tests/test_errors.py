@@ -146,6 +146,8 @@ def test_too_few_cells(small_adata):
         ({"dispersion": "cell"}, r"dispersion must be one of \('gene', 'gene-batch', 'gene-label', 'gene-cell'\), got 'cell'\."),
         ({"gene_likelihood": "normal"}, r"gene_likelihood must be one of \('nb', 'zinb', 'poisson'\), got 'normal'\."),
         ({"latent_distribution": "gamma"}, r"latent_distribution must be one of \('normal', 'ln'\), got 'gamma'\."),
+        ({"use_observed_lib_size": "False"}, r"use_observed_lib_size must be True or False, got 'False'\."),
+        ({"use_batch_norm": "no"}, r"use_batch_norm must be True or False, got 'no'\."),
     ],
 )
 def test_bad_model_parameters(small_adata, kwargs, message):
@@ -170,6 +172,12 @@ def test_bad_train_arguments(small_adata, kwargs, error, message):
     model = LinearSCVI(small_adata)
     with pytest.raises(error, match=message):
         model.train(progress_bar=False, **kwargs)
+
+
+def test_numpy_booleans_are_model_settings(small_adata):
+    LinearSCVI.setup_anndata(small_adata, layer="counts")
+    model = LinearSCVI(small_adata, use_observed_lib_size=np.bool_(True), use_batch_norm=np.bool_(False))
+    assert model.init_params_["use_observed_lib_size"] is True and model.init_params_["use_batch_norm"] is False
 
 
 def test_query_on_data_with_other_genes(small_adata):

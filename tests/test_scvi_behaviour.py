@@ -244,6 +244,17 @@ def _saved(model, tmp_path):
     return tmp_path / "full"
 
 
+def test_minify_refuses_a_model_whose_library_needs_the_counts(tmp_path):
+    a = ldvae.simulate(200, 20, 2, seed=3)
+    LinearSCVI.setup_anndata(a, layer="counts")
+    m = LinearSCVI(a, n_latent=2, n_hidden=8)
+    m.train(2, progress_bar=False)
+    a.obsm["X_latent_qzm"], a.obsm["X_latent_qzv"] = m.get_latent_representation(return_dist=True)
+    with pytest.raises(ValueError, match=r"minify_adata needs a model that uses the observed library size"):
+        m.minify_adata()
+    assert m.minified_data_type is None and m.adata is a and a.layers["counts"].nnz > 0
+
+
 def test_minify_needs_the_posterior_in_obsm(trained, tmp_path):
     m = LinearSCVI.load(_saved(trained, tmp_path), adata=trained.adata.copy())
     with pytest.raises(ValueError, match=r"minify_adata needs adata.obsm\['X_latent_qzm'\] of shape \(300, 3\)"):

@@ -106,12 +106,11 @@ class LinearSCVI(Queries, ScviSurface):
         params = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
             dispersion=dispersion, gene_likelihood=gene_likelihood, latent_distribution=latent_distribution,
+            use_observed_lib_size=use_observed_lib_size,
         )
         check_init_params(params)
-        params.update(
-            n_hidden=int(n_hidden), n_latent=int(n_latent), n_layers=int(n_layers), dropout_rate=float(dropout_rate),
-            use_observed_lib_size=bool(use_observed_lib_size), **extra,
-        )
+        params.update(n_hidden=int(n_hidden), n_latent=int(n_latent), n_layers=int(n_layers),
+                      dropout_rate=float(dropout_rate), use_observed_lib_size=bool(use_observed_lib_size), **extra)
         self.adata = adata
         self.setup_ = get_setup(adata)
         if dispersion == "gene-label" and "labels_key" not in self.setup_:

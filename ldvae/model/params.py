@@ -56,7 +56,7 @@ def check_init_params(params: dict) -> None:
         if name in params and params[name] not in allowed:
             raise SetupError(f"{name} must be one of {allowed}, got {params[name]!r}.")
     for name in BOOL_PARAMS:
-        if name in params and not isinstance(params[name], bool):
+        if name in params and not isinstance(params[name], (bool, np.bool_)):
             raise SetupError(f"{name} must be True or False, got {params[name]!r}.")
 
 
@@ -344,9 +344,7 @@ def check_model_kwargs(model_kwargs: dict) -> dict:
     """``use_batch_norm`` and ``bias`` of ``model_kwargs``, with their defaults; scvi-tools'
     VAE options only at the values ldvae's model has."""
     extra = {"use_batch_norm": bool(model_kwargs.get("use_batch_norm", True)), "bias": bool(model_kwargs.get("bias", False))}
-    for name in ("use_batch_norm", "bias"):
-        if name in model_kwargs and not isinstance(model_kwargs[name], bool):
-            raise SetupError(f"{name} must be True or False, got {model_kwargs[name]!r}.")
+    check_init_params({name: model_kwargs[name] for name in extra if name in model_kwargs})
     for name, value in model_kwargs.items():
         if name in extra:
             continue

@@ -329,6 +329,10 @@ class ScviSurface:
             raise SetupError(f"minified_data_type must be {LATENT_POSTERIOR!r}, got {minified_data_type!r}.")
         if self.minified_data_type is not None:
             raise SetupError("The model's AnnData is minified already.")
+        if not self.config.use_observed_lib_size:
+            raise SetupError(
+                "minify_adata needs a model that uses the observed library size: without the counts this "
+                "model's learned library cannot be inferred. Build it with use_observed_lib_size=True.")
         source = self.adata
         n, k = source.n_obs, self.config.n_latent
         for key in (use_latent_qzm_key, use_latent_qzv_key):

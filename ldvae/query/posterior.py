@@ -6,9 +6,9 @@ dense (normalized expression, likelihood parameters, correlation matrices). When
 counts stay on disk (a backed ``.h5ad`` or ``.zarr``, see ``ldvae.data.backed``) the same
 minibatches are read from disk one ahead, and the dense results can be written to disk
 with ``out=``, so neither the counts nor a cells x genes result need fit in memory. Each
-public function except the latent representation runs under a fixed random seed
-(``ldvae.settings.seed``), so calling it twice gives the same answer; change the seed for
-fresh draws.
+public function except the latent representation's draws (``give_mean=False``) runs under
+a fixed random seed (``ldvae.settings.seed``), so calling it twice gives the same answer;
+change the seed for fresh draws.
 
 Notation (Svensson et al. 2020): ``rho`` the normalized expression (sums to 1 over genes),
 ``l`` the library size, ``mu = l * rho`` the likelihood mean, ``theta`` the inverse
@@ -93,8 +93,9 @@ def get_latent_representation(
     fitted: Fitted, adata=None, indices=None, give_mean: bool = True, mc_samples: int = 5000,
     batch_size: int | None = None, return_dist: bool = False, *, out: str | Path | None = None,
 ):
-    """See :meth:`ldvae.LinearSCVI.get_latent_representation`. Not seeded: with
-    ``give_mean=False`` every call draws afresh from the global torch generator."""
+    """See :meth:`ldvae.LinearSCVI.get_latent_representation`. The means (for ``ln``, a
+    Monte Carlo mean) are seeded like every other query; with ``give_mean=False`` every call
+    draws afresh from the global torch generator, as scvi-tools does."""
     if out is not None and return_dist:
         raise ValueError("out= writes the latent representation; it cannot be combined with return_dist=True.")
     data, rows, size = start(fitted, adata, indices, batch_size, streamed=True)
@@ -114,7 +115,11 @@ def get_latent_representation(
                 z = latent_estimate(inf.qz_m, inf.qz_v, give_mean=give_mean, mc_samples=mc_samples, ln=ln)
                 yield {"z": z.cpu().numpy()}
 
-    result = fill(outputs, blocks())
+    if give_mean:
+        with querying(fitted.device):
+            result = fill(outputs, blocks())
+    else:
+        result = fill(outputs, blocks())
     return (result["mean"], result["variance"]) if return_dist else result["z"]
 
 
