@@ -473,3 +473,34 @@ def test_a_failed_save_leaves_no_directory(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="simulated write failure"):
             model.save(tmp_path / "m", save_anndata=save_anndata)
         assert not (tmp_path / "m").exists()
+
+
+def test_writing_an_h5ad_leaves_the_callers_columns_as_they_were(tmp_path):
+    import anndata
+
+    from ldvae.util.io import write_h5ad
+
+    a = ldvae.simulate(30, 8, 2, seed=0)
+    a.obs["donor"] = np.where(np.arange(30) % 3, "d1", "d2")
+    a.raw = a.copy()
+    a.raw.var["source"] = "x"
+    write_h5ad(a, tmp_path / "a.h5ad")
+    assert a.obs["donor"].dtype == object and a.raw.var["source"].dtype == object
+    a.obs.loc[a.obs_names[0], "donor"] = "d3"  # a new value, as before the write
+    back = anndata.read_h5ad(tmp_path / "a.h5ad")
+    assert isinstance(back.obs["donor"].dtype, pd.CategoricalDtype) and back.raw.var["source"].iloc[0] == "x"
+
+
+def test_pandas_nullable_strings_are_written(tmp_path):
+    import anndata
+
+    with pd.option_context("future.infer_string", True):
+        a = ldvae.simulate(30, 8, 2, seed=0)
+        a.obs_names = pd.Index([f"c{i}" for i in range(30)], dtype="string")
+        a.obs["donor"] = pd.array(["d1", "d2", "d3"] * 10, dtype="string")
+        model = _small_model(a)
+        model.save(tmp_path / "m", save_anndata=True)
+        model.posterior_predictive_sample(out=tmp_path / "ppc.h5ad")
+    back = ldvae.LinearSCVI.load(tmp_path / "m")
+    assert list(back.adata.obs_names[:2]) == ["c0", "c1"] and list(back.adata.obs["donor"][:3]) == ["d1", "d2", "d3"]
+    assert anndata.read_h5ad(tmp_path / "ppc.h5ad", backed="r").shape == (30, 8)

@@ -84,6 +84,7 @@ def _query(path: str, setup: dict, query_batch: str, source: str | None = None):
 
 def _handle_map(args: argparse.Namespace) -> int:
     from ..model import LinearSCVI
+    from ..util.io import write_h5ad
     from ..util.settings import settings
     from ..workflow.report import figure_html, note_html, table_html
 
@@ -118,7 +119,7 @@ def _handle_map(args: argparse.Namespace) -> int:
     with _staged(d, args.overwrite, inputs) as s:
         model.write_results(query, obs_columns=True)
         named = _reference_factors(reference, query)
-        query.write_h5ad(s / "results.h5ad", compression="gzip")
+        write_h5ad(query, s / "results.h5ad", compression="gzip")
         model.save(s / "model", overwrite=True)
         _write(s, "query_latent.csv", query.obs[[f"Z_{i}" for i in range(model.n_latent)] + named])
         together = _together(reference, model, args.color_by)

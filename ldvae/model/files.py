@@ -171,12 +171,9 @@ def train_state_of(meta: dict) -> TrainState | None:
 
 
 def _write_h5ad_untouched(adata, path: Path) -> None:
-    """Write ``adata`` to ``path`` atomically without changing it: anndata's writer turns
-    string columns of obs and var into categoricals in place, so it writes an AnnData that
-    shares the matrices but holds its own copies of obs and var."""
-    import anndata
-
-    from ..util.io import atomic_path
+    """Write ``adata`` to ``path`` atomically without changing it (anndata's writer turns
+    string columns of obs and var into categoricals in place)."""
+    from ..util.io import atomic_path, atomic_write_h5ad, nullable_strings_allowed
 
     if adata.isbacked:  # its matrices stay on disk: write with the columns as they are
         if not Path(adata.filename).exists():
@@ -187,17 +184,10 @@ def _write_h5ad_untouched(adata, path: Path) -> None:
         except ImportError:  # anndata < 0.11
             from anndata._io.h5ad import write_h5ad
 
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, nullable_strings_allowed():
             write_h5ad(tmp, adata, convert_strings_to_categoricals=False)
         return
-    out = anndata.AnnData(
-        X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=dict(adata.uns), obsm=dict(adata.obsm),
-        varm=dict(adata.varm), layers=dict(adata.layers), obsp=dict(adata.obsp), varp=dict(adata.varp),
-    )
-    if adata.raw is not None:
-        out.raw = anndata.AnnData(X=adata.raw.X, obs=out.obs[[]], var=adata.raw.var.copy(), varm=dict(adata.raw.varm))
-    with atomic_path(path) as tmp:
-        out.write_h5ad(tmp)
+    atomic_write_h5ad(adata, path)
 
 
 def _sha256(path: Path) -> str:

@@ -24,7 +24,7 @@ from ..data.disk import counts_on_disk, open_on_disk
 from ..data.contract import CountData, get_counts, read_covariates, validate_counts
 from ..nn.module import CountBatch
 from ..train.streaming import count_data
-from ..util.io import atomic_path
+from ..util.io import atomic_path, nullable_strings_allowed
 from ..util.prefetch import prefetched
 
 
@@ -120,7 +120,8 @@ class SparseOutput:
         import h5py
 
         tmp = stack.enter_context(atomic_path(self.out))
-        ad.AnnData(obs=pd.DataFrame(index=self.obs_names), var=pd.DataFrame(index=self.var_names)).write_h5ad(tmp)
+        with nullable_strings_allowed():
+            ad.AnnData(obs=pd.DataFrame(index=self.obs_names), var=pd.DataFrame(index=self.var_names)).write_h5ad(tmp)
         self.file = stack.enter_context(h5py.File(tmp, "r+"))
         # Chunks sized for appending (an empty dataset would get small ones).
         ad.io.write_elem(self.file, "X", sp.csr_matrix((0, len(self.var_names)), dtype=np.float32),

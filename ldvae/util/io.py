@@ -138,8 +138,11 @@ def _open_binary(path: Path):
 
 
 def write_h5ad(adata, path: str | os.PathLike, **dataset_kwargs) -> None:
-    """``adata.write_h5ad(path, **dataset_kwargs)``, except that a failed write raises its
-    ``OSError`` once and cleanly (``path`` is then incomplete; the caller removes it)."""
+    """``adata.write_h5ad(path, **dataset_kwargs)``, except that ``adata`` is left as it was
+    (anndata's writer turns string columns into categoricals in place; here that happens to
+    copies of obs and var), pandas' nullable strings (pandas 3's default) are written, and a
+    failed write raises its ``OSError`` once and cleanly (``path`` is then incomplete; the
+    caller removes it)."""
     import h5py
 
     try:
@@ -147,21 +150,49 @@ def write_h5ad(adata, path: str | os.PathLike, **dataset_kwargs) -> None:
     except ImportError:  # anndata < 0.11
         from anndata.experimental import write_elem
 
-    # as AnnData.write_h5ad does, so that the file reads back the same
-    adata.strings_to_categoricals()
-    if adata.raw is not None:
-        adata.strings_to_categoricals(adata.raw.var)
-    with _open_binary(Path(path)) as raw:
+    if adata.isbacked:
+        raise ValueError("write_h5ad writes an AnnData in memory; this one is backed by a file.")
+    out = writable_copy(adata)
+    with _open_binary(Path(path)) as raw, nullable_strings_allowed():
         sink = _FirstError(raw)
         try:
             with h5py.File(sink, "w") as f:
-                write_elem(f, "/", adata, dataset_kwargs=dict(dataset_kwargs))
+                write_elem(f, "/", out, dataset_kwargs=dict(dataset_kwargs))
         except Exception:
             if sink.error is not None:
                 raise sink.error from None
             raise
         if sink.error is not None:
             raise sink.error
+
+
+def writable_copy(adata):
+    """An AnnData sharing ``adata``'s matrices, with its own obs and var (and raw var), their
+    string columns made categorical as anndata's writer does, so that the file reads back as
+    an ``adata.write_h5ad`` file would and ``adata`` itself is not changed."""
+    import anndata
+
+    out = anndata.AnnData(
+        X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=dict(adata.uns), obsm=dict(adata.obsm),
+        varm=dict(adata.varm), layers=dict(adata.layers), obsp=dict(adata.obsp), varp=dict(adata.varp),
+    )
+    if adata.raw is not None:
+        out.raw = anndata.AnnData(X=adata.raw.X, obs=out.obs[[]], var=adata.raw.var.copy(), varm=dict(adata.raw.varm))
+        out.strings_to_categoricals(out.raw.var)
+    out.strings_to_categoricals()
+    return out
+
+
+def nullable_strings_allowed():
+    """A context in which anndata writes pandas' nullable string columns and indexes (under
+    ``pd.options.future.infer_string``, pandas 3's default, every string is one), which
+    anndata 0.12 refuses unless told; a plain context where anndata has no such setting."""
+    import anndata
+
+    settings = getattr(anndata, "settings", None)
+    if settings is None or not hasattr(settings, "allow_write_nullable_strings"):
+        return contextlib.nullcontext()
+    return settings.override(allow_write_nullable_strings=True)
 
 
 # --- temporary directories of a process ---------------------------------------------------------
