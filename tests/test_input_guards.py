@@ -567,6 +567,20 @@ def test_model_reads_its_anndata_again_after_an_in_place_filter():
     pd.testing.assert_series_equal(kept["raw_mean1"], fresh["raw_mean1"])
 
 
+def test_de_groups_leave_out_missing_labels_of_every_column_type():
+    a = _small()
+    model = _fit(a)
+    labels = pd.Series(a.obs["ct"].to_numpy(), index=a.obs_names, dtype="string")
+    labels.iloc[:5] = pd.NA
+    tables = []
+    for kind in ("category", "object", "string"):
+        a.obs["label"] = labels.astype(kind)
+        ldvae.settings.seed = 0
+        tables.append(model.differential_expression(groupby="label", group1="A", group2="B"))
+    for table in tables[1:]:
+        pd.testing.assert_frame_equal(table, tables[0])
+
+
 def test_query_string_selects_cells_by_position_when_names_repeat():
     a = _small()
     a.obs_names = [f"c{i % 150}" for i in range(300)]  # as ad.concat without index_unique makes

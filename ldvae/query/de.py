@@ -90,13 +90,16 @@ def _comparisons(adata, groupby, group1, group2, idx1, idx2) -> list[tuple]:
         if len(group1) < 2:
             raise ValueError(f"adata.obs[{groupby!r}] has a single group ({present}); DE needs two.")
     groups1 = [group1] if isinstance(group1, (str, int, np.integer)) or not np.iterable(group1) else list(group1)
+    def cells_of(g):  # a missing label (NaN, None or pandas' NA) is no group's
+        return (col == g).fillna(False).to_numpy(dtype=bool)
+
     for g in groups1 + ([] if group2 is None else [group2]):
-        if not (col == g).any():
+        if not cells_of(g).any():
             raise ValueError(f"group {g!r} has no cells in adata.obs[{groupby!r}] (groups: {present[:10]}).")
     out = []
     for g in groups1:
-        m1 = (col == g).to_numpy()
-        m2 = ~m1 if group2 is None else (col == group2).to_numpy()
+        m1 = cells_of(g)
+        m2 = ~m1 if group2 is None else cells_of(group2)
         out.append((g, "Rest" if group2 is None else group2, m1, m2))
     return out
 
