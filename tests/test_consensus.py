@@ -260,6 +260,20 @@ def test_written_into_anndata_and_read_back(populations, tmp_path):
         read_factors(adata)
 
 
+def test_factors_of_another_key_keep_their_own_obs_columns_and_views_are_refused(populations):
+    adata, _, _, f = populations
+    target = adata.copy()
+    write_factors(target, f, obs_columns=True)
+    first = target.obs["F_0"].copy()
+    write_factors(target, f, key_added="run2", obs_columns=True)
+    assert {f"run2_F_{i}" for i in range(4)} <= set(target.obs.columns) and "run2_factors" in target.uns
+    pd.testing.assert_series_equal(target.obs["F_0"], first)
+    with pytest.raises(ValueError, match="write_factors got a view of an AnnData"):
+        write_factors(target[:, :5], f)
+    with pytest.raises(ValueError, match="key_added must be a non-empty name"):
+        write_factors(target, f, key_added=" ")
+
+
 def test_refuses_bad_input(populations, sparse_loadings):
     adata, _, models, _ = populations
     with pytest.raises(TypeError, match="list of trained"):

@@ -25,6 +25,13 @@ def result_keys(key_added: str = "ldvae") -> dict[str, str]:
     }
 
 
+def refuse_view(adata, caller: str, alternative: str = "") -> None:
+    """A SetupError when ``adata`` is a view: what ``caller`` wrote would never reach its parent."""
+    if adata.is_view:
+        raise SetupError(f"{caller} got a view of an AnnData; writing to a view never reaches its parent. "
+                         f"Pass the parent, or adata.copy(){alternative}.")
+
+
 def set_obs_columns(adata, columns: dict) -> None:
     """Set the obs columns ``columns`` (name -> one value per cell) in one step: inserted one by
     one, many columns fragment ``obs`` (pandas then warns once per insert). Columns already
@@ -75,11 +82,8 @@ def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: b
     adata = model.adata if adata is None else adata
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()  # a backed copy would need a new file
-    elif adata.is_view:
-        raise SetupError(
-            "write_results got a view of an AnnData; writing to a view never reaches its parent. "
-            "Pass the parent, or adata.copy(), or use copy=True."
-        )
+    else:
+        refuse_view(adata, "write_results", ", or use copy=True")
     genes = model.var_names_
     var_names = pd.Index(adata.var_names.astype(str))
     missing = genes.difference(var_names)

@@ -455,8 +455,13 @@ def write_factors(adata, factors: ConsensusFactors, *, key_added: str = "ldvae",
     and ``varm[f"{key_added}_factor_scores"]`` (genes not modelled: NaN),
     ``uns[f"{key_added}_factors"]`` (``names``, ``table``, ``criterion``, ``n_runs``,
     ``threshold``, ``agreement`` and ``rotation``: the main run's R, ``z @ R`` its factors)
-    and, with ``obs_columns``, ``obs["F_0"] …``.
+    and, with ``obs_columns``, ``obs["F_0"] …`` (``obs["<key_added>_F_0"] …`` for another key, as
+    ``write_results`` names its ``Z_k``).
     """
+    from ..data.results import refuse_view, result_keys, set_obs_columns
+
+    result_keys(key_added)  # a bad key is refused before anything is written
+    refuse_view(adata, "write_factors")
     if adata.n_obs != factors.latent.shape[0] or not adata.obs_names.equals(factors.latent.index):
         raise ValueError("adata must hold the cells the factors were found on, in the same order.")
     names = list(factors.table.index)
@@ -474,9 +479,8 @@ def write_factors(adata, factors: ConsensusFactors, *, key_added: str = "ldvae",
         "rotation": np.asarray(factors.rotations[0], dtype=float),
     }
     if obs_columns:
-        from ..data.results import set_obs_columns
-
-        set_obs_columns(adata, {name: factors.latent[name].to_numpy(dtype=np.float32) for name in names})  # as Z_k
+        prefix = "" if key_added == "ldvae" else f"{key_added}_"
+        set_obs_columns(adata, {prefix + name: factors.latent[name].to_numpy(dtype=np.float32) for name in names})
 
 
 def read_factors(adata, *, key_added: str = "ldvae") -> ConsensusFactors:
