@@ -652,7 +652,8 @@ def test_write_results_onto_genes_named_twice():
     np.testing.assert_allclose(full.obsm["X_ldvae"], model.get_latent_representation(), rtol=1e-6)
     names[1] = names[2] = "g_twice"
     full.var_names = names
-    twice = _fit(full[:, :30].copy())  # a model of a matrix whose names repeat
+    with pytest.warns(UserWarning, match=r"adata.var_names repeats 1 gene names \(first: 'g_twice'\)"):
+        twice = _fit(full[:, :30].copy())  # a model of a matrix whose names repeat
     np.testing.assert_array_equal(twice.write_results(copy=True).varm["ldvae_loadings"],
                                   twice.get_loadings().to_numpy(np.float32))  # onto its own genes: by position
     with pytest.raises(SetupError, match="names the model's gene 'g_twice' more than once"):

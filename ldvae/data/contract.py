@@ -181,6 +181,19 @@ def warn_empty_cells(n_empty: int, n_cells: int) -> None:
         )
 
 
+def warn_repeated_genes(var_names: pd.Index) -> None:
+    """Repeated gene names are modelled as separate genes (as scvi-tools models them), but
+    every result indexed by gene then repeats them; a warning names the first."""
+    repeated = var_names[var_names.duplicated()].unique()
+    if len(repeated):
+        warnings.warn(
+            f"adata.var_names repeats {len(repeated)} gene names (first: {repeated[0]!r}). Each copy is modelled as "
+            "its own gene, but the loadings and every per-gene result will repeat those names; make them unique "
+            "first: adata.var_names_make_unique().",
+            UserWarning, stacklevel=3,
+        )
+
+
 def obs_column(adata, key: str, arg: str) -> pd.Series:
     if key not in adata.obs.columns:
         raise MissingKeyError(

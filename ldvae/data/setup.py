@@ -21,6 +21,7 @@ from .contract import (
     read_covariates,
     validate_counts,
     warn_empty_cells,
+    warn_repeated_genes,
 )
 
 MAX_COVARIATE = 1e15  # a continuous covariate's magnitude; its products with weights stay finite in float32
@@ -53,6 +54,7 @@ def setup_anndata(
         totals = np.asarray(mat.sum(axis=1)).ravel()
         n_empty = int((totals <= 0).sum())
     warn_empty_cells(n_empty, adata.n_obs)
+    warn_repeated_genes(adata.var_names)
     setup: dict = {}
     if layer is not None:
         setup["layer"] = layer

@@ -30,7 +30,6 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
-from threadpoolctl import threadpool_limits
 
 from ..data.contract import get_counts, read_covariates, to_csr
 from ..nn.module import LDVAEModule
@@ -126,6 +125,8 @@ def pca_start(module: LDVAEModule, counts: sp.csr_matrix, batch: np.ndarray) -> 
     Its dense algebra runs on one BLAS thread: the matrices are small (cells x K + 10 at
     most), and a multithreaded BLAS beside busy cores (the workflow's refit workers) spins
     for its threads: 14 s instead of 0.2 s for the QR steps of the demo's start."""
+    from threadpoolctl import threadpool_limits  # here: importing it sets KMP_DUPLICATE_LIB_OK for the process
+
     with threadpool_limits(limits=1, user_api="blas"):
         _pca_start(module, counts, batch)
 
