@@ -303,6 +303,16 @@ def test_posterior_predictive_mean_matches_likelihood_mean(small_adata, gene_lik
     assert np.abs(z).max() < 4.5, np.abs(z).max()
 
 
+@pytest.mark.parametrize("gene_likelihood", ["nb", "poisson"])
+def test_posterior_predictive_draws_of_a_diverged_library_are_refused(small_adata, gene_likelihood):
+    ldvae.LinearSCVI.setup_anndata(small_adata, layer="counts")
+    model = fit_small(small_adata, epochs=1, n_latent=2, gene_likelihood=gene_likelihood)
+    with torch.no_grad():
+        model.module.l_encoder.mean.bias.fill_(60.0)  # a learned library of e^60 ~ 1e26 counts
+    with pytest.raises(ValueError, match=r"needs a Poisson rate of .*e\+2\d, beyond any count"):
+        model.posterior_predictive_sample(indices=np.arange(10))
+
+
 def test_posterior_predictive_single_sample_and_gene_list(batch_model):
     one = batch_model.posterior_predictive_sample(indices=[3, 1], gene_list=["gene2", "gene0"])
     assert isinstance(one, _SAMPLE_TYPE) and one.shape == (2, 2)

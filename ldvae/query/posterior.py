@@ -332,14 +332,27 @@ def _scipy_version() -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
+LARGEST_RATE = 2.0**53  # above it a draw is no exact count (and torch.poisson's int64 draw overflows at 2^63)
+
+
+def _poisson(rate: Tensor) -> Tensor:
+    too_large = ~(rate <= LARGEST_RATE)  # NaN too
+    if bool(too_large.any()):
+        raise ValueError(
+            f"A posterior predictive draw needs a Poisson rate of {rate[too_large][0].item():.3g}, beyond any count "
+            f"({LARGEST_RATE:.1e}): the model's expected counts diverged for some cells (see model.history and "
+            "get_likelihood_parameters()). Refit with a lower learning rate, or use_observed_lib_size=True.")
+    return torch.poisson(rate)
+
+
 def sample_counts(gen: Generative) -> Tensor:
     """One draw of x ~ p(x | z, l) per row: NB as a Gamma-Poisson mixture, ZINB, or Poisson."""
     mu = gen.log_mu.exp()
     if gen.log_theta is None:
-        return torch.poisson(mu)
+        return _poisson(mu)
     theta = gen.log_theta.exp().expand_as(mu)
     rate = torch.distributions.Gamma(theta, theta / mu).sample()
-    x = torch.poisson(rate)
+    x = _poisson(rate)
     if gen.zi_logits is not None:
         x = torch.where(torch.rand_like(x) < torch.sigmoid(gen.zi_logits), torch.zeros_like(x), x)
     return x
