@@ -390,6 +390,9 @@ def test_untrained_model_refuses_queries(small_adata):
         (lambda m: m.get_latent_representation(indices=[0.9, 1.7]), IndexError,
          "integer cell positions or a boolean mask, got float64 values"),
         (lambda m: m.get_elbo(indices=["cell1"]), IndexError, r"use adata.obs_names.get_indexer\(names\)"),
+        (lambda m: m.get_elbo(indices=[]), IndexError, "indices selects no cells"),
+        (lambda m: m.get_marginal_ll(indices=np.zeros(300, bool)), IndexError, "indices selects no cells"),
+        (lambda m: m.posterior_predictive_sample(indices=[]), IndexError, "indices selects no cells"),
     ],
 )
 def test_query_errors(batch_model, call, error, match):

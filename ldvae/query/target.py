@@ -64,7 +64,9 @@ def rows_of(n_cells: int, indices, device: torch.device) -> torch.Tensor:
         raise IndexError(f"indices must be integer cell positions or a boolean mask, got {idx.dtype} values "
                          f"(first: {idx.ravel()[0]!r}); for cell names use adata.obs_names.get_indexer(names).")
     idx = idx.astype(np.int64).ravel()
-    if idx.size and (idx.min() < -n_cells or idx.max() >= n_cells):
+    if idx.size == 0:
+        raise IndexError("indices selects no cells; a query needs at least one (indices=None: every cell).")
+    if idx.min() < -n_cells or idx.max() >= n_cells:
         raise IndexError(f"indices out of range for {n_cells} cells.")
     return torch.as_tensor(idx % max(n_cells, 1), device=device)
 
