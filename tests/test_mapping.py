@@ -116,6 +116,12 @@ def test_mapping_refusals(data, tmp_path):
     mapped = LinearSCVI.load_query_data(q, reference, train_encoder=False)
     with pytest.raises(ValueError, match="Nothing to fit: the query adds no batch to the reference"):
         mapped.train(1)
+    mapped = LinearSCVI.load_query_data(q, reference)  # the encoders are free: they are fitted to the query
+    before = _state(mapped)
+    mapped.train(2, progress_bar=False)
+    after = _state(mapped)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("z_encoder.", "l_encoder.")) for k in moved), moved
     reference.save(tmp_path / "ref")
     from_disk = LinearSCVI.load_query_data(LinearSCVI.prepare_query_anndata(query, tmp_path / "ref"), tmp_path / "ref")
     np.testing.assert_array_equal(from_disk.get_loadings().to_numpy(), reference.get_loadings().to_numpy())
@@ -219,11 +225,12 @@ def test_ldvae_map_gives_the_query_the_references_named_factors(data, tmp_path, 
     write_factors(ref_adata, factors)  # as `ldvae run` leaves them in results.h5ad
     ref_adata.write_h5ad(tmp_path / "reference.h5ad")
     reference.save(tmp_path / "ref")
-    own = reference.adata.copy()  # the reference's own cells, mapped as a query: nothing to fit
+    own = reference.adata.copy()  # the reference's own cells, by the reference's encoder: nothing to fit
     own.obs_names = [f"q{i}" for i in range(own.n_obs)]
     own.write_h5ad(tmp_path / "own.h5ad")
     assert main(["map", str(tmp_path / "ref"), str(tmp_path / "own.h5ad"), "--reference-adata",
-                 str(tmp_path / "reference.h5ad"), "--out-dir", str(tmp_path / "out"), "--no-progress-bar"]) == 0
+                 str(tmp_path / "reference.h5ad"), "--out-dir", str(tmp_path / "out"), "--no-progress-bar",
+                 "--frozen-encoder"]) == 0
     res = ad.read_h5ad(tmp_path / "out" / "results.h5ad")
     names = list(factors.table.index)
     np.testing.assert_allclose(res.obsm["X_ldvae_factors"], factors.latent.to_numpy(), atol=1e-4)

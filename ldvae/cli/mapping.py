@@ -84,6 +84,7 @@ def _query(path: str, setup: dict, query_batch: str, source: str | None = None):
 
 def _handle_map(args: argparse.Namespace) -> int:
     from ..model import LinearSCVI
+    from ..model.mapping import fits_anything
     from ..util.io import write_h5ad
     from ..util.settings import settings
     from ..workflow.report import figure_html, note_html, table_html
@@ -101,7 +102,7 @@ def _handle_map(args: argparse.Namespace) -> int:
         raise ValueError(f"--color-by {missing[0]!r} is a column of neither the reference's nor the query's obs.")
     model = LinearSCVI.load_query_data(query, reference, train_encoder=not args.frozen_encoder,
                                        accelerator=args.accelerator)
-    free = any(v is not None for v in model.frozen_.values())  # else the reference's encoder maps the cells as is
+    free = fits_anything(model.module, model.frozen_)  # else the reference's encoder maps the cells as is
     start = time.perf_counter()
     if free:
         model.train(args.max_epochs, plan_kwargs={"lr": args.lr}, progress_bar=args.progress_bar)
@@ -109,10 +110,10 @@ def _handle_map(args: argparse.Namespace) -> int:
     new = [c for c in model.setup_.get("batch_categories", []) if c not in reference.setup_.get("batch_categories", [])]
     summary = {"reference cells": reference.adata.n_obs, "query cells": query.n_obs, "new batches": ", ".join(new)
                or "none", "genes": len(model.var_names_), "reference model": str(model_dir)}
-    fitted = (f"Fitted {args.max_epochs} epochs in {seconds:.1f} s on the query cells only: the decoder's columns of "
-              f"the new batches{'' if args.frozen_encoder else ' and the encoders'}; batch norm ran on the "
-              "reference's statistics." if free else "The query adds no batch: its cells are mapped by the "
-              "reference's encoder as they are, nothing was fitted.")
+    parts = (["the decoder's columns of the new batches"] if new else []) + ([] if args.frozen_encoder else ["the encoders"])
+    fitted = (f"Fitted {args.max_epochs} epochs in {seconds:.1f} s on the query cells only: {' and '.join(parts)}; "
+              "batch norm ran on the reference's statistics." if free else "The query adds no batch: its cells are "
+              "mapped by the reference's encoder as they are, nothing was fitted.")
     fitted += (" The factor loadings, gene intercepts and the reference's batch effects are the reference's, "
                "unchanged, so the factors keep their meaning.")
     batch_key = [reference.setup_["batch_key"]] if "batch_key" in reference.setup_ else []

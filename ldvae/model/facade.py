@@ -36,6 +36,7 @@ from ..train.loop import InMemorySource, TrainConfig, TrainState, fit, load_chec
 from ..train.batches import split_cells
 from ..util.settings import float32_default, settings
 from .files import frozen_of, read_saved_adata, save_model, split_of, train_state_of
+from .mapping import fits_anything
 from .scvi_files import read_any_model
 from .queries import Queries
 from .surface import LIBRARY_KEY, ScviSurface, minified_fields, write_scvi_codes
@@ -315,7 +316,7 @@ class LinearSCVI(Queries, ScviSurface):
             accepted and logged with what ldvae does instead.
         """
         self._refuse_if_minified("train")
-        if getattr(self, "frozen_", None) and all(v is None for v in self.frozen_.values()):
+        if not fits_anything(self.module, getattr(self, "frozen_", None)):
             raise SetupError("Nothing to fit: the query adds no batch to the reference, whose encoder maps its cells "
                              "as they are (get_latent_representation works now); pass train_encoder=True to "
                              "load_query_data to fit the encoders to the query.")

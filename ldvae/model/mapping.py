@@ -105,6 +105,12 @@ def query_setup(adata, ref_setup: dict) -> dict:
     return setup
 
 
+def fits_anything(module, frozen: dict | None) -> bool:
+    """Whether a model whose parameters ``frozen`` holds fixed (``TrainConfig.frozen``) has
+    any entry left to fit: a parameter not named, or named with a mask."""
+    return frozen is None or any(frozen.get(name, False) is not None for name, _ in module.named_parameters())
+
+
 def transfer_weights(module, ref_state: dict, ref_setup: dict, setup: dict, n_latent: int, *,
                      train_encoder: bool) -> dict:
     """Copy the reference's weights into ``module`` (built for the query's setup) and return
