@@ -282,7 +282,9 @@ def test_stability_matches_permuted_and_flipped_copies():
 
 def test_parallel_and_sequential_fits_agree():
     adata = ldvae.simulate(300, 30, 2, seed=5)
-    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    ldvae.data.setup.setup_anndata(adata, layer="counts")  # no code columns, as the workflow sets up
+    adata.obs["donor"] = np.where(np.arange(300) % 3, "d1", "d2")  # a string column the user may extend
+    obs = adata.obs.copy()
     train = {"max_epochs": 3}
     with BackgroundFits(adata, [7], train_kwargs=train, n_latent=2) as background:  # beside this process
         sequential = fit_seeds(adata, [7, 9], n_jobs=1, train_kwargs=train, n_latent=2)
@@ -293,6 +295,8 @@ def test_parallel_and_sequential_fits_agree():
         np.testing.assert_array_equal(got.validation_indices_, want.validation_indices_)
         assert got.history["elbo_train"].shape == want.history["elbo_train"].shape
     assert not np.allclose(pool[1].get_loadings(), sequential[0].get_loadings())
+    pd.testing.assert_frame_equal(adata.obs, obs)  # the fits in other processes leave the user's obs as it was
+    assert pool[0].registry_ == sequential[0].registry_
     # every seed holds out the same cells unless asked otherwise
     np.testing.assert_array_equal(pool[1].validation_indices_, pool[0].validation_indices_)
     from ldvae.train.batches import split_cells

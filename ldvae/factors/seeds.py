@@ -96,10 +96,14 @@ def _rebuild(adata, path: Path) -> LinearSCVI:
     """The model a worker fitted: loaded (and checked) as ``LinearSCVI.load`` loads any saved
     model, then given the training state and split that the worker wrote beside it."""
     from ..model import LinearSCVI
+    from ..model.surface import SCVI_CODE_COLUMNS
     from ..train.loop import TrainState
 
     job = path.stem.removeprefix("result")
+    written = [c for c in SCVI_CODE_COLUMNS.values() if c not in adata.obs]
     model = LinearSCVI.load(path.parent / f"model{job}", adata=adata, accelerator="cpu")
+    adata.obs.drop(columns=[c for c in written if c in adata.obs], inplace=True)  # as a fit in this process leaves it
+    model._reset_surface()  # its registry names the user's columns again
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model.train_state_ = TrainState(**payload["train_state"])
     model.train_indices_ = payload["train_indices"].numpy()
