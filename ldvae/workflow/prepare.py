@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import traceback
 from typing import Literal
 
 import numpy as np
@@ -81,6 +82,11 @@ def prepare(
     except ValueError as err:
         if hvg_flavor.startswith("seurat_v3"):
             _explain_loess_failure(counts, batches, batch_key, hvg_flavor, err)
+            if any("loess" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(err.__traceback__)):
+                raise SetupError(
+                    f"hvg_flavor={hvg_flavor!r}: scanpy's loess fit of gene variance on gene mean failed "
+                    f"({_one_line_error(err)}), as it can on few cells or many rare genes. {_LOESS_FIXES}"
+                ) from err
         raise
     empty = np.asarray(out.layers["counts"].sum(axis=1)).ravel() <= 0
     if empty.any():
@@ -149,6 +155,10 @@ def _check_loess_points(counts, batches, batch_key: str | None, hvg_flavor: str)
     )
 
 
+_LOESS_FIXES = ("Drop rare genes first (sc.pp.filter_genes(adata, min_cells=10)), merge small batches, leave out "
+                "batch_key (--batch-key), or pass hvg_flavor='seurat' (--hvg-flavor seurat).")
+
+
 def _explain_loess_failure(counts, batches, batch_key: str | None, hvg_flavor: str, err: ValueError) -> None:
     """Raise SetupError naming the first batch whose seurat_v3 loess fit fails (scanpy's own error
     names neither the batch nor the cause); return when every batch fits (another error)."""
@@ -168,8 +178,7 @@ def _explain_loess_failure(counts, batches, batch_key: str | None, hvg_flavor: s
             raise SetupError(
                 f"hvg_flavor={hvg_flavor!r}: the loess fit of gene variance on gene mean failed for {where}: "
                 f"too many genes share the same mean, as rare genes in few cells do ({_one_line_error(fit_err)}). "
-                "Drop rare genes first (sc.pp.filter_genes(adata, min_cells=10)), merge small batches, leave "
-                "out batch_key (--batch-key), or pass hvg_flavor='seurat' (--hvg-flavor seurat)."
+                f"{_LOESS_FIXES}"
             ) from err
 
 
