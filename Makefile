@@ -3,8 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build of torch lies on this machine's disk; with a CUDA machine, drop
-# TORCH_SPEC= to keep whatever torch is already installed.
+# A CPU build of torch lies on this machine's disk; on a CUDA machine pass
+# TORCH_SPEC=torch (PyPI's build, a CUDA one on Linux) or another requirement.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv demo test bench clean

@@ -258,6 +258,10 @@ def test_figures_from_results_on_disk(finished):
             loadings_heatmap(res, n_genes=3), top_genes_bars(res, n_genes=2), umap(res, color=["leiden", "Z_2"])]
     assert all(isinstance(f, Figure) for f in figs)
     assert len(latent_pairs(res).axes) >= 2  # Z_0/Z_1 and Z_2/Z_3
+    # the AnnData itself, and one column by name, as scanpy's plots take them
+    from_adata = training_curves(res).axes[0].lines
+    assert [list(a.get_ydata()) for a in from_adata] == [list(a.get_ydata()) for a in figs[0].axes[0].lines]
+    assert len(umap(res, color="leiden").axes) == 1
 
 
 def test_cells_without_a_label_are_drawn_grey_and_counted(finished):

@@ -56,7 +56,7 @@ def _workflow_options(
     """The options of :func:`ldvae.run_workflow` shared by ``run`` and ``demo``."""
     out = p.add_argument_group("output")
     add_out_dir(out, default=out_dir, alias=True, help="output directory (must not exist, unless --overwrite)")
-    add_overwrite(out, help="replace an existing output directory")
+    add_overwrite(out)
     out.add_argument("--figure-formats", nargs="+", choices=("png", "svg", "pdf"), default=["png"],
                      help="figure formats (PNG is always written; add svg and/or pdf)")
     out.add_argument("--n-top-loadings", type=int, default=5, help="genes per direction and factor in the top-genes table")

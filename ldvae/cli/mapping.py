@@ -26,7 +26,7 @@ def add_map(subparsers) -> None:
         formatter_class=HelpFormatter,
         description="Align QUERY's genes to the model's, add its new batches, fit only their decoder columns (and,\n"
                     "unless --frozen-encoder, the encoders) and write results.h5ad (the query's factor values),\n"
-                    "the query model, umap_reference_query.png and report.html into --out-dir.",
+                    "query_latent.csv, the query model, umap_reference_query.png and report.html into --out-dir.",
     )
     p.add_argument("model_dir", help="directory of the reference model (e.g. OUT/model of `ldvae run`)")
     p.add_argument("query", help=".h5ad (or another format `ldvae run` reads) of the new cells' raw counts")

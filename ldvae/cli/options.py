@@ -32,7 +32,8 @@ def add_out_dir(p, *, help: str = "output directory", default: str | None = None
     p.add_argument(*names, dest="out_dir", default=default, required=default is None, help=help)
 
 
-def add_overwrite(p, *, help: str = "write into a non-empty --out-dir") -> None:
+def add_overwrite(p, *, help: str = "replace an existing --out-dir that ldvae wrote (one holding other files is refused)"
+                  ) -> None:
     p.add_argument("--overwrite", action="store_true", help=help)
 
 

@@ -171,16 +171,18 @@ def _category_colors(n: int) -> list:
 
 
 @_plain
-def training_curves(history: Mapping[str, pd.DataFrame], *, skip_first: int = 1) -> Figure:
+def training_curves(history, *, skip_first: int = 1) -> Figure:
     """Training and validation ELBO (per cell) by epoch.
 
     Parameters
     ----------
     history
-        ``model.history``, or :func:`history_from_adata` of a results AnnData.
+        ``model.history``, or a results AnnData (read with :func:`history_from_adata`).
     skip_first
         Epochs left out at the start (the first epoch's ELBO dwarfs the rest), as the tutorial.
     """
+    if hasattr(history, "uns"):
+        history = history_from_adata(history)
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
     for key, style in (("elbo_train", dict(lw=1.5)), ("elbo_validation", dict(marker="o", ms=4, lw=1.0))):
@@ -280,9 +282,10 @@ def top_genes_bars(adata, *, key_added: str = "ldvae", n_genes: int = 5, ncols: 
 
 
 @_plain
-def umap(adata, *, color: Sequence[str], ncols: int = 4, titles: Mapping[str, str] | None = None) -> Figure:
-    """UMAP panels (``obsm["X_umap"]``), one per obs column in ``color`` (categorical or numeric),
-    each titled by its column's name or its entry in ``titles``."""
+def umap(adata, *, color: str | Sequence[str], ncols: int = 4, titles: Mapping[str, str] | None = None) -> Figure:
+    """UMAP panels (``obsm["X_umap"]``), one per obs column in ``color`` (a name or names;
+    categorical or numeric), each titled by its column's name or its entry in ``titles``."""
+    color = [color] if isinstance(color, str) else list(color)
     if "X_umap" not in adata.obsm:
         raise KeyError("Did not find adata.obsm['X_umap']. Run sc.pp.neighbors and sc.tl.umap first.")
     missing = [c for c in color if c not in adata.obs.columns]
