@@ -135,8 +135,9 @@ def test_compiled_adam_takes_torchs_steps():
 
 
 def test_huge_learning_rate_stops_where_one_step_per_call_stops(monkeypatch):
-    """A diverging fit stops inside a run at the step that became non-finite, with the
-    parameters, running statistics, optimizer counts and history of the last good step."""
+    """A diverging fit stops inside a run at the step that became non-finite (the message
+    names it), and goes back to the parameters, running statistics, optimizer counts and
+    history of that epoch's start, as one step per call does."""
     data = _data()
     results = []
     for runner in (True, False):
@@ -151,7 +152,7 @@ def test_huge_learning_rate_stops_where_one_step_per_call_stops(monkeypatch):
         results.append((module, state, str(err.value)))
     (mr, sr, er), (ms, ss, es) = results
     assert "non-finite at epoch" in er and er == es
-    assert 0 < sr.step == ss.step
+    assert sr.step == ss.step and len(sr.history.get("elbo_train", [])) == sr.epoch
     _assert_same_module(mr, ms, rtol=1e-3, atol=1e-4)
     assert sr.history.keys() == ss.history.keys()
 
@@ -212,6 +213,40 @@ def test_ctrl_c_inside_a_run_restores_the_last_completed_step(monkeypatch):
     state = fit(module, _source(_data()), _config())
     assert state.interrupted and state.step == 5 and state.epoch == 1
     _assert_state_is(module, hook.before)
+
+
+def test_a_failed_compiled_fit_goes_back_to_its_epochs_start(monkeypatch):
+    """A parameter made infinite before the 3rd epoch's 2nd run: the fit stops there and puts
+    back the parameters, Adam's state and counts and the buffers of the epoch's start."""
+    from ldvae.train.steps import CompiledRuns
+
+    module = _module(seed=2)
+    marks, optimizer = [], []
+    original = CompiledRuns.mark
+
+    def mark(step):
+        original(step)
+        optimizer.append(step.runner.optimizer)
+        marks.append(({k: v.detach().clone() for k, v in module.state_dict().items()},
+                      step.runner.optimizer.step_count(), [m.clone() for m in step.runner.optimizer.flat_moments()]))
+
+    monkeypatch.setattr(CompiledRuns, "mark", mark)
+    weight = module.factor_regressor.weight
+
+    def corrupt():
+        with torch.no_grad():
+            weight[0, 0] = float("inf")
+
+    RunHook(monkeypatch, module, at=10, fault=corrupt)  # 4 steps per epoch, one per run
+    state = TrainState()
+    with pytest.raises(NonFiniteLossError, match="at epoch 3, step 2 of that epoch.* back at the end of epoch 2"):
+        fit(module, _source(_data()), _config(), state)
+    assert len(marks) == 3 and state.step == 8 and state.epoch == 2 and len(state.history["elbo_train"]) == 2
+    params, count, moments = marks[-1]
+    _assert_state_is(module, params)
+    assert optimizer[0].step_count() == count == 8
+    for now, then in zip(optimizer[0].flat_moments(), moments):
+        assert torch.equal(now, then)
 
 
 def test_sigint_stops_at_the_next_run_boundary(monkeypatch):

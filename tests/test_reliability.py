@@ -2,7 +2,7 @@
 
 Each test injects one fault (a NaN in the data path, a huge learning rate, Ctrl-C, a
 crash between checkpoint writes, a damaged model file) and checks the documented
-outcome, usually that the model holds exactly the parameters of the last good step.
+outcome, usually that the model holds exactly the state where its history ends.
 """
 
 from __future__ import annotations
@@ -62,11 +62,13 @@ class GatherHook:
         self.module, self.at, self.fault = module, at, fault
         self.calls = 0
         self.before_fault = None
+        self.before = []  # before[i]: the module's state before training batch i + 1
         original = InMemorySource.train_batches
 
         def train_batches(source, generator):
             for batch in original(source, generator):
                 self.calls += 1
+                self.before.append(snapshot(self.module))
                 if self.calls == self.at:
                     self.before_fault = snapshot(self.module)
                     batch = self.fault(batch)
@@ -93,19 +95,22 @@ def send_sigint(batch):
 # --- numerical guards ------------------------------------------------------------------
 
 
-def test_nan_in_data_stops_cleanly_with_last_good_parameters(adata, monkeypatch):
+def test_nan_in_data_stops_cleanly_where_the_history_ends(adata, monkeypatch):
     model = new_model(adata)
     hook = GatherHook(monkeypatch, model.module, at=6, fault=with_nan)  # epoch 3, step 2
     with pytest.raises(NonFiniteLossError, match=r"loss became non-finite at epoch 3, step 2 of that epoch") as err:
         model.train(max_epochs=5, progress_bar=False)
     message = str(err.value)
-    assert "keeps the parameters of the last good step" in message
+    assert "The model is back at the end of epoch 2, where its history ends" in message
     assert "use_observed_lib_size=True" in message and "lower the learning rate (lr=0.001)" in message
-    assert_same_state(snapshot(model.module), hook.before_fault)
-    # the model stays usable, with the history of the two completed epochs
-    assert model.is_trained_ and model.train_state_.step == 5
+    assert_same_state(snapshot(model.module), hook.before[4])  # before epoch 3's first step
+    # the model stays usable, with the history of the two completed epochs, and trains on
+    assert model.is_trained_ and model.train_state_.step == 4
     assert list(model.history["elbo_train"].index) == [0, 1]
     assert np.isfinite(model.get_latent_representation()).all()
+    monkeypatch.undo()
+    model.train(max_epochs=1, progress_bar=False)
+    assert list(model.history["elbo_train"].index) == [0, 1, 2] and model.train_state_.step == 6
 
 
 @pytest.mark.parametrize("path", ["autograd", "compiled"])
@@ -142,7 +147,7 @@ def test_nonfinite_gradient_is_caught_before_the_step(adata, monkeypatch, path):
     assert_same_state(snapshot(model.module), hook.before_fault)
 
 
-def test_huge_learning_rate_stops_cleanly_with_last_good_parameters(adata, monkeypatch):
+def test_huge_learning_rate_stops_cleanly_where_the_history_ends(adata, monkeypatch):
     model = new_model(adata)
     states = []  # states[i]: the module after i good steps
     original = InMemorySource.train_batches
@@ -156,9 +161,13 @@ def test_huge_learning_rate_stops_cleanly_with_last_good_parameters(adata, monke
     with pytest.raises(NonFiniteLossError, match=r"non-finite at epoch \d+, step \d+ of that epoch.*lower the "
                        r"learning rate \(lr=1e\+30\)"):
         model.train(max_epochs=20, lr=1e30, progress_bar=False)
-    step = model.train_state_.step
-    assert 0 < step < 40
+    step = model.train_state_.step  # at an epoch's end (two steps each): where the history ends
+    assert 0 <= step < 40 and step % 2 == 0 and len(model.history.get("elbo_train", [])) == step // 2
     assert_same_state(snapshot(model.module), states[step])
+    if step == 0:  # failed in its first epoch: untrained again, and says so
+        assert not model.is_trained_
+        with pytest.raises(ldvae.NotTrainedError):
+            model.get_latent_representation()
 
 
 def test_library_sizes_from_1_to_a_million_train_without_nan():

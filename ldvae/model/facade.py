@@ -373,8 +373,8 @@ class LinearSCVI(Queries, ScviSurface):
         try:
             fit(self.module, source, config, state)
         finally:
-            # Also on NonFiniteLossError: the module holds the last good parameters, and the
-            # history so far stays readable.
+            # Also on NonFiniteLossError: the module is back at the end of its last completed
+            # epoch, where the history ends.
             self.train_state_ = state
             self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, test_idx
             self.is_trained_ = self.is_trained_ or state.step > 0

@@ -25,7 +25,7 @@ HISTORY_KEYS = (
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or its gradient became NaN/inf, or an update would have made a parameter
-    NaN/inf; the model keeps its last good parameters."""
+    NaN/inf; the model is back at the end of its last completed epoch (or its untrained start)."""
 
 
 class ModelFileError(ValueError):

@@ -53,8 +53,9 @@ def fit(module: LDVAEModule, source, config: TrainConfig, state: TrainState | No
     """Train ``module`` for ``config.max_epochs`` more epochs on ``source`` (e.g.
     ``InMemorySource``), continuing ``state``.
 
-    Returns the updated state (also on interrupt). Raises NonFiniteLossError with the
-    last good parameters left in ``module``.
+    Returns the updated state (also on interrupt). Raises NonFiniteLossError with ``module``
+    and ``state`` back at the start of the failed epoch (the parameters of the step before the
+    failed one can give non-finite losses everywhere, as a diverging fit's do).
     """
     state = state or TrainState()
     state.interrupted = False  # set again below if this call is interrupted
@@ -122,6 +123,8 @@ def _train_epoch(module, step: Step, source, generator, state: TrainState, epoch
     """One training pass; records the epoch's training metrics and returns its last KL weight."""
     per_step = []  # detached per-cell terms; summed once per epoch (fewer ops per step)
     kl_weight, taken = 1.0, 0
+    step.mark()  # a failed step puts the model back here, where its history ends
+    first_step = state.step
     for chunk in step.epoch(source, generator):
         if guard.requested:
             raise KeyboardInterrupt
@@ -137,8 +140,10 @@ def _train_epoch(module, step: Step, source, generator, state: TrainState, epoch
         if result.terms is not None:
             per_step.append(result.terms)
         kl_weight = weights[result.done - 1] if result.done else kl_weight
-        if result.failed is not None:  # the step left the state of the last good step
-            raise NonFiniteLossError(_nonfinite_message(module, result.failed, epoch, taken, config))
+        if result.failed is not None:  # the parameters of the last good step may already give NaN: back
+            step.rewind()  # to the epoch's start
+            state.step = first_step
+            raise NonFiniteLossError(_nonfinite_message(module, result.failed, epoch, taken, config, first_step))
     state.epoch = epoch + 1
     sums = _epoch_sums(per_step, source.device)
     if source.comm is not None:
@@ -409,7 +414,8 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def _nonfinite_message(module: LDVAEModule, what: str, epoch: int, step: int, config: TrainConfig) -> str:
+def _nonfinite_message(module: LDVAEModule, what: str, epoch: int, step: int, config: TrainConfig,
+                       steps_before: int) -> str:
     """``what``: ``"loss"``, ``"gradient"`` or ``"update"`` (an optimizer step that would make
     a parameter non-finite)."""
     hints = [f"lower the learning rate (lr={config.lr:g})"]
@@ -419,6 +425,6 @@ def _nonfinite_message(module: LDVAEModule, what: str, epoch: int, step: int, co
     subject = "parameters after the optimizer's update" if what == "update" else f"training {what}"
     return (
         f"The {subject} became non-finite at epoch {epoch + 1}, step {step + 1} of that epoch. "
-        f"The model keeps the parameters of the last good step. Try: {'; or '.join(hints)}; and check the "
-        "input for extreme counts."
+        f"The model is back at {'its untrained start' if steps_before == 0 else f'the end of epoch {epoch}'}, "
+        f"where its history ends. Try: {'; or '.join(hints)}; and check the input for extreme counts."
     )

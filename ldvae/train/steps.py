@@ -10,6 +10,7 @@ Adam). Both take the same steps from the same seed (the random stream of
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -35,17 +36,25 @@ class StepResult:
 
 class _Step:
     """What both steps share: the module's buffers (batch-norm statistics and counters) and
-    a copy of them from before the current call, restored when a step fails or is interrupted."""
+    a copy of them from before the current call, restored when a step fails or is interrupted;
+    and ``mark``/``rewind``, which keep and put back the whole state at an epoch's start."""
 
     def __init__(self, module: LDVAEModule):
         self.buffers = list(module.buffers())
         self.last_good = [b.clone() for b in self.buffers]
+        self.marked: list[Tensor] | None = None
 
     def snapshot(self) -> None:
         torch._foreach_copy_(self.last_good, self.buffers)
 
     def restore(self) -> None:
         torch._foreach_copy_(self.buffers, self.last_good)
+
+    def _keep(self, live: list[Tensor]) -> None:
+        if self.marked is None:
+            self.marked = [t.detach().clone() for t in live]
+        else:
+            torch._foreach_copy_(self.marked, live)
 
 
 class OneAtATime(_Step):
@@ -56,6 +65,18 @@ class OneAtATime(_Step):
         super().__init__(module)
         self.module, self.optimizer, self.compiled, self.comm, self.frozen = module, optimizer, compiled, comm, frozen
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self.marked_optimizer: dict | None = None
+
+    def mark(self) -> None:
+        """Keep the parameters, buffers and optimizer state, for ``rewind``."""
+        with torch.no_grad():
+            self._keep([*self.module.parameters(), *self.buffers])
+        self.marked_optimizer = copy.deepcopy(self.optimizer.state_dict())
+
+    @torch.no_grad()
+    def rewind(self) -> None:
+        torch._foreach_copy_([*self.module.parameters(), *self.buffers], self.marked)
+        self.optimizer.load_state_dict(copy.deepcopy(self.marked_optimizer))
 
     def epoch(self, source, generator: torch.Generator) -> Iterator[list]:
         """The epoch's minibatches, one per call (a step boundary between any two)."""
@@ -143,6 +164,15 @@ class CompiledRuns(_Step):
         if self.saved is not None:
             torch._foreach_copy_(self._live(), self.saved)
             self.runner.optimizer.advance(self.saved_steps - self.runner.optimizer.step_count())
+
+    def mark(self) -> None:
+        """Keep the flat parameters, Adam's moments and count and the buffers, for ``rewind``."""
+        self._keep([*self._live(), *self.buffers])
+        self.marked_steps = self.runner.optimizer.step_count()
+
+    def rewind(self) -> None:
+        torch._foreach_copy_([*self._live(), *self.buffers], self.marked)
+        self.runner.optimizer.advance(self.marked_steps - self.runner.optimizer.step_count())
 
     def epoch(self, source: InMemorySource, generator: torch.Generator) -> Iterator[list[Tensor]]:
         parts = source.epoch_rows(generator)
