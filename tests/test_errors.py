@@ -174,6 +174,12 @@ def test_bad_train_arguments(small_adata, kwargs, error, message):
         model.train(progress_bar=False, **kwargs)
 
 
+def test_a_one_dimensional_logistic_normal_latent_is_warned_of(small_adata):
+    LinearSCVI.setup_anndata(small_adata, layer="counts")
+    with pytest.warns(UserWarning, match=r"latent_distribution='ln' with n_latent=1: the softmax of one value"):
+        LinearSCVI(small_adata, n_latent=1, latent_distribution="ln")
+
+
 def test_numpy_booleans_are_model_settings(small_adata):
     LinearSCVI.setup_anndata(small_adata, layer="counts")
     model = LinearSCVI(small_adata, use_observed_lib_size=np.bool_(True), use_batch_norm=np.bool_(False))

@@ -313,6 +313,19 @@ def test_posterior_predictive_draws_of_a_diverged_library_are_refused(small_adat
         model.posterior_predictive_sample(indices=np.arange(10))
 
 
+def test_posterior_predictive_samples_are_the_same_with_or_without_pydata_sparse(batch_model, monkeypatch):
+    from ldvae.query import posterior
+
+    cells = np.arange(0, 300, 7)
+    given = [_dense(batch_model.posterior_predictive_sample(indices=cells, n_samples=n, batch_size=9)) for n in (1, 3)]
+    monkeypatch.setattr(posterior, "_has_sparse", lambda: False)
+    scipy_types = [batch_model.posterior_predictive_sample(indices=cells, n_samples=n, batch_size=9) for n in (1, 3)]
+    assert isinstance(scipy_types[0], sp.csr_matrix) and isinstance(scipy_types[1], sp.coo_array)
+    for a, b in zip(given, scipy_types):
+        np.testing.assert_array_equal(a, b.toarray())
+    assert given[1].shape == (len(cells), 40, 3) and given[1].sum() > 0
+
+
 def test_posterior_predictive_single_sample_and_gene_list(batch_model):
     one = batch_model.posterior_predictive_sample(indices=[3, 1], gene_list=["gene2", "gene0"])
     assert isinstance(one, _SAMPLE_TYPE) and one.shape == (2, 2)

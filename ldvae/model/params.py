@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ PLAN_NOTED = {
 
 def check_init_params(params: dict) -> None:
     """The constructor's settings (those present in ``params``): a SetupError naming the
-    first invalid one."""
+    first invalid one; a warning for a logistic-normal latent of one dimension."""
     for name in ("n_hidden", "n_latent", "n_layers"):
         if name in params:
             positive_int(name, params[name])
@@ -58,6 +59,10 @@ def check_init_params(params: dict) -> None:
     for name in BOOL_PARAMS:
         if name in params and not isinstance(params[name], (bool, np.bool_)):
             raise SetupError(f"{name} must be True or False, got {params[name]!r}.")
+    if params.get("latent_distribution") == "ln" and params.get("n_latent") == 1:
+        warnings.warn("latent_distribution='ln' with n_latent=1: the softmax of one value is always 1, so every "
+                      "cell decodes to the same expression. Use n_latent >= 2, or latent_distribution='normal'.",
+                      UserWarning, stacklevel=3)
 
 
 def init_params_of(config: ModuleConfig) -> dict:

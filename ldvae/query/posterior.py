@@ -407,25 +407,34 @@ def posterior_predictive_sample(
             draws = sample_batches(fitted, minibatches_of(data, rows, size), mask, 1, code)
             return fill({"X": output}, ({"X": _to_csr(x[0])} for x in draws))["X"]
     n_genes = len(genes)
-    coords: list[np.ndarray] = []
+    width = n_genes * n_samples  # each cell's row: gene-major, then sample
+    counts: list[np.ndarray] = []
+    columns: list[np.ndarray] = []
     values: list[np.ndarray] = []
-    done = 0
     with querying(fitted.device):
         for x in sample_batches(fitted, minibatches_of(data, rows, size), mask, n_samples, code):
-            s, c, g = x.nonzero(as_tuple=True)
-            coords.append(torch.stack([c + done, g, s]).cpu().numpy())
-            values.append(x[s, c, g].cpu().numpy())
-            done += x.shape[1]
-    ijk = np.concatenate(coords, axis=1) if coords else np.zeros((3, 0), dtype=np.int64)
-    val = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
-    if _has_sparse():  # scvi-tools' type: pydata/sparse's GCXS
+            cells = x.permute(1, 2, 0).reshape(x.shape[1], width)  # (cells, genes * samples)
+            r, k = cells.nonzero(as_tuple=True)  # row-major: each row's columns in order
+            counts.append(torch.bincount(r, minlength=cells.shape[0]).cpu().numpy())
+            columns.append(k.to(torch.int32 if width < 2**31 else torch.int64).cpu().numpy())
+            values.append(cells[r, k].cpu().numpy())
+            del cells, r, k, x
+    indptr = np.zeros(sum(len(c) for c in counts) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(counts) if counts else np.zeros(0, np.int64), out=indptr[1:])
+    indices = np.concatenate(columns) if columns else np.zeros(0, np.int32)
+    columns.clear()
+    val = np.concatenate(values) if values else np.zeros(0, np.float32)
+    values.clear()
+    done = len(indptr) - 1
+    shape = (done, n_genes) if n_samples == 1 else (done, n_genes, n_samples)
+    if _has_sparse():  # scvi-tools' type: pydata/sparse's GCXS, compressed along the cells
         import sparse
 
-        shape = (done, n_genes) if n_samples == 1 else (done, n_genes, n_samples)
-        return sparse.COO(ijk[: len(shape)], val, shape=shape).asformat("gcxs")
+        return sparse.GCXS((val, indices, indptr), shape=shape, compressed_axes=(0,))
     if n_samples == 1:
-        return sp.csr_matrix((val, (ijk[0], ijk[1])), shape=(done, n_genes))
-    return sp.coo_array((val, (ijk[0], ijk[1], ijk[2])), shape=(done, n_genes, n_samples))
+        return sp.csr_matrix((val, indices, indptr), shape=shape)
+    cell = np.repeat(np.arange(done), np.diff(indptr))
+    return sp.coo_array((val, (cell, indices // n_samples, indices % n_samples)), shape=shape)
 
 
 def _has_sparse() -> bool:
