@@ -169,6 +169,7 @@ class SetupView:
         raise SetupError(f"{registry_key!r} has no single column to return; read adata.obs directly.")
 
     def view_registry(self, hide_state_registries: bool = False) -> None:
+        """Print the model's registry: the setup arguments and where each field is read from."""
         print(format_registry(self.registry, hide_state_registries))
 
     def _field(self, key: str) -> dict:
@@ -228,18 +229,23 @@ class ScviSurface:
         return None
 
     def data_registry(self, registry_key: str):
+        """Where the field ``registry_key`` (e.g. ``"batch"``) is read from, as scvi-tools records it."""
         return self.adata_manager.data_registry[registry_key]
 
     def get_from_registry(self, adata, registry_key: str):
+        """The values of the field ``registry_key`` of ``adata`` (set up as this model's)."""
         return self.get_anndata_manager(adata, required=True).get_from_registry(registry_key)
 
     def get_state_registry(self, registry_key: str) -> Attrdict:
+        """The field's state (e.g. the batch categories in code order), as scvi-tools records it."""
         return self.adata_manager.get_state_registry(registry_key)
 
     def get_setup_arg(self, setup_arg: str):
+        """The value ``setup_anndata`` was given for ``setup_arg`` (e.g. ``"batch_key"``)."""
         return self.registry_["setup_args"][setup_arg]
 
     def get_var_names(self, legacy_mudata_format: bool = False):
+        """The model's genes, in the order it models them."""
         return np.asarray(self.var_names_, dtype=object)
 
     def transfer_fields(self, adata, **kwargs):
@@ -254,13 +260,16 @@ class ScviSurface:
         return adata
 
     def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
+        """Print the setup of ``adata`` (default: the model's), as scvi-tools prints it."""
         target = self.adata if adata is None else adata
         print(format_registry(self.get_anndata_manager(target, required=True).registry, hide_state_registries))
 
     def view_registry(self, hide_state_registries: bool = False) -> None:
+        """Print the model's registry: the setup arguments and where each field is read from."""
         print(format_registry(self.registry_, hide_state_registries))
 
     def view_setup_method_args(self) -> None:
+        """Print the arguments ``setup_anndata`` was given."""
         print(format_registry(self.registry_, hide_state_registries=True).split("\nFields")[0])
 
     @staticmethod
@@ -273,11 +282,13 @@ class ScviSurface:
 
     @staticmethod
     def view_setup_args(dir_path: str | os.PathLike, prefix: str | None = None) -> None:
+        """Print the setup arguments of the model saved in ``dir_path``."""
         registry = ScviSurface.load_registry(dir_path, prefix)
         print(format_registry(registry, hide_state_registries=True).split("\nFields")[0])
 
     @classmethod
     def register_manager(cls, adata_manager) -> None:
+        """Refused: ldvae keeps no AnnData managers (the error says what to do instead)."""
         raise NotImplementedError(
             "ldvae keeps no AnnData managers: LinearSCVI.setup_anndata(adata, ...) records the setup in "
             "adata.uns['ldvae_setup']."
@@ -288,6 +299,7 @@ class ScviSurface:
         logger.info("deregister_manager: ldvae keeps no AnnData managers; nothing to do.")
 
     def update_setup_method_args(self, setup_method_args: dict) -> None:
+        """Refused: the setup is fixed when the model is built (the error says what to do instead)."""
         raise NotImplementedError(
             "ldvae's setup is fixed when the model is built; run LinearSCVI.setup_anndata again and build a new model."
         )
@@ -298,6 +310,7 @@ class ScviSurface:
                        continuous_covariate_keys=None, rebuild=True, batch_size=4096, chunk_size=256,
                        preload_nchunks=32, preload_to_gpu=True, dataset_size="20GB", shuffle=False, var_subset=None,
                        merge=None, adatas=None, use_class_sampler=False, class_sampler_key=None, class_weights=None):
+        """Refused: ldvae streams a backed .h5ad or .zarr instead of annbatch collections (the error says how)."""
         raise NotImplementedError(
             "ldvae streams counts larger than memory from a backed .h5ad or .zarr instead of annbatch collections: "
             "adata = anndata.read_h5ad(path, backed='r'); LinearSCVI.setup_anndata(adata, ...) (see docs/scale.md)."
