@@ -349,12 +349,27 @@ def test_select_k_is_best_at_or_near_the_true_k():
     assert table.attrs["best_k"] in (5, 6, 7), table
     assert table.attrs["lowest_elbo_k"] >= 6 and table.attrs["lowest_nll_k"] >= 6, table
     # too few factors cost far more than the standard error, by either measure
-    assert table.loc[4, "elbo_validation"] - table.loc[6, "elbo_validation"] > 10 * table.loc[4, "elbo_se"], table
-    assert table.loc[4, "nll_validation"] - table.loc[6, "nll_validation"] > 10 * table.loc[4, "nll_se"], table
+    assert table.loc[4, "elbo_validation"] - table.loc[6, "elbo_validation"] > 5 * table.loc[4, "elbo_se"], table
+    assert table.loc[4, "nll_validation"] - table.loc[6, "nll_validation"] > 5 * table.loc[4, "nll_se"], table
     # importance sampling tightens the bound: -log p(x) estimates lie below the negative ELBO
     assert (table["nll_validation"] < table["elbo_validation"]).all(), table
     assert table["selected"].sum() == 1
     assert isinstance(plot_select_k(table), Figure)
+
+
+def test_select_k_fits_as_fit_seeds_fits(monkeypatch):
+    """Its stability columns mean what factor_stability of fit_seeds means: the same start and
+    held-out cells, unless train_kwargs say otherwise."""
+    from ldvae.factors import seeds
+
+    adata = ldvae.simulate(200, 30, 2, seed=3)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    given = []
+    monkeypatch.setattr(seeds, "_fit_one", lambda a, model_kwargs, train_kwargs, seed: given.append(train_kwargs)
+                        or fit_small(a, epochs=1, **model_kwargs))
+    select_k(adata, [2], seeds=(0, 1), n_jobs=1, train_kwargs={"max_epochs": 1})
+    select_k(adata, [2], seeds=(0, 1), n_jobs=1, train_kwargs={"max_epochs": 1, "init": "random"})
+    assert [(t["init"], t["split_seed"]) for t in given] == [("pca", seeds.SPLIT_SEED)] * 2 + [("random", 0)] * 2
 
 
 def test_heldout_elbo_needs_validation_cells():

@@ -28,7 +28,9 @@ from ..query.deviance import check_rotation, sign_convention
 from ..query.target import query_batch_size, rows_of
 from ..train.batches import split_indices
 from ..util.checks import positive_int
-from .seeds import BackgroundFits, check_seeds, _fit_many, fit_seeds, uses_gpu  # noqa: F401 (public here too)
+from .seeds import (  # noqa: F401 (public here too)
+    BackgroundFits, check_seeds, _fit_many, _train_defaults, fit_seeds, uses_gpu,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -371,8 +373,11 @@ def select_k(
     """Fit each ``n_latent`` with several seeds; held-out ELBO, held-out marginal
     log-likelihood and stability against K.
 
-    The held-out ELBO is the per-cell negative ELBO of each run's validation cells (the
-    split follows the seed, so every K is scored on the same cells), averaged over seeds.
+    The fits start and hold out cells as :func:`fit_seeds`' do (the principal components;
+    the same validation cells in every fit, unless ``train_kwargs`` say otherwise), so the
+    stability columns mean what :func:`factor_stability` of ``fit_seeds`` means. The held-out
+    ELBO is the per-cell negative ELBO of each run's validation cells (the split follows
+    ``split_seed``, so every K is scored on the same cells), averaged over seeds.
     Extra factors that the data do not support collapse to the prior and barely change
     it, so the chosen K follows the one-standard-error rule: the smallest K whose held-out
     ELBO is within one standard error (of the per-cell paired difference) of the best.
@@ -417,7 +422,7 @@ def select_k(
         raise TypeError("select_k sets n_latent itself; pass the candidates as n_latents=[...].")
     seeds = check_seeds(seeds, 2)
     positive_int("n_mc_samples", n_mc_samples)
-    train_kwargs = dict(train_kwargs or {})
+    train_kwargs = _train_defaults(train_kwargs)
     _check_validation_split(adata.n_obs, train_kwargs)
     jobs = [({**model_kwargs, "n_latent": k}, s) for k in ks for s in seeds]
     models = _fit_many(adata, jobs, n_jobs, train_kwargs)
