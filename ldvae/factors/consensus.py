@@ -266,8 +266,10 @@ def _split_half(consensus: np.ndarray, latents, weights, criterion: str, *, n_sp
 def gene_information(model: LinearSCVI, *, n_cells: int = INFORMATION_CELLS, seed: int = 0) -> pd.Series:
     """Each gene's Fisher information for its log-rate, averaged over cells: mu theta / (mu + theta)
     under the negative binomial (also for ZINB, its count part), mu under Poisson; mu and
-    theta at the posterior mean of each cell. Computed on at most ``n_cells`` cells (a
-    fixed random subset)."""
+    theta decoded from one posterior draw of z and the library per cell (as scvi-tools'
+    ``get_likelihood_parameters`` decodes them; the draws follow ``ldvae.settings.seed`` and
+    average out over the cells: the mean moves by about 2 % between seeds). Computed on at
+    most ``n_cells`` cells (a fixed random subset)."""
     n = model.adata.n_obs
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, n_cells, replace=False)) if n > n_cells else np.arange(n)
