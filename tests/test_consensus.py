@@ -327,3 +327,19 @@ def test_identical_runs_are_fully_reproducible(populations):
     one = consensus_factors(models[:1])
     assert one.table["consensus_reproducibility"].isna().all() and not one.table["reproducible"].any()
     assert (f.table["reproducible"] == (f.table["consensus_reproducibility"] >= 0.9)).all()
+
+
+def test_split_half_step_up_matches_a_rerun_for_halves_of_any_size():
+    from ldvae.factors.consensus import _step_up
+
+    r = np.array([0.0, 0.3, 0.7, 0.95, 1.0])
+    np.testing.assert_allclose(_step_up(r, 2, 2), 2 * r / (1 + r))  # Spearman-Brown for equal halves
+    rng = np.random.default_rng(0)
+    signal = rng.standard_normal(200_000)
+    for a, b in ((1, 2), (2, 3)):  # three and five fits: one fit's reliability 0.5
+        fits = [np.sqrt(0.5) * signal + np.sqrt(0.5) * rng.standard_normal(signal.size) for _ in range(2 * (a + b))]
+        halves = np.corrcoef(np.mean(fits[:a], 0), np.mean(fits[a:a + b], 0))[0, 1]
+        rerun = np.corrcoef(np.mean(fits[:a + b], 0), np.mean(fits[a + b:], 0))[0, 1]
+        assert abs(_step_up(np.array([halves]), a, b)[0] - rerun) < 0.01
+        if a == 1:  # three fits: the equal-halves formula is off
+            assert abs(2 * halves / (1 + halves) - rerun) > 0.01

@@ -245,8 +245,8 @@ def _split_half(consensus: np.ndarray, latents, weights, criterion: str, *, n_sp
     """Per consensus factor, the correlation expected between this consensus and that of a
     re-run with as many fits: the runs split into two halves (``n_splits`` random splits),
     each half's consensus matched to ``consensus``, the halves' |correlation| per factor
-    (median over splits), stepped up from half the runs to all by Spearman-Brown,
-    ``2 r / (1 + r)``. NaN with fewer than 2 runs."""
+    (median over splits), stepped up from the halves to all runs by Spearman-Brown (``2 r /
+    (1 + r)`` for halves of equal size, see :func:`_step_up`). NaN with fewer than 2 runs."""
     n = len(latents)
     if n < 2:
         return np.full(consensus.shape[1], np.nan)
@@ -260,7 +260,20 @@ def _split_half(consensus: np.ndarray, latents, weights, criterion: str, *, n_sp
         c = np.abs(_column_correlations(found[0], found[1]))
         per_split.append(c[match_a, match_b])
     r = np.median(np.array(per_split), axis=0)
-    return 2 * r / (1 + r)
+    return _step_up(r, n // 2, n - n // 2)
+
+
+def _step_up(r: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Spearman-Brown from the correlation ``r`` between the consensus of ``a`` runs and that
+    of ``b`` others to the reliability of all ``a + b``: one run's reliability x solves
+    r^2 = R_a(x) R_b(x), with R_m(x) = m x / (1 + (m - 1) x) (a quadratic in x; for a = b,
+    x = R_a^-1(r) and the result is 2 r / (1 + r)); the result is R_{a+b}(x)."""
+    r2 = np.square(np.clip(r, 0.0, 1.0))
+    qa = r2 * (a - 1) * (b - 1) - a * b  # < 0
+    qb = r2 * (a + b - 2)
+    x = (-qb - np.sqrt(qb * qb - 4 * qa * r2)) / (2 * qa)
+    n = a + b
+    return n * x / (1 + (n - 1) * x)
 
 
 def gene_information(model: LinearSCVI, *, n_cells: int = INFORMATION_CELLS, seed: int = 0) -> pd.Series:
