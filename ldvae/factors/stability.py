@@ -76,7 +76,8 @@ def varimax(loadings, *, max_iter: int = 500, tol: float = 1e-8) -> tuple[np.nda
     for _ in range(max_iter):
         r = w @ rotation
         # gradient of sum_k var_g(r_gk^2), up to a factor; its polar factor is the update
-        u, s, vt = np.linalg.svd(w.T @ (r**3 - r * (r**2).mean(axis=0, keepdims=True)))
+        r2 = r * r  # (products: NumPy's float power ** is ~100x slower)
+        u, s, vt = np.linalg.svd(w.T @ (r * (r2 - r2.mean(axis=0, keepdims=True))))
         rotation = u @ vt
         previous, criterion = criterion, float(s.sum())
         if criterion <= previous * (1.0 + tol):
@@ -401,7 +402,7 @@ def select_k(
         Draws of z per cell for the held-out ELBO.
     n_mc_samples
         Importance samples per cell for the held-out marginal log-likelihood (validation
-        cells only, so it costs a fraction of one training epoch per fit).
+        cells only: about as long as 5-7 training epochs per fit).
 
     Returns
     -------

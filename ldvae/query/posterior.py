@@ -498,8 +498,10 @@ def get_feature_correlation_matrix(
                     rate = torch.distributions.Gamma(theta, theta / rate).sample()
                 draws.append(rate.view(n_samples, b.n_cells, -1).cpu())
             flat = torch.cat(draws, dim=1).reshape(-1, len(fitted.var_names)).double().numpy()  # (S * n, G)
-            if correlation_type == "spearman":
-                flat = rankdata(flat, axis=0)
+            del draws
+            if correlation_type == "spearman":  # gene by gene, in place: rankdata(axis=0)'s temporaries
+                for g in range(flat.shape[1]):  # are several times the draws
+                    flat[:, g] = rankdata(flat[:, g])
             with np.errstate(invalid="ignore", divide="ignore"):
                 mats.append(np.corrcoef(flat, rowvar=False))
     corr = np.mean(mats, axis=0)
