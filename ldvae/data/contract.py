@@ -35,11 +35,12 @@ MAX_COUNT = 1e9  # per cell and gene; far above any sequencing count, far below 
 # --- validation ---------------------------------------------------------------------
 
 
-def check_not_view(adata, what: str = "setup_anndata") -> None:
+def check_not_view(adata, what: str = "setup_anndata", alternative: str = "") -> None:
+    """A SetupError when ``adata`` is a view: what ``what`` writes would never reach its parent."""
     if adata.is_view:
         raise SetupError(
             f"{what} got a view of an AnnData; writing to a view never reaches its parent. "
-            "Make it a real object first: adata = adata.copy()."
+            f"Pass the parent, or make it a real object first: adata = adata.copy(){alternative}."
         )
 
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .contract import SetupError, plain
+from .contract import SetupError, check_not_view, plain
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +23,6 @@ def result_keys(key_added: str = "ldvae") -> dict[str, str]:
         "uns": key_added,
         "obs_prefix": "Z_" if key_added == "ldvae" else f"{key_added}_Z_",
     }
-
-
-def refuse_view(adata, caller: str, alternative: str = "") -> None:
-    """A SetupError when ``adata`` is a view: what ``caller`` wrote would never reach its parent."""
-    if adata.is_view:
-        raise SetupError(f"{caller} got a view of an AnnData; writing to a view never reaches its parent. "
-                         f"Pass the parent, or adata.copy(){alternative}.")
 
 
 def set_obs_columns(adata, columns: dict) -> None:
@@ -83,7 +76,7 @@ def write_results(model, adata=None, *, key_added: str = "ldvae", obs_columns: b
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()  # a backed copy would need a new file
     else:
-        refuse_view(adata, "write_results", ", or use copy=True")
+        check_not_view(adata, "write_results", "; or use copy=True")
     genes = model.var_names_
     var_names = pd.Index(adata.var_names.astype(str))
     missing = genes.difference(var_names)

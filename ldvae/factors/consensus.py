@@ -473,10 +473,11 @@ def write_factors(adata, factors: ConsensusFactors, *, key_added: str = "ldvae",
     and, with ``obs_columns``, ``obs["F_0"] …`` (``obs["<key_added>_F_0"] …`` for another key, as
     ``write_results`` names its ``Z_k``).
     """
-    from ..data.results import refuse_view, result_keys, set_obs_columns
+    from ..data.contract import check_not_view
+    from ..data.results import result_keys, set_obs_columns
 
     result_keys(key_added)  # a bad key is refused before anything is written
-    refuse_view(adata, "write_factors")
+    check_not_view(adata, "write_factors")
     if adata.n_obs != factors.latent.shape[0] or not adata.obs_names.equals(factors.latent.index):
         raise ValueError("adata must hold the cells the factors were found on, in the same order.")
     names = list(factors.table.index)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd

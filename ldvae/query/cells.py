@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from ..data.backed import Window, read_backed
-from ..data.disk import counts_on_disk, open_on_disk
+from ..data.disk import open_on_disk
 from ..data.contract import CountData, get_counts, read_covariates, validate_counts
 from ..nn.module import CountBatch
 from ..train.streaming import count_data

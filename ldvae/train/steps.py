@@ -50,12 +50,6 @@ class _Step:
     def restore(self) -> None:
         torch._foreach_copy_(self.buffers, self.last_good)
 
-    def _keep(self, live: list[Tensor]) -> None:
-        if self.marked is None:
-            self.marked = [t.detach().clone() for t in live]
-        else:
-            torch._foreach_copy_(self.marked, live)
-
 
 class OneAtATime(_Step):
     """One call of the loss and its gradients, then one optimizer step, per minibatch."""
@@ -70,7 +64,7 @@ class OneAtATime(_Step):
     def mark(self) -> None:
         """Keep the parameters, buffers and optimizer state, for ``rewind``."""
         with torch.no_grad():
-            self._keep([*self.module.parameters(), *self.buffers])
+            self.marked = _kept(self.marked, [*self.module.parameters(), *self.buffers])
         self.marked_optimizer = copy.deepcopy(self.optimizer.state_dict())
 
     @torch.no_grad()
@@ -152,27 +146,25 @@ class CompiledRuns(_Step):
 
     def snapshot(self) -> None:
         super().snapshot()
-        live = self._live()
-        if self.saved is None:
-            self.saved = [t.clone() for t in live]
-        else:
-            torch._foreach_copy_(self.saved, live)
+        self.saved = _kept(self.saved, self._live())
         self.saved_steps = self.runner.optimizer.step_count()
 
     def restore(self) -> None:
         super().restore()
         if self.saved is not None:
-            torch._foreach_copy_(self._live(), self.saved)
-            self.runner.optimizer.advance(self.saved_steps - self.runner.optimizer.step_count())
+            self._put_back(self.saved, self._live(), self.saved_steps)
 
     def mark(self) -> None:
         """Keep the flat parameters, Adam's moments and count and the buffers, for ``rewind``."""
-        self._keep([*self._live(), *self.buffers])
+        self.marked = _kept(self.marked, [*self._live(), *self.buffers])
         self.marked_steps = self.runner.optimizer.step_count()
 
     def rewind(self) -> None:
-        torch._foreach_copy_([*self._live(), *self.buffers], self.marked)
-        self.runner.optimizer.advance(self.marked_steps - self.runner.optimizer.step_count())
+        self._put_back(self.marked, [*self._live(), *self.buffers], self.marked_steps)
+
+    def _put_back(self, copies: list[Tensor], live: list[Tensor], steps: float) -> None:
+        torch._foreach_copy_(live, copies)
+        self.runner.optimizer.advance(steps - self.runner.optimizer.step_count())
 
     def epoch(self, source: InMemorySource, generator: torch.Generator) -> Iterator[list[Tensor]]:
         parts = source.epoch_rows(generator)
@@ -210,6 +202,14 @@ def choose_step(module: LDVAEModule, optimizer, source, state: TrainState, confi
 
 
 Step = OneAtATime | CompiledRuns
+
+
+def _kept(copies: list[Tensor] | None, live: list[Tensor]) -> list[Tensor]:
+    """``live``'s values in ``copies``, made on first use (None)."""
+    if copies is None:
+        return [t.detach().clone() for t in live]
+    torch._foreach_copy_(copies, live)
+    return copies
 
 
 def _joined(per_step: list[Terms]) -> Terms | None:
