@@ -39,7 +39,7 @@ from .files import frozen_of, read_saved_adata, save_model, split_of, train_stat
 from .mapping import fits_anything
 from .scvi_files import read_any_model
 from .queries import Queries
-from .surface import LIBRARY_KEY, ScviSurface, minified_fields, write_scvi_codes
+from .surface import LIBRARY_KEY, ScviSurface, counts_dropped, minified_fields, write_scvi_codes
 from .params import (
     check_init_params, check_model_kwargs, check_plan, check_registry, check_strategy, check_train_args, init_params_of,
     fit_and_split_seeds, module_config, resolve_device, splitter_options, train_options, warn_factor_count, with_preset,
@@ -203,7 +203,7 @@ class LinearSCVI(Queries, ScviSurface):
     def _read(self, adata):
         """Validated CSR counts and covariates of ``adata`` under the model's setup."""
         self._check_genes(adata)
-        if minified_fields(adata) is not None:  # no counts: the cells carry their posterior (see _data)
+        if counts_dropped(adata):  # no counts: the cells carry their posterior (see _data)
             return sp.csr_matrix(adata.shape, dtype=np.float32), read_covariates(adata, self.setup_)
         layer = self.setup_.get("layer")
         mat = get_counts(adata, layer)
@@ -218,14 +218,13 @@ class LinearSCVI(Queries, ScviSurface):
         if adata is None or adata is self.adata:
             key = counts_identity(self.adata, self.setup_.get("layer"))  # the cells and counts it holds now
             if self._data_cache is None or self._data_cache[0] != key or self._data_cache[1].device != self.device:
-                self._data_cache = (key, self._count_data(self.adata))
-            return self._data_cache[1]
-        return self._count_data(adata)
+                self._data_cache = (key, CountData(*self._read(self.adata), self.device))
+            return self._with_posterior(self.adata, self._data_cache[1])
+        return self._with_posterior(adata, CountData(*self._read(adata), self.device))
 
-    def _count_data(self, adata) -> CountData:
-        csr, cov = self._read(adata)
-        data = CountData(csr, cov, self.device)
-        fields = minified_fields(adata)
+    @staticmethod
+    def _with_posterior(adata, data: CountData) -> CountData:
+        fields = minified_fields(adata)  # read on every call: the user may have changed it
         if fields is not None:
             data.use_posterior(adata.obsm[fields["qzm_key"]], adata.obsm[fields["qzv_key"]], adata.obs[LIBRARY_KEY])
         return data
@@ -315,7 +314,7 @@ class LinearSCVI(Queries, ScviSurface):
             compiled step, 64 cells each at least). Lightning-only options (``logger``, ...) are
             accepted and logged with what ldvae does instead.
         """
-        self._refuse_if_minified("train")
+        self._refuse_if_minified("train", with_counts_too=True)
         if not fits_anything(self.module, getattr(self, "frozen_", None)):
             raise SetupError("Nothing to fit: the query adds no batch to the reference, whose encoder maps its cells "
                              "as they are (get_latent_representation works now); pass train_encoder=True to "

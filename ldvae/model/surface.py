@@ -21,7 +21,8 @@ from ..util.checks import SetupError
 logger = logging.getLogger(__name__)
 
 MINIFIED_KEY = "_scvi_adata_minify_type"  # scvi-tools' marker of a minified AnnData
-LATENT_POSTERIOR = "latent_posterior_parameters"
+LATENT_POSTERIOR = "latent_posterior_parameters"  # the counts dropped
+LATENT_POSTERIOR_WITH_COUNTS = "latent_posterior_parameters_with_counts"  # the counts kept
 MINIFIED_FIELDS = "ldvae_minified"  # uns: where a minified AnnData keeps q(z | x) and the library
 LIBRARY_KEY = "observed_lib_size"  # obs column of the observed library, as scvi-tools
 
@@ -47,10 +48,15 @@ def coded_fields(adata) -> set[str]:
 
 
 def minified_fields(adata) -> dict | None:
-    """The obsm keys of q(z | x) and the obs column of the library of a minified AnnData."""
-    if adata is None or adata.uns.get(MINIFIED_KEY) != LATENT_POSTERIOR:
+    """The obsm keys of q(z | x) of a minified AnnData (with or without its counts)."""
+    if adata is None or adata.uns.get(MINIFIED_KEY) not in (LATENT_POSTERIOR, LATENT_POSTERIOR_WITH_COUNTS):
         return None
     return dict(adata.uns.get(MINIFIED_FIELDS, {"qzm_key": "X_latent_qzm", "qzv_key": "X_latent_qzv"}))
+
+
+def counts_dropped(adata) -> bool:
+    """Whether ``adata`` is minified without its counts."""
+    return adata is not None and adata.uns.get(MINIFIED_KEY) == LATENT_POSTERIOR
 
 
 class Attrdict(dict):
@@ -319,27 +325,33 @@ class ScviSurface:
     # --- minified data --------------------------------------------------------------------
     @property
     def minified_data_type(self) -> str | None:
-        """``"latent_posterior_parameters"`` once :meth:`minify_adata` dropped the counts, else None."""
+        """How :meth:`minify_adata` minified the model's AnnData: ``"latent_posterior_parameters"``
+        (counts dropped) or ``"latent_posterior_parameters_with_counts"``; None before."""
         return self.adata.uns.get(MINIFIED_KEY) if self.adata is not None else None
 
     def minify_adata(self, minified_data_type: str = LATENT_POSTERIOR, use_latent_qzm_key: str = "X_latent_qzm",
                      use_latent_qzv_key: str = "X_latent_qzv") -> None:
-        """Replace the model's AnnData by one without counts: the same obs (plus the observed
-        library ``obs["observed_lib_size"]``), var, obsm and uns, an empty sparse ``X``, and
-        q(z | x) read from ``obsm[use_latent_qzm_key]`` (mean) and ``obsm[use_latent_qzv_key]``
-        (variance), e.g. from ``get_latent_representation(give_mean=False, return_dist=True)``.
+        """Replace the model's AnnData by a minified one: the same obs (plus the observed
+        library ``obs["observed_lib_size"]``), var, obsm and uns, and q(z | x) read from
+        ``obsm[use_latent_qzm_key]`` (mean) and ``obsm[use_latent_qzv_key]`` (variance), e.g.
+        from ``get_latent_representation(give_mean=False, return_dist=True)``.
 
-        Queries that need no counts then decode from the stored posterior with the observed
+        ``"latent_posterior_parameters"`` drops the counts (an empty sparse ``X`` and layer):
+        queries that need no counts then decode from the stored posterior with the observed
         library (latent, normalized expression, differential expression, samples, likelihood
-        parameters); ELBO, reconstruction error, marginal likelihood and training need the
-        counts and say so. The original AnnData is not changed."""
+        parameters); ELBO, reconstruction error, marginal likelihood and importance weights
+        need the counts and say so. ``"latent_posterior_parameters_with_counts"`` keeps them
+        (and ``raw``): every query answers, from the stored posterior and the counts. Training
+        is refused either way (the stored posterior would no longer be the model's). The
+        original AnnData is not changed."""
         import anndata
         import scipy.sparse as sp
 
         from ..data.contract import get_counts
 
-        if minified_data_type != LATENT_POSTERIOR:
-            raise SetupError(f"minified_data_type must be {LATENT_POSTERIOR!r}, got {minified_data_type!r}.")
+        kinds = (LATENT_POSTERIOR, LATENT_POSTERIOR_WITH_COUNTS)
+        if minified_data_type not in kinds:
+            raise SetupError(f"minified_data_type must be one of {kinds}, got {minified_data_type!r}.")
         if self.minified_data_type is not None:
             raise SetupError("The model's AnnData is minified already.")
         if not self.config.use_observed_lib_size:
@@ -355,25 +367,30 @@ class ScviSurface:
                     "model.get_latent_representation(give_mean=False, return_dist=True).")
         if np.any(np.asarray(source.obsm[use_latent_qzv_key]) <= 0):
             raise SetupError(f"adata.obsm[{use_latent_qzv_key!r}] must hold variances (> 0).")
-        library = np.asarray(get_counts(source, self.setup_.get("layer")).sum(axis=1), dtype=np.float64).ravel()
-        empty = sp.csr_matrix((n, source.n_vars), dtype=np.float32)
-        obs = source.obs.copy()
-        obs[LIBRARY_KEY] = library
-        uns = dict(source.uns)
-        uns[MINIFIED_KEY] = LATENT_POSTERIOR
-        uns[MINIFIED_FIELDS] = {"qzm_key": use_latent_qzm_key, "qzv_key": use_latent_qzv_key}
         layer = self.setup_.get("layer")
-        minified = anndata.AnnData(X=empty, obs=obs, var=source.var.copy(), obsm=dict(source.obsm), uns=uns,
-                                   layers={} if layer is None else {layer: empty.copy()})
+        library = np.asarray(get_counts(source, layer).sum(axis=1), dtype=np.float64).ravel()
+        if minified_data_type == LATENT_POSTERIOR_WITH_COUNTS:
+            minified = source.to_memory() if source.isbacked else source.copy()
+        else:
+            empty = sp.csr_matrix((n, source.n_vars), dtype=np.float32)
+            minified = anndata.AnnData(X=empty, obs=source.obs.copy(), var=source.var.copy(), obsm=dict(source.obsm),
+                                       uns=dict(source.uns), layers={} if layer is None else {layer: empty.copy()})
+        minified.obs[LIBRARY_KEY] = library
+        minified.uns[MINIFIED_KEY] = minified_data_type
+        minified.uns[MINIFIED_FIELDS] = {"qzm_key": use_latent_qzm_key, "qzv_key": use_latent_qzv_key}
         self.adata = minified
         self._data_cache = None
         self._reset_surface()
-        self.registry_["minified_data_type"] = LATENT_POSTERIOR
+        self.registry_["minified_data_type"] = minified_data_type
 
-    def _refuse_if_minified(self, what: str) -> None:
-        if self.minified_data_type is not None:
+    def _refuse_if_minified(self, what: str, *, with_counts_too: bool = False) -> None:
+        kind = self.minified_data_type
+        if kind == LATENT_POSTERIOR:
             raise SetupError(f"{what} needs the counts, and this model's AnnData is minified (no counts). Load the "
                              "full data: LinearSCVI.load(dir_path, adata=full_adata).")
+        if kind is not None and with_counts_too:
+            raise SetupError(f"{what} is refused on a minified AnnData: its stored posterior would no longer be the "
+                             "model's. Load the full data: LinearSCVI.load(dir_path, adata=full_adata).")
 
     # --- status --------------------------------------------------------------------------
     is_trained = _stored("is_trained_", bool, "True once a training step completed")
