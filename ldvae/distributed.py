@@ -45,6 +45,7 @@ from .cli.options import (
 )
 from .data import backed
 from .util.checks import SetupError
+from .util.io import OutputError, probe_writable, reserve
 
 logger = logging.getLogger(__name__)
 
@@ -218,15 +219,21 @@ def fit_distributed(
         check_model_dir(out_dir, overwrite=overwrite)
     if latent_out is not None and os.path.lexists(latent_out) and not overwrite:
         raise FileExistsError(f"{latent_out} already exists. Pass --overwrite (overwrite=True) to replace it.")
+    train_kwargs = dict(train_kwargs or {})
     comm = init(check_sync=check_sync)
+    # Rank 0 writes the checkpoints and the latent file: it checks their places, and every rank
+    # refuses with its answer, before any work.
+    problem = [_unwritable(train_kwargs.get("checkpoint_dir"), latent_out) if comm.is_main else None]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise OutputError(problem[0])
     adata = backed.read_backed(path, layer=layer)
     if adata.n_obs < 2 * comm.world_size:
         raise SetupError(f"{comm.world_size} ranks but {adata.n_obs} cells: each rank trains on cells of its own. "
                          "Start fewer processes (--nproc_per_node).")
-    LinearSCVI.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key)
+    LinearSCVI.setup_anndata(adata, layer=layer, batch_key=batch_key, labels_key=labels_key)
     model = LinearSCVI(adata, **(model_kwargs or {}))
     comm.broadcast_module(model.module)
-    train_kwargs = dict(train_kwargs or {})
     if not comm.is_main:
         train_kwargs["progress_bar"] = False
         train_kwargs.pop("checkpoint_dir", None)
@@ -242,26 +249,51 @@ def fit_distributed(
         if check_sync:
             msg += f" (identical before each of {comm.steps_checked} steps)"
         logger.info(msg)
-        if out_dir is not None:
-            model.save(out_dir, overwrite=overwrite)
-    # One name for all ranks (not ldvae.util.io.atomic_path's per-process one).
+    # The latent first, under one name for all ranks (not ldvae.util.io.atomic_path's per-process
+    # one), then the model, then the latent's rename: an interrupt before the end leaves neither.
     tmp = None if latent_out is None else Path(latent_out).parent / f".{Path(latent_out).name}.ranks.tmp"
-    if comm.is_main and tmp is not None:
+    try:
+        if tmp is not None:
+            _write_latent(model, adata, comm, tmp)
+        if comm.is_main and out_dir is not None:
+            model.save(out_dir, overwrite=overwrite)
+        if tmp is not None:
+            dist.barrier()
+            if comm.is_main:
+                os.replace(tmp, latent_out)
+    except BaseException:
+        if comm.is_main and tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    return model
+
+
+def _unwritable(checkpoint_dir, latent_out) -> str | None:
+    """Why rank 0 cannot write checkpoints into ``checkpoint_dir`` or the latent file beside
+    ``latent_out`` (their folders are made if missing), or None."""
+    for what, folder in (("checkpoint_dir", checkpoint_dir),
+                         ("latent_out", None if latent_out is None else Path(latent_out).parent)):
+        if folder is not None:
+            try:
+                probe_writable(folder)
+            except OSError as err:
+                return f"{what}: {str(folder)!r} cannot be written ({err.strerror or err})."
+    return None
+
+
+def _write_latent(model, adata, comm: Communicator, tmp: Path) -> None:
+    """Every rank's latent means of its own block of cells, into rank 0's file ``tmp``."""
+    if comm.is_main:
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
                                   shape=(adata.n_obs, model.init_params_["n_latent"])).flush()
+        reserve(tmp)  # a full disk fails here, not as a bus error while ranks fill it
     dist.barrier()
-    if tmp is not None:
-        # Each rank embeds its own block of cells into rank 0's file.
-        start, stop = backed.shard_rows(adata.n_obs, comm.rank, comm.world_size)
-        z = model.get_latent_representation(adata, np.arange(start, stop))
-        target = np.load(tmp, mmap_mode="r+")
-        target[start:stop] = z
-        target.flush()
-        del target
-        dist.barrier()
-        if comm.is_main:
-            os.replace(tmp, latent_out)
-    return model
+    start, stop = backed.shard_rows(adata.n_obs, comm.rank, comm.world_size)
+    z = model.get_latent_representation(adata, np.arange(start, stop))
+    target = np.load(tmp, mmap_mode="r+")
+    target[start:stop] = z
+    target.flush()
+    del target
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_val(parser, default=None)
     parser.add_argument("--early-stopping", action="store_true")
     add_seed(parser)
-    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--checkpoint-dir", default=None, help="rank 0 writes a checkpoint here")
+    parser.add_argument("--checkpoint-every-n-epochs", type=int, default=10)
+    parser.add_argument("--resume-from", default=None,
+                        help="continue an interrupted fit from this checkpoint (file or --checkpoint-dir)")
     parser.add_argument("--latent-out", default=None, help=".npy path for the latent means of all cells")
     parser.add_argument("--check-sync", action="store_true",
                         help="verify every step that all ranks hold identical parameters")
@@ -317,13 +352,15 @@ def main(argv: list[str] | None = None) -> int:
                 "early_stopping": args.early_stopping,
                 "seed": args.seed,
                 "checkpoint_dir": args.checkpoint_dir,
+                "checkpoint_every_n_epochs": args.checkpoint_every_n_epochs,
+                "resume_from": args.resume_from,
                 "progress_bar": False,
             },
             latent_out=args.latent_out,
             check_sync=args.check_sync,
             overwrite=args.overwrite,
         )
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"ldvae.distributed (rank {os.environ.get('RANK', '?')}): {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -413,3 +413,25 @@ def test_repeated_names_are_reported_in_our_words(tmp_path, caplog, recwarn):
     assert "1 gene names of" in caplog.text and "the repeats are named 'g2-1'" in caplog.text
     assert "has 1 repeated cell names (first: 'c0')" in caplog.text
     assert not [w for w in recwarn if "names are not unique" in str(w.message)]  # anndata's advice is not repeated
+
+
+def test_main_called_in_a_session_leaves_its_logging_and_plot_backend(tmp_path, capsys):
+    """In a notebook, a call of the command line's main must not change how figures display
+    or what the ldvae logger shows afterwards."""
+    import logging
+
+    import matplotlib.pyplot as plt
+
+    from ldvae.cli.app import main
+
+    before = plt.get_backend()
+    plt.switch_backend("svg")
+    log = logging.getLogger("ldvae")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        assert main(["run", str(tmp_path / "missing.h5ad"), "--out-dir", str(tmp_path / "out")]) == 1
+        assert plt.get_backend() == "svg" and log.level == logging.ERROR
+    finally:
+        log.setLevel(level)
+        plt.switch_backend(before)

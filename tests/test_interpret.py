@@ -619,6 +619,26 @@ def test_kernels_are_compiled_once_before_workers_start(monkeypatch):
     assert fits == [(64, 8)]  # one tiny fit in this process compiles the step for every worker
 
 
+def test_a_seed_worker_whose_launcher_is_gone_stops(tmp_path):
+    """A worker told of a launcher that has already died (killed as the workers started)
+    stops within seconds instead of fitting for nobody."""
+    import subprocess
+    import sys
+    import time
+
+    from ldvae.factors import seeds
+
+    adata = ldvae.simulate(60, 12, 2, seed=0)
+    ldvae.LinearSCVI.setup_anndata(adata, layer="counts")
+    seeds._write_jobs(tmp_path, adata, [({"n_latent": 2}, 0)], {"max_epochs": 100000, "progress_bar": False}, 1)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    code = f"from ldvae.factors.seeds import _worker_main; _worker_main({str(tmp_path)!r}, [0], {int(gone.stdout)})"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], env=seeds._worker_env(1), capture_output=True, timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - start < 60
+    assert not (tmp_path / "result0.pt").exists()
+
+
 def test_compiling_fit_leaves_no_note_about_its_own_settings(monkeypatch, caplog):
     """The tiny fit that compiles the step is not the user's: its settings are not reported."""
     import logging

@@ -449,6 +449,26 @@ def test_progress_is_a_bar_on_a_terminal_and_a_few_log_lines_elsewhere(adata, mo
         assert lines[-1].startswith("Training: epoch 20 of 20, elbo_train=") and "elbo_val=" in lines[-1]
 
 
+def test_progress_reaches_a_log_file_without_any_logging_set_up(tmp_path):
+    """A script run in the background (its output in a file), with no logging configured:
+    the lines of a fit and of several seeds' fits still reach stderr."""
+    script = textwrap.dedent("""
+        import ldvae
+        from ldvae.factors.stability import fit_seeds
+        a = ldvae.simulate(100, 20, 2, seed=0)
+        ldvae.LinearSCVI.setup_anndata(a, layer="counts")
+        ldvae.LinearSCVI(a, n_latent=2).train(20, threads=1)
+        fit_seeds(a, [0, 1], train_kwargs={"max_epochs": 2}, n_latent=2, n_jobs=1)
+    """)
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.run([sys.executable, "-c", script], stderr=log, stdout=subprocess.DEVNULL, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert text.count("Training: epoch") == 10 and "Training: epoch 20 of 20, elbo_train=" in text
+    assert "Fits of 2 seeds: 1 done (seed 0)." in text and "Fits of 2 seeds: 2 done (seed 1)." in text
+
+
 def test_progress_is_a_bar_in_a_jupyter_notebook(adata, monkeypatch, caplog):
     import types
 

@@ -197,16 +197,22 @@ def test_failed_run_removes_the_parents_it_made(tmp_path, capsys):
 def test_stale_temporaries_of_dead_runs_are_swept(counts, tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = [tmp_path / f".out.partial-{dead.pid}-0123abcd", tmp_path / f".out.old-{dead.pid}-4567cdef"]
+    from ldvae.util.io import _host_tag
+
+    stale = [tmp_path / f".out.partial-{dead.pid}-0123abcd", tmp_path / f".out.old-{dead.pid}.{_host_tag()}-4567cdef"]
     for d in stale:
         d.mkdir()
         (d / ".results.h5ad.1.tmp").write_bytes(b"truncated")
-    kept = [tmp_path / f".out.partial-{os.getpid()}-live0000", tmp_path / ".out.partial-noowner"]
+    # a live run's, one whose owner is unknown, and one of another host (container) sharing the folder,
+    # whose process ids this one cannot see
+    kept = [tmp_path / f".out.partial-{os.getpid()}-live0000", tmp_path / ".out.partial-noowner",
+            tmp_path / f".out.partial-{dead.pid}.0ther0-89abcdef"]
     for d in kept:
         d.mkdir()
-    assert _run(capsys, "run", counts, "--out-dir", tmp_path / "out", *FAST)[0] == 0
+    code, _, err = _run(capsys, "run", counts, "--out-dir", tmp_path / "out", *FAST)
+    assert code == 0, err[-2000:]
     assert not any(d.exists() for d in stale)
-    assert all(d.is_dir() for d in kept)  # a live run's, and one whose owner is unknown
+    assert all(d.is_dir() for d in kept)
 
 
 # --- numeric options --------------------------------------------------------------------------------
@@ -319,6 +325,26 @@ def test_full_file_system_is_one_line_and_leaves_nothing(tmp_path, mounts):
     assert os.listdir(small) == []
 
 
+def test_a_full_file_system_under_a_query_or_a_save_raises_disk_full(tmp_path, mounts):
+    """A memory-mapped result is reserved before it is filled (filling it on a full disk would
+    end the process with SIGBUS) and torch's short write is named: DiskFullError, nothing left."""
+    from ldvae.util.io import DiskFullError
+
+    small = tmp_path / "small"
+    mounts(small, "size=64k")
+    a = ldvae.simulate(200, 300, 3, seed=1)
+    ldvae.LinearSCVI.setup_anndata(a, layer="counts")
+    m = ldvae.LinearSCVI(a, n_latent=3, n_hidden=32)
+    m.train(1, progress_bar=False, threads=1)
+    with pytest.raises(DiskFullError, match=r"No space left on device while writing .*rho\.npy"):
+        m.get_normalized_expression(out=small / "rho.npy")  # 240 kB
+    with pytest.raises(DiskFullError, match=r"No space left on device while writing .*model_state\.pt"):
+        m.save(small / "m")  # about 160 kB of weights
+    with pytest.raises(DiskFullError, match=r"No space left on device while writing .*checkpoint\.pt"):
+        m.train(1, progress_bar=False, threads=1, checkpoint_dir=small / "ck", checkpoint_every_n_epochs=1)
+    assert [p for p in small.rglob("*") if p.is_file()] == []
+
+
 # --- signals --------------------------------------------------------------------------------------------
 
 
@@ -342,6 +368,9 @@ def stall(*args, **kwargs):
     print("WRITING", file=sys.stderr, flush=True)
     time.sleep(300)
 
+if sys.argv[1] == "nohup":  # as `nohup ldvae run ...` starts it
+    import signal
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 if sys.argv[1] == "report":
     workflow.build_report = stall
 elif sys.argv[1] == "h5ad":
@@ -411,7 +440,7 @@ def test_ctrl_c_during_training_with_refits_exits_130_and_leaves_nothing(counts,
     assert "Training interrupted after" in err and "failed in its worker process" not in err
     assert sorted(os.listdir(tmp_path)) == ["mydata.h5ad"]
     assert all(_gone(pid) for pid in workers)
-    assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"ldvae-fits-{run.proc.pid}-")]
+    assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"ldvae-fits-{run.proc.pid}.")]
 
 
 @pytest.mark.parametrize("signum, stall", [(signal.SIGTERM, "report"), (signal.SIGHUP, "h5ad")])
@@ -424,6 +453,17 @@ def test_sigterm_and_sighup_while_writing_leave_nothing(signum, stall, counts, t
     assert code == 128 + signum, err[-3000:]
     assert _error_line(err) == f"ldvae: stopped by {signal.Signals(signum).name}; no output directory was written."
     assert sorted(os.listdir(tmp_path)) == ["mydata.h5ad"]
+
+
+def test_a_run_started_with_hang_ups_ignored_survives_one(counts, tmp_path):
+    """nohup: the terminal's closing (SIGHUP) must not end the run."""
+    run = _Cli("nohup", ["run", counts, "--out-dir", tmp_path / "out", *FAST, "--max-epochs", "300",
+                         "--progress-bar"], tmp_path)
+    run.wait_for("Training")
+    os.kill(run.proc.pid, signal.SIGHUP)
+    code, err = run.finish(timeout=300)
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "out" / "results.h5ad").exists()
 
 
 # --- saving a model ------------------------------------------------------------------------------
@@ -458,6 +498,17 @@ def test_a_save_without_the_anndata_removes_an_earlier_saves(tmp_path):
     assert not (tmp_path / "m" / "adata.h5ad").exists()  # a load must not pair this model with the other cells
     with pytest.raises(ValueError, match="No adata given"):
         ldvae.LinearSCVI.load(tmp_path / "m")
+
+
+def test_a_save_without_the_anndata_keeps_an_anndata_no_save_wrote(tmp_path, caplog):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "adata.h5ad").write_bytes(b"the user's own file")
+    (d / "notes.txt").write_text("notes")
+    with caplog.at_level("WARNING", logger="ldvae"):
+        _small_model().save(d, overwrite=True)
+    assert (d / "adata.h5ad").read_bytes() == b"the user's own file" and (d / "notes.txt").exists()
+    assert "adata.h5ad was not written by a save; it is left as it is" in caplog.text
 
 
 def test_a_failed_save_leaves_no_directory(tmp_path, monkeypatch):

@@ -319,6 +319,97 @@ def test_streamed_query_errors(stores, reference, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.h5ad", "fraction.h5ad"]  # no partial output
 
 
+def test_out_never_writes_over_a_file(stores, reference, tmp_path):
+    """out= naming an existing file (the backed input itself, or an earlier result) is refused
+    before any work, and the file is left as it was."""
+    import shutil
+
+    victim = tmp_path / "victim.h5ad"
+    shutil.copy(stores["h5ad"], victim)
+    before = victim.read_bytes()
+    backed = ad.read_h5ad(victim, backed="r")
+    backed.uns["ldvae_setup"] = reference.setup_
+    with pytest.raises(FileExistsError, match=r"out='.*victim\.h5ad' exists; results are never written over"):
+        reference.posterior_predictive_sample(backed, out=victim)
+    (tmp_path / "z.npy").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"z\.npy' exists"):
+        reference.get_latent_representation(backed, out=tmp_path / "z.npy")
+    with pytest.raises(FileExistsError, match=r"z\.npy' exists"):
+        reference.get_normalized_expression(backed, out=tmp_path / "z.npy")
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "mean.npy").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"mean\.npy' exists"):
+        reference.get_likelihood_parameters(backed, out=tmp_path / "params")
+    backed.file.close()
+    assert victim.read_bytes() == before and (tmp_path / "z.npy").read_bytes() == b"mine"
+    assert [p.name for p in (tmp_path / "params").iterdir()] == ["mean.npy"]
+
+
+def test_a_full_disk_fails_before_a_memory_map_is_filled(reference, tmp_path, monkeypatch):
+    """The .npy is reserved on disk before it is filled: a full disk raises DiskFullError at
+    once (filling a map of a sparse file on a full disk kills the process with SIGBUS)."""
+    import errno
+
+    from ldvae.util.io import DiskFullError
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(DiskFullError, match=r"No space left on device while writing .*rho\.npy"):
+        reference.get_normalized_expression(out=tmp_path / "rho.npy")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_backed_counts_in_a_layer_are_recorded_by_the_setup(stores, reference, tmp_path):
+    """read_backed(path, layer=L) keeps the counts as layers[L] too, so a model set up with
+    layer=L records it and loads with the file read as usual."""
+    layered = stores["memory"].copy()
+    layered.layers["counts"] = layered.X.copy()
+    layered.X = sp.csr_matrix(layered.X.shape, dtype=np.float32)
+    layered.write_h5ad(tmp_path / "layered.h5ad")
+    backed = stream.read_backed(tmp_path / "layered.h5ad", layer="counts")
+    ldvae.LinearSCVI.setup_anndata(backed, layer="counts", batch_key="batch")
+    model = ldvae.LinearSCVI(backed, n_latent=2, n_hidden=16)
+    model.train(max_epochs=1, progress_bar=False, threads=1)
+    model.save(tmp_path / "m")
+    again = ldvae.LinearSCVI.load(tmp_path / "m", adata=ad.read_h5ad(tmp_path / "layered.h5ad"))
+    assert again.setup_["layer"] == "counts"
+    np.testing.assert_allclose(again.get_latent_representation(), model.get_latent_representation(), atol=1e-5)
+
+
+def test_counts_changed_on_disk_are_refused_not_read(stores, tmp_path):
+    """Row offsets that do not fit the file (a file emptied or rewritten by another process
+    while open reads as zeros), and a file that changes between reads, raise instead of
+    giving other counts."""
+    import h5py
+    import shutil
+
+    from ldvae.data.disk import open_on_disk
+
+    path = tmp_path / "c.h5ad"
+    shutil.copy(stores["h5ad"], path)
+    backed = ad.read_h5ad(path, backed="r")
+    rows = open_on_disk(backed.X)
+    first = rows.rows(0, 5).toarray()
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(SetupError, match=r"c\.h5ad changed on disk while its counts were being read"):
+        rows.rows(0, 5)
+    backed.file.close()
+    with h5py.File(path, "r+") as f:
+        f["X/indptr"][-1] = 0
+    with pytest.raises(SetupError, match=r"c\.h5ad are damaged: their row offsets \(indptr\) do not fit 2000 cells"):
+        open_on_disk(ad.read_h5ad(path, backed="r").X)
+    assert first.sum() > 0
+
+
+def test_a_rank_needs_two_training_cells():
+    from ldvae.train.streaming import _n_steps
+
+    assert [_n_steps(n, 4) for n in range(7)] == [0, 0, 1, 1, 1, 1, 2]
+
+
 def test_streamed_query_memory_is_bounded_by_the_minibatch(tmp_path, monkeypatch):
     """10,000 cells x 1,000 genes on disk (16 MB of counts), queried 200 cells at a time with
     the cells x genes results written to .npy files: no read holds more than a minibatch,
@@ -411,7 +502,11 @@ def test_ddp_refuses_before_any_work(stores, tmp_path):
     for data, out, extra, message in (
             (stores["h5ad"], taken, [], "already exists and is not empty"),
             (stores["h5ad"], tmp_path / "new", ["--latent-out", str(tmp_path / "z.npy")], "z.npy already exists"),
-            (tiny, tmp_path / "new", [], "2 ranks but 3 cells")):
+            (tiny, tmp_path / "new", [], "2 ranks but 3 cells"),
+            (stores["h5ad"], tmp_path / "new", ["--checkpoint-dir", str(tmp_path / "z.npy" / "ck")],
+             "checkpoint_dir: '" + str(tmp_path / "z.npy" / "ck") + "' cannot be written"),
+            (stores["h5ad"], tmp_path / "new", ["--latent-out", str(tmp_path / "z.npy" / "z.npy")],
+             "latent_out: '" + str(tmp_path / "z.npy") + "' cannot be written")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "ldvae.distributed", str(data), str(out), "--max-epochs", "50", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -443,3 +538,29 @@ def test_ddp_interrupted_writes_no_model_or_latent(stores, tmp_path):
     assert proc.returncode != 0
     assert "): interrupted; no model or latent file was written" in err, err[-3000:]  # whichever rank stopped first
     assert not out.exists() and not (tmp_path / "z.npy").exists() and (ckpt / "checkpoint.pt").exists()
+
+
+def test_the_distributed_command_resumes_and_sets_the_checkpoint_pace(monkeypatch):
+    from ldvae import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed, "fit_distributed", lambda *a, **k: seen.update(k["train_kwargs"]))
+    monkeypatch.setattr(distributed, "shutdown", lambda: None)
+    assert distributed.main(["data.h5ad", "run", "--checkpoint-dir", "ck", "--resume-from", "ck",
+                             "--checkpoint-every-n-epochs", "3"]) == 0
+    assert seen["resume_from"] == "ck" and seen["checkpoint_dir"] == "ck" and seen["checkpoint_every_n_epochs"] == 3
+
+
+def test_a_backed_file_with_other_genes_is_told_how_to_subset_it_on_disk(stores, reference, tmp_path):
+    """adata[:, genes] of a backed file would be read into memory: the messages name the
+    subset that stays on disk, which works."""
+    wider = ad.read_h5ad(stores["h5ad"], backed="r")
+    wider.uns["ldvae_setup"] = reference.setup_
+    with pytest.raises(SetupError, match=r"adata\[:, model.var_names_\]\.copy\(filename='subset\.h5ad'\)"):
+        reference.get_latent_representation(wider[:, :20])
+    with pytest.raises(SetupError, match=r"adata = adata\.copy\(filename='subset\.h5ad'\) \(a backed AnnData"):
+        ldvae.LinearSCVI.setup_anndata(wider[:10])
+    subset = wider[:, list(reference.var_names_)].copy(filename=tmp_path / "subset.h5ad")
+    assert subset.isbacked
+    np.testing.assert_allclose(reference.get_latent_representation(subset), reference.get_latent_representation(),
+                               rtol=1e-5, atol=1e-5)

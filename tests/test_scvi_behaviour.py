@@ -77,7 +77,7 @@ def test_unshuffled_split_and_external_indices(adata):
 # --- the optimizer and schedule ---------------------------------------------------------------
 
 
-def test_building_and_training_leave_the_users_random_state(adata):
+def test_building_and_training_leave_the_users_random_state(adata, tmp_path):
     # as in scvi-tools, the user's torch generator is the user's: a model seeds its own work
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -85,6 +85,11 @@ def test_building_and_training_leave_the_users_random_state(adata):
     model = _model(adata)
     model.train(2, progress_bar=False)
     assert torch.equal(torch.rand(3), expected)
+    for fmt in ("ldvae", "scvi"):  # saving and loading too
+        torch.manual_seed(123)
+        model.save(tmp_path / fmt, format=fmt)
+        LinearSCVI.load(tmp_path / fmt, adata=adata)
+        assert torch.equal(torch.rand(3), expected), fmt
     again = _model(adata)  # and the model's own randomness still follows ldvae.settings.seed
     again.train(2, progress_bar=False)
     np.testing.assert_array_equal(model.get_latent_representation(), again.get_latent_representation())

@@ -209,7 +209,8 @@ def _stop_signals_raise():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _terminate) for s in _STOP_SIGNALS}
+    # A signal the caller ignores (nohup: SIGHUP) stays ignored.
+    previous = {s: signal.signal(s, _terminate) for s in _STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -227,10 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("ldvae")
+    level = root.level
     root.addHandler(handler)
     root.setLevel(logging.WARNING if args.quiet else logging.INFO)
     import matplotlib
 
+    pyplot = sys.modules.get("matplotlib.pyplot")  # a session's (a notebook's) backend, put back at the end
+    backend = None if pyplot is None else pyplot.get_backend()
     matplotlib.use("Agg")
     try:
         with _stop_signals_raise():
@@ -249,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
+        if backend is not None:
+            pyplot.switch_backend(backend)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def add_factors(subparsers) -> None:
 def _check_model_dir(model_dir: str) -> Path:
     """``model_dir`` if it holds a saved model (ldvae's or scvi-tools'), else a FileNotFoundError
     that points to ``model/`` inside it where ``ldvae run`` saved one."""
-    from ..model.scvi_files import holds_model
+    from ..model.files import holds_model
 
     d = Path(model_dir)
     if holds_model(d):

@@ -63,8 +63,10 @@ def read_backed(path: str | os.PathLike, *, layer: str | None = None):
     path
         An ``.h5ad`` file or a ``.zarr`` directory written by anndata.
     layer
-        Read the counts from ``layers[layer]`` instead of ``X``; they become ``adata.X``,
-        so set up the model with ``layer=None``.
+        Read the counts from ``layers[layer]`` instead of ``X``; they become ``adata.X``
+        and stay ``adata.layers[layer]`` (the same data on disk). Set the model up with
+        ``layer=layer`` so that it records the layer and later loads with the file read as
+        usual (``layer=None`` reads the same counts).
     """
     import anndata as ad
 
@@ -93,7 +95,8 @@ def read_backed(path: str | os.PathLike, *, layer: str | None = None):
     read = ad.io.read_elem
     uns = read(root["uns"]) if "uns" in root else {}
     X = group if encoding == "array" else ad.io.sparse_dataset(group)
-    return ad.AnnData(X=X, obs=read(root["obs"]), var=read(root["var"]), uns=uns)
+    return ad.AnnData(X=X, obs=read(root["obs"]), var=read(root["var"]), uns=uns,
+                      layers=None if layer is None else {layer: X})
 
 
 # --- streaming passes -----------------------------------------------------------------------

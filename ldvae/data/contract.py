@@ -38,10 +38,33 @@ MAX_COUNT = 1e9  # per cell and gene; far above any sequencing count, far below 
 def check_not_view(adata, what: str = "setup_anndata", alternative: str = "") -> None:
     """A SetupError when ``adata`` is a view: what ``what`` writes would never reach its parent."""
     if adata.is_view:
+        copy = (f"adata = adata.copy(filename={_SUBSET_FILE!r}) (a backed AnnData: the subset is written to that "
+                "file and stays on disk)" if getattr(adata, "isbacked", False) else "adata = adata.copy()")
         raise SetupError(
             f"{what} got a view of an AnnData; writing to a view never reaches its parent. "
-            f"Pass the parent, or make it a real object first: adata = adata.copy(){alternative}."
+            f"Pass the parent, or make it a real object first: {copy}{alternative}."
         )
+
+
+_SUBSET_FILE = "subset.h5ad"
+
+
+def check_same_genes(adata, var_names: pd.Index) -> None:
+    """A SetupError unless ``adata``'s genes are ``var_names``, in that order."""
+    names = pd.Index(adata.var_names.astype(str))
+    if len(names) == len(var_names) and names.equals(var_names):
+        return
+    n = min(len(names), len(var_names))
+    diff = np.flatnonzero(names[:n] != var_names[:n])
+    where = (
+        f"first mismatch at position {diff[0]}: model has {var_names[diff[0]]!r}, adata has {names[diff[0]]!r}"
+        if diff.size
+        else f"model has {len(var_names)} genes, adata has {len(names)}"
+    )
+    subset = (f"adata[:, model.var_names_].copy(filename={_SUBSET_FILE!r}) (a backed AnnData: the subset is "
+              "written to that file and stays on disk, where a view would be read into memory)"
+              if getattr(adata, "isbacked", False) else "adata[:, model.var_names_]")
+    raise SetupError(f"adata's genes differ from the model's ({where}). Subset adata to the model's genes: {subset}.")
 
 
 def get_counts(adata, layer: str | None):

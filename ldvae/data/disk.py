@@ -4,6 +4,7 @@ block of rows at a time as CSR."""
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -53,10 +54,36 @@ def open_on_disk(mat) -> "DiskCSR | DiskDense":
     return DiskDense(mat) if _is_dense_on_disk(mat) else DiskCSR(mat)
 
 
+def _file_of(node) -> str | None:
+    """The HDF5 file holding ``node`` (None for a zarr store)."""
+    file = getattr(node, "file", None)
+    return getattr(file, "filename", None)
+
+
+def _stamp(path: str | None):
+    if path is None:
+        return None
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class _DiskRows:
-    """Cells of a matrix on disk as float32 CSR; subclasses read contiguous ``rows``."""
+    """Cells of a matrix on disk as float32 CSR; subclasses read contiguous ``rows``. An
+    HDF5 file that changes on disk while it is read (another process writing it) is refused
+    at the next read instead of read as other or missing counts."""
 
     shape: tuple[int, int]
+
+    def _remember(self, node) -> None:
+        self._path = _file_of(node)
+        self._seen = _stamp(self._path)
+
+    def _check_unchanged(self) -> None:
+        if self._path is not None and _stamp(self._path) != self._seen:
+            raise SetupError(
+                f"{self._path} changed on disk while its counts were being read (another process wrote it?). "
+                "Open it again (anndata.read_h5ad(path, backed='r')) and repeat the call."
+            )
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         raise NotImplementedError
@@ -91,8 +118,10 @@ class DiskDense(_DiskRows):
         self.array = mat
         self.shape = tuple(int(s) for s in mat.shape)
         self.slab = max(1, self.SLAB_VALUES // max(self.shape[1], 1))  # rows per read
+        self._remember(mat)
 
     def _slabs(self, start: int, stop: int) -> Iterator[np.ndarray]:
+        self._check_unchanged()
         for a in range(start, stop, self.slab):
             yield np.asarray(self.array[a : min(a + self.slab, stop)])
 
@@ -118,12 +147,22 @@ class DiskCSR(_DiskRows):
     def __init__(self, mat):
         self.group = mat.group
         self.shape = tuple(int(s) for s in mat.shape)
+        self._remember(self.group)
         self.indptr = np.asarray(self.group["indptr"][:], dtype=np.int64)
         self._data = self.group["data"]
         self._indices = self.group["indices"]
+        ptr = self.indptr
+        if len(ptr) != self.shape[0] + 1 or ptr[0] != 0 or ptr[-1] != self._data.shape[0] or (np.diff(ptr) < 0).any():
+            where = self._path or "the store"
+            raise SetupError(
+                f"The counts on disk in {where} are damaged: their row offsets (indptr) do not fit "
+                f"{self.shape[0]} cells and {self._data.shape[0]} values (was the file changed while open?). "
+                "Open it again, or rewrite it with anndata."
+            )
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Cells ``[start, stop)`` as float32 CSR with sorted indices and no stored zeros."""
+        self._check_unchanged()
         p0, p1 = int(self.indptr[start]), int(self.indptr[stop])
         data = np.asarray(self._data[p0:p1], dtype=np.float32)
         indices = np.asarray(self._indices[p0:p1])
@@ -134,6 +173,7 @@ class DiskCSR(_DiskRows):
 
     def row_totals(self, start: int, stop: int) -> np.ndarray:
         """Total counts of cells ``[start, stop)`` (reads ``data`` only), float64."""
+        self._check_unchanged()
         p0, p1 = int(self.indptr[start]), int(self.indptr[stop])
         cum = np.concatenate([[0.0], np.cumsum(np.asarray(self._data[p0:p1], dtype=np.float64))])
         ptr = self.indptr[start : stop + 1] - p0

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from ..util import progress
 from ..util.settings import usable_cpus
 
 if TYPE_CHECKING:
@@ -67,14 +68,15 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _worker_main(directory: str, jobs: list[int]) -> None:
+def _worker_main(directory: str, jobs: list[int], parent: int) -> None:
     """Entry point of a worker process: fit the jobs ``jobs`` described in ``directory``,
-    one after another (one interpreter start and one read of the data for all of them)."""
+    one after another (one interpreter start and one read of the data for all of them), for
+    the process ``parent`` that launched it (given, not read: it may be gone already)."""
     import anndata
 
     # Ctrl-C is the parent's to handle: it stops the workers (they run detached from the terminal).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     d = Path(directory)
     adata = None
     for job in jobs:
@@ -131,7 +133,11 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
         raise ValueError(f"n_jobs must be a positive integer or None (automatic), got {n_jobs!r}.")
     n_jobs = min(int(n_jobs), len(jobs))
     if n_jobs == 1:
-        return [_fit_one(adata, kw, train_kwargs, seed) for kw, seed in jobs]
+        fits = []
+        for kw, seed in jobs:
+            fits.append(_fit_one(adata, kw, train_kwargs, seed))
+            progress.note(logger, "Fits of %d seeds: %d done (seed %d).", len(jobs), len(fits), seed)
+        return fits
     threads = max(1, usable_cpus() // n_jobs)
     compile_once()
     logger.info("Fitting %d models in %d worker processes (%d thread(s) each).", len(jobs), n_jobs, threads)
@@ -145,12 +151,16 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
         shares = [list(range(w, len(jobs), n_jobs)) for w in range(n_jobs)]
         procs = [_launch(d, share, env) for share in shares]
         try:
-            running = set(range(n_jobs))
+            running, done = set(range(n_jobs)), set()
             while running:
                 for w in list(running):
                     if procs[w].poll() is not None:
                         running.discard(w)
                         _check_exit(d, jobs, shares[w], procs[w])
+                for i in sorted(set(range(len(jobs))) - done):
+                    if (d / f"result{i}.pt").exists():
+                        done.add(i)
+                        progress.note(logger, "Fits of %d seeds: %d done (seed %d).", len(jobs), len(done), jobs[i][1])
                 time.sleep(0.05)
         finally:
             _kill(procs)
@@ -175,10 +185,10 @@ def compile_once() -> None:
 
 def _fits_dir() -> tempfile.TemporaryDirectory:
     """The workers' files; named by this process's id, so a later run removes them if it is killed."""
-    from ..util.io import sweep_stale
+    from ..util.io import owned_dir_name, sweep_stale
 
     sweep_stale(tempfile.gettempdir(), FITS_DIR_STEM)
-    return tempfile.TemporaryDirectory(prefix=f"{FITS_DIR_STEM}{os.getpid()}-")
+    return tempfile.TemporaryDirectory(prefix=owned_dir_name(FITS_DIR_STEM))
 
 
 def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict, threads: int) -> None:
@@ -208,7 +218,7 @@ def _worker_env(threads: int) -> dict:
 
 
 def _launch(d: Path, share: list[int], env: dict) -> subprocess.Popen:
-    code = f"from ldvae.factors.seeds import _worker_main; _worker_main({str(d)!r}, {share!r})"
+    code = f"from ldvae.factors.seeds import _worker_main; _worker_main({str(d)!r}, {share!r}, {os.getpid()})"
     with open(d / f"worker{share[0]}.log", "wb") as log:
         # Detached from the terminal: its Ctrl-C or hang-up reaches the parent only,
         # which then stops the workers itself (see _kill).

@@ -18,6 +18,7 @@ from ..data.contract import (
     CountData,
     SetupError,
     check_not_view,
+    check_same_genes,
     counts_identity,
     get_counts,
     get_setup,
@@ -185,20 +186,7 @@ class LinearSCVI(Queries, ScviSurface):
         return init_params_of(self.module.config)
 
     def _check_genes(self, adata) -> None:
-        names = pd.Index(adata.var_names.astype(str))
-        if len(names) != len(self.var_names_) or not names.equals(self.var_names_):
-            n = min(len(names), len(self.var_names_))
-            diff = np.flatnonzero(names[:n] != self.var_names_[:n])
-            where = (
-                f"first mismatch at position {diff[0]}: model has {self.var_names_[diff[0]]!r}, "
-                f"adata has {names[diff[0]]!r}"
-                if diff.size
-                else f"model has {len(self.var_names_)} genes, adata has {len(names)}"
-            )
-            raise SetupError(
-                f"adata's genes differ from the model's ({where}). Subset adata to the model's genes: "
-                "adata[:, model.var_names_]."
-            )
+        check_same_genes(adata, self.var_names_)
 
     def _read(self, adata):
         """Validated CSR counts and covariates of ``adata`` under the model's setup."""
@@ -239,8 +227,8 @@ class LinearSCVI(Queries, ScviSurface):
         """The cells a query reads, once the model is known to be trained."""
         self._check_trained()
         target = self.adata if adata is None else adata
+        self._check_genes(target)  # before any read: a view of a backed file reads its counts into memory
         if streamed and counts_on_disk(target, self.setup_):  # counts on disk stay there
-            self._check_genes(target)
             return DiskCells(target, self.setup_, self.device)
         return self._data(adata)
 
@@ -468,7 +456,8 @@ class LinearSCVI(Queries, ScviSurface):
         read_covariates(adata, saved_setup)  # unknown categories fail here, naming the first
         get_counts(adata, saved_setup.get("layer"))  # as does a missing counts layer, before the first query
         config = module_config(saved_setup, len(model.var_names_), meta["init_params"])
-        model.module = LDVAEModule(config, torch.zeros(config.n_batch), torch.ones(config.n_batch))
+        with torch.random.fork_rng(devices=[]):  # weights drawn only to be replaced: the user's RNG kept
+            model.module = LDVAEModule(config, torch.zeros(config.n_batch), torch.ones(config.n_batch))
         model.module.load_state_dict(state)  # keys, shapes and dtypes checked by read_model
         model.module.eval()
         model.device = device

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -22,11 +23,14 @@ from ..util.checks import ExistingModelError, ModelNotFoundError
 from ..util.io import atomic_torch_save, atomic_write_json, file_in_the_way
 from .params import INIT_PARAMS, check_init_params, module_config
 
+logger = logging.getLogger(__name__)
+
 MODEL_JSON = "ldvae_model.json"
 MODEL_WEIGHTS = "model_state.pt"
 ADATA_FILE = "adata.h5ad"
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "validation", "test")
+SCVI_MODEL_FILE = "model.pt"
 LEGACY_WEIGHTS = "model_params.pt"  # scvi-tools' layout before 0.15: with attr.pkl and var_names.csv
 
 
@@ -56,11 +60,18 @@ def save_model(model, dir_path: str | os.PathLike, prefix: str | None, *, overwr
         _write_model(model, d, prefix or "")
 
 
+def holds_model(dir_path: str | os.PathLike, prefix: str | None = None) -> bool:
+    """Whether ``dir_path`` holds a saved model: ldvae's, scvi-tools', or scvi-tools' older layout."""
+    d, p = Path(dir_path), prefix or ""
+    return any((d / f"{p}{name}").is_file() for name in (MODEL_JSON, SCVI_MODEL_FILE, LEGACY_WEIGHTS))
+
+
 @contextlib.contextmanager
 def saving(dir_path: str | os.PathLike, prefix: str | None, *, overwrite: bool, save_anndata: bool, adata):
     """The directory a model is saved into, with its AnnData written first when asked (the
     likeliest write to fail) and an earlier save's AnnData removed when not, so that a load
-    never pairs the model with other cells. A directory this call made is removed again if
+    never pairs the model with other cells (an AnnData that no save wrote is the user's, and
+    stays). A directory this call made is removed again if
     the block fails."""
     made = not os.path.lexists(dir_path)
     d = model_dir(dir_path, overwrite=overwrite)
@@ -69,7 +80,11 @@ def saving(dir_path: str | os.PathLike, prefix: str | None, *, overwrite: bool, 
         if save_anndata:
             _write_h5ad_untouched(adata, target)
         elif target.exists():
-            target.unlink()
+            if holds_model(d, prefix):
+                target.unlink()  # an earlier save's
+            else:
+                logger.warning("%s was not written by a save; it is left as it is, and LinearSCVI.load(%r) without "
+                               "adata= will read it with this model.", target, str(d))
         yield d
     except BaseException:
         if made:

@@ -39,10 +39,9 @@ from ..train.config import ModelFileError
 from ..util.checks import ModelNotFoundError, SetupError
 from ..util.io import atomic_torch_save
 from ..util.safe_pickle import ALLOWED, RefusedPickle, safe_torch_load
-from .files import FORMAT_VERSION, LEGACY_WEIGHTS, MODEL_JSON, SPLIT_NAMES, _check_meta, saving
+from .files import FORMAT_VERSION, LEGACY_WEIGHTS, MODEL_JSON, SCVI_MODEL_FILE, SPLIT_NAMES, _check_meta, saving
 from .params import check_model_kwargs, module_config
 
-SCVI_MODEL_FILE = "model.pt"
 SCVI_VERSION = "1.4.2"  # the registry's version stamp on files ldvae writes
 # What scvi-tools' model.pt pickles besides tensors: NumPy arrays and dtypes (var_names,
 # categories, split indices), builtins and collections (the registry is a defaultdict,
@@ -81,12 +80,6 @@ def is_scvi_model(dir_path: str | os.PathLike, prefix: str | None = None) -> boo
     return (d / f"{p}{SCVI_MODEL_FILE}").is_file() and not (d / f"{p}{MODEL_JSON}").exists()
 
 
-def holds_model(dir_path: str | os.PathLike, prefix: str | None = None) -> bool:
-    """Whether ``dir_path`` holds a saved model: ldvae's, scvi-tools', or scvi-tools' older layout."""
-    d, p = Path(dir_path), prefix or ""
-    return any((d / f"{p}{name}").is_file() for name in (MODEL_JSON, SCVI_MODEL_FILE, LEGACY_WEIGHTS))
-
-
 def read_any_model(dir_path: str | os.PathLike, prefix: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(meta, state)`` of a model saved by ldvae or by scvi-tools, told apart by their files."""
     from .files import read_model
@@ -116,7 +109,7 @@ def _scvi_module(config: ModuleConfig, device: str) -> LDVAEModule:
     encoder, zero-inflation decoder and dispersion whether used or not; neutral values."""
     full = replace(config, gene_likelihood="zinb", use_observed_lib_size=False)
     means, variances = torch.zeros(config.n_batch), torch.ones(config.n_batch)  # on the CPU: the module reads them
-    with torch.device(device):
+    with torch.device(device), torch.random.fork_rng(devices=[]):  # weights set below: the user's RNG kept
         module = LDVAEModule(full, means, variances)
     with torch.no_grad():
         for part in module.modules():

@@ -24,7 +24,7 @@ from ..data.disk import open_on_disk
 from ..data.contract import CountData, get_counts, read_covariates, validate_counts
 from ..nn.module import CountBatch
 from ..train.streaming import count_data
-from ..util.io import atomic_path, nullable_strings_allowed
+from ..util.io import atomic_path, nullable_strings_allowed, refuse_existing, reserve
 from ..util.prefetch import prefetched
 
 
@@ -78,8 +78,10 @@ class Output:
     read-only memory map, so the result need not fit in memory."""
 
     def __init__(self, shape: tuple[int, ...], *, axis: int = 0, out: str | os.PathLike | None = None):
-        if out is not None and Path(out).suffix != ".npy":
-            raise ValueError(f"out must be a .npy path, got {str(out)!r}.")
+        if out is not None:
+            if Path(out).suffix != ".npy":
+                raise ValueError(f"out must be a .npy path, got {str(out)!r}.")
+            refuse_existing(out)
         self.shape, self.axis, self.out = shape, axis, out
         self.offset = 0
 
@@ -88,7 +90,9 @@ class Output:
             self.array = np.empty(self.shape, dtype=np.float32)
         else:
             tmp = stack.enter_context(atomic_path(self.out))
-            self.array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.shape)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.shape).flush()
+            reserve(tmp)
+            self.array = np.load(tmp, mmap_mode="r+")
 
     def add(self, block: np.ndarray) -> None:
         n = block.shape[self.axis]
@@ -113,6 +117,7 @@ class SparseOutput:
     def __init__(self, out: str | os.PathLike, obs_names: pd.Index, var_names: pd.Index):
         if Path(out).suffix != ".h5ad":
             raise ValueError(f"out must be an .h5ad path, got {str(out)!r}.")
+        refuse_existing(out)
         self.out, self.obs_names, self.var_names = out, obs_names, var_names
 
     def open(self, stack: contextlib.ExitStack) -> None:

@@ -222,8 +222,12 @@ def get_normalized_expression(
 
 def _per_cell(fitted: Fitted, adata, indices, batch_size, fn) -> np.ndarray:
     data, rows, size = start(fitted, adata, indices, batch_size, streamed=True)
+    out, at = np.empty(rows.shape[0]), 0
     with querying(fitted.device):
-        return torch.cat([fn(b).cpu() for b in minibatches_of(data, rows, size)]).double().numpy()
+        for b in minibatches_of(data, rows, size):  # written into one array: nothing small kept per batch
+            out[at : at + b.n_cells] = fn(b).double().cpu().numpy()
+            at += b.n_cells
+    return out
 
 
 def get_elbo(fitted: Fitted, adata=None, indices=None, batch_size=None, return_mean: bool = True) -> Tensor:
@@ -450,17 +454,14 @@ def get_latent_library_size(fitted: Fitted, adata=None, indices=None, give_mean:
             "This model uses the observed library size (use_observed_lib_size=True), so it has no posterior "
             "over the library to average. Pass give_mean=False to get the observed library sizes."
         )
-    data, rows, size = start(fitted, adata, indices, batch_size, streamed=True)
-    out = []
-    with querying(fitted.device):
-        for b in minibatches_of(data, rows, size):
-            inf = fitted.module.inference(b, use_mean=True)
-            if give_mean:
-                lib = torch.exp(inf.ql_m + 0.5 * inf.ql_v)  # mean of LogNormal(ql_m, ql_v)
-            else:
-                lib = sample_latents(inf, 1)[1][0].exp()
-            out.append(lib.unsqueeze(-1).cpu())
-    return torch.cat(out).numpy()  # (n_cells, 1)
+
+    def per_batch(b):
+        inf = fitted.module.inference(b, use_mean=True)
+        if give_mean:
+            return torch.exp(inf.ql_m + 0.5 * inf.ql_v)  # mean of LogNormal(ql_m, ql_v)
+        return sample_latents(inf, 1)[1][0].exp()
+
+    return _per_cell(fitted, adata, indices, batch_size, per_batch).astype(np.float32)[:, None]  # (n_cells, 1)
 
 
 def get_feature_correlation_matrix(

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..nn.module import LDVAEModule
 from ..util.checks import SetupError
-from ..util.io import atomic_torch_save
+from ..util.io import atomic_torch_save, probe_writable
 from .config import ModelFileError, TrainConfig, TrainState
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -25,15 +25,13 @@ def check_checkpoint_dir(directory: Path, state: TrainState) -> None:
     """Before a fit's first epoch: ``directory`` can take its checkpoints, and holds none of
     another fit (a new fit would replace it; one that continues or resumed has taken steps)."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".ldvae-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(directory)
     except OSError as err:
         raise SetupError(f"checkpoint_dir={str(directory)!r} cannot take checkpoints: {err.strerror or err}.") from None
     if state.step == 0 and (directory / CHECKPOINT_NAME).exists():
         raise SetupError(f"checkpoint_dir={str(directory)!r} holds the checkpoint of another fit, which this new fit "
-                         f"would replace. Pass resume_from={str(directory)!r} to continue it, or another checkpoint_dir.")
+                         f"would replace. Pass resume_from={str(directory)!r} (ldvae.distributed: --resume-from) to continue it, "
+                         "or another checkpoint_dir.")
 
 
 def save_checkpoint(directory: Path, module: LDVAEModule, state: TrainState, config: TrainConfig) -> Path:

@@ -35,6 +35,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from ..util import progress
 from ..util.checks import SetupError
 from ..util.settings import float32_default, usable_cpus
 from .config import HISTORY_KEYS, ModelFileError, NonFiniteLossError, TrainConfig, TrainState
@@ -267,8 +268,8 @@ class _Progress:
         self.bar.set_postfix(postfix)
         self.bar.update(1)
         if self.log_every and (done_epochs % self.log_every == 0 or is_last):
-            logger.info("Training: epoch %d of %d, %s.", done_epochs, self.total,
-                        ", ".join(f"{k}={v}" for k, v in postfix.items()))
+            progress.note(logger, "Training: epoch %d of %d, %s.", done_epochs, self.total,
+                          ", ".join(f"{k}={v}" for k, v in postfix.items()))
 
     def close(self) -> None:
         self.bar.close()

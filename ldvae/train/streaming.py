@@ -23,7 +23,7 @@ from ..data.contract import CountData, Covariates, SetupError, get_counts, read_
 from ..nn.module import CountBatch
 from ..util.checks import positive_int
 from ..util.prefetch import prefetched
-from .loop import minibatches
+from .batches import minibatches, n_minibatches
 
 
 def count_data(csr: sp.csr_matrix, cov: Covariates, rows: np.ndarray, device: torch.device) -> CountData:
@@ -38,9 +38,9 @@ def count_data(csr: sp.csr_matrix, cov: Covariates, rows: np.ndarray, device: to
 
 
 def _n_steps(n_cells: int, batch_size: int) -> int:
-    """Minibatches of ``n_cells`` training cells, as ``loop.minibatches`` cuts them."""
-    # A broadcast view stands in for the cells: the count is all the rule looks at.
-    return len(minibatches(torch.zeros(1, dtype=torch.int8).expand(n_cells), batch_size))
+    """Minibatches of ``n_cells`` training cells, as ``loop.minibatches`` cuts them; none for
+    fewer than two cells, which batch normalization cannot train on."""
+    return n_minibatches(n_cells, batch_size) if n_cells >= 2 else 0
 
 
 class StreamingSource:
@@ -103,7 +103,7 @@ class StreamingSource:
         self.steps_per_epoch = min(steps)
         if self.steps_per_epoch == 0:
             raise SetupError(
-                f"A rank's block of cells has no training cells ({per_rank}); use fewer ranks than "
+                f"A rank's block of cells has fewer than two training cells ({per_rank}); use fewer ranks than "
                 f"{world} or more cells."
             )
         # Cells all ranks train on per epoch (a longer block stops after steps_per_epoch full batches).

@@ -22,6 +22,7 @@ import torch
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+_SHORT_WRITE_TEXT = ("unexpected pos", "file write failed")
 
 
 class OutputError(OSError):
@@ -45,6 +46,16 @@ def is_disk_full(err: BaseException) -> bool:
     return isinstance(err, (OSError, RuntimeError)) and any(t in str(err) for t in _DISK_FULL_TEXT)
 
 
+def _short_write_on_full_disk(err: BaseException, path: Path) -> bool:
+    """torch's writer reports a full disk only as a short write ("unexpected pos ...")."""
+    if not (isinstance(err, RuntimeError) and any(t in str(err) for t in _SHORT_WRITE_TEXT)):
+        return False
+    try:
+        return shutil.disk_usage(path.parent).free < (1 << 20)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an unused temporary path beside ``path`` for the caller to write; on success
@@ -63,9 +74,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(tmp_path)
         os.replace(tmp_path, path)
     except BaseException as err:
+        full = is_disk_full(err) or _short_write_on_full_disk(err, path)  # before the space is freed
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)
-        if is_disk_full(err) and not isinstance(err, DiskFullError):
+        if full and not isinstance(err, DiskFullError):
             raise DiskFullError(f"No space left on device while writing {path}.", path) from err
         raise
     _fsync_dir(path.parent)
@@ -87,6 +99,38 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def probe_writable(directory: str | os.PathLike) -> None:
+    """Make ``directory`` (and its parents) if missing and write and remove a file there;
+    raises the ``OSError`` met (unwritable, read-only, a file in the way)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".ldvae-write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def refuse_existing(path: str | os.PathLike, what: str = "out") -> None:
+    """Refuse to write a new result over anything at ``path`` (before any work is done)."""
+    if os.path.lexists(path):
+        raise FileExistsError(f"{what}={str(path)!r} exists; results are never written over a file. Remove it "
+                              "or choose another path (nothing was computed).")
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate every block of the file at ``path`` (as long as it is) on disk now, so that
+    filling a memory map of it cannot meet a full disk (which kills the process with
+    SIGBUS); a full disk raises here instead. Where the OS has no such call, nothing."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
     finally:
         os.close(fd)
 
@@ -206,13 +250,31 @@ def file_in_the_way(directory: str | os.PathLike) -> Path | None:
 
 
 def owned_dir_name(stem: str) -> str:
-    """``<stem><pid>-<random>``: a temporary directory name that says which process owns it."""
-    return f"{stem}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """``<stem><pid>.<host>-<random>``: a temporary directory name that says which process
+    owns it; ``<host>`` tells this machine's (this container's) process ids from those of
+    another sharing the folder, which this one cannot see."""
+    return f"{stem}{os.getpid()}.{_host_tag()}-{uuid.uuid4().hex[:8]}"
+
+
+def _host_tag() -> str:
+    """A short tag of the host name and the process-id namespace (which differ between
+    containers and machines that share a temporary folder)."""
+    import hashlib
+    import socket
+
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:6]
 
 
 def _owner(name: str, stem: str) -> int | None:
-    pid = name[len(stem):].partition("-")[0]
-    return int(pid) if pid.isdigit() else None
+    """The process id in an entry's name, if the process is one of this host's (an entry of
+    another host, or without an id, has none that can be checked here)."""
+    pid, _, tag = name[len(stem):].partition("-")[0].partition(".")
+    if not pid.isdigit() or (tag and tag != _host_tag()):
+        return None
+    return int(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -226,9 +288,9 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_stale(directory: str | os.PathLike, stem: str) -> list[Path]:
-    """Remove the entries ``<stem><pid>-*`` of ``directory`` whose process ``pid`` is no
-    longer running (left by a run that was killed); returns what was removed. Entries
-    without a process id in their name are left alone."""
+    """Remove the entries ``<stem><pid>[.<host>]-*`` of ``directory`` whose process ``pid``
+    is no longer running (left by a run that was killed); returns what was removed. Entries
+    without a process id in their name, or of another host, are left alone."""
     removed = []
     try:
         names = [n for n in os.listdir(directory) if n.startswith(stem)]
