@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
@@ -256,6 +257,7 @@ def owned_dir_name(stem: str) -> str:
     return f"{stem}{os.getpid()}.{_host_tag()}-{uuid.uuid4().hex[:8]}"
 
 
+@functools.lru_cache(maxsize=1)
 def _host_tag() -> str:
     """A short tag of the host name and the process-id namespace (which differ between
     containers and machines that share a temporary folder)."""
