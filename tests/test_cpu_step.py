@@ -214,14 +214,18 @@ def test_flat_adam_takes_torch_adams_steps():
         assert torch.equal(again.state[p]["exp_avg"], opt.state[p]["exp_avg"])
 
 
-def test_first_compile_is_announced(monkeypatch, tmp_path, caplog):
-    """Without numba's cache (first use after an install) the compile is logged, once per
-    build (one thread, several), and not when the cache holds it."""
+def test_first_compile_is_announced_and_fills_the_cache_from_a_child(monkeypatch, tmp_path, caplog):
+    """Without numba's cache (first use after an install) the compile is logged and run in a
+    child process that fills the cache, once per build (one thread, several); not when the
+    cache holds it."""
     import logging
+    import subprocess
 
     caplog.set_level(logging.INFO, logger="ldvae.cpu.fused")
+    children = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, env, **kw: children.append((cmd[-1], env["LDVAE_COMPILING"])))
     b = _data().gather(torch.arange(N_CELLS))
-    monkeypatch.setattr(fused, "_announced", set())
+    monkeypatch.setattr(fused, "_ready", set())
     monkeypatch.setattr(fused, "_cache_index", lambda threads=1: str(tmp_path / f"absent{threads > 1}.nbi"))
     step = fused.TrainStep.for_module(_module())
     for threads in (1, 1, 2):
@@ -229,11 +233,37 @@ def test_first_compile_is_announced(monkeypatch, tmp_path, caplog):
         step(b, 1.0)
     notes = [r.getMessage() for r in caplog.records if "Compiling ldvae's CPU training step" in r.getMessage()]
     assert len(notes) == 2 and "for one thread" in notes[0] and "for several threads" in notes[1]
+    assert children == [("from ldvae.factors.seeds import warm_up; warm_up(1)", "1"),
+                        ("from ldvae.factors.seeds import warm_up; warm_up(2)", "1")]
     caplog.clear()
-    monkeypatch.setattr(fused, "_announced", set())
+    monkeypatch.setattr(fused, "_ready", set())
     monkeypatch.setattr(fused, "_cache_index", lambda threads=1: __file__)  # an index that exists
     step(b, 1.0)
-    assert not caplog.records
+    assert not caplog.records and len(children) == 2
+
+
+def test_the_run_that_compiles_trains_as_every_later_run(tmp_path):
+    """Code numba compiles in a process differs from the same code loaded from its cache in the
+    last bits; the first run after an install (an empty cache) loads what a child compiled, so
+    it gives what later runs give, bit for bit."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, ldvae\n"
+        "a = ldvae.simulate(200, 40, 3, seed=0)\n"
+        "ldvae.LinearSCVI.setup_anndata(a, layer='counts')\n"
+        "m = ldvae.LinearSCVI(a, n_latent=3)\n"
+        "m.train(3, threads=1, progress_bar=False)\n"
+        "print(hashlib.sha256(m.get_latent_representation().tobytes()).hexdigest())\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.strip()) == len(hashlib.sha256().hexdigest())
 
 
 def test_fit_on_threads_trains_as_on_one(monkeypatch):

@@ -727,3 +727,22 @@ def test_a_layer_asked_of_a_backed_anndata_points_to_its_x(tmp_path):
     backed = ad.read_h5ad(tmp_path / "c.h5ad", backed="r")
     with pytest.raises(SetupError, match="counts of this backed AnnData are its X on disk: pass layer=None"):
         ldvae.LinearSCVI.setup_anndata(backed, layer="counts")
+
+
+def test_an_input_another_process_is_writing_is_named_so(tmp_path):
+    import subprocess
+    import sys
+
+    from ldvae.data.readers import ReadError, read_file
+
+    path = tmp_path / "busy.h5ad"
+    ldvae.simulate(50, 10, 2, seed=0).write_h5ad(path)
+    writer = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({str(path)!r}, 'r+'); "
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        with pytest.raises(ReadError, match=r"another process has it open for writing \(HDF5's file lock\)"):
+            read_file(path)
+    finally:
+        writer.kill()
+        writer.wait()

@@ -618,3 +618,52 @@ def test_an_interrupt_as_a_compiled_run_returns_leaves_the_last_counted_step(ada
     assert counted == sum(c[0] for c in calls[:2])
     adam = model.train_state_.optimizer_state["state"]
     assert {float(s["step"]) for s in adam.values()} == {float(counted)}  # Adam's count agrees
+
+
+def test_threads_sharing_torch_get_the_answers_of_one_thread(adata):
+    """torch's generator and default dtype are the process's: queries and fits from several
+    threads run one after another, so each gives its single-threaded answer, a fit queried
+    from another thread is the fit alone, and the user's default dtype stays."""
+    import threading
+
+    def fit():
+        ldvae.settings.seed = 0
+        m = new_model(adata)
+        m.train(max_epochs=6, progress_bar=False, threads=1)
+        return m
+
+    def queries(m):
+        return (float(m.get_elbo()), m.get_normalized_expression(n_samples=3, return_numpy=True),
+                float(m.get_reconstruction_error()["reconstruction_loss"]))
+
+    alone = fit()
+    expected = queries(alone)
+    results, errors = [], []
+    trained = {}
+
+    def query_loop():
+        try:
+            for _ in range(3):
+                results.append(queries(alone))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    def fit_in_thread():
+        trained["model"] = fit()
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        threads = [threading.Thread(target=query_loop) for _ in range(2)] + [threading.Thread(target=fit_in_thread)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert not errors and len(results) == 6
+    for elbo, expr, rec in results:
+        assert elbo == expected[0] and rec == expected[2]
+        np.testing.assert_array_equal(expr, expected[1])
+    for a, b in zip(trained["model"].module.state_dict().values(), alone.module.state_dict().values()):
+        assert torch.equal(a, b)

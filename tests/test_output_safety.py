@@ -345,6 +345,24 @@ def test_a_full_file_system_under_a_query_or_a_save_raises_disk_full(tmp_path, m
     assert [p for p in small.rglob("*") if p.is_file()] == []
 
 
+def test_a_full_temporary_folder_is_named_as_such(tmp_path, mounts, monkeypatch):
+    """The seeds' worker processes get the data through the temporary folder: when that is
+    full, the error names it (not the output directory, which may have room)."""
+    import tempfile
+
+    from ldvae.factors.stability import fit_seeds
+    from ldvae.util.io import DiskFullError
+
+    small = tmp_path / "tmp"
+    mounts(small, "size=64k")
+    monkeypatch.setattr(tempfile, "tempdir", str(small))
+    a = ldvae.simulate(600, 200, 3, seed=1)
+    ldvae.LinearSCVI.setup_anndata(a, layer="counts")
+    with pytest.raises(DiskFullError, match=r"No space left in the temporary folder '.*tmp' \(TMPDIR\)"):
+        fit_seeds(a, [0, 1], train_kwargs={"max_epochs": 1}, n_latent=2, n_jobs=2)
+    assert os.listdir(small) == []
+
+
 # --- signals --------------------------------------------------------------------------------------------
 
 
@@ -555,3 +573,20 @@ def test_pandas_nullable_strings_are_written(tmp_path):
     back = ldvae.LinearSCVI.load(tmp_path / "m")
     assert list(back.adata.obs_names[:2]) == ["c0", "c1"] and list(back.adata.obs["donor"][:3]) == ["d1", "d2", "d3"]
     assert anndata.read_h5ad(tmp_path / "ppc.h5ad", backed="r").shape == (30, 8)
+
+
+def test_an_out_dir_made_by_another_run_meanwhile_is_named_so(counts, tmp_path, monkeypatch, capsys):
+    from ldvae.workflow import outputs
+
+    real = outputs.mark_output
+
+    def another_run_finishes_first(staging):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "theirs.txt").write_text("another run's")
+        real(staging)
+
+    monkeypatch.setattr(outputs, "mark_output", another_run_finishes_first)
+    code, _, err = _run(capsys, "run", counts, "--out-dir", tmp_path / "out", *FAST)
+    assert code == 1
+    assert "appeared while this run worked (another run writing there?)" in _error_line(err)
+    assert os.listdir(tmp_path / "out") == ["theirs.txt"]

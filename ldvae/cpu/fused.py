@@ -125,6 +125,7 @@ def _momentum(bn: nn.BatchNorm1d) -> float:
 class _BNSoftmaxNB(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, gamma, beta, library, log_theta, bn, row_start, col, val):
+        ensure_compiled(1)
         n, G = h.shape
         h = h.detach().contiguous()
         library = library.detach().contiguous()
@@ -213,6 +214,7 @@ def encoder_applies(weight: Tensor, bn: nn.Module, dropout: nn.Module) -> bool:
 class _EncoderBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, bias, gamma, beta, bn, rate, row_start, col, log1p_val):
+        ensure_compiled(1)
         n, H = row_start.shape[0] - 1, weight.shape[0]
         training = bn.training
         momentum = _momentum(bn)
@@ -271,26 +273,39 @@ def _cache_index(threads: int = 1) -> str | None:
         return None
 
 
-def is_cached(threads: int = 1) -> bool:
-    """Whether numba's cache already holds the compiled training step for ``threads`` threads
-    (else the first fit compiles it: about a minute for each of the two builds)."""
-    index = _cache_index(threads)
-    return index is None or os.path.exists(index)
+_ready: set[bool] = set()
+_COMPILING = "LDVAE_COMPILING"  # set in the process that fills the cache
 
 
-_announced: set[bool] = set()
-
-
-def _note_first_compile(threads: int) -> None:
+def ensure_compiled(threads: int) -> None:
+    """Before this process first runs the compiled code for one thread (``threads`` 1) or
+    several: where numba's cache lacks it, fill the cache from a child process (a tiny fit
+    and queries, ``ldvae.factors.seeds.warm_up``), so that this process loads the code from
+    the cache like every later one. Code compiled in a process differs from the same code
+    loaded from the cache in the last bits of float results; this way the first run after an
+    install gives what every other run gives. Where nothing can be cached, or the child
+    fails, the code compiles here on its first call, as numba does by itself."""
     several = threads > 1
-    if several in _announced:
+    if several in _ready:
         return
-    _announced.add(several)
+    _ready.add(several)
     index = _cache_index(threads)
-    if index is not None and not os.path.exists(index):
-        logger.info("Compiling ldvae's CPU training step (numba) for %s: about a minute on first use after an "
-                    "install or upgrade, then cached in %s.", "several threads" if several else "one thread",
-                    os.path.dirname(index))
+    if index is None or os.path.exists(index) or os.environ.get(_COMPILING):
+        return
+    import subprocess
+    from pathlib import Path
+
+    logger.info("Compiling ldvae's CPU training step (numba) for %s: about a minute on first use after an "
+                "install or upgrade, then cached in %s.", "several threads" if several else "one thread",
+                os.path.dirname(index))
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, **{_COMPILING: "1"})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    code = f"from ldvae.factors.seeds import warm_up; warm_up({int(threads)})"
+    try:
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as err:
+        logger.debug("Compiling in a child process failed (%s); compiling in this one.", err)
 
 
 class TrainStep:
@@ -388,7 +403,7 @@ class TrainStep:
         zbn, dbn = self.norms[0], self.norms[1]
         rec, kl_z, kl_l = torch.empty(n), torch.empty(n), torch.empty(n)
         threads = step_threads()
-        _note_first_compile(threads)
+        ensure_compiled(threads)
         loss = (cpu_step.train_step_flat_threaded if threads > 1 else cpu_step.train_step_flat)(
             b.indptr.numpy(), b.col.numpy(), b.val.numpy(), b.log1p_val.numpy(), cov.numpy(),
             b.lgamma_x1.numpy(), b.batch.numpy(), m.library_log_means.numpy(), m.library_log_vars.numpy(),
@@ -472,7 +487,7 @@ class StepRunner:
         failure = np.zeros(1, np.int64)
         zbn, dbn = self.norms[0], self.norms[1]
         threads = step_threads()
-        _note_first_compile(threads)
+        ensure_compiled(threads)
         done = (cpu_loop.train_steps_threaded if threads > 1 else cpu_loop.train_steps)(
             *self.arrays, torch.cat(parts).numpy(), bounds.numpy(), noise_z.numpy(), noise_l.numpy(),
             seeds, np.asarray(kl_weights, dtype=np.float64), momenta.numpy(),

@@ -120,6 +120,9 @@ def read_file(path: str | os.PathLike):
         raise ReadError(f"Reading {fmt} file {str(p)!r} needs a package that is not installed ({err}).") from err
     except Exception as err:  # the readers raise many types; the user needs the one line
         detail = str(err).splitlines()[0] if str(err) else ""
+        if "unable to lock file" in str(err):  # HDF5's lock: another process has the file open for writing
+            raise ReadError(f"Could not read {str(p)!r}: another process has it open for writing (HDF5's file "
+                            "lock). Wait for that process to finish, then run again.") from err
         raise ReadError(
             f"Could not read {str(p)!r} as {fmt} ({type(err).__name__}: {detail}). Is it a complete {fmt} file?"
         ) from err

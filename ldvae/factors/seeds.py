@@ -168,19 +168,28 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
 
 
 def compile_once() -> None:
-    """Compile the CPU training step in this process, before worker processes start, so that
-    on the first use after an install they load it from numba's cache instead of each
-    compiling it at once (on a 2-core machine the cold demo took 98 s that way)."""
+    """Fill numba's cache with the CPU training step before worker processes start, so that
+    on the first use after an install they load it instead of each compiling it at once (on
+    a 2-core machine the cold demo took 98 s that way)."""
     from ..cpu import fused
+
+    fused.ensure_compiled(1)
+
+
+def warm_up(threads: int) -> None:
+    """A tiny fit on ``threads`` threads and its queries: what compiles (and caches) the CPU
+    kernels they use; run in a child process by ``ldvae.cpu.fused.ensure_compiled``."""
     from ..data.simulate import simulate
     from ..model import LinearSCVI
 
-    if fused.is_cached():
-        return
     tiny = simulate(64, 8, 2, seed=0)
     LinearSCVI.setup_anndata(tiny, layer="counts")
-    LinearSCVI(tiny, n_latent=2, n_hidden=8).train(2, batch_size=32, check_val_every_n_epoch=1, progress_bar=False,
-                                                   plan_kwargs={"n_epochs_kl_warmup": 1})  # no note on warm-up
+    model = LinearSCVI(tiny, n_latent=2, n_hidden=8)
+    model.train(2, batch_size=32, check_val_every_n_epoch=1, progress_bar=False, threads=threads,
+                plan_kwargs={"n_epochs_kl_warmup": 1})  # no note on warm-up
+    model.get_latent_representation()
+    model.get_elbo()
+    model.get_normalized_expression()
 
 
 def _fits_dir() -> tempfile.TemporaryDirectory:
@@ -202,11 +211,18 @@ def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict
                 f"model and training arguments must be plain values (numbers, strings, lists, dicts) to "
                 f"reach worker processes ({err}); pass n_jobs=1 to fit in this process."
             ) from err
-    from ..util.io import write_h5ad
+    from ..util.io import DiskFullError, is_disk_full, write_h5ad
 
-    write_h5ad(adata, d / "adata.h5ad")
-    for i, text in enumerate(specs):
-        (d / f"job{i}.json").write_text(text, encoding="utf-8")
+    try:
+        write_h5ad(adata, d / "adata.h5ad")
+        for i, text in enumerate(specs):
+            (d / f"job{i}.json").write_text(text, encoding="utf-8")
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        raise DiskFullError(f"No space left in the temporary folder {str(d.parent)!r} (TMPDIR) for the data of the "
+                            "seeds' worker processes. Free some space there, set TMPDIR to a folder with room, or fit "
+                            "in this process (n_jobs=1).", d / "adata.h5ad") from err
 
 
 def _worker_env(threads: int) -> dict:

@@ -28,6 +28,7 @@ from ..query.deviance import check_rotation, sign_convention
 from ..query.target import query_batch_size, rows_of
 from ..train.batches import split_indices
 from ..util.checks import positive_int
+from ..util.settings import own_rng
 from .seeds import (  # noqa: F401 (public here too)
     BackgroundFits, check_seeds, _fit_many, _train_defaults, fit_seeds, uses_gpu,
 )
@@ -316,16 +317,16 @@ def heldout_elbo(model: LinearSCVI, *, n_samples: int = 10, seed: int = 0) -> np
     val = _validation_cells(model, "ELBO")
     positive_int("n_samples", n_samples)
     fitted = model._fitted()
-    module, was_training = fitted.module, fitted.module.training
-    module.eval()
+    module = fitted.module
     data = fitted.cells(None, False)
     rows = rows_of(data.n_cells, val, fitted.device)
     out = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with own_rng(seed):
+        was_training = module.training
+        module.eval()
         for b in map(data.gather, torch.split(rows, query_batch_size(None, fitted.n_genes))):
             out.append((sum(module.loss(b).elbo.double() for _ in range(n_samples)) / n_samples).cpu().numpy())
-    module.train(was_training)
+        module.train(was_training)
     return np.concatenate(out)
 
 

@@ -35,7 +35,7 @@ from ..query.cells import DiskCells
 from ..train.streaming import StreamingSource
 from ..train.loop import InMemorySource, TrainConfig, TrainState, fit, load_checkpoint
 from ..train.batches import split_cells
-from ..util.settings import float32_default, settings
+from ..util.settings import float32_default, own_rng, settings
 from .files import frozen_of, read_saved_adata, save_model, split_of, train_state_of
 from .mapping import fits_anything
 from .scvi_files import read_any_model
@@ -126,8 +126,7 @@ class LinearSCVI(Queries, ScviSurface):
             means, variances = library_prior(csr, cov.batch, self.n_batch)
         warn_factor_count(int(n_latent), len(self.var_names_))
         config = module_config(self.setup_, len(self.var_names_), params)
-        with torch.random.fork_rng(devices=[]), float32_default():  # settings.seed's weights; the user's RNG kept
-            torch.manual_seed(settings.seed)
+        with own_rng(settings.seed), float32_default():  # settings.seed's weights; the user's RNG kept
             self.module = LDVAEModule(config, torch.as_tensor(means), torch.as_tensor(variances))
         self.module.eval()
         self.device = torch.device("cpu")
@@ -456,7 +455,7 @@ class LinearSCVI(Queries, ScviSurface):
         read_covariates(adata, saved_setup)  # unknown categories fail here, naming the first
         get_counts(adata, saved_setup.get("layer"))  # as does a missing counts layer, before the first query
         config = module_config(saved_setup, len(model.var_names_), meta["init_params"])
-        with torch.random.fork_rng(devices=[]):  # weights drawn only to be replaced: the user's RNG kept
+        with own_rng():  # weights drawn only to be replaced: the user's RNG kept
             model.module = LDVAEModule(config, torch.zeros(config.n_batch), torch.ones(config.n_batch))
         model.module.load_state_dict(state)  # keys, shapes and dtypes checked by read_model
         model.module.eval()

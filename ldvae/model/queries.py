@@ -412,7 +412,7 @@ class Queries:
         n_cells = (self.adata if adata is None else adata).n_obs
         cells = np.arange(n_cells) if indices is None else np.asarray(indices)
         zs = torch.as_tensor(zs)
-        with target.querying(fitted.device):
+        with target.querying(fitted):
             return importance_weights(
                 fitted, adata, cells, qz.loc, qz.scale.square(), px, zs.reshape(-1, zs.shape[-1]),
                 max_cells=max_cells, truncation=truncation, n_mc_samples=n_mc_samples,

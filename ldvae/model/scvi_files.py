@@ -39,6 +39,7 @@ from ..train.config import ModelFileError
 from ..util.checks import ModelNotFoundError, SetupError
 from ..util.io import atomic_torch_save
 from ..util.safe_pickle import ALLOWED, RefusedPickle, safe_torch_load
+from ..util.settings import own_rng
 from .files import FORMAT_VERSION, LEGACY_WEIGHTS, MODEL_JSON, SCVI_MODEL_FILE, SPLIT_NAMES, _check_meta, saving
 from .params import check_model_kwargs, module_config
 
@@ -109,7 +110,7 @@ def _scvi_module(config: ModuleConfig, device: str) -> LDVAEModule:
     encoder, zero-inflation decoder and dispersion whether used or not; neutral values."""
     full = replace(config, gene_likelihood="zinb", use_observed_lib_size=False)
     means, variances = torch.zeros(config.n_batch), torch.ones(config.n_batch)  # on the CPU: the module reads them
-    with torch.device(device), torch.random.fork_rng(devices=[]):  # weights set below: the user's RNG kept
+    with torch.device(device), own_rng():  # weights set below: the user's RNG kept
         module = LDVAEModule(full, means, variances)
     with torch.no_grad():
         for part in module.modules():

@@ -34,6 +34,7 @@ import torch
 from ..data.contract import get_counts, read_covariates, to_csr
 from ..nn.module import LDVAEModule
 from ..util.checks import SetupError
+from ..util.settings import own_rng
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +142,7 @@ def _pca_start(module: LDVAEModule, counts: sp.csr_matrix, batch: np.ndarray) ->
         logger.warning("init='pca' needs more cells and genes than factors (%d cells, %d genes, n_latent=%d); "
                        "the fit starts from its random weights.", n, g, k)
         return
-    with torch.random.fork_rng(devices=[]):  # the weights no component sets: the same for every seed
-        torch.manual_seed(0)
+    with own_rng(0):  # the weights no component sets: the same for every seed
         fixed = type(module)(c, module.library_log_means.cpu(), module.library_log_vars.cpu())
     module.load_state_dict(fixed.state_dict())
     first = module.z_encoder.trunk[0]

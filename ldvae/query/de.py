@@ -294,7 +294,7 @@ def differential_expression(
 
     rng = np.random.default_rng(settings.seed)
     tables = []
-    with querying(fitted.device):
+    with querying(fitted):
         for name1, name2, m1, m2 in comparisons:
             cells1, cells2 = np.flatnonzero(m1), np.flatnonzero(m2)
             for cells, what in ((cells1, "group1/idx1"), (cells2, "group2/idx2 (or the rest)")):

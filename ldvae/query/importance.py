@@ -137,7 +137,7 @@ def weighted_expression(fitted: Fitted, adata=None, indices=None, transform_batc
         raise ValueError("Importance weights cannot be computed when expression is averaged over batches.")
     mask = gene_mask(fitted, gene_list)
     data, rows, size = start(fitted, adata, indices, batch_size)
-    with querying(fitted.device):
+    with querying(fitted):
         expr, cells = resampled_expression(fitted, adata, data, rows, size, n_samples_overall, codes[0],
                                            library_size, np.random.default_rng(settings.seed), **options)
     expr = expr if mask is None else expr[:, mask]

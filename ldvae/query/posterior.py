@@ -116,7 +116,7 @@ def get_latent_representation(
                 yield {"z": z.cpu().numpy()}
 
     if give_mean:
-        with querying(fitted.device):
+        with querying(fitted):
             result = fill(outputs, blocks())
     else:
         result = fill(outputs, blocks())
@@ -199,7 +199,7 @@ def get_normalized_expression(
     mask = gene_mask(fitted, gene_list)
     data, rows, size = start(fitted, adata, indices, batch_size, per_row=n_samples, streamed=True)
     n_genes = len(fitted.var_names) if mask is None else int(mask.sum())
-    with querying(fitted.device):
+    with querying(fitted):
         if n_samples_overall is not None:
             pick = torch.randint(rows.shape[0], (n_samples_overall,), device=rows.device)
             rows = rows[pick]
@@ -223,7 +223,7 @@ def get_normalized_expression(
 def _per_cell(fitted: Fitted, adata, indices, batch_size, fn) -> np.ndarray:
     data, rows, size = start(fitted, adata, indices, batch_size, streamed=True)
     out, at = np.empty(rows.shape[0]), 0
-    with querying(fitted.device):
+    with querying(fitted):
         for b in minibatches_of(data, rows, size):  # written into one array: nothing small kept per batch
             out[at : at + b.n_cells] = fn(b).double().cpu().numpy()
             at += b.n_cells
@@ -322,7 +322,7 @@ def get_likelihood_parameters(
         Path(out).mkdir(parents=True, exist_ok=True)
     outputs = {k: Output(shape, axis=1 if per_draw else 0, out=None if out is None else Path(out) / f"{k}.npy")
                for k in keys}
-    with querying(fitted.device):
+    with querying(fitted):
         blocks = likelihood_batches(fitted, minibatches_of(data, rows, size), keys, n_samples)
         if not per_draw:  # (S, n, G) -> (n, G)
             blocks = ({k: v[0] if n_samples == 1 else v.mean(0) for k, v in block.items()} for block in blocks)
@@ -407,7 +407,7 @@ def posterior_predictive_sample(
     genes = fitted.var_names if mask is None else fitted.var_names[mask]
     if out is not None:
         output = SparseOutput(out, obs_names(fitted, adata, rows), genes)
-        with querying(fitted.device):
+        with querying(fitted):
             draws = sample_batches(fitted, minibatches_of(data, rows, size), mask, 1, code)
             return fill({"X": output}, ({"X": _to_csr(x[0])} for x in draws))["X"]
     n_genes = len(genes)
@@ -415,7 +415,7 @@ def posterior_predictive_sample(
     counts: list[np.ndarray] = []
     columns: list[np.ndarray] = []
     values: list[np.ndarray] = []
-    with querying(fitted.device):
+    with querying(fitted):
         for x in sample_batches(fitted, minibatches_of(data, rows, size), mask, n_samples, code):
             cells = x.permute(1, 2, 0).reshape(x.shape[1], width)  # (cells, genes * samples)
             r, k = cells.nonzero(as_tuple=True)  # row-major: each row's columns in order
@@ -486,7 +486,7 @@ def get_feature_correlation_matrix(
     data, rows, size = start(fitted, adata, indices, batch_size, streamed=True)
     log_size = math.log(rna_size_factor)
     mats = []
-    with querying(fitted.device):
+    with querying(fitted):
         for code in codes:
             draws = []
             for b in minibatches_of(data, rows, size):

@@ -14,7 +14,7 @@ import torch
 from ..data.contract import CountData
 from ..nn.module import LDVAEModule, ModuleConfig
 from ..util.checks import positive_int
-from ..util.settings import float32_default, settings
+from ..util.settings import float32_default, own_rng, settings
 
 # Large batches under no_grad: about this many dense entries per minibatch. A query holds a
 # score of such tensors at once; 2M entries (8 MB each in float32) gave the same or shorter
@@ -74,11 +74,13 @@ def rows_of(n_cells: int, indices, device: torch.device) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def querying(device: torch.device):
-    """Run a query without gradients under ``ldvae.settings.seed``, leaving the global torch RNG as it was."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), float32_default():
-        torch.manual_seed(settings.seed)
+def querying(fitted: Fitted):
+    """Run a query of ``fitted``'s module in eval mode, without gradients, under
+    ``ldvae.settings.seed``, leaving the global torch RNG as it was (see ``own_rng``: a fit
+    or query in another thread waits)."""
+    devices = [fitted.device] if fitted.device.type == "cuda" else []
+    with own_rng(settings.seed, devices), float32_default():
+        fitted.module.eval()
         with torch.no_grad():
             yield
 
@@ -90,7 +92,6 @@ def start(fitted: Fitted, adata, indices, batch_size: int | None, per_row: int =
     default batch size keeps the dense work per minibatch bounded. The data is a
     ``CountData`` in memory; with ``streamed``, counts on disk stay there (a
     ``DiskCells``: iterate it with ``minibatches_of``)."""
-    fitted.module.eval()
     data = fitted.cells(adata, streamed)
     rows = rows_of(data.n_cells, indices, fitted.device)
     size = query_batch_size(batch_size, fitted.n_genes)

@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from ..util import progress
 from ..util.checks import SetupError
-from ..util.settings import float32_default, usable_cpus
+from ..util.settings import float32_default, own_rng, usable_cpus
 from .config import HISTORY_KEYS, ModelFileError, NonFiniteLossError, TrainConfig, TrainState
 from .optim import adam, optimized_parameters
 from .steps import Step, choose_step
@@ -242,7 +242,7 @@ def _fit_settings(module: LDVAEModule, config: TrainConfig, source):
     if step_threads is None:
         step_threads = fused.default_threads(config.batch_size, getattr(source, "reader_cpus", 0))
     try:
-        with fused.use_threads(step_threads), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with fused.use_threads(step_threads), own_rng(devices=[device] if device.type == "cuda" else []):
             yield
     finally:
         for m, momentum in zip(norms, momenta):

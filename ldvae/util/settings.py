@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 
 class Settings:
@@ -22,15 +23,35 @@ def usable_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+# torch's global generator and default dtype belong to the whole process: ldvae's work that
+# seeds, draws from or sets them (a fit, a query, building or loading a model) holds this lock,
+# so calls from several threads run one after another instead of drawing from each other's
+# stream (a query of a model that another thread is training waits for the fit to end).
+_GLOBAL_TORCH_STATE = threading.RLock()
+
+
+@contextlib.contextmanager
+def own_rng(seed: int | None = None, devices=()):
+    """torch's global generator to this thread alone, seeded with ``seed`` (unless None), and
+    put back as it was afterwards (``torch.random.fork_rng``)."""
+    import torch
+
+    with _GLOBAL_TORCH_STATE, torch.random.fork_rng(devices=list(devices)):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
 @contextlib.contextmanager
 def float32_default():
     """torch's default dtype float32 inside, where ldvae makes its tensors; the user's default
     (another library may have set float64) put back afterwards."""
     import torch
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    with _GLOBAL_TORCH_STATE:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)

@@ -121,12 +121,17 @@ def mark_output(staging: Path) -> None:
     atomic_write_json(staging / OUTPUT_MARKER, {"written_by": f"ldvae {__version__}", "files": written})
 
 
-def move_into_place(staging: Path, out_dir: Path, overwrite: bool, inputs: Sequence = ()) -> None:
+def move_into_place(staging: Path, out_dir: Path, overwrite: bool, inputs: Sequence = (),
+                    appeared: bool = False) -> None:
     """Rename the finished staging directory to ``out_dir``; an old one (checked again, as it
-    may have changed during the run) is moved aside first and removed only after."""
+    may have changed during the run; ``appeared``: there was none when the run started) is
+    moved aside first and removed only after."""
     if not os.path.lexists(out_dir):
         os.replace(staging, out_dir)
         return
+    if appeared and not overwrite:
+        raise FileExistsError(f"Output directory {str(out_dir)!r} appeared while this run worked (another run "
+                              "writing there?); nothing of this run was written. Choose another --out-dir.")
     check_out_dir(out_dir, overwrite, inputs=inputs)
     target = Path(os.path.abspath(out_dir))
     trash = target.parent / owned_dir_name(f".{target.name}.old-")
@@ -147,15 +152,17 @@ def staged(out_dir: Path, overwrite: bool, inputs: Sequence = ()) -> Iterator[Pa
     target = Path(os.path.abspath(out_dir))
     for kind in ("partial", "old"):  # left by runs that were killed
         sweep_stale(target.parent, f".{target.name}.{kind}-")
+    existed = os.path.lexists(out_dir)
     staging, made = staging_dir(out_dir)
     try:
         yield staging
         mark_output(staging)
-        move_into_place(staging, out_dir, overwrite, inputs)
+        move_into_place(staging, out_dir, overwrite, inputs, appeared=not existed)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         remove_empty(made)
-        if is_disk_full(err):
+        elsewhere = isinstance(err, DiskFullError) and not Path(os.path.abspath(err.path)).is_relative_to(target.parent)
+        if is_disk_full(err) and not elsewhere:  # a full disk elsewhere (the temporary folder) says where itself
             name = err.path.name if isinstance(err, DiskFullError) else "the outputs"
             raise DiskFullError(f"No space left on the device holding {str(out_dir)!r} while writing {name}; "
                                 "nothing was written. Free some space or choose another --out-dir.",
