@@ -560,6 +560,12 @@ def test_writing_an_h5ad_leaves_the_callers_columns_as_they_were(tmp_path):
     assert isinstance(back.obs["donor"].dtype, pd.CategoricalDtype) and back.raw.var["source"].iloc[0] == "x"
 
 
+def _version(module) -> tuple[int, ...]:
+    return tuple(int(v) for v in re.findall(r"\d+", module.__version__)[:3])
+
+
+@pytest.mark.skipif(_version(pd) < (2, 3) or _version(__import__("anndata")) < (0, 12, 7),
+                    reason="pandas' future string dtype needs pandas 2.3, and anndata writes it from 0.12.7")
 def test_pandas_nullable_strings_are_written(tmp_path):
     import anndata
 

@@ -313,6 +313,8 @@ def test_posterior_predictive_draws_of_a_diverged_library_are_refused(small_adat
         model.posterior_predictive_sample(indices=np.arange(10))
 
 
+@pytest.mark.skipif(tuple(int(v) for v in __import__("scipy").__version__.split(".")[:2]) < (1, 15),
+                    reason="scipy's 3-D sparse arrays (n_samples > 1 without pydata sparse) need scipy 1.15")
 def test_posterior_predictive_samples_are_the_same_with_or_without_pydata_sparse(batch_model, monkeypatch):
     from ldvae.query import posterior
 
