@@ -45,7 +45,7 @@ from .cli.options import (
 )
 from .data import backed
 from .util.checks import SetupError
-from .util.io import OutputError, probe_writable, reserve
+from .util.io import OutputError, new_npy, probe_writable
 
 logger = logging.getLogger(__name__)
 
@@ -284,9 +284,7 @@ def _unwritable(checkpoint_dir, latent_out) -> str | None:
 def _write_latent(model, adata, comm: Communicator, tmp: Path) -> None:
     """Every rank's latent means of its own block of cells, into rank 0's file ``tmp``."""
     if comm.is_main:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                  shape=(adata.n_obs, model.init_params_["n_latent"])).flush()
-        reserve(tmp)  # a full disk fails here, not as a bus error while ranks fill it
+        new_npy(tmp, (adata.n_obs, model.init_params_["n_latent"]))  # a full disk fails here, not while ranks fill it
     dist.barrier()
     start, stop = backed.shard_rows(adata.n_obs, comm.rank, comm.world_size)
     z = model.get_latent_representation(adata, np.arange(start, stop))

@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
     cpu_encoder = cpu_kernels = cpu_loop = cpu_step = None
 from ..nn import module as _module
 from ..nn.module import LossOutput
-from ..util.settings import usable_cpus
+from ..util.settings import child_env, usable_cpus
 from .layout import OFFSETS, Layout
 
 
@@ -293,17 +293,14 @@ def ensure_compiled(threads: int) -> None:
     if index is None or os.path.exists(index) or os.environ.get(_COMPILING):
         return
     import subprocess
-    from pathlib import Path
 
     logger.info("Compiling ldvae's CPU training step (numba) for %s: about a minute on first use after an "
                 "install or upgrade, then cached in %s.", "several threads" if several else "one thread",
                 os.path.dirname(index))
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, **{_COMPILING: "1"})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     code = f"from ldvae.factors.seeds import warm_up; warm_up({int(threads)})"
     try:
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", code], env=child_env(**{_COMPILING: "1"}), check=True,
+                       capture_output=True)
     except (OSError, subprocess.SubprocessError) as err:
         logger.debug("Compiling in a child process failed (%s); compiling in this one.", err)
 

@@ -38,15 +38,20 @@ MAX_COUNT = 1e9  # per cell and gene; far above any sequencing count, far below 
 def check_not_view(adata, what: str = "setup_anndata", alternative: str = "") -> None:
     """A SetupError when ``adata`` is a view: what ``what`` writes would never reach its parent."""
     if adata.is_view:
-        copy = (f"adata = adata.copy(filename={_SUBSET_FILE!r}) (a backed AnnData: the subset is written to that "
-                "file and stays on disk)" if getattr(adata, "isbacked", False) else "adata = adata.copy()")
         raise SetupError(
             f"{what} got a view of an AnnData; writing to a view never reaches its parent. "
-            f"Pass the parent, or make it a real object first: {copy}{alternative}."
+            f"Pass the parent, or make it a real object first: adata = {_subset(adata, 'adata')}{alternative}."
         )
 
 
-_SUBSET_FILE = "subset.h5ad"
+def _subset(adata, view: str) -> str:
+    """How to make the subset ``view`` of ``adata`` a real object: a copy, or for a backed
+    AnnData a copy written to a new file, which stays on disk (a view's counts are read into
+    memory when used)."""
+    if getattr(adata, "isbacked", False):
+        return (f"{view}.copy(filename='subset.h5ad') (a backed AnnData: the subset is written to that file and "
+                "stays on disk, where a view would be read into memory)")
+    return f"{view}.copy()"
 
 
 def check_same_genes(adata, var_names: pd.Index) -> None:
@@ -61,9 +66,8 @@ def check_same_genes(adata, var_names: pd.Index) -> None:
         if diff.size
         else f"model has {len(var_names)} genes, adata has {len(names)}"
     )
-    subset = (f"adata[:, model.var_names_].copy(filename={_SUBSET_FILE!r}) (a backed AnnData: the subset is "
-              "written to that file and stays on disk, where a view would be read into memory)"
-              if getattr(adata, "isbacked", False) else "adata[:, model.var_names_]")
+    view = "adata[:, model.var_names_]"
+    subset = _subset(adata, view) if getattr(adata, "isbacked", False) else view
     raise SetupError(f"adata's genes differ from the model's ({where}). Subset adata to the model's genes: {subset}.")
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..util import progress
-from ..util.settings import usable_cpus
+from ..util.settings import child_env, usable_cpus
 
 if TYPE_CHECKING:
     from ..model import LinearSCVI
@@ -136,7 +136,7 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
         fits = []
         for kw, seed in jobs:
             fits.append(_fit_one(adata, kw, train_kwargs, seed))
-            progress.note(logger, "Fits of %d seeds: %d done (seed %d).", len(jobs), len(fits), seed)
+            _note_done(len(jobs), len(fits), seed)
         return fits
     threads = max(1, usable_cpus() // n_jobs)
     compile_once()
@@ -160,11 +160,15 @@ def _fit_many(adata, jobs: list[tuple[dict, int]], n_jobs: int | None, train_kwa
                 for i in sorted(set(range(len(jobs))) - done):
                     if (d / f"result{i}.pt").exists():
                         done.add(i)
-                        progress.note(logger, "Fits of %d seeds: %d done (seed %d).", len(jobs), len(done), jobs[i][1])
+                        _note_done(len(jobs), len(done), jobs[i][1])
                 time.sleep(0.05)
         finally:
             _kill(procs)
         return [_rebuild(adata, d / f"result{i}.pt") for i in range(len(jobs))]
+
+
+def _note_done(n_fits: int, done: int, seed: int) -> None:
+    progress.note(logger, "Fits of %d seeds: %d done (seed %d).", n_fits, done, seed)
 
 
 def compile_once() -> None:
@@ -226,11 +230,7 @@ def _write_jobs(d: Path, adata, jobs: list[tuple[dict, int]], train_kwargs: dict
 
 
 def _worker_env(threads: int) -> dict:
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               NUMBA_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return env
+    return child_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
 
 
 def _launch(d: Path, share: list[int], env: dict) -> subprocess.Popen:

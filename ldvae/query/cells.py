@@ -24,7 +24,7 @@ from ..data.disk import open_on_disk
 from ..data.contract import CountData, get_counts, read_covariates, validate_counts
 from ..nn.module import CountBatch
 from ..train.streaming import count_data
-from ..util.io import atomic_path, nullable_strings_allowed, refuse_existing, reserve
+from ..util.io import atomic_path, new_npy, nullable_strings_allowed, refuse_existing
 from ..util.prefetch import prefetched
 
 
@@ -90,8 +90,7 @@ class Output:
             self.array = np.empty(self.shape, dtype=np.float32)
         else:
             tmp = stack.enter_context(atomic_path(self.out))
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.shape).flush()
-            reserve(tmp)
+            new_npy(tmp, self.shape)
             self.array = np.load(tmp, mmap_mode="r+")
 
     def add(self, block: np.ndarray) -> None:

@@ -121,6 +121,15 @@ def refuse_existing(path: str | os.PathLike, what: str = "out") -> None:
                               "or choose another path (nothing was computed).")
 
 
+def new_npy(path: str | os.PathLike, shape: tuple[int, ...]) -> None:
+    """A float32 ``.npy`` of ``shape`` at ``path``, every block of it allocated on disk
+    (:func:`reserve`), ready to be filled through a memory map."""
+    import numpy as np
+
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()
+    reserve(path)
+
+
 def reserve(path: str | os.PathLike) -> None:
     """Allocate every block of the file at ``path`` (as long as it is) on disk now, so that
     filling a memory map of it cannot meet a full disk (which kills the process with

@@ -16,6 +16,17 @@ class Settings:
 settings = Settings()
 
 
+def child_env(**variables: str) -> dict:
+    """The environment of a Python child process that imports this package (the package's
+    folder first on PYTHONPATH, wherever it is installed), with ``variables`` set."""
+    from pathlib import Path
+
+    env = dict(os.environ, **variables)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, not the machine's count)."""
     if hasattr(os, "sched_getaffinity"):
